@@ -1,0 +1,186 @@
+"""Talking to a node from Python: a Deferred API for Twisted code, a blocking one for scripts.
+
+Twisted code::
+
+    client = await GossipClient.connect(reactor, "127.0.0.1", 17101)
+    mid = await client.submit_message("Apple")
+    bodies = await client.get_messages()
+
+Scripts::
+
+    from gossip.client.api import submit_message, get_messages
+    mid = submit_message("Apple", node=1)
+    bodies = get_messages(node=5)
+
+The blocking functions run Twisted's reactor in a daemon thread and wait on it
+with ``blockingCallFromThread`` (Twisted's own tool for this), so do not call
+them from code that already runs a reactor.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.protocols import amp
+
+from gossip.client.commands import Get, ListMessages, Status, Submit
+from gossip.config import ClusterConfig, load_config
+from gossip.locations import default_config
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 5.0
+PAGE_LIMIT = 2000
+
+
+@attrs.frozen
+class StoredMessage:
+    id: str
+    body: str
+    received_at: float
+    path: tuple[int, ...]
+
+
+class NodeUnreachable(ConnectionError):
+    """The node could not be reached; ``str()`` names it and its address."""
+
+
+class GossipClient:
+    """One AMP connection to one node."""
+
+    def __init__(self, proto: amp.AMP, address: str) -> None:
+        self.proto = proto
+        self.address = address
+
+    @classmethod
+    async def connect(
+        cls, reactor: Any, host: str, port: int, timeout: float = CONNECT_TIMEOUT
+    ) -> GossipClient:
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=int(timeout))
+        try:
+            proto = await connectProtocol(endpoint, amp.AMP())
+        except Exception as e:
+            raise NodeUnreachable(f"{host}:{port} is not reachable: {_reason(e)}") from None
+        return cls(proto, f"{host}:{port}")
+
+    @classmethod
+    async def connect_node(
+        cls, reactor: Any, node: int, config: ClusterConfig | str | Path | None = None
+    ) -> GossipClient:
+        cfg = _config(config)
+        spec = cfg.node(node)
+        try:
+            return await cls.connect(reactor, spec.host, spec.client_port)
+        except NodeUnreachable as e:
+            raise NodeUnreachable(f"node {node} at {e}") from None
+
+    def close(self) -> None:
+        if self.proto.transport is not None:
+            self.proto.transport.loseConnection()
+
+    async def submit_message(self, message: str) -> str:
+        """Submit ``message``; returns its full id once the node has stored it."""
+        r = await self.proto.callRemote(Submit, body=message)
+        return str(r["id"])
+
+    async def get_message(self, msg_id: str) -> StoredMessage:
+        """The message with this id or unique id prefix (raises NotFound, AmbiguousId, BadId)."""
+        r = await self.proto.callRemote(Get, id=msg_id)
+        return StoredMessage(r["id"], r["body"], r["received_at"], tuple(r["path"]))
+
+    async def iter_pages(self) -> AsyncIterator[list[tuple[str, str]]]:
+        """Every (id, body) the node holds, a page at a time, in the node's arrival order."""
+        start = 0
+        while True:
+            r = await self.proto.callRemote(ListMessages, start=start, limit=PAGE_LIMIT)
+            page = [(m["id"], m["body"]) for m in r["messages"]]
+            if page:
+                yield page
+            if not page or r["next"] >= r["total"]:
+                return
+            start = r["next"]
+
+    async def get_messages(self) -> list[str]:
+        out: list[str] = []
+        async for page in self.iter_pages():
+            out.extend(body for _, body in page)
+        return out
+
+    async def status(self) -> dict[str, Any]:
+        return dict(await self.proto.callRemote(Status))
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().rstrip(".")
+    return text.split(": ", 1)[-1] if text else type(e).__name__
+
+
+def _config(config: ClusterConfig | str | Path | None) -> ClusterConfig:
+    if isinstance(config, ClusterConfig):
+        return config
+    return load_config(config if config is not None else default_config())
+
+
+# -- blocking form -----------------------------------------------------------
+
+_reactor_lock = threading.Lock()
+_reactor_thread: threading.Thread | None = None
+
+
+def _blocking(fn: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``fn(reactor)`` on a reactor in a background thread and wait for its result."""
+    from twisted.internet import reactor
+    from twisted.internet.threads import blockingCallFromThread
+
+    global _reactor_thread
+    with _reactor_lock:
+        if _reactor_thread is None:
+            _reactor_thread = threading.Thread(
+                target=reactor.run,  # type: ignore[attr-defined]
+                kwargs={"installSignalHandlers": False},
+                name="gossip-reactor",
+                daemon=True,
+            )
+            _reactor_thread.start()
+
+    def call() -> Deferred[T]:
+        return Deferred.fromCoroutine(_as_coroutine(fn(reactor)))
+
+    result: T = blockingCallFromThread(reactor, call)
+    return result
+
+
+async def _as_coroutine(aw: Awaitable[T]) -> T:
+    return await aw
+
+
+async def _with_node(
+    reactor: Any, node: int, config: Any, op: Callable[[GossipClient], Awaitable[T]]
+) -> T:
+    client = await GossipClient.connect_node(reactor, node, config)
+    try:
+        return await op(client)
+    finally:
+        client.close()
+
+
+def submit_message(
+    message: str, node: int = 1, config: ClusterConfig | str | Path | None = None
+) -> str:
+    return _blocking(lambda r: _with_node(r, node, config, lambda c: c.submit_message(message)))
+
+
+def get_messages(node: int = 1, config: ClusterConfig | str | Path | None = None) -> list[str]:
+    return _blocking(lambda r: _with_node(r, node, config, lambda c: c.get_messages()))
+
+
+def get_message(
+    msg_id: str, node: int = 1, config: ClusterConfig | str | Path | None = None
+) -> StoredMessage:
+    return _blocking(lambda r: _with_node(r, node, config, lambda c: c.get_message(msg_id)))

@@ -1,0 +1,147 @@
+"""``gclient``: submit, look up and list messages on one node of a cluster.
+
+    gclient --id 1 --message "Apple"     prints the new message's id
+    gclient --id 5 --msgID <id>          prints the message (id prefixes work)
+    gclient --id 4 --list                prints every message the node holds
+    gclient --id 4 --status              prints the node's links and counts
+
+Every failure is one line on stderr and a non-zero exit status: 1 when the
+node refuses or cannot be reached, 2 for a usage or config mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import TimeoutError
+from twisted.internet.task import react
+from twisted.protocols import amp
+
+from gossip.client.api import GossipClient, NodeUnreachable
+from gossip.client.commands import AmbiguousId, BadId, MessageRejected, NotFound
+from gossip.config import ConfigError, load_config
+from gossip.core.message import SHORT_ID_CHARS
+from gossip.locations import default_config
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gclient", description="Talk to one node of a gossip cluster.")
+    p.add_argument("--id", type=int, required=True, help="the node to talk to")
+    p.add_argument("--config", help="cluster file (default: $GOSSIP_CONFIG or the launcher's)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the node")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--message", help="submit this message; prints its id")
+    what.add_argument("--msgID", help="print the message with this id (or a unique prefix)")
+    what.add_argument("--list", action="store_true", help="print every message the node holds")
+    what.add_argument("--status", action="store_true", help="print the node's links and counts")
+    p.add_argument("--full-id", action="store_true", help="print whole ids, not the short form")
+    p.add_argument("--ids", action="store_true", help="with --list: print 'id<TAB>message'")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load_config(args.config or default_config())
+        config.node(args.id)
+    except ConfigError as e:
+        print(f"gclient: {e}", file=sys.stderr)
+        return 2
+    code = [0]
+
+    async def run(reactor: Any) -> None:
+        try:
+            await _run(reactor, config, args)
+        except CliError as e:
+            print(f"gclient: {e}", file=sys.stderr)
+            code[0] = e.code
+
+    def start(reactor: Any) -> Deferred[None]:
+        return Deferred.fromCoroutine(run(reactor))
+
+    try:
+        react(start)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else 1
+    return code[0]
+
+
+async def _run(reactor: Any, config: Any, args: argparse.Namespace) -> None:
+    spec = config.node(args.id)
+    where = f"node {args.id} at {spec.host}:{spec.client_port}"
+
+    async def timed(d: Any) -> Any:
+        return await Deferred.fromCoroutine(_await(d)).addTimeout(args.timeout, reactor)
+
+    try:
+        client = await timed(GossipClient.connect(reactor, spec.host, spec.client_port))
+    except NodeUnreachable as e:
+        raise CliError(f"node {args.id} at {e}") from None
+    except TimeoutError:
+        raise CliError(f"{where} did not answer within {args.timeout:g} s") from None
+    try:
+        await _command(client, args, timed)
+    except TimeoutError:
+        raise CliError(f"{where} did not answer within {args.timeout:g} s") from None
+    except (MessageRejected, NotFound, AmbiguousId, BadId) as e:
+        raise CliError(str(e)) from None
+    except amp.RemoteAmpError as e:
+        raise CliError(f"{where} failed: {e.description}") from None
+    except (ConnectionError, amp.ProtocolSwitched) as e:
+        raise CliError(f"lost the connection to {where}: {e}") from None
+    finally:
+        client.close()
+
+
+async def _await(aw: Any) -> Any:
+    return await aw
+
+
+async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -> None:
+    if args.message is not None:
+        mid = await timed(client.submit_message(args.message))
+        _out(mid if args.full_id else mid[:SHORT_ID_CHARS])
+    elif args.msgID is not None:
+        m = await timed(client.get_message(args.msgID))
+        _out(m.body)
+    elif args.list:
+        pages = client.iter_pages()
+        while True:
+            try:
+                page = await timed(pages.__anext__())
+            except StopAsyncIteration:
+                break
+            for mid, body in page:
+                short = mid if args.full_id else mid[:SHORT_ID_CHARS]
+                _out(f"{short}\t{body}" if args.ids else body)
+    else:
+        s = await timed(client.status())
+        _out(
+            f"node {s['node_id']} of cluster {s['cluster']}: {s['message_count']} messages,"
+            f" {s['dissemination']}, up {s['uptime']:.0f} s"
+        )
+        now = time.time()
+        for link in s["links"]:
+            age = max(0.0, now - link["since"])
+            line = f"  node {link['peer']:<4} {link['address']:<21} {link['state']:<10} {age:8.1f} s"
+            if link["last_error"] and link["state"] != "up":
+                line += f"  ({link['last_error']})"
+            _out(line)
+
+
+def _out(line: str) -> None:
+    try:
+        sys.stdout.write(line + "\n")
+    except BrokenPipeError:
+        raise SystemExit(0) from None

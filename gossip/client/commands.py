@@ -1,0 +1,83 @@
+"""AMP commands between clients and a node, shared by both sides.
+
+AMP limits every value to 65,535 bytes, so a listing is paged: the node fills
+each ``ListMessages`` page up to ``PAGE_BYTES`` and the client asks again from
+the cursor it got back until ``next`` reaches ``total``.
+"""
+
+from __future__ import annotations
+
+from twisted.protocols import amp
+
+# Leaves room under AMP's 65,535-byte value limit for the per-entry keys.
+PAGE_BYTES = 60_000
+# The largest message body a node may be configured to accept (one per page).
+MAX_BODY_LIMIT = PAGE_BYTES - 200
+
+
+class MessageRejected(Exception):
+    """The node will not take this message (size, encoding)."""
+
+
+class NotFound(Exception):
+    pass
+
+
+class AmbiguousId(Exception):
+    pass
+
+
+class BadId(Exception):
+    pass
+
+
+class Submit(amp.Command):
+    arguments = [(b"body", amp.Unicode())]
+    response = [(b"id", amp.Unicode()), (b"new", amp.Boolean())]
+    errors = {MessageRejected: b"REJECTED"}
+
+
+class Get(amp.Command):
+    """Look a message up by its id or a unique prefix of it."""
+
+    arguments = [(b"id", amp.Unicode())]
+    response = [
+        (b"id", amp.Unicode()),
+        (b"body", amp.Unicode()),
+        (b"received_at", amp.Float()),
+        (b"path", amp.ListOf(amp.Integer())),
+    ]
+    errors = {NotFound: b"NOT_FOUND", AmbiguousId: b"AMBIGUOUS", BadId: b"BAD_ID"}
+
+
+class ListMessages(amp.Command):
+    arguments = [(b"start", amp.Integer()), (b"limit", amp.Integer())]
+    response = [
+        (b"messages", amp.AmpList([(b"id", amp.Unicode()), (b"body", amp.Unicode())])),
+        (b"next", amp.Integer()),
+        (b"total", amp.Integer()),
+    ]
+
+
+class Status(amp.Command):
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [
+        (b"node_id", amp.Integer()),
+        (b"cluster", amp.Unicode()),
+        (b"dissemination", amp.Unicode()),
+        (b"message_count", amp.Integer()),
+        (b"uptime", amp.Float()),
+        (
+            b"links",
+            amp.AmpList(
+                [
+                    (b"peer", amp.Integer()),
+                    (b"address", amp.Unicode()),
+                    (b"state", amp.Unicode()),
+                    (b"since", amp.Float()),
+                    (b"times_up", amp.Integer()),
+                    (b"last_error", amp.Unicode()),
+                ]
+            ),
+        ),
+    ]

@@ -1,0 +1,95 @@
+"""The node's side of the client AMP protocol: each command is one node call."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+
+from gossip import logs
+from gossip.client.commands import (
+    PAGE_BYTES,
+    AmbiguousId,
+    BadId,
+    Get,
+    ListMessages,
+    MessageRejected,
+    NotFound,
+    Status,
+    Submit,
+)
+from gossip.core.message import BadIdText, id_text
+from gossip.core.state import SubmitRejected
+
+if TYPE_CHECKING:
+    from gossip.node import GossipNode
+
+# Each page entry costs its id and body plus AMP's per-key framing.
+_ENTRY_OVERHEAD = 40
+
+
+class ClientProtocol(amp.AMP):
+    log = logs.logger()
+
+    def __init__(self, node: GossipNode) -> None:
+        super().__init__()
+        self.node = node
+
+    @Submit.responder
+    async def submit(self, body: str) -> dict[str, Any]:
+        try:
+            encoded = body.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MessageRejected("message is not valid Unicode text") from None
+        try:
+            mid, new = await self.node.submit(encoded)
+        except SubmitRejected as e:
+            raise MessageRejected(str(e)) from None
+        return {"id": id_text(mid), "new": new}
+
+    @Get.responder
+    def get(self, id: str) -> dict[str, Any]:
+        try:
+            matches = self.node.find(id.strip(), limit=5)
+        except BadIdText as e:
+            raise BadId(str(e)) from None
+        if not matches:
+            raise NotFound(f"no message {id} on node {self.node.node_id}")
+        if len(matches) > 1:
+            shown = ", ".join(id_text(m.id) for m in matches[:4])
+            raise AmbiguousId(f"{id} matches several messages: {shown}")
+        m = matches[0]
+        return {"id": id_text(m.id), "body": m.text, "received_at": m.received_at,
+                "path": list(m.path)}
+
+    @ListMessages.responder
+    def list_messages(self, start: int, limit: int) -> dict[str, Any]:
+        total = self.node.message_count()
+        start = max(0, start)
+        limit = max(1, min(limit, 10_000))
+        out: list[dict[str, str]] = []
+        used = 0
+        pos = start
+        for m in self.node.store.scan(start):
+            cost = len(m.body) + _ENTRY_OVERHEAD
+            if out and (used + cost > PAGE_BYTES or len(out) >= limit):
+                break
+            out.append({"id": id_text(m.id), "body": m.text})
+            used += cost
+            pos += 1
+        return {"messages": out, "next": pos, "total": total}
+
+    @Status.responder
+    def status(self) -> dict[str, Any]:
+        return self.node.status()
+
+
+class ClientFactory(Factory):
+    noisy = False
+
+    def __init__(self, node: GossipNode) -> None:
+        self.node = node
+
+    def buildProtocol(self, addr: Any) -> ClientProtocol:
+        return ClientProtocol(self.node)

@@ -1,0 +1,66 @@
+"""Dissemination rules: which neighbours get a message a node has just stored.
+
+A strategy sees the node's view (its id and which neighbours are up) and
+returns ``Send`` effects. It never stores anything; ``GossipCore`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gossip.core.effects import Effect, Send
+from gossip.core.frames import Envelope, GossipFrame, PeerFrame
+
+
+class Dissemination(Protocol):
+    name: str
+
+    def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
+        """``env`` was just stored; ``sender`` is None for a local submit."""
+        ...
+
+    def on_duplicate(self, mid: bytes, sender: int) -> list[Effect]: ...
+
+    def on_control(self, peer: int, frame: PeerFrame) -> list[Effect]: ...
+
+    def on_peer_up(self, peer: int) -> list[Effect]: ...
+
+    def on_peer_down(self, peer: int) -> list[Effect]: ...
+
+    def on_tick(self, now: float) -> list[Effect]: ...
+
+
+class Flood:
+    """The seed's rule: forward to every up neighbour not already on the path.
+
+    The forwarded copy carries the path with this node's id appended, so a
+    neighbour that already relayed the message is never sent it again.
+    """
+
+    name = "flood"
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+
+    def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
+        path = env.path
+        targets = [p for p in up if p != sender and p not in path]
+        if not targets:
+            return []
+        frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
+        return [Send(p, frame) for p in sorted(targets)]
+
+    def on_duplicate(self, mid: bytes, sender: int) -> list[Effect]:
+        return []
+
+    def on_control(self, peer: int, frame: PeerFrame) -> list[Effect]:
+        return []
+
+    def on_peer_up(self, peer: int) -> list[Effect]:
+        return []
+
+    def on_peer_down(self, peer: int) -> list[Effect]:
+        return []
+
+    def on_tick(self, now: float) -> list[Effect]:
+        return []

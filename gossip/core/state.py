@@ -1,0 +1,121 @@
+"""The node's protocol state machine.
+
+``GossipCore`` decides; it does no I/O and reads no clock. Inputs are method
+calls (a client's submit, a peer's frame, a link going up or down, a tick),
+each with ``now`` passed in; the output is a list of effects (see
+``gossip.core.effects``) that the caller carries out before the next input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable
+
+import attrs
+
+from gossip.core.dissemination import Dissemination
+from gossip.core.effects import DropPeer, Effect, Persist
+from gossip.core.frames import Envelope, GossipFrame, PeerFrame
+from gossip.core.message import ID_BYTES, Message, message_id
+
+# A path longer than this cannot come from a sane cluster; it bounds what a
+# hostile peer can make every node store per message.
+MAX_PATH = 1024
+
+
+class SubmitRejected(ValueError):
+    """A client's message cannot be accepted; the text says why."""
+
+
+@attrs.frozen(slots=True)
+class SubmitResult:
+    id: bytes
+    new: bool
+    effects: list[Effect]
+
+
+def check_body(body: bytes, max_body: int) -> str | None:
+    """Why ``body`` is not an acceptable message, or None."""
+    if not body:
+        return "message is empty"
+    if len(body) > max_body:
+        return f"message is {len(body)} bytes, over the limit of {max_body}"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "message is not valid UTF-8"
+    return None
+
+
+class GossipCore:
+    def __init__(
+        self,
+        node_id: int,
+        neighbours: Iterable[int],
+        store: Container[bytes],
+        strategy: Dissemination,
+        max_body: int,
+    ) -> None:
+        self.node_id = node_id
+        self.neighbours = frozenset(neighbours)
+        self.store = store
+        self.strategy = strategy
+        self.max_body = max_body
+        self.up: frozenset[int] = frozenset()
+
+    def submit(self, body: bytes, now: float) -> SubmitResult:
+        problem = check_body(body, self.max_body)
+        if problem:
+            raise SubmitRejected(problem)
+        mid = message_id(body)
+        if mid in self.store:
+            return SubmitResult(mid, False, [])
+        effects: list[Effect] = [Persist(Message(mid, body, now, ()))]
+        effects += self.strategy.on_new(Envelope(mid, body, ()), None, self.up)
+        return SubmitResult(mid, True, effects)
+
+    def peer_up(self, peer: int) -> list[Effect]:
+        if peer not in self.neighbours or peer in self.up:
+            return []
+        self.up = self.up | {peer}
+        return self.strategy.on_peer_up(peer)
+
+    def peer_down(self, peer: int) -> list[Effect]:
+        if peer not in self.up:
+            return []
+        self.up = self.up - {peer}
+        return self.strategy.on_peer_down(peer)
+
+    def tick(self, now: float) -> list[Effect]:
+        return self.strategy.on_tick(now)
+
+    def receive(self, peer: int, frame: PeerFrame, now: float) -> list[Effect]:
+        if peer not in self.up:
+            return [DropPeer(peer, "frame from a peer whose link is not up")]
+        if not isinstance(frame, GossipFrame):
+            return self.strategy.on_control(peer, frame)
+        effects: list[Effect] = []
+        fresh: set[bytes] = set()
+        for env in frame.messages:
+            problem = self._check_envelope(env)
+            if problem:
+                effects.append(DropPeer(peer, problem))
+                return effects
+            if env.id in fresh or env.id in self.store:
+                effects += self.strategy.on_duplicate(env.id, peer)
+                continue
+            fresh.add(env.id)
+            effects.append(Persist(Message(env.id, env.body, now, env.path)))
+            effects += self.strategy.on_new(env, peer, self.up)
+        return effects
+
+    def _check_envelope(self, env: Envelope) -> str | None:
+        if len(env.id) != ID_BYTES:
+            return f"message id of {len(env.id)} bytes"
+        problem = check_body(env.body, self.max_body)
+        if problem:
+            return problem
+        if message_id(env.body) != env.id:
+            return "message id does not match its body"
+        if len(env.path) > MAX_PATH:
+            return f"message path of {len(env.path)} hops"
+        return None

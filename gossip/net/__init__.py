@@ -1,0 +1,1 @@
+"""TCP links between neighbours: framing, handshake, reconnection, the link table."""

@@ -1,0 +1,139 @@
+"""One TCP connection to a neighbour: framing, handshake, keep-alive, send bound.
+
+Thin by design: bytes become frames here and go to the ``LinkTable``, which
+decides what a connection is for; protocol rules live in ``gossip.core``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gossip import logs
+from gossip.wire import codec
+
+if TYPE_CHECKING:
+    from gossip.net.links import LinkTable
+
+
+@implementer(IPushProducer)
+class _WriteGate:
+    """Tells its protocol when the transport's write buffer is full or drained."""
+
+    def __init__(self, proto: PeerProtocol) -> None:
+        self.proto = proto
+
+    def pauseProducing(self) -> None:
+        self.proto.paused = True
+
+    def resumeProducing(self) -> None:
+        self.proto.paused = False
+        self.proto.flush_pending()
+
+    def stopProducing(self) -> None:
+        self.proto.paused = True
+
+
+class PeerProtocol(Int32StringReceiver, TimeoutMixin):
+    log = logs.logger()
+
+    def __init__(self, table: LinkTable, dialed: int | None) -> None:
+        self.table = table
+        # The neighbour this side dialed; None for an inbound connection.
+        self.dialed = dialed
+        self.MAX_LENGTH = table.max_frame
+        self.peer: int | None = None
+        self.incarnation = 0
+        self.established = False
+        self.paused = False
+        self._pending: deque[bytes] = deque()
+        self._pending_bytes = 0
+        self.closing_reason: str | None = None
+
+    @property
+    def outbound(self) -> bool:
+        return self.dialed is not None
+
+    def describe(self) -> str:
+        p = self.transport.getPeer() if self.transport else None
+        addr = f"{p.host}:{p.port}" if p is not None and hasattr(p, "port") else "?"
+        who = f"node {self.peer}" if self.peer is not None else "unidentified peer"
+        return f"{who} ({'outbound' if self.outbound else 'inbound'} {addr})"
+
+    def connectionMade(self) -> None:
+        self.table.connection_made(self)
+        self.transport.registerProducer(_WriteGate(self), True)
+        self.setTimeout(self.table.handshake_timeout)
+        if self.outbound:
+            self.send_frame(self.table.hello())
+
+    def stringReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            frame = codec.decode(data)
+        except codec.BadFrame as e:
+            self.fail(str(e))
+            return
+        if not self.established:
+            self.table.handshake_frame(self, frame)
+            return
+        if isinstance(frame, codec.Ping):
+            return
+        if isinstance(frame, codec.Hello | codec.Reject):
+            self.fail(f"unexpected {type(frame).__name__} after the handshake")
+            return
+        self.table.frame_received(self, frame)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.fail(f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}")
+
+    def timeoutConnection(self) -> None:
+        what = "link idle" if self.established else "handshake not finished"
+        self.fail(f"{what} for {self.timeOut} s", abort=True)
+
+    def fail(self, reason: str, abort: bool = False) -> None:
+        """Close this connection because of what the peer did; the node carries on."""
+        if self.closing_reason is None:
+            self.closing_reason = reason
+            self.log.warn("closing link to {who}: {reason}", who=self.describe(), reason=reason)
+        self.setTimeout(None)
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def send_frame(self, frame: codec.AnyFrame) -> None:
+        self.send_bytes(codec.encode(frame))
+
+    def send_bytes(self, data: bytes) -> None:
+        if self.closing_reason is not None:
+            return
+        if not self.paused:
+            self.sendString(data)
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > self.table.max_pending_bytes:
+            self._pending.clear()
+            self._pending_bytes = 0
+            self.fail(
+                f"peer is not reading: over {self.table.max_pending_bytes} bytes queued",
+                abort=True,
+            )
+
+    def flush_pending(self) -> None:
+        while self._pending and not self.paused:
+            data = self._pending.popleft()
+            self._pending_bytes -= len(data)
+            self.sendString(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.setTimeout(None)
+        self._pending.clear()
+        self.table.connection_lost(self, reason)

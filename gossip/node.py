@@ -1,0 +1,203 @@
+"""One gossip node: the core wired to storage, peer links, the client port and a clock.
+
+This is the only place where the core's effects meet I/O. Effects of one
+event are carried out in order before the next event reaches the core:
+``Persist`` goes to the store, ``Send`` to the link table, ``DropPeer``
+closes a link.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
+from twisted.internet.task import LoopingCall
+
+from gossip import logs
+from gossip.client.responder import ClientFactory
+from gossip.config import ClusterConfig
+from gossip.core.dissemination import Dissemination, Flood
+from gossip.core.effects import DropPeer, Effect, Persist, Send
+from gossip.core.frames import PeerFrame
+from gossip.core.message import Message, id_range
+from gossip.core.state import GossipCore
+from gossip.net.links import LinkEvents, LinkTable
+from gossip.store.interface import MessageStore
+from gossip.wire import codec
+
+STRATEGIES: dict[str, Callable[[int], Dissemination]] = {"flood": Flood}
+
+TICK_SECONDS = 0.1
+
+
+def frame_limit(max_body: int) -> int:
+    """Largest peer frame accepted: a full batch of maximum-size messages fits."""
+    return max(1 << 20, 8 * max_body + 65536)
+
+
+class StartupError(Exception):
+    """The node cannot start (port in use, ...); the text is one line for the operator."""
+
+
+class GossipNode(service.Service):
+    log = logs.logger()
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        node_id: int,
+        store: MessageStore,
+        reactor: Any,
+        *,
+        incarnation: int | None = None,
+    ) -> None:
+        self.config = config
+        self.spec = config.node(node_id)
+        self.node_id = node_id
+        self.store = store
+        self.reactor: IReactorTCP = reactor
+        self.clock: IReactorTime = reactor
+        self.core = GossipCore(
+            node_id,
+            self.spec.neighbours,
+            store,
+            STRATEGIES[config.dissemination](node_id),
+            config.max_message_bytes,
+        )
+        self.links = LinkTable(
+            node_id=node_id,
+            cluster=config.name,
+            neighbours={
+                n: (config.nodes[n].host, config.nodes[n].peer_port) for n in self.spec.neighbours
+            },
+            reactor=reactor,
+            clock=reactor,
+            events=LinkEvents(self._peer_up, self._peer_down, self._frame),
+            max_frame=frame_limit(config.max_message_bytes),
+            reconnect_max_delay=config.reconnect_max_delay,
+            ping_interval=config.ping_interval,
+            idle_timeout=config.idle_timeout,
+            incarnation=incarnation,
+        )
+        self.ports: list[IListeningPort] = []
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = reactor
+        self.started_at = 0.0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def startService(self) -> None:
+        self.started_at = self.clock.seconds()
+        spec = self.spec
+        try:
+            self.ports.append(
+                self.reactor.listenTCP(
+                    spec.peer_port, self.links.server_factory(), interface=spec.host
+                )
+            )
+            self.ports.append(
+                self.reactor.listenTCP(spec.client_port, ClientFactory(self), interface=spec.host)
+            )
+        except CannotListenError as e:
+            for p in self.ports:
+                p.stopListening()
+            self.ports.clear()
+            raise StartupError(
+                f"node {self.node_id} cannot listen on {e.interface}:{e.port}: {e.socketError}"
+            ) from None
+        super().startService()
+        self.links.start()
+        self._ticker.start(TICK_SECONDS, now=False)
+        self.log.info(
+            "node {node} of cluster {cluster} up: peers on {host}:{peer_port},"
+            " clients on {host}:{client_port}, {count} messages held",
+            node=self.node_id,
+            cluster=self.config.name,
+            host=spec.host,
+            peer_port=spec.peer_port,
+            client_port=spec.client_port,
+            count=len(self.store),
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._ticker.running:
+            self._ticker.stop()
+        self.links.stop()
+        ds = [d for d in (p.stopListening() for p in self.ports) if d is not None]
+        self.ports.clear()
+        return gatherResults(ds).addCallback(lambda _: None)
+
+    # -- client operations -------------------------------------------------
+
+    def submit(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
+        """Accept a message; fires with (id, new) once it is stored (raises SubmitRejected)."""
+        result = self.core.submit(body, self.clock.seconds())
+        self._apply(result.effects)
+        return succeed((result.id, result.new))
+
+    def find(self, prefix: str, limit: int) -> list[Message]:
+        lo, hi = id_range(prefix)
+        out = []
+        for mid in self.store.ids_between(lo, hi, limit):
+            m = self.store.get(mid)
+            if m is not None:
+                out.append(m)
+        return out
+
+    def message_count(self) -> int:
+        return len(self.store)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "cluster": self.config.name,
+            "dissemination": self.config.dissemination,
+            "message_count": len(self.store),
+            "uptime": self.clock.seconds() - self.started_at,
+            "links": [
+                {
+                    "peer": s.peer,
+                    "address": s.address,
+                    "state": s.state,
+                    "since": s.since,
+                    "times_up": s.times_up,
+                    "last_error": s.last_error,
+                }
+                for s in self.links.status()
+            ],
+        }
+
+    # -- events into the core ----------------------------------------------
+
+    def _peer_up(self, peer: int) -> None:
+        self._apply(self.core.peer_up(peer))
+
+    def _peer_down(self, peer: int) -> None:
+        self._apply(self.core.peer_down(peer))
+
+    def _frame(self, peer: int, frame: PeerFrame) -> None:
+        self._apply(self.core.receive(peer, frame, self.clock.seconds()))
+
+    def _tick(self) -> None:
+        self._apply(self.core.tick(self.clock.seconds()))
+
+    # -- effects out -------------------------------------------------------
+
+    def _apply(self, effects: list[Effect]) -> None:
+        encoded: dict[int, bytes] = {}
+        for effect in effects:
+            if isinstance(effect, Persist):
+                self.store.add(effect.message)
+            elif isinstance(effect, Send):
+                key = id(effect.frame)
+                data = encoded.get(key)
+                if data is None:
+                    data = encoded[key] = codec.encode(effect.frame)
+                self.links.send(effect.peer, data)
+            elif isinstance(effect, DropPeer):
+                self.links.drop(effect.peer, effect.reason)

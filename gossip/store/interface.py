@@ -1,0 +1,34 @@
+"""The one small interface between the node and its message storage.
+
+The core only reads (``__contains__``); the node adapter writes what the core's
+``Persist`` effects say and serves client queries. Every implementation keeps
+messages in arrival order, numbered from 0, so that a listing can be paged
+with a plain integer cursor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from gossip.core.message import Message
+
+
+class MessageStore(Protocol):
+    def __contains__(self, mid: bytes) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def add(self, message: Message) -> bool:
+        """Store ``message`` unless its id is already held; say whether it was new."""
+        ...
+
+    def get(self, mid: bytes) -> Message | None: ...
+
+    def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` held ids in [lo, hi), in id order (for prefix lookups)."""
+        ...
+
+    def scan(self, start: int) -> Iterator[Message]:
+        """Messages in arrival order from position ``start``."""
+        ...

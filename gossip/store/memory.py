@@ -1,0 +1,46 @@
+"""Messages in memory only: for tests, simulation and nodes run without a data directory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from sortedcontainers import SortedList
+
+from gossip.core.message import Message
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._by_id: dict[bytes, Message] = {}
+        self._order: list[bytes] = []
+        self._sorted: SortedList = SortedList()
+
+    def __contains__(self, mid: bytes) -> bool:
+        return mid in self._by_id
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def add(self, message: Message) -> bool:
+        if message.id in self._by_id:
+            return False
+        self._by_id[message.id] = message
+        self._order.append(message.id)
+        self._sorted.add(message.id)
+        return True
+
+    def get(self, mid: bytes) -> Message | None:
+        return self._by_id.get(mid)
+
+    def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
+        out: list[bytes] = []
+        for mid in self._sorted.irange(lo, hi, inclusive=(True, False)):
+            if len(out) >= limit:
+                break
+            out.append(mid)
+        return out
+
+    def scan(self, start: int) -> Iterator[Message]:
+        by_id, order = self._by_id, self._order
+        for i in range(max(start, 0), len(order)):
+            yield by_id[order[i]]

@@ -1,0 +1,361 @@
+"""Cluster graphs: a generator of low-diameter regular graphs and ``gossip-config``.
+
+``generate_graph`` returns the links of a connected graph over ids 1..n in
+which every node has the same degree. For 16 nodes of degree 3 it is a fixed
+graph of diameter 3, the optimum (Moore bound). Otherwise it draws random
+regular graphs (deterministic for a seed) and keeps the one with the lowest
+diameter, then the lowest mean shortest path; the number of draws shrinks as
+n grows, so that n = 1000 still takes about a second.
+
+``gossip-config --nodes 16 [-o cluster.toml]`` writes a cluster file;
+``gossip-config --check cluster.toml`` validates one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from collections.abc import Iterable, Sequence
+from typing import NoReturn
+
+from gossip.config import (
+    DEGREE,
+    ClusterConfig,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
+
+Edge = tuple[int, int]
+
+# The known-optimal 16-node cubic graph (/work/shared/topology16.json, ids + 1):
+# diameter 3, mean shortest path 2.2.
+TOPOLOGY16: tuple[Edge, ...] = (
+    (1, 7), (1, 11), (1, 15), (2, 12), (2, 13), (2, 16), (3, 8), (3, 11),
+    (3, 12), (4, 7), (4, 10), (4, 13), (5, 6), (5, 13), (5, 14), (6, 7),
+    (6, 8), (8, 9), (9, 14), (9, 15), (10, 12), (10, 15), (11, 16), (14, 16),
+)  # fmt: skip
+
+# Bound on the BFS work spent comparing candidate graphs: about
+# attempts * n * n * degree edge visits. n = 1000 gets a single draw.
+_WORK_BUDGET = 4_000_000
+_MAX_ATTEMPTS = 200
+_DRAWS_PER_ATTEMPT = 50
+
+
+def generate_graph(n: int, degree: int = DEGREE, seed: int = 0) -> list[Edge]:
+    """Sorted (low, high) edges of a connected ``degree``-regular graph on ids 1..n."""
+    _check_regular(n, degree)
+    if n == 16 and degree == 3:
+        return sorted(TOPOLOGY16)
+    if degree == n - 1:  # complete graph (covers n = 1 and n = 2)
+        return [(a, b) for a in range(1, n + 1) for b in range(a + 1, n + 1)]
+    if degree == 2:  # every connected 2-regular graph is a ring
+        return sorted((min(i, i % n + 1), max(i, i % n + 1)) for i in range(1, n + 1))
+    rng = random.Random(seed)
+    attempts = max(1, min(_MAX_ATTEMPTS, _WORK_BUDGET // (n * n * degree)))
+    best: list[set[int]] | None = None
+    best_score = (n, n * n * n)  # (diameter, sum of distances): worse than any graph
+    for _ in range(attempts):
+        adj = _draw(n, degree, rng)
+        if adj is None:
+            continue
+        if attempts == 1:
+            if _connected(adj):
+                best = adj
+            break
+        score = _score(adj, best_score)
+        if score is not None:
+            best, best_score = adj, score
+    if best is None:  # not seen in practice; a circulant graph is always valid
+        best = _circulant(n, degree)
+    return sorted((a + 1, b + 1) for a, nbs in enumerate(best) for b in nbs if a < b)
+
+
+def _check_regular(n: int, degree: int) -> None:
+    if degree < 0:
+        raise ValueError(f"degree must be >= 0, got {degree}")
+    if n <= degree:
+        raise ValueError(f"a node of degree {degree} needs at least {degree + 1} nodes, got {n}")
+    if n * degree % 2:
+        raise ValueError(f"n * degree must be even (every edge has two ends), got {n} * {degree}")
+    if degree < 2 and n > degree + 1:
+        raise ValueError(
+            f"a connected graph of degree {degree} has exactly {degree + 1} nodes, got {n}"
+        )
+
+
+def _draw(n: int, degree: int, rng: random.Random) -> list[set[int]] | None:
+    """A random simple ``degree``-regular graph on 0..n-1, or None after many failures.
+
+    Dense graphs are drawn as the complement of a sparse one: a regular graph
+    of degree >= n/2 is always connected.
+    """
+    if degree > (n - 1) // 2:
+        co = _pairing(n, n - 1 - degree, rng)
+        if co is None:
+            return None
+        return [set(range(n)) - co[v] - {v} for v in range(n)]
+    for _ in range(_DRAWS_PER_ATTEMPT):
+        adj = _pairing(n, degree, rng)
+        if adj is not None and _connected(adj):
+            return adj
+    return None
+
+
+def _pairing(n: int, degree: int, rng: random.Random) -> list[set[int]] | None:
+    """Pair up random free edge ends, refusing self-links and parallel edges."""
+    for _ in range(_DRAWS_PER_ATTEMPT):
+        ends = [v for v in range(n) for _ in range(degree)]
+        adj: list[set[int]] = [set() for _ in range(n)]
+        while ends:
+            m = len(ends)
+            for _ in range(4 * m + 20):
+                i, j = rng.randrange(m), rng.randrange(m)
+                u, v = ends[i], ends[j]
+                if u != v and v not in adj[u]:
+                    break
+            else:
+                break  # stuck near the end: start over
+            for k in (max(i, j), min(i, j)):
+                ends[k] = ends[-1]
+                ends.pop()
+            adj[u].add(v)
+            adj[v].add(u)
+        if not ends:
+            return adj
+    return None
+
+
+def _circulant(n: int, degree: int) -> list[set[int]]:
+    """Node i linked to i +- 1..degree//2, and to i + n/2 when degree is odd."""
+    offsets = list(range(1, degree // 2 + 1))
+    adj: list[set[int]] = [set() for _ in range(n)]
+    for v in range(n):
+        for o in offsets:
+            adj[v] |= {(v + o) % n, (v - o) % n}
+        if degree % 2:
+            adj[v].add((v + n // 2) % n)
+    return adj
+
+
+def _connected(adj: Sequence[Iterable[int]]) -> bool:
+    seen = {0}
+    todo = [0]
+    while todo:
+        for v in adj[todo.pop()]:
+            if v not in seen:
+                seen.add(v)
+                todo.append(v)
+    return len(seen) == len(adj)
+
+
+def _score(adj: Sequence[Iterable[int]], bound: tuple[int, int]) -> tuple[int, int] | None:
+    """(diameter, sum of all distances), or None if disconnected or not below ``bound``.
+
+    Both parts only grow as sources are added, so a candidate is dropped as
+    soon as it cannot beat ``bound``.
+    """
+    n = len(adj)
+    lists = [list(a) for a in adj]
+    diam = total = 0
+    for s in range(n):
+        dist = [-1] * n
+        dist[s] = 0
+        frontier = [s]
+        d = reached = 0
+        while frontier:
+            d += 1
+            nxt = []
+            for u in frontier:
+                for v in lists[u]:
+                    if dist[v] < 0:
+                        dist[v] = d
+                        nxt.append(v)
+            reached += len(nxt)
+            total += d * len(nxt)
+            frontier = nxt
+        if reached != n - 1:
+            return None
+        diam = max(diam, d - 1)
+        if diam > bound[0] or (diam == bound[0] and total >= bound[1]):
+            return None
+    return diam, total
+
+
+def _adjacency(edges: Iterable[Edge]) -> list[list[int]]:
+    ids: dict[int, int] = {}
+    pairs = []
+    for a, b in edges:
+        pairs.append((ids.setdefault(a, len(ids)), ids.setdefault(b, len(ids))))
+    adj: list[list[int]] = [[] for _ in ids]
+    for a, b in pairs:
+        adj[a].append(b)
+        adj[b].append(a)
+    return adj
+
+
+def _distances(edges: Iterable[Edge]) -> tuple[int, float]:
+    adj = _adjacency(edges)
+    n = len(adj)
+    if n < 2:
+        return 0, 0.0
+    score = _score(adj, (n, n * n * n))
+    if score is None:
+        raise ValueError("the graph is not connected")
+    return score[0], score[1] / (n * (n - 1))
+
+
+def diameter(edges: Iterable[Edge]) -> int:
+    """The longest shortest path (in hops) of a connected graph given by its edges."""
+    return _distances(edges)[0]
+
+
+def mean_shortest_path(edges: Iterable[Edge]) -> float:
+    """The mean hop count over all ordered pairs of distinct nodes."""
+    return _distances(edges)[1]
+
+
+def generate_config(
+    n: int,
+    *,
+    name: str = "local",
+    host: str = "127.0.0.1",
+    base_peer_port: int = 17000,
+    base_client_port: int | None = None,
+    seed: int = 0,
+) -> ClusterConfig:
+    """A cluster of n degree-3 nodes: node i listens on base + i for peers and clients.
+
+    ``base_client_port`` defaults to base_peer_port + 100 (17100), or to
+    base_peer_port + n rounded up to a hundred when n > 100, so that the two
+    port ranges never overlap.
+    """
+    if base_client_port is None:
+        base_client_port = base_peer_port + 100 * max(1, math.ceil(n / 100))
+    top = max(base_peer_port, base_client_port) + n
+    if min(base_peer_port, base_client_port) < 0 or top > 65535:
+        raise ValueError(
+            f"ports {base_peer_port + 1}.. and {base_client_port + 1}.. for {n} nodes"
+            " do not fit in 1..65535"
+        )
+    adj: dict[int, list[int]] = {i: [] for i in range(1, n + 1)}
+    for a, b in generate_graph(n, DEGREE, seed):
+        adj[a].append(b)
+        adj[b].append(a)
+    data = {
+        "cluster": {"name": name},
+        "node": [
+            {
+                "id": i,
+                "host": host,
+                "peer_port": base_peer_port + i,
+                "client_port": base_client_port + i,
+                "neighbours": sorted(nbs),
+            }
+            for i, nbs in adj.items()
+        ],
+    }
+    return config_from_dict(data, "<generated>")
+
+
+def summary(config: ClusterConfig) -> str:
+    """``16 nodes, degree 3, diameter 3, mean path 2.20``."""
+    degrees = sorted({len(spec.neighbours) for spec in config.nodes.values()})
+    degree = str(degrees[0]) if len(degrees) == 1 else f"{degrees[0]}-{degrees[-1]}"
+    diam, mean = _distances(config.edges())
+    return f"{len(config.nodes)} nodes, degree {degree}, diameter {diam}, mean path {mean:.2f}"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _node_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _port(text: str) -> int:
+    try:
+        p = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= p <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, got {p}")
+    return p
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="gossip-config",
+        description="Write a gossip cluster file with a low-diameter degree-3 graph, or check one.",
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--nodes", type=_node_count, metavar="N", help="number of nodes")
+    mode.add_argument("--check", metavar="FILE", help="validate FILE and print its summary")
+    parser.add_argument("--seed", type=_int, default=0, help="random seed (default 0)")
+    parser.add_argument("--host", default="127.0.0.1", help="host of every node")
+    parser.add_argument(
+        "--base-port",
+        type=_port,
+        default=17000,
+        metavar="P",
+        help="node i listens for peers on P + i (default 17000)",
+    )
+    parser.add_argument("--name", default="local", help="cluster name (default local)")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write here, not to stdout")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+
+    if args.check is not None:
+        try:
+            config = load_config(args.check)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(f"{args.check}: ok: {summary(config)}")
+        return 0
+
+    try:
+        config = generate_config(
+            args.nodes,
+            name=args.name,
+            host=args.host,
+            base_peer_port=args.base_port,
+            seed=args.seed,
+        )
+    except (ValueError, ConfigError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    text = dump_config(config)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            print(f"{args.output}: cannot write: {e.strerror or e}", file=sys.stderr)
+            return 1
+    print(summary(config), file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""The peer wire format: generated protobuf modules (``peer_pb2``) and the codec."""
