@@ -67,6 +67,7 @@ class GossipNode(service.Service):
             store,
             STRATEGIES[config.dissemination](node_id),
             config.max_message_bytes,
+            len(config.nodes),
         )
         self.links = LinkTable(
             node_id=node_id,

@@ -6,12 +6,13 @@ import pytest
 
 from gossip.core.dissemination import Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send
-from gossip.core.frames import Envelope, GossipFrame, IHaveFrame
+from gossip.core.frames import Envelope, GossipFrame, IHaveFrame, PeerFrame
 from gossip.core.message import ID_BYTES, Message, message_id
-from gossip.core.state import MAX_PATH, GossipCore, SubmitRejected
+from gossip.core.state import GossipCore, SubmitRejected
 from gossip.store.memory import MemoryStore
 
 MAX_BODY = 64
+MAX_PATH = 1024  # the cluster size the core is told
 NOW = 7.5
 
 
@@ -19,7 +20,7 @@ def make_core(
     node: int = 1, neighbours: tuple[int, ...] = (2, 3, 4), up: tuple[int, ...] = (2, 3, 4)
 ) -> tuple[GossipCore, MemoryStore]:
     store = MemoryStore()
-    core = GossipCore(node, neighbours, store, Flood(node), MAX_BODY)  # type: ignore[arg-type]
+    core = GossipCore(node, neighbours, store, Flood(node), MAX_BODY, MAX_PATH)
     for p in up:
         assert core.peer_up(p) == []
     return core, store
@@ -132,14 +133,6 @@ def test_received_message_is_persisted_with_path_and_forwarded_with_node_appende
     assert effects == [Persist(Message(mid, body, NOW, (1, 2))), Send(3, fwd), Send(4, fwd)]
 
 
-def test_received_message_is_not_sent_back_to_sender_even_if_off_path() -> None:
-    """The sender is excluded from forwarding even when it is not on the path."""
-    core, _ = make_core(node=5, neighbours=(1, 2, 3), up=(1, 2, 3))
-    effects = core.receive(3, frame(env(b"odd", (1,))), NOW)
-    assert [s.peer for s in sends(effects)] == [2]
-    assert sends(effects)[0].frame == frame(env(b"odd", (1, 5)))
-
-
 def test_duplicate_is_dropped_silently() -> None:
     """A message already held yields no Persist and no Send, from any peer."""
     core, store = make_core(node=1, neighbours=(2, 3, 4))
@@ -178,14 +171,17 @@ BAD_ENVELOPES = {
     "empty-body": env(b"", (2,)),
     "short-id": Envelope(message_id(b"cut")[: ID_BYTES - 1], b"cut", (2,)),
     "long-id": Envelope(message_id(b"cut") + b"\x00", b"cut", (2,)),
-    "long-path": env(b"far", tuple(range(100, 100 + MAX_PATH)) + (2,)),
+    "long-path": env(b"far", (*range(100, 100 + MAX_PATH), 2)),
+    "empty-path": env(b"nowhere", ()),
+    "path-not-ending-at-sender": env(b"spoofed", (2, 3)),
 }
 
 
 @pytest.mark.parametrize("bad", BAD_ENVELOPES.values(), ids=BAD_ENVELOPES.keys())
 def test_bad_envelope_gives_exactly_drop_peer(bad: Envelope) -> None:
     """A bad envelope (id not the hash of the body, oversized/empty/non-UTF-8 body,
-    id of wrong length, path over MAX_PATH) yields exactly one DropPeer for the
+    id of wrong length, path longer than the cluster, a path that does not end
+    with the sender) yields exactly one DropPeer for the
     sender, and nothing from the rest of the frame."""
     core, _ = make_core(node=1, neighbours=(2, 3))
     effects = core.receive(2, frame(bad, env(b"good", (2,))), NOW)
@@ -207,7 +203,7 @@ def test_bad_envelope_mid_frame_stops_the_frame(bad: Envelope) -> None:
 
 
 def test_path_of_exactly_max_path_is_accepted() -> None:
-    """MAX_PATH is inclusive: a path of that many hops is stored."""
+    """The path bound is inclusive: a path as long as the cluster is stored."""
     core, _ = make_core(node=1, neighbours=(2,))
     path = (*range(100, 100 + MAX_PATH - 1), 2)
     effects = core.receive(2, frame(env(b"edge", path)), NOW)
@@ -218,11 +214,12 @@ def test_frame_from_peer_whose_link_is_not_up_gives_drop_peer() -> None:
     """Frames (gossip or control) from a neighbour not up, from a neighbour after
     peer_down, or from a stranger, give exactly DropPeer and are not processed."""
     core, _ = make_core(node=1, neighbours=(2, 3, 4), up=(2, 3))
-    for peer, f in [
+    cases: list[tuple[int, PeerFrame]] = [
         (4, frame(env(b"m", (4,)))),
         (4, IHaveFrame((message_id(b"m"),))),
         (99, frame(env(b"m", (99,)))),
-    ]:
+    ]
+    for peer, f in cases:
         effects = core.receive(peer, f, NOW)
         assert len(effects) == 1
         assert isinstance(effects[0], DropPeer)

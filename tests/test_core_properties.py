@@ -7,6 +7,7 @@ other freely (stronger than the TCP FIFO the real links give).
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 
@@ -55,7 +56,7 @@ class ShuffledNetwork:
             self.adjacency[b].add(a)
         self.stores = {n: MemoryStore() for n in ids}
         self.cores = {
-            n: GossipCore(n, self.adjacency[n], self.stores[n], Flood(n), 4096)  # type: ignore[arg-type]
+            n: GossipCore(n, self.adjacency[n], self.stores[n], Flood(n), 4096, len(ids))
             for n in ids
         }
         self.pending: list[tuple[int, int, PeerFrame]] = []
@@ -150,7 +151,7 @@ def test_flood_delivers_every_message_exactly_once_along_real_walks(
             assert path[0] in net.origins[m.id]
             assert len(set(path)) == len(path)
             assert holder not in path
-            for a, b in zip(path, path[1:], strict=False):
+            for a, b in itertools.pairwise(path):
                 assert b in net.adjacency[a]
             assert path[-1] in net.adjacency[holder]
             sender = net.stores[path[-1]].get(m.id)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import pytest
 
 from gossip.core.dissemination import Flood
-from gossip.core.effects import Effect
+from gossip.core.effects import Effect, Send
 from gossip.core.frames import Envelope, GossipFrame
 from gossip.sim import Simulation
 
@@ -237,20 +237,15 @@ class Forger(Flood):
     """Relays a corrupted body under the original id: a protocol violation."""
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
+        bad = GossipFrame((Envelope(env.id, env.body + b"!", (*env.path, self.node_id)),))
         effects = super().on_new(env, sender, up)
-        for e in effects:
-            if hasattr(e, "frame") and isinstance(e.frame, GossipFrame):
-                bad = Envelope(env.id, env.body + b"!", (*env.path, self.node_id))
-                object.__setattr__(e, "frame", GossipFrame((bad,)))
-        return effects
+        return [Send(e.peer, bad) if isinstance(e, Send) else e for e in effects]
 
 
 def test_drop_peer_is_recorded_and_closes_the_link() -> None:
     """A DropPeer effect is recorded with time, node, peer and reason, and takes the link
     down at both ends."""
-    sim = Simulation(
-        [(0, 1)], seed=0, strategy_factory=lambda n: Forger(n) if n == 0 else Flood(n)
-    )
+    sim = Simulation([(0, 1)], seed=0, strategy_factory=lambda n: Forger(n) if n == 0 else Flood(n))
     sim.submit(0, b"real")
     sim.run()
     assert [(d.node, d.peer) for d in sim.drops] == [(1, 0)]

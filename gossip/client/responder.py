@@ -36,6 +36,14 @@ class ClientProtocol(amp.AMP):
         super().__init__()
         self.node = node
 
+    # AMP logs every connection at info level; a client per command makes that noise.
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Any) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
     @Submit.responder
     async def submit(self, body: str) -> dict[str, Any]:
         try:

@@ -8,7 +8,8 @@ each with ``now`` passed in; the output is a list of effects (see
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections.abc import Iterable
+from typing import Protocol
 
 import attrs
 
@@ -17,9 +18,11 @@ from gossip.core.effects import DropPeer, Effect, Persist
 from gossip.core.frames import Envelope, GossipFrame, PeerFrame
 from gossip.core.message import ID_BYTES, Message, message_id
 
-# A path longer than this cannot come from a sane cluster; it bounds what a
-# hostile peer can make every node store per message.
-MAX_PATH = 1024
+
+class HeldIds(Protocol):
+    """What the core needs of the store: whether an id is already held."""
+
+    def __contains__(self, mid: bytes) -> bool: ...
 
 
 class SubmitRejected(ValueError):
@@ -51,15 +54,19 @@ class GossipCore:
         self,
         node_id: int,
         neighbours: Iterable[int],
-        store: Container[bytes],
+        store: HeldIds,
         strategy: Dissemination,
         max_body: int,
+        max_path: int,
     ) -> None:
         self.node_id = node_id
         self.neighbours = frozenset(neighbours)
         self.store = store
         self.strategy = strategy
         self.max_body = max_body
+        # A path that visits every node of the cluster and more must repeat one;
+        # the bound caps what a faulty peer can make every node store.
+        self.max_path = max_path
         self.up: frozenset[int] = frozenset()
 
     def submit(self, body: bytes, now: float) -> SubmitResult:
@@ -96,7 +103,7 @@ class GossipCore:
         effects: list[Effect] = []
         fresh: set[bytes] = set()
         for env in frame.messages:
-            problem = self._check_envelope(env)
+            problem = self._check_envelope(env, peer)
             if problem:
                 effects.append(DropPeer(peer, problem))
                 return effects
@@ -108,7 +115,7 @@ class GossipCore:
             effects += self.strategy.on_new(env, peer, self.up)
         return effects
 
-    def _check_envelope(self, env: Envelope) -> str | None:
+    def _check_envelope(self, env: Envelope, sender: int) -> str | None:
         if len(env.id) != ID_BYTES:
             return f"message id of {len(env.id)} bytes"
         problem = check_body(env.body, self.max_body)
@@ -116,6 +123,8 @@ class GossipCore:
             return problem
         if message_id(env.body) != env.id:
             return "message id does not match its body"
-        if len(env.path) > MAX_PATH:
-            return f"message path of {len(env.path)} hops"
+        if len(env.path) > self.max_path:
+            return f"message path of {len(env.path)} hops in a cluster of {self.max_path} nodes"
+        if not env.path or env.path[-1] != sender:
+            return "message path does not end with the sender"
         return None

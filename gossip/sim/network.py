@@ -20,8 +20,7 @@ import heapq
 import itertools
 import math
 import random
-from collections.abc import Callable, Container, Iterable
-from typing import cast
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -146,10 +145,9 @@ class Simulation:
         for n in self.nodes:
             store = MemoryStore()
             self.stores[n] = store
-            # cast: GossipCore asks for Container[bytes], whose __contains__ takes
-            # any object; MemoryStore's takes bytes only (see the report on core).
-            held = cast("Container[bytes]", store)
-            self.cores[n] = GossipCore(n, adjacency[n], held, strategy_factory(n), max_body)
+            self.cores[n] = GossipCore(
+                n, adjacency[n], store, strategy_factory(n), max_body, len(self.nodes)
+            )
         self.crashed: set[int] = set()
 
         # Counters, per node unless said otherwise.
