@@ -118,7 +118,7 @@ class GossipClient:
 
 def _reason(e: BaseException) -> str:
     text = str(e).strip().rstrip(".")
-    return text.split(": ", 1)[-1] if text else type(e).__name__
+    return text.rsplit(": ", 1)[-1] if text else type(e).__name__
 
 
 def _config(config: ClusterConfig | str | Path | None) -> ClusterConfig:

@@ -1,0 +1,77 @@
+"""Helpers for tests that run real node processes on loopback."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+
+from gossip.client.api import GossipClient
+from gossip.cluster import LocalCluster
+from gossip.config import ClusterConfig, dump_config
+from gossip.topology import generate_config
+
+
+def free_port_base(count: int, attempts: int = 50) -> int:
+    """A base port such that base .. base+count-1 are all free on 127.0.0.1 now."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20000, 60000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of loopback ports")
+
+
+def write_cluster(tmp: Path, n: int, **overrides: Any) -> tuple[Path, ClusterConfig]:
+    base = free_port_base(2 * n)
+    config = generate_config(n, base_peer_port=base, base_client_port=base + n, **overrides)
+    path = tmp / "cluster.toml"
+    path.write_text(dump_config(config))
+    return path, config
+
+
+async def wait_for(
+    reactor: Any, check: Any, timeout: float, what: str, interval: float = 0.2
+) -> Any:
+    """Poll the async ``check()`` until it returns a truthy value or ``timeout`` passes."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await task.deferLater(reactor, interval)
+
+
+async def connect_all(cluster: LocalCluster) -> dict[int, GossipClient]:
+    clients = {}
+    for n, spec in sorted(cluster.config.nodes.items()):
+        clients[n] = await GossipClient.connect(cluster.reactor, spec.host, spec.client_port)
+    return clients
+
+
+async def message_counts(cluster: LocalCluster) -> dict[int, int]:
+    out = {}
+    for n in cluster.config.nodes:
+        s = await cluster.node_status(n)
+        out[n] = -1 if s is None else s["message_count"]
+    return out
+
+
+def gather(*coros: Any) -> defer.Deferred[list[Any]]:
+    return defer.gatherResults([defer.Deferred.fromCoroutine(c) for c in coros])
