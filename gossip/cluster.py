@@ -148,8 +148,7 @@ class LocalCluster:
 
     async def stop_all(self, timeout: float = 10.0) -> None:
         ds = [
-            defer.Deferred.fromCoroutine(self.stop_node(n, timeout))
-            for n in list(self.processes)
+            defer.Deferred.fromCoroutine(self.stop_node(n, timeout)) for n in list(self.processes)
         ]
         await defer.gatherResults(ds)
 

@@ -103,14 +103,14 @@ def run_node(argv: list[str] | None = None) -> int:
         except StartupError as e:
             print(f"gossip-node: {e}", file=sys.stderr)
             exit_code[0] = 1
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
 
     def stop() -> Any:
         if node.running:
             return node.stopService()
         return None
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", stop)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.run()
     return exit_code[0]

@@ -58,8 +58,18 @@ def test_wheel_has_plugin_and_no_plugin_cache(tmp_path: Path) -> None:
     )
     (src / "twisted" / "plugins" / "dropin.cache").write_bytes(b"stale")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path / "dist"), str(src)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
         check=True,
         capture_output=True,
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -142,7 +142,7 @@ def _blocking(fn: Callable[[Any], Awaitable[T]]) -> T:
     with _reactor_lock:
         if _reactor_thread is None:
             _reactor_thread = threading.Thread(
-                target=reactor.run,  # type: ignore[attr-defined]
+                target=reactor.run,
                 kwargs={"installSignalHandlers": False},
                 name="gossip-reactor",
                 daemon=True,
@@ -152,7 +152,7 @@ def _blocking(fn: Callable[[Any], Awaitable[T]]) -> T:
     def call() -> Deferred[T]:
         return Deferred.fromCoroutine(_as_coroutine(fn(reactor)))
 
-    result: T = blockingCallFromThread(reactor, call)
+    result: T = blockingCallFromThread(cast(Any, reactor), cast(Any, call))
     return result
 
 

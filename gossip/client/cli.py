@@ -134,7 +134,9 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
         now = time.time()
         for link in s["links"]:
             age = max(0.0, now - link["since"])
-            line = f"  node {link['peer']:<4} {link['address']:<21} {link['state']:<10} {age:8.1f} s"
+            line = (
+                f"  node {link['peer']:<4} {link['address']:<21} {link['state']:<10} {age:8.1f} s"
+            )
             if link["last_error"] and link["state"] != "up":
                 line += f"  ({link['last_error']})"
             _out(line)

@@ -60,7 +60,6 @@ class ListMessages(amp.Command):
 
 
 class Status(amp.Command):
-    arguments: list[tuple[bytes, amp.Argument]] = []
     response = [
         (b"node_id", amp.Integer()),
         (b"cluster", amp.Unicode()),

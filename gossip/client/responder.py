@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from gossip import logs
 from gossip.client.commands import (
@@ -40,7 +41,7 @@ class ClientProtocol(amp.AMP):
     def makeConnection(self, transport: Any) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 
@@ -68,8 +69,12 @@ class ClientProtocol(amp.AMP):
             shown = ", ".join(id_text(m.id) for m in matches[:4])
             raise AmbiguousId(f"{id} matches several messages: {shown}")
         m = matches[0]
-        return {"id": id_text(m.id), "body": m.text, "received_at": m.received_at,
-                "path": list(m.path)}
+        return {
+            "id": id_text(m.id),
+            "body": m.text,
+            "received_at": m.received_at,
+            "path": list(m.path),
+        }
 
     @ListMessages.responder
     def list_messages(self, start: int, limit: int) -> dict[str, Any]:
@@ -93,7 +98,7 @@ class ClientProtocol(amp.AMP):
         return self.node.status()
 
 
-class ClientFactory(Factory):
+class ClientFactory(ServerFactory):
     noisy = False
 
     def __init__(self, node: GossipNode) -> None:

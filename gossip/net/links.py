@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any, cast
 
 import attrs
 from twisted.internet.interfaces import IAddress, IConnector, IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory, ReconnectingClientFactory
+from twisted.internet.protocol import ReconnectingClientFactory, ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -77,11 +78,11 @@ class PeerClientFactory(ReconnectingClientFactory):
     def __init__(self, table: LinkTable, peer: int, max_delay: float) -> None:
         self.table = table
         self.peer = peer
-        self.maxDelay = max_delay
-        self.delay = self.initialDelay
-        self.clock = table.reactor
+        self.maxDelay = max_delay  # type: ignore[assignment]  # float is fine; stubs say int
+        self.clock = cast(Any, table.clock)
+        self.resetDelay()
 
-    def buildProtocol(self, addr: IAddress) -> PeerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> PeerProtocol:
         p = PeerProtocol(self.table, self.peer)
         p.factory = self
         return p
@@ -108,13 +109,13 @@ class PeerClientFactory(ReconnectingClientFactory):
         self.stopTrying()
 
 
-class PeerServerFactory(Factory):
+class PeerServerFactory(ServerFactory):
     noisy = False
 
     def __init__(self, table: LinkTable) -> None:
         self.table = table
 
-    def buildProtocol(self, addr: IAddress) -> PeerProtocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> PeerProtocol | None:
         if self.table.unidentified_inbound >= self.table.max_unidentified:
             return None  # refuses the connection: too many handshakes in progress
         return PeerProtocol(self.table, None)
@@ -179,7 +180,7 @@ class LinkTable:
             link.factory.stopTrying()
         for proto in list(self.connections):
             proto.closing_reason = "node stopping"
-            proto.transport.loseConnection()
+            proto.tcp.loseConnection()
 
     def server_factory(self) -> PeerServerFactory:
         return PeerServerFactory(self)
@@ -304,7 +305,7 @@ class LinkTable:
             # The peer restarted; the old connection has not noticed yet.
             link.proto = None
             current.closing_reason = "replaced: the peer restarted"
-            current.transport.abortConnection()
+            current.tcp.abortConnection()
             self.events.down(peer)
             self._make_current(link, proto)
             self.events.up(peer)
@@ -318,7 +319,7 @@ class LinkTable:
         else:
             loser = proto
         loser.closing_reason = "duplicate connection"
-        loser.transport.loseConnection()
+        loser.tcp.loseConnection()
 
     def _make_current(self, link: Link, proto: PeerProtocol) -> None:
         link.proto = proto

@@ -7,9 +7,9 @@ decides what a connection is for; protocol rules live in ``gossip.core``.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -20,6 +20,15 @@ from gossip.wire import codec
 
 if TYPE_CHECKING:
     from gossip.net.links import LinkTable
+
+
+class _TCP(Protocol):
+    """What this protocol uses of its transport (TCP, or iosim's fake in tests)."""
+
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def getPeer(self) -> IAddress: ...
 
 
 @implementer(IPushProducer)
@@ -60,15 +69,19 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
     def outbound(self) -> bool:
         return self.dialed is not None
 
+    @property
+    def tcp(self) -> _TCP:
+        return cast(_TCP, self.transport)
+
     def describe(self) -> str:
-        p = self.transport.getPeer() if self.transport else None
-        addr = f"{p.host}:{p.port}" if p is not None and hasattr(p, "port") else "?"
+        p = self.tcp.getPeer() if self.transport else None
+        addr = f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
         who = f"node {self.peer}" if self.peer is not None else "unidentified peer"
         return f"{who} ({'outbound' if self.outbound else 'inbound'} {addr})"
 
     def connectionMade(self) -> None:
         self.table.connection_made(self)
-        self.transport.registerProducer(_WriteGate(self), True)
+        self.tcp.registerProducer(_WriteGate(self), True)
         self.setTimeout(self.table.handshake_timeout)
         if self.outbound:
             self.send_frame(self.table.hello())
@@ -104,9 +117,9 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
             self.log.warn("closing link to {who}: {reason}", who=self.describe(), reason=reason)
         self.setTimeout(None)
         if abort:
-            self.transport.abortConnection()
+            self.tcp.abortConnection()
         else:
-            self.transport.loseConnection()
+            self.tcp.loseConnection()
 
     def send_frame(self, frame: codec.AnyFrame) -> None:
         self.send_bytes(codec.encode(frame))

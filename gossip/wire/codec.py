@@ -78,9 +78,7 @@ def decode(data: bytes) -> AnyFrame:
         raise BadFrame(f"undecodable frame ({len(data)} bytes): {e}") from None
     kind = f.WhichOneof("kind")
     if kind == "gossip":
-        return GossipFrame(
-            tuple(Envelope(m.id, m.body, tuple(m.path)) for m in f.gossip.messages)
-        )
+        return GossipFrame(tuple(Envelope(m.id, m.body, tuple(m.path)) for m in f.gossip.messages))
     if kind == "ihave":
         return IHaveFrame(tuple(f.ihave.ids))
     if kind == "graft":
