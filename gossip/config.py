@@ -144,7 +144,8 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {e.start})") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{source}: line {line}: not UTF-8 text") from None
     return parse_config(text, source)
 
 

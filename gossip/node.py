@@ -8,25 +8,28 @@ closes a link.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import Cooperator, LoopingCall
 
 from gossip import logs
 from gossip.client.responder import ClientFactory
 from gossip.config import ClusterConfig
 from gossip.core.dissemination import Dissemination, Flood
-from gossip.core.effects import DropPeer, Effect, Persist, Send
+from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
 from gossip.core.frames import PeerFrame
 from gossip.core.message import Message, id_range
 from gossip.core.state import GossipCore
+from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
 from gossip.store.interface import MessageStore
+from gossip.traffic import Traffic
 from gossip.wire import codec
 
 STRATEGIES: dict[str, Callable[[int], Dissemination]] = {"flood": Flood}
@@ -85,6 +88,8 @@ class GossipNode(service.Service):
             incarnation=incarnation,
         )
         self.ports: list[IListeningPort] = []
+        self.traffic = Traffic()
+        self._cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
         self.started_at = 0.0
@@ -126,6 +131,7 @@ class GossipNode(service.Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self._cooperator.stop()
         if self._ticker.running:
             self._ticker.stop()
         self.links.stop()
@@ -160,6 +166,8 @@ class GossipNode(service.Service):
             "dissemination": self.config.dissemination,
             "message_count": len(self.store),
             "uptime": self.clock.seconds() - self.started_at,
+            "traffic": self.traffic.rows(),
+            "sync": [attrs.asdict(self.core.sync.counters)],
             "links": [
                 {
                     "peer": s.peer,
@@ -176,12 +184,13 @@ class GossipNode(service.Service):
     # -- events into the core ----------------------------------------------
 
     def _peer_up(self, peer: int) -> None:
-        self._apply(self.core.peer_up(peer))
+        self._apply(self.core.peer_up(peer, self.clock.seconds()))
 
     def _peer_down(self, peer: int) -> None:
-        self._apply(self.core.peer_down(peer))
+        self._apply(self.core.peer_down(peer, self.clock.seconds()))
 
-    def _frame(self, peer: int, frame: PeerFrame) -> None:
+    def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
+        self.traffic.received(frame, size)
         self._apply(self.core.receive(peer, frame, self.clock.seconds()))
 
     def _tick(self) -> None:
@@ -199,6 +208,19 @@ class GossipNode(service.Service):
                 data = encoded.get(key)
                 if data is None:
                     data = encoded[key] = codec.encode(effect.frame)
-                self.links.send(effect.peer, data)
+                if self.links.send(effect.peer, data):
+                    self.traffic.sent(effect.frame, len(data))
+            elif isinstance(effect, StreamMessages):
+                self._cooperator.cooperate(self._stream(effect))
             elif isinstance(effect, DropPeer):
                 self.links.drop(effect.peer, effect.reason)
+
+    def _stream(self, order: StreamMessages) -> Iterator[Deferred[None] | None]:
+        """Send one SyncWant's messages frame by frame, waiting whenever the link is full."""
+        for frame in stream_frames(self.store, self.node_id, order):
+            if not self.links.is_up(order.peer):
+                return
+            data = codec.encode(frame)
+            self.links.send(order.peer, data)
+            self.traffic.sent(frame, len(data))
+            yield self.links.when_writable(order.peer)

@@ -22,8 +22,14 @@ def make_core(
     store = MemoryStore()
     core = GossipCore(node, neighbours, store, Flood(node), MAX_BODY, MAX_PATH)
     for p in up:
-        assert core.peer_up(p) == []
+        # A link coming up starts re-sync sessions (tested in test_sync.py); only
+        # dissemination effects matter here.
+        assert all(is_sync(e) for e in core.peer_up(p, NOW))
     return core, store
+
+
+def is_sync(effect: Effect) -> bool:
+    return isinstance(effect, Send) and type(effect.frame).__name__.startswith("Sync")
 
 
 def apply(store: MemoryStore, effects: list[Effect]) -> None:
@@ -224,7 +230,7 @@ def test_frame_from_peer_whose_link_is_not_up_gives_drop_peer() -> None:
         assert len(effects) == 1
         assert isinstance(effects[0], DropPeer)
         assert effects[0].peer == peer
-    assert core.peer_down(3) == []
+    assert all(is_sync(e) for e in core.peer_down(3, NOW))
     effects = core.receive(3, frame(env(b"m", (3,))), NOW)
     assert [type(e) for e in effects] == [DropPeer]
 
@@ -236,7 +242,7 @@ def test_peer_up_of_non_neighbour_is_ignored() -> None:
     """peer_up for a node that is not a configured neighbour changes nothing: it is
     not sent to, and its frames are still refused."""
     core, _ = make_core(node=1, neighbours=(2,), up=(2,))
-    assert core.peer_up(99) == []
+    assert core.peer_up(99, NOW) == []
     assert core.up == frozenset({2})
     assert [s.peer for s in sends(core.submit(b"x", NOW).effects)] == [2]
     assert [type(e) for e in core.receive(99, frame(env(b"y", (99,))), NOW)] == [DropPeer]
@@ -245,8 +251,8 @@ def test_peer_up_of_non_neighbour_is_ignored() -> None:
 def test_peer_up_and_down_are_idempotent() -> None:
     """Repeated peer_up/peer_down of the same peer are no-ops; a down peer is not sent to."""
     core, _ = make_core(node=1, neighbours=(2, 3), up=(2, 3))
-    assert core.peer_up(2) == []
-    assert core.peer_down(3) == []
-    assert core.peer_down(3) == []
+    assert core.peer_up(2, NOW) == []
+    assert all(is_sync(e) for e in core.peer_down(3, NOW))
+    assert core.peer_down(3, NOW) == []
     assert core.up == frozenset({2})
     assert [s.peer for s in sends(core.submit(b"x", NOW).effects)] == [2]

@@ -67,6 +67,31 @@ class Status(amp.Command):
         (b"message_count", amp.Integer()),
         (b"uptime", amp.Float()),
         (
+            b"traffic",
+            amp.AmpList(
+                [
+                    (b"kind", amp.Unicode()),
+                    (b"frames_out", amp.Integer()),
+                    (b"bytes_out", amp.Integer()),
+                    (b"messages_out", amp.Integer()),
+                    (b"frames_in", amp.Integer()),
+                    (b"bytes_in", amp.Integer()),
+                    (b"messages_in", amp.Integer()),
+                ]
+            ),
+        ),
+        (
+            b"sync",
+            amp.AmpList(
+                [
+                    (b"sessions_started", amp.Integer()),
+                    (b"sessions_completed", amp.Integer()),
+                    (b"sessions_aborted", amp.Integer()),
+                    (b"messages_pulled", amp.Integer()),
+                ]
+            ),
+        ),
+        (
             b"links",
             amp.AmpList(
                 [

@@ -32,4 +32,16 @@ class DropPeer:
     reason: str
 
 
-Effect = Persist | Send | DropPeer
+@attrs.frozen(slots=True)
+class StreamMessages:
+    """Send ``peer`` the messages with these ids and every message under these
+    fingerprint-tree nodes, as ``SyncData`` frames for ``session``, the last one
+    marked done. Streaming is paced by the link, so it is the caller's job."""
+
+    peer: int
+    session: int
+    ids: tuple[bytes, ...]
+    ranges: tuple[int, ...]
+
+
+Effect = Persist | Send | DropPeer | StreamMessages

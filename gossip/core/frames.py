@@ -38,4 +38,51 @@ class PruneFrame:
     pass
 
 
-PeerFrame = GossipFrame | IHaveFrame | GraftFrame | PruneFrame
+# ---- re-sync frames (see gossip/core/sync.py) ----
+
+
+@attrs.frozen(slots=True)
+class FpNode:
+    """A fingerprint-tree node: its key and the (count, sum) of the ids under it."""
+
+    key: int
+    count: int
+    sum: int
+
+
+@attrs.frozen(slots=True)
+class SyncQueryFrame:
+    session: int
+    children: tuple[FpNode, ...]
+    ids: tuple[FpNode, ...]
+
+
+@attrs.frozen(slots=True)
+class SyncReplyFrame:
+    session: int
+    nodes: tuple[FpNode, ...]
+    ids: tuple[tuple[int, tuple[bytes, ...]], ...]
+
+
+@attrs.frozen(slots=True)
+class SyncWantFrame:
+    session: int
+    ids: tuple[bytes, ...]
+    ranges: tuple[int, ...]
+
+
+@attrs.frozen(slots=True)
+class SyncDataFrame:
+    session: int
+    messages: tuple[Envelope, ...]
+    done: bool
+
+
+@attrs.frozen(slots=True)
+class SyncHintFrame:
+    pass
+
+
+SyncFrame = SyncQueryFrame | SyncReplyFrame | SyncWantFrame | SyncDataFrame | SyncHintFrame
+
+PeerFrame = GossipFrame | IHaveFrame | GraftFrame | PruneFrame | SyncFrame

@@ -8,21 +8,35 @@ each with ``now`` passed in; the output is a list of effects (see
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import attrs
 
 from gossip.core.dissemination import Dissemination
 from gossip.core.effects import DropPeer, Effect, Persist
-from gossip.core.frames import Envelope, GossipFrame, PeerFrame
+from gossip.core.frames import (
+    Envelope,
+    GossipFrame,
+    PeerFrame,
+    SyncDataFrame,
+    SyncHintFrame,
+    SyncQueryFrame,
+    SyncReplyFrame,
+    SyncWantFrame,
+)
 from gossip.core.message import ID_BYTES, Message, message_id
+from gossip.core.sync import FingerprintTree, SyncEngine
 
 
 class HeldIds(Protocol):
-    """What the core needs of the store: whether an id is already held."""
+    """What the core reads from the store: which ids it holds."""
 
     def __contains__(self, mid: bytes) -> bool: ...
+
+    def ids(self) -> Iterator[bytes]: ...
+
+    def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]: ...
 
 
 class SubmitRejected(ValueError):
@@ -58,6 +72,9 @@ class GossipCore:
         strategy: Dissemination,
         max_body: int,
         max_path: int,
+        *,
+        sync_interval: float = 10.0,
+        sync_timeout: float = 30.0,
     ) -> None:
         self.node_id = node_id
         self.neighbours = frozenset(neighbours)
@@ -68,6 +85,10 @@ class GossipCore:
         # the bound caps what a faulty peer can make every node store.
         self.max_path = max_path
         self.up: frozenset[int] = frozenset()
+        self.tree = FingerprintTree(store.ids())
+        self.sync = SyncEngine(
+            node_id, self.tree, store, interval=sync_interval, timeout=sync_timeout
+        )
 
     def submit(self, body: bytes, now: float) -> SubmitResult:
         problem = check_body(body, self.max_body)
@@ -76,30 +97,43 @@ class GossipCore:
         mid = message_id(body)
         if mid in self.store:
             return SubmitResult(mid, False, [])
-        effects: list[Effect] = [Persist(Message(mid, body, now, ()))]
+        effects: list[Effect] = [self._persist(Message(mid, body, now, ()))]
         effects += self.strategy.on_new(Envelope(mid, body, ()), None, self.up)
         return SubmitResult(mid, True, effects)
 
-    def peer_up(self, peer: int) -> list[Effect]:
+    def peer_up(self, peer: int, now: float) -> list[Effect]:
         if peer not in self.neighbours or peer in self.up:
             return []
         self.up = self.up | {peer}
-        return self.strategy.on_peer_up(peer)
+        return self.strategy.on_peer_up(peer) + self.sync.request(peer, self.up, now)
 
-    def peer_down(self, peer: int) -> list[Effect]:
+    def peer_down(self, peer: int, now: float) -> list[Effect]:
         if peer not in self.up:
             return []
         self.up = self.up - {peer}
-        return self.strategy.on_peer_down(peer)
+        return self.strategy.on_peer_down(peer) + self.sync.peer_down(peer, self.up, now)
 
     def tick(self, now: float) -> list[Effect]:
-        return self.strategy.on_tick(now)
+        return self.strategy.on_tick(now) + self.sync.tick(self.up, now)
 
     def receive(self, peer: int, frame: PeerFrame, now: float) -> list[Effect]:
         if peer not in self.up:
             return [DropPeer(peer, "frame from a peer whose link is not up")]
-        if not isinstance(frame, GossipFrame):
-            return self.strategy.on_control(peer, frame)
+        if isinstance(frame, GossipFrame):
+            return self._receive_gossip(peer, frame, now)
+        if isinstance(frame, SyncDataFrame):
+            return self._receive_sync_data(peer, frame, now)
+        if isinstance(frame, SyncQueryFrame | SyncWantFrame):
+            on = self.sync.on_query if isinstance(frame, SyncQueryFrame) else self.sync.on_want
+            result = on(peer, frame)  # type: ignore[arg-type]
+            return [DropPeer(peer, result)] if isinstance(result, str) else result
+        if isinstance(frame, SyncReplyFrame):
+            return self.sync.on_reply(peer, frame, self.up, now)
+        if isinstance(frame, SyncHintFrame):
+            return self.sync.request(peer, self.up, now)
+        return self.strategy.on_control(peer, frame)
+
+    def _receive_gossip(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:
         effects: list[Effect] = []
         fresh: set[bytes] = set()
         for env in frame.messages:
@@ -111,9 +145,28 @@ class GossipCore:
                 effects += self.strategy.on_duplicate(env.id, peer)
                 continue
             fresh.add(env.id)
-            effects.append(Persist(Message(env.id, env.body, now, env.path)))
+            effects.append(self._persist(Message(env.id, env.body, now, env.path)))
             effects += self.strategy.on_new(env, peer, self.up)
         return effects
+
+    def _receive_sync_data(self, peer: int, frame: SyncDataFrame, now: float) -> list[Effect]:
+        """Store pulled messages; they are not forwarded (see gossip.core.sync)."""
+        effects: list[Effect] = []
+        learned = 0
+        for sent in frame.messages:
+            env = sent if sent.id else Envelope(message_id(sent.body), sent.body, sent.path)
+            problem = self._check_envelope(env, peer)
+            if problem:
+                return [*effects, DropPeer(peer, problem)]
+            if env.id in self.store:
+                continue
+            effects.append(self._persist(Message(env.id, env.body, now, env.path)))
+            learned += 1
+        return effects + self.sync.on_data(peer, frame, learned, self.up, now)
+
+    def _persist(self, message: Message) -> Persist:
+        self.tree.add(message.id)
+        return Persist(message)
 
     def _check_envelope(self, env: Envelope, sender: int) -> str | None:
         if len(env.id) != ID_BYTES:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IConnector, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ReconnectingClientFactory, ServerFactory
 from twisted.internet.task import LoopingCall
@@ -40,7 +41,7 @@ class LinkEvents:
 
     up: Callable[[int], None]
     down: Callable[[int], None]
-    frame: Callable[[int, PeerFrame], None]
+    frame: Callable[[int, PeerFrame, int], None]  # peer, frame, its size in bytes
 
 
 @attrs.define
@@ -95,6 +96,15 @@ class PeerClientFactory(ReconnectingClientFactory):
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.table.dial_failed(self.peer, reason)
         super().clientConnectionFailed(connector, reason)
+
+    def retry(self, connector: IConnector | None = None) -> None:
+        super().retry(connector)
+        # ReconnectingClientFactory applies its jitter after clamping the delay to
+        # maxDelay, so the wait it scheduled can be longer: clamp that too.
+        call = self._callID
+        wait = call.getTime() - self.table.clock.seconds() if call is not None else 0.0
+        if call is not None and call.active() and wait > self.maxDelay:
+            call.reset(self.maxDelay)
 
     def resume(self) -> None:
         """Dial again soon, after a pause while the neighbour's own dial carried the link."""
@@ -217,10 +227,10 @@ class LinkTable:
             proto.send_frame(self.hello())
         self._establish(proto, frame)
 
-    def frame_received(self, proto: PeerProtocol, frame: PeerFrame) -> None:
+    def frame_received(self, proto: PeerProtocol, frame: PeerFrame, size: int) -> None:
         peer = proto.peer
         if peer is not None and self.links[peer].state == UP:
-            self.events.frame(peer, frame)
+            self.events.frame(peer, frame, size)
 
     def connection_lost(self, proto: PeerProtocol, reason: Failure) -> None:
         self.connections.discard(proto)
@@ -241,6 +251,8 @@ class LinkTable:
 
     def dial_failed(self, peer: int, reason: Failure) -> None:
         link = self.links[peer]
+        if link.state == UP or self._stopping:
+            return  # we stopped this dial ourselves: the link is up through the neighbour's
         link.last_error = f"dial {link.host}:{link.port} failed: {reason.getErrorMessage()}"
         self.log.debug("{error}", error=link.last_error)
 
@@ -252,6 +264,17 @@ class LinkTable:
             return False
         link.proto.send_bytes(data)
         return True
+
+    def is_up(self, peer: int) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.proto is not None
+
+    def when_writable(self, peer: int) -> Deferred[None] | None:
+        """None if the link to ``peer`` can take more now; else a Deferred for when it can."""
+        link = self.links.get(peer)
+        if link is None or link.proto is None or not link.proto.paused:
+            return None
+        return link.proto.when_writable()
 
     def drop(self, peer: int, reason: str) -> None:
         link = self.links.get(peer)

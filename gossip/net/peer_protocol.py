@@ -7,9 +7,11 @@ decides what a connection is for; protocol rules live in ``gossip.core``.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
-from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -44,6 +46,7 @@ class _WriteGate:
     def resumeProducing(self) -> None:
         self.proto.paused = False
         self.proto.flush_pending()
+        self.proto.wake_writers()
 
     def stopProducing(self) -> None:
         self.proto.paused = True
@@ -64,6 +67,8 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
         self.closing_reason: str | None = None
+        self._failed = False
+        self._writable: list[Deferred[None]] = []
 
     @property
     def outbound(self) -> bool:
@@ -86,7 +91,13 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         if self.outbound:
             self.send_frame(self.table.hello())
 
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's default schedules on the global reactor; use the table's clock.
+        return self.table.clock.callLater(period, func)
+
     def stringReceived(self, data: bytes) -> None:
+        if self._failed:
+            return  # the rest of a read that ended with a fatal frame
         self.resetTimeout()
         try:
             frame = codec.decode(data)
@@ -101,7 +112,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         if isinstance(frame, codec.Hello | codec.Reject):
             self.fail(f"unexpected {type(frame).__name__} after the handshake")
             return
-        self.table.frame_received(self, frame)
+        self.table.frame_received(self, frame, len(data))
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.fail(f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}")
@@ -112,6 +123,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
 
     def fail(self, reason: str, abort: bool = False) -> None:
         """Close this connection because of what the peer did; the node carries on."""
+        self._failed = True
         if self.closing_reason is None:
             self.closing_reason = reason
             self.log.warn("closing link to {who}: {reason}", who=self.describe(), reason=reason)
@@ -140,6 +152,17 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
                 abort=True,
             )
 
+    def when_writable(self) -> Deferred[None]:
+        """Fires when the transport drains (or the connection ends)."""
+        d: Deferred[None] = Deferred()
+        self._writable.append(d)
+        return d
+
+    def wake_writers(self) -> None:
+        waiters, self._writable = self._writable, []
+        for d in waiters:
+            d.callback(None)
+
     def flush_pending(self) -> None:
         while self._pending and not self.paused:
             data = self._pending.popleft()
@@ -149,4 +172,6 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
         self._pending.clear()
+        self.paused = True
         self.table.connection_lost(self, reason)
+        self.wake_writers()

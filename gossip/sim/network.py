@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterable
 import attrs
 
 from gossip.core.dissemination import Dissemination, Flood
-from gossip.core.effects import DropPeer, Effect, Persist, Send
+from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
 from gossip.core.frames import GossipFrame, PeerFrame
 from gossip.core.state import GossipCore
+from gossip.core.sync import stream_frames
 from gossip.store.memory import MemoryStore
 
 LatencyModel = Callable[[random.Random, int, int], float]
@@ -196,9 +197,9 @@ class Simulation:
         if key in self._up or a in self.crashed or b in self.crashed:
             return
         self._up.add(key)
-        self._apply(a, self.cores[a].peer_up(b))
+        self._apply(a, self.cores[a].peer_up(b, self.now))
         if key in self._up:  # a's effects may have dropped b already
-            self._apply(b, self.cores[b].peer_up(a))
+            self._apply(b, self.cores[b].peer_up(a, self.now))
 
     def disconnect(self, a: int, b: int) -> None:
         """Take the link a-b down: frames in flight on it are lost, live ends get ``peer_down``."""
@@ -211,7 +212,7 @@ class Simulation:
         self._link_clear.pop((b, a), None)
         for here, there in ((a, b), (b, a)):
             if here not in self.crashed:
-                self._apply(here, self.cores[here].peer_down(there))
+                self._apply(here, self.cores[here].peer_down(there, self.now))
 
     def crash(self, node: int) -> None:
         """``node`` stops: it sends and receives nothing more; its neighbours get ``peer_down``.
@@ -355,6 +356,9 @@ class Simulation:
                     self.persist_conflicts += 1
             elif isinstance(effect, Send):
                 self._send(node, effect.peer, effect.frame)
+            elif isinstance(effect, StreamMessages):
+                for frame in stream_frames(self.stores[node], node, effect):
+                    self._send(node, effect.peer, frame)
             elif isinstance(effect, DropPeer):
                 self.drops.append(DropRecord(self.now, node, effect.peer, effect.reason))
                 if effect.peer in self.neighbours[node]:

@@ -25,6 +25,10 @@ class MessageStore(Protocol):
 
     def get(self, mid: bytes) -> Message | None: ...
 
+    def ids(self) -> Iterator[bytes]:
+        """Every held id, in any order (to rebuild in-memory summaries at start)."""
+        ...
+
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
         """Up to ``limit`` held ids in [lo, hi), in id order (for prefix lookups)."""
         ...

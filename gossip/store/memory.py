@@ -29,6 +29,9 @@ class MemoryStore:
         self._sorted.add(message.id)
         return True
 
+    def ids(self) -> Iterator[bytes]:
+        return iter(self._order)
+
     def get(self, mid: bytes) -> Message | None:
         return self._by_id.get(mid)
 

@@ -6,10 +6,26 @@ adapter never sees protobuf field names.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from google.protobuf.message import DecodeError
 
-from gossip.core.frames import Envelope, GossipFrame, GraftFrame, IHaveFrame, PeerFrame, PruneFrame
+from gossip.core.frames import (
+    Envelope,
+    FpNode,
+    GossipFrame,
+    GraftFrame,
+    IHaveFrame,
+    PeerFrame,
+    PruneFrame,
+    SyncDataFrame,
+    SyncHintFrame,
+    SyncQueryFrame,
+    SyncReplyFrame,
+    SyncWantFrame,
+)
+from gossip.core.message import ID_BYTES
 from gossip.wire import peer_pb2
 
 PROTOCOL_VERSION = 1
@@ -41,15 +57,62 @@ LinkFrame = Hello | Reject | Ping
 AnyFrame = LinkFrame | PeerFrame
 
 
+def _put_envelopes(out: Any, envelopes: tuple[Envelope, ...]) -> None:
+    for env in envelopes:
+        m = out.add()
+        if env.id:
+            m.id = env.id
+        m.body = env.body
+        m.path.extend(env.path)
+
+
+def _put_nodes(out: Any, nodes: tuple[FpNode, ...]) -> None:
+    for n in nodes:
+        pb = out.add()
+        pb.key = n.key
+        pb.count = n.count
+        pb.sum = n.sum
+
+
+def _nodes(pbs: Any) -> tuple[FpNode, ...]:
+    return tuple(FpNode(n.key, n.count, n.sum) for n in pbs)
+
+
+def _split_ids(blob: bytes) -> tuple[bytes, ...]:
+    if len(blob) % ID_BYTES:
+        raise BadFrame(f"id list of {len(blob)} bytes is not a whole number of ids")
+    return tuple(blob[i : i + ID_BYTES] for i in range(0, len(blob), ID_BYTES))
+
+
 def encode(frame: AnyFrame) -> bytes:
     f = peer_pb2.Frame()
     if isinstance(frame, GossipFrame):
-        msgs = f.gossip.messages
-        for env in frame.messages:
-            m = msgs.add()
-            m.id = env.id
-            m.body = env.body
-            m.path.extend(env.path)
+        _put_envelopes(f.gossip.messages, frame.messages)
+    elif isinstance(frame, SyncDataFrame):
+        f.sync_data.session = frame.session
+        _put_envelopes(f.sync_data.messages, frame.messages)
+        f.sync_data.done = frame.done
+        f.sync_data.SetInParent()
+    elif isinstance(frame, SyncQueryFrame):
+        f.sync_query.session = frame.session
+        _put_nodes(f.sync_query.children, frame.children)
+        _put_nodes(f.sync_query.ids, frame.ids)
+        f.sync_query.SetInParent()
+    elif isinstance(frame, SyncReplyFrame):
+        f.sync_reply.session = frame.session
+        _put_nodes(f.sync_reply.nodes, frame.nodes)
+        for key, ids in frame.ids:
+            entry = f.sync_reply.ids.add()
+            entry.key = key
+            entry.ids = b"".join(ids)
+        f.sync_reply.SetInParent()
+    elif isinstance(frame, SyncWantFrame):
+        f.sync_want.session = frame.session
+        f.sync_want.ids = b"".join(frame.ids)
+        f.sync_want.ranges.extend(frame.ranges)
+        f.sync_want.SetInParent()
+    elif isinstance(frame, SyncHintFrame):
+        f.sync_hint.SetInParent()
     elif isinstance(frame, IHaveFrame):
         f.ihave.ids.extend(frame.ids)
     elif isinstance(frame, GraftFrame):
@@ -79,6 +142,24 @@ def decode(data: bytes) -> AnyFrame:
     kind = f.WhichOneof("kind")
     if kind == "gossip":
         return GossipFrame(tuple(Envelope(m.id, m.body, tuple(m.path)) for m in f.gossip.messages))
+    if kind == "sync_data":
+        d = f.sync_data
+        return SyncDataFrame(
+            d.session, tuple(Envelope(m.id, m.body, tuple(m.path)) for m in d.messages), d.done
+        )
+    if kind == "sync_query":
+        q = f.sync_query
+        return SyncQueryFrame(q.session, _nodes(q.children), _nodes(q.ids))
+    if kind == "sync_reply":
+        r = f.sync_reply
+        return SyncReplyFrame(
+            r.session, _nodes(r.nodes), tuple((e.key, _split_ids(e.ids)) for e in r.ids)
+        )
+    if kind == "sync_want":
+        w = f.sync_want
+        return SyncWantFrame(w.session, _split_ids(w.ids), tuple(w.ranges))
+    if kind == "sync_hint":
+        return SyncHintFrame()
     if kind == "ihave":
         return IHaveFrame(tuple(f.ihave.ids))
     if kind == "graft":

@@ -207,6 +207,201 @@ class Ping(_message.Message):
 Global___Ping: _TypeAlias = Ping  # noqa: Y015
 
 @_typing.final
+class SyncNode(_message.Message):
+    """---- Re-sync: range-based set reconciliation over a fingerprint tree ----
+
+    Ids are uniform hashes, so a node's id set is summarised by a fixed 16-ary
+    tree over id prefixes: node `key` = level * 65536 + index, level 0 is the
+    root, level 4 has 65,536 leaves (the first 16 bits of the id). A node's
+    fingerprint is (count, sum of the ids' first 8 bytes mod 2**64). The side
+    that wants to learn what it lacks (the initiator) walks down only where the
+    fingerprints differ, then pulls just the missing messages: the bytes moved
+    grow with the difference, not with what is stored. See gossip/core/sync.py.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    SUM_FIELD_NUMBER: _builtins.int
+    key: _builtins.int
+    count: _builtins.int
+    sum: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.int = ...,
+        count: _builtins.int = ...,
+        sum: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "key", b"key", "sum", b"sum"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncNode: _TypeAlias = SyncNode  # noqa: Y015
+
+@_typing.final
+class SyncQuery(_message.Message):
+    """Initiator -> responder. For each node whose fingerprint differs from the
+    one given, reply with its 16 children (`children`) or its ids (`ids`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    CHILDREN_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    session: _builtins.int
+    @_builtins.property
+    def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncNode]: ...
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncNode]: ...
+    def __init__(
+        self,
+        *,
+        session: _builtins.int = ...,
+        children: _abc.Iterable[Global___SyncNode] | None = ...,
+        ids: _abc.Iterable[Global___SyncNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "ids", b"ids", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncQuery: _TypeAlias = SyncQuery  # noqa: Y015
+
+@_typing.final
+class SyncIds(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    key: _builtins.int
+    ids: _builtins.bytes
+    """concatenated 16-byte ids"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.int = ...,
+        ids: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncIds: _TypeAlias = SyncIds  # noqa: Y015
+
+@_typing.final
+class SyncReply(_message.Message):
+    """Responder -> initiator: one reply per query; nodes that matched are absent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    session: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncNode]: ...
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncIds]: ...
+    def __init__(
+        self,
+        *,
+        session: _builtins.int = ...,
+        nodes: _abc.Iterable[Global___SyncNode] | None = ...,
+        ids: _abc.Iterable[Global___SyncIds] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "nodes", b"nodes", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncReply: _TypeAlias = SyncReply  # noqa: Y015
+
+@_typing.final
+class SyncWant(_message.Message):
+    """Initiator -> responder: send me these messages, and everything under these nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
+    session: _builtins.int
+    ids: _builtins.bytes
+    """concatenated 16-byte ids"""
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        session: _builtins.int = ...,
+        ids: _builtins.bytes = ...,
+        ranges: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "ranges", b"ranges", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncWant: _TypeAlias = SyncWant  # noqa: Y015
+
+@_typing.final
+class SyncData(_message.Message):
+    """Responder -> initiator: messages for one SyncWant, in frames; the last has done.
+    Envelope ids are left empty: the receiver computes them from the bodies.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    session: _builtins.int
+    done: _builtins.bool
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]: ...
+    def __init__(
+        self,
+        *,
+        session: _builtins.int = ...,
+        messages: _abc.Iterable[Global___Envelope] | None = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "messages", b"messages", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncData: _TypeAlias = SyncData  # noqa: Y015
+
+@_typing.final
+class SyncHint(_message.Message):
+    """"I learned messages by re-sync; reconcile with me" (sent to the other neighbours)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncHint: _TypeAlias = SyncHint  # noqa: Y015
+
+@_typing.final
 class Frame(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -217,6 +412,11 @@ class Frame(_message.Message):
     GRAFT_FIELD_NUMBER: _builtins.int
     PRUNE_FIELD_NUMBER: _builtins.int
     PING_FIELD_NUMBER: _builtins.int
+    SYNC_QUERY_FIELD_NUMBER: _builtins.int
+    SYNC_REPLY_FIELD_NUMBER: _builtins.int
+    SYNC_WANT_FIELD_NUMBER: _builtins.int
+    SYNC_DATA_FIELD_NUMBER: _builtins.int
+    SYNC_HINT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -231,6 +431,16 @@ class Frame(_message.Message):
     def prune(self) -> Global___Prune: ...
     @_builtins.property
     def ping(self) -> Global___Ping: ...
+    @_builtins.property
+    def sync_query(self) -> Global___SyncQuery: ...
+    @_builtins.property
+    def sync_reply(self) -> Global___SyncReply: ...
+    @_builtins.property
+    def sync_want(self) -> Global___SyncWant: ...
+    @_builtins.property
+    def sync_data(self) -> Global___SyncData: ...
+    @_builtins.property
+    def sync_hint(self) -> Global___SyncHint: ...
     def __init__(
         self,
         *,
@@ -241,12 +451,17 @@ class Frame(_message.Message):
         graft: Global___Graft | None = ...,
         prune: Global___Prune | None = ...,
         ping: Global___Ping | None = ...,
+        sync_query: Global___SyncQuery | None = ...,
+        sync_reply: Global___SyncReply | None = ...,
+        sync_want: Global___SyncWant | None = ...,
+        sync_data: Global___SyncData | None = ...,
+        sync_hint: Global___SyncHint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["gossip", b"gossip", "graft", b"graft", "hello", b"hello", "ihave", b"ihave", "kind", b"kind", "ping", b"ping", "prune", b"prune", "reject", b"reject"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gossip", b"gossip", "graft", b"graft", "hello", b"hello", "ihave", b"ihave", "kind", b"kind", "ping", b"ping", "prune", b"prune", "reject", b"reject", "sync_data", b"sync_data", "sync_hint", b"sync_hint", "sync_query", b"sync_query", "sync_reply", b"sync_reply", "sync_want", b"sync_want"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gossip", b"gossip", "graft", b"graft", "hello", b"hello", "ihave", b"ihave", "kind", b"kind", "ping", b"ping", "prune", b"prune", "reject", b"reject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gossip", b"gossip", "graft", b"graft", "hello", b"hello", "ihave", b"ihave", "kind", b"kind", "ping", b"ping", "prune", b"prune", "reject", b"reject", "sync_data", b"sync_data", "sync_hint", b"sync_hint", "sync_query", b"sync_query", "sync_reply", b"sync_reply", "sync_want", b"sync_want"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "reject", "gossip", "ihave", "graft", "prune", "ping"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "reject", "gossip", "ihave", "graft", "prune", "ping", "sync_query", "sync_reply", "sync_want", "sync_data", "sync_hint"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

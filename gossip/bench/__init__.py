@@ -1,0 +1,1 @@
+"""Benchmarks run from the command line (``gossip-bench-store``: the message log)."""

@@ -1,0 +1,256 @@
+"""``gossip-bench-store``: append throughput and recovery time of the message log.
+
+Appends 100-byte messages under each fsync policy ("always": each add fsyncs;
+"batch": adds issued in chunks, each chunk acknowledged through
+``when_durable`` with the real reactor running the fsyncs in a thread;
+"never": no fsync), then times ``LogStore.open`` (recovery) on a log of
+``--recovery-messages`` messages and measures the in-memory index per message
+with tracemalloc. Prints a table; ``--json FILE`` writes the same figures.
+
+Figures depend on the disk and the page cache: the recovery file was just
+written, so it is read from memory, and "always"/"batch" measure the fsync
+latency of whatever holds the ``--dir`` directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from gossip.core.message import Message, message_id
+from gossip.store.log import LOG_NAME, MAGIC, LogStore, StoreError, encode_record
+
+BODY_BYTES = 100
+INDEX_SAMPLE = 100_000
+
+
+def make_message(i: int, body_bytes: int = BODY_BYTES) -> Message:
+    head = f"{i:012d} ".encode()
+    body = head + b"x" * max(body_bytes - len(head), 0)
+    return Message(message_id(body), body, 1.7e9 + i, (1, 2, 3))
+
+
+def _messages(n: int, start: int = 0) -> list[Message]:
+    return [make_message(i) for i in range(start, start + n)]
+
+
+def _append_result(policy: str, store: LogStore, n: int, seconds: float) -> dict[str, Any]:
+    stats = store.stats()
+    return {
+        "policy": policy,
+        "messages": n,
+        "seconds": seconds,
+        "messages_per_second": n / seconds,
+        "log_bytes": stats["file_bytes"] - len(MAGIC),
+        "mb_per_second": (stats["file_bytes"] - len(MAGIC)) / seconds / 1e6,
+        "fsyncs": stats["fsyncs"],
+    }
+
+
+def bench_sync(directory: Path, policy: str, n: int) -> dict[str, Any]:
+    """Appends with "always" or "never": add returns once the policy is met."""
+    messages = _messages(n)
+    store = LogStore.open(directory, fsync=policy)
+    try:
+        started = time.perf_counter()
+        for m in messages:
+            store.add(m)
+        seconds = time.perf_counter() - started
+        return _append_result(policy, store, n, seconds)
+    finally:
+        store.close()
+
+
+async def bench_batch(directory: Path, n: int, chunk: int, reactor: Any) -> dict[str, Any]:
+    """Appends with "batch": each chunk of adds is waited for through when_durable."""
+    messages = _messages(n)
+    store = LogStore.open(directory, fsync="batch", reactor=reactor)
+    try:
+        started = time.perf_counter()
+        for lo in range(0, n, chunk):
+            for m in messages[lo : lo + chunk]:
+                store.add(m)
+            await store.when_durable()
+        seconds = time.perf_counter() - started
+        return {**_append_result("batch", store, n, seconds), "chunk": chunk}
+    finally:
+        store.close()
+
+
+def write_raw_log(directory: Path, n: int) -> int:
+    """A log of ``n`` messages written directly (not through a store); its size."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOG_NAME
+    with open(path, "wb") as f:
+        f.write(MAGIC)
+        step = 10_000
+        for lo in range(0, n, step):
+            f.write(b"".join(encode_record(make_message(i)) for i in range(lo, min(n, lo + step))))
+        f.flush()
+        os.fsync(f.fileno())
+    return path.stat().st_size
+
+
+def bench_recovery(directory: Path, n: int) -> dict[str, Any]:
+    size = write_raw_log(directory, n)
+    started = time.perf_counter()
+    store = LogStore.open(directory, fsync="never")
+    seconds = time.perf_counter() - started
+    try:
+        assert len(store) == n, f"recovered {len(store)} of {n} messages"
+    finally:
+        store.close()
+    return {
+        "messages": n,
+        "file_bytes": size,
+        "seconds": seconds,
+        "messages_per_second": n / seconds if seconds else float("inf"),
+        "mb_per_second": size / seconds / 1e6 if seconds else float("inf"),
+    }
+
+
+def measure_index(directory: Path, n: int = INDEX_SAMPLE) -> float:
+    """Bytes of memory (tracemalloc) the open store's index takes per message."""
+    write_raw_log(directory, n)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store = LogStore.open(directory, fsync="never")
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    store.close()
+    return (after - before) / n
+
+
+def _run_in_reactor(make: Callable[[Any], Deferred[dict[str, Any]]]) -> dict[str, Any]:
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+    out: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        d = make(reactor)
+        d.addCallbacks(out.update, lambda f: errors.append(f.value))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"message log benchmark: {result['body_bytes']}-byte bodies"
+        f" ({result['record_bytes']} bytes per record), in {result['directory']}",
+        "",
+        f"{'append':<8}{'messages':>10}{'seconds':>9}{'msg/s':>11}{'MB/s':>8}{'fsyncs':>8}",
+    ]
+    for r in result["append"]:
+        lines.append(
+            f"{r['policy']:<8}{r['messages']:>10,}{r['seconds']:>9.2f}"
+            f"{r['messages_per_second']:>11,.0f}{r['mb_per_second']:>8.1f}{r['fsyncs']:>8,}"
+        )
+    rec = result["recovery"]
+    lines += [
+        "",
+        f"{'recovery':<8}{'messages':>10}{'seconds':>9}{'msg/s':>11}{'MB/s':>8}{'MB':>8}",
+        f"{'open':<8}{rec['messages']:>10,}{rec['seconds']:>9.2f}"
+        f"{rec['messages_per_second']:>11,.0f}{rec['mb_per_second']:>8.1f}"
+        f"{rec['file_bytes'] / 1e6:>8.1f}",
+        "",
+        f"index memory: {result['index_bytes_per_message']:.1f} bytes per message"
+        f" (tracemalloc, {result['index_sample']:,} messages)",
+        "MB/s counts log bytes (records with their headers); batch acks each chunk of"
+        f" {result['batch_chunk']:,}",
+        "through when_durable; recovery reads a warm page cache.",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="gossip-bench-store",
+        description="Append throughput per fsync policy and recovery time of the message log.",
+    )
+    p.add_argument("--always-messages", type=int, default=2_000, metavar="N")
+    p.add_argument("--batch-messages", type=int, default=100_000, metavar="N")
+    p.add_argument("--batch-chunk", type=int, default=1_000, metavar="N")
+    p.add_argument("--never-messages", type=int, default=200_000, metavar="N")
+    p.add_argument(
+        "--recovery-messages",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="messages in the log whose opening is timed (default 1,000,000)",
+    )
+    p.add_argument("--dir", type=Path, help="where to write the logs (default: a temp dir)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    args = p.parse_args(argv)
+    for name in ("always_messages", "batch_messages", "batch_chunk", "never_messages"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.recovery_messages < 1:
+        p.error("--recovery-messages must be at least 1")
+    return args
+
+
+def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    appends = [
+        bench_sync(base / "always", "always", args.always_messages),
+    ]
+
+    def batch(reactor: Any) -> Deferred[dict[str, Any]]:
+        return Deferred.fromCoroutine(
+            bench_batch(base / "batch", args.batch_messages, args.batch_chunk, reactor)
+        )
+
+    appends.append(_run_in_reactor(batch))
+    appends.append(bench_sync(base / "never", "never", args.never_messages))
+    recovery = bench_recovery(base / "recovery", args.recovery_messages)
+    return {
+        "body_bytes": BODY_BYTES,
+        "record_bytes": len(encode_record(make_message(0))),
+        "directory": str(base),
+        "batch_chunk": args.batch_chunk,
+        "append": appends,
+        "recovery": recovery,
+        "index_bytes_per_message": measure_index(base / "index"),
+        "index_sample": INDEX_SAMPLE,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.dir is not None:
+            args.dir.mkdir(parents=True, exist_ok=True)
+            base = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
+            result = run(args, base)
+        else:
+            with tempfile.TemporaryDirectory(prefix="gossip-bench-store-") as d:
+                result = run(args, Path(d))
+    except (StoreError, OSError) as e:
+        print(f"gossip-bench-store: {e}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,384 @@
+"""The client AMP protocol against a real GossipNode, over an in-memory connection.
+
+The node is built on a ``MemoryReactorClock`` and never started: no port is
+listened on and no neighbour is dialed. The client side is a plain ``amp.AMP``
+(what ``GossipClient`` uses) joined to the node's ``ClientProtocol`` by
+``iosim``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from gossip.client.api import GossipClient, StoredMessage
+from gossip.client.commands import (
+    PAGE_BYTES,
+    AmbiguousId,
+    BadId,
+    Get,
+    ListMessages,
+    MessageRejected,
+    NotFound,
+    Status,
+    Submit,
+)
+from gossip.client.responder import ClientProtocol
+from gossip.config import ClusterConfig, dump_config, parse_config
+from gossip.core.message import ID_CHARS, Message, id_text, message_id
+from gossip.node import GossipNode
+from gossip.store.memory import MemoryStore
+from gossip.topology import generate_config
+
+T = TypeVar("T")
+
+AMP_VALUE_LIMIT = 0xFFFF
+NOW = 1234.5
+
+
+class RecordingAMP(amp.AMP):
+    """A client AMP that notes the raw size of every ListMessages page it receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.page_sizes: list[int] = []
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        if b"messages" in box:
+            self.page_sizes.append(len(box[b"messages"]))
+        super().ampBoxReceived(box)
+
+
+class Harness:
+    """A node on a fake clock and one client connection to it."""
+
+    def __init__(self, config: ClusterConfig | None = None, node_id: int = 1) -> None:
+        self.config = config or generate_config(4, name="test")
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(NOW)
+        self.store = MemoryStore()
+        self.node = GossipNode(self.config, node_id, self.store, self.reactor)
+        self.client, self.server, self.pump = iosim.connectedServerAndClient(
+            lambda: ClientProtocol(self.node), RecordingAMP
+        )
+        self.api = GossipClient(self.client, "test")
+
+    def settle(self, d: Deferred[T]) -> T:
+        """Pump until ``d`` has fired; return its result or raise its error."""
+        out: list[T | Failure] = []
+        d.addBoth(out.append)
+        for _ in range(100_000):
+            if out:
+                break
+            if not self.pump.pump():
+                break
+        assert out, "no answer"
+        result = out[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result  # type: ignore[return-value]
+
+    def call(self, command: type[amp.Command], **kw: Any) -> dict[str, Any]:
+        return self.settle(self.client.callRemote(command, **kw))
+
+    def run(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        return self.settle(Deferred.fromCoroutine(fn()))
+
+    def store_bodies(self, bodies: list[bytes]) -> None:
+        for i, body in enumerate(bodies):
+            self.store.add(Message(message_id(body), body, float(i), ()))
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def colliding_bodies(prefix_chars: int = 4) -> tuple[bytes, bytes]:
+    """Two bodies whose ids' text shares the first ``prefix_chars`` characters."""
+    seen: dict[str, bytes] = {}
+    for i in range(1_000_000):
+        body = b"ambiguous %d" % i
+        key = id_text(message_id(body))[:prefix_chars]
+        if key in seen:
+            return seen[key], body
+        seen[key] = body
+    raise AssertionError("no collision found")
+
+
+# -- Submit and Get ----------------------------------------------------------
+
+
+def test_submit_returns_a_full_id_and_is_idempotent(h: Harness) -> None:
+    """Submit answers the 22-character id; the same text again is the same id, new=False."""
+    r = h.call(Submit, body="Apple")
+    assert r == {"id": id_text(message_id(b"Apple")), "new": True}
+    assert len(r["id"]) == ID_CHARS == 22
+    again = h.call(Submit, body="Apple")
+    assert again == {"id": r["id"], "new": False}
+    assert len(h.store) == 1
+    other = h.call(Submit, body="Banana")
+    assert other["new"] and other["id"] != r["id"]
+    assert len(h.store) == 2
+
+
+def test_submitted_message_is_stored_with_receive_time(h: Harness) -> None:
+    """A submitted message is held by the node with the clock's time and an empty path."""
+    mid = h.call(Submit, body="Grüße, 世界")["id"]
+    m = h.store.get(message_id("Grüße, 世界".encode()))
+    assert m is not None
+    assert m.text == "Grüße, 世界"
+    assert m.received_at == NOW
+    assert m.path == ()
+    assert id_text(m.id) == mid
+
+
+@pytest.mark.parametrize("length", [ID_CHARS, 10, 4], ids=["full-id", "10-chars", "4-chars"])
+def test_get_by_id_or_prefix(h: Harness, length: int) -> None:
+    """Get by the full id or a unique 10- or 4-character prefix returns body, path and time."""
+    mid = h.call(Submit, body="Cherry")["id"]
+    h.call(Submit, body="Damson")
+    r = h.call(Get, id=mid[:length])
+    assert r == {"id": mid, "body": "Cherry", "received_at": NOW, "path": []}
+
+
+def test_get_returns_the_path_of_a_relayed_message(h: Harness) -> None:
+    """A message that came through other nodes reports that path, origin first."""
+    body = b"relayed"
+    h.store.add(Message(message_id(body), body, 99.25, (3, 2)))
+    r = h.call(Get, id=id_text(message_id(body)))
+    assert r["path"] == [3, 2]
+    assert r["received_at"] == 99.25
+
+
+def test_get_ignores_surrounding_whitespace(h: Harness) -> None:
+    """An id pasted with spaces or a newline around it is still found."""
+    mid = h.call(Submit, body="Elder")["id"]
+    assert h.call(Get, id=f"  {mid[:10]}\n")["body"] == "Elder"
+
+
+def test_get_unknown_id_is_not_found_naming_the_node(h: Harness) -> None:
+    """An id the node does not hold gives NotFound whose text names the id and the node."""
+    h.call(Submit, body="Fig")
+    unknown = id_text(message_id(b"never submitted"))
+    with pytest.raises(NotFound, match=rf"no message {unknown} on node 1"):
+        h.call(Get, id=unknown)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("abc0", "'0' cannot appear in a message id"),
+        ("OOOO", "'O' cannot appear in a message id"),
+        ("ab-cd", "'-' cannot appear in a message id"),
+        ("abc", "a message id has 4 to 22 characters, got 3"),
+        ("z" * 23, "a message id has 4 to 22 characters, got 23"),
+        ("zzzzz", "not a valid message id"),
+    ],
+    ids=["zero", "capital-o", "dash", "too-short", "too-long", "out-of-range"],
+)
+def test_get_bad_id_text(h: Harness, text: str, match: str) -> None:
+    """Text that cannot be an id (prefix) gives BadId saying why."""
+    with pytest.raises(BadId, match=match):
+        h.call(Get, id=text)
+
+
+def test_ambiguous_prefix(h: Harness) -> None:
+    """A prefix that two held ids share gives AmbiguousId listing both; longer prefixes work."""
+    a, b = colliding_bodies()
+    ida = h.call(Submit, body=a.decode())["id"]
+    idb = h.call(Submit, body=b.decode())["id"]
+    prefix = ida[:4]
+    assert idb.startswith(prefix) and ida != idb
+    with pytest.raises(AmbiguousId) as info:
+        h.call(Get, id=prefix)
+    text = str(info.value)
+    assert prefix in text and ida in text and idb in text
+    assert h.call(Get, id=ida)["body"] == a.decode()
+    assert h.call(Get, id=idb)["body"] == b.decode()
+
+
+def test_gossip_client_get_message(h: Harness) -> None:
+    """GossipClient.get_message wraps Get into a StoredMessage."""
+    mid = h.run(lambda: h.api.submit_message("Grape"))
+    got = h.run(lambda: h.api.get_message(mid[:10]))
+    assert got == StoredMessage(mid, "Grape", NOW, ())
+
+
+# -- rejected messages -------------------------------------------------------
+
+
+def test_oversize_message_is_rejected_with_size_and_limit(h: Harness) -> None:
+    """One byte over max_message_bytes: MessageRejected saying the size and the limit."""
+    limit = h.config.max_message_bytes
+    assert limit == 32768
+    with pytest.raises(
+        MessageRejected, match=f"message is {limit + 1} bytes, over the limit of {limit}"
+    ):
+        h.call(Submit, body="x" * (limit + 1))
+    assert len(h.store) == 0
+
+
+def test_oversize_counts_utf8_bytes_not_characters(h: Harness) -> None:
+    """The limit is on the UTF-8 encoding: 3-byte characters hit it at a third of the count."""
+    limit = h.config.max_message_bytes
+    n = limit // 3 + 1
+    with pytest.raises(
+        MessageRejected, match=f"message is {3 * n} bytes, over the limit of {limit}"
+    ):
+        h.call(Submit, body="€" * n)
+
+
+def test_message_of_exactly_the_limit_is_accepted(h: Harness) -> None:
+    """A message of exactly max_message_bytes is stored and can be read back whole."""
+    body = "y" * h.config.max_message_bytes
+    mid = h.call(Submit, body=body)["id"]
+    assert h.call(Get, id=mid)["body"] == body
+
+
+def test_empty_message_is_rejected(h: Harness) -> None:
+    """An empty message is refused with MessageRejected."""
+    with pytest.raises(MessageRejected, match="message is empty"):
+        h.call(Submit, body="")
+    assert len(h.store) == 0
+
+
+def test_configured_limit_applies() -> None:
+    """A cluster file's max_message_bytes is the limit the node enforces."""
+    config = parse_config(
+        "[cluster]\n"
+        'name = "small"\n'
+        "max_message_bytes = 10\n"
+        "allow_any_degree = true\n"
+        "[[node]]\n"
+        'id = 1\nhost = "127.0.0.1"\npeer_port = 17001\nclient_port = 17101\n'
+        "neighbours = []\n"
+    )
+    h = Harness(config)
+    assert h.call(Submit, body="0123456789")["new"]
+    with pytest.raises(MessageRejected, match="message is 11 bytes, over the limit of 10"):
+        h.call(Submit, body="0123456789A")
+
+
+# -- ListMessages paging -----------------------------------------------------
+
+
+def test_list_of_100000_messages_pages_under_the_amp_limit(h: Harness) -> None:
+    """100,000 messages come back once each, in arrival order, every page under 64 KiB."""
+    bodies = [b"message number %d" % i for i in range(100_000)]
+    h.store_bodies(bodies)
+    got = h.run(h.api.get_messages)
+    assert len(got) == len(bodies)
+    assert got == [b.decode() for b in bodies]
+    sizes = h.client.page_sizes
+    assert len(sizes) > 1, "more than one page"
+    assert max(sizes) < AMP_VALUE_LIMIT
+    assert max(sizes) <= PAGE_BYTES
+
+
+def test_pages_carry_ids_and_cursor(h: Harness) -> None:
+    """Each page gives (id, body) entries, a next cursor and the total, and pages tile exactly."""
+    bodies = [b"m%05d" % i for i in range(5000)]
+    h.store_bodies(bodies)
+    start, seen = 0, []
+    while True:
+        r = h.call(ListMessages, start=start, limit=700)
+        assert r["total"] == 5000
+        assert 0 < len(r["messages"]) <= 700
+        assert r["next"] == start + len(r["messages"])
+        seen.extend(r["messages"])
+        if r["next"] >= r["total"]:
+            break
+        start = r["next"]
+    assert [m["body"] for m in seen] == [b.decode() for b in bodies]
+    assert [m["id"] for m in seen] == [id_text(message_id(b)) for b in bodies]
+
+
+def test_list_past_the_end_is_empty(h: Harness) -> None:
+    """Asking from the total onwards gives no entries and next == total."""
+    h.store_bodies([b"one", b"two"])
+    assert h.call(ListMessages, start=2, limit=10) == {"messages": [], "next": 2, "total": 2}
+    assert h.call(ListMessages, start=50, limit=10)["messages"] == []
+
+
+def test_list_of_an_empty_node(h: Harness) -> None:
+    """A node without messages lists nothing."""
+    assert h.run(h.api.get_messages) == []
+
+
+@pytest.mark.parametrize("limit", [32768, 60000], ids=["32KiB", "config-max-60000"])
+def test_max_size_messages_page_correctly(limit: int) -> None:
+    """Messages of the maximum configured size (and small ones between) all come back in order."""
+    text = dump_config(generate_config(4, name="test"))
+    assert "max_message_bytes = 32768" in text
+    h = Harness(
+        parse_config(text.replace("max_message_bytes = 32768", f"max_message_bytes = {limit}"))
+    )
+    assert h.config.max_message_bytes == limit
+    bodies: list[bytes] = []
+    for i in range(24):
+        head = b"big %d " % i
+        if i % 3 == 2:
+            bodies.append(b"small %d" % i)
+        elif i % 3 == 1:
+            # Multi-byte text filling the limit exactly.
+            n = (limit - len(head)) // 3
+            bodies.append(head + "€".encode() * n + b"." * ((limit - len(head)) % 3))
+        else:
+            bodies.append(head + b"z" * (limit - len(head)))
+    assert {len(b) for i, b in enumerate(bodies) if i % 3 != 2} == {limit}
+    h.store_bodies(bodies)
+    got = h.run(h.api.get_messages)
+    assert got == [b.decode() for b in bodies]
+    assert max(h.client.page_sizes) < AMP_VALUE_LIMIT
+    # Submitting and reading back one of the maximum size works through AMP as well.
+    top = "Ω" * (limit // 2)
+    mid = h.call(Submit, body=top)["id"]
+    assert h.call(Get, id=mid)["body"] == top
+
+
+# -- Status ------------------------------------------------------------------
+
+
+def test_status_of_a_fresh_node(h: Harness) -> None:
+    """Status names the node and cluster, counts messages, and lists each neighbour connecting."""
+    h.call(Submit, body="Apple")
+    h.call(Submit, body="Banana")
+    s = h.call(Status)
+    assert s["node_id"] == 1
+    assert s["cluster"] == "test"
+    assert s["dissemination"] == "flood"
+    assert s["message_count"] == 2
+    spec = h.config.node(1)
+    assert [link["peer"] for link in s["links"]] == list(spec.neighbours) == [2, 3, 4]
+    for link in s["links"]:
+        peer = h.config.nodes[link["peer"]]
+        assert link["state"] == "connecting"
+        assert link["address"] == f"{peer.host}:{peer.peer_port}"
+        assert link["times_up"] == 0
+        assert link["last_error"] == ""
+
+
+def test_gossip_client_status_matches_the_node(h: Harness) -> None:
+    """GossipClient.status returns the same fields the node reports."""
+    s = h.run(h.api.status)
+    assert s["node_id"] == 1 and len(s["links"]) == 3
+    assert s["message_count"] == 0
+
+
+def test_status_of_another_node_of_a_16_node_cluster() -> None:
+    """Node 7 of the standard 16-node cluster reports its own three neighbours."""
+    config = generate_config(16, name="sixteen")
+    h = Harness(config, node_id=7)
+    s = h.call(Status)
+    assert s["node_id"] == 7 and s["cluster"] == "sixteen"
+    assert [link["peer"] for link in s["links"]] == list(config.node(7).neighbours)
+    assert len(s["links"]) == 3
+    assert {link["state"] for link in s["links"]} == {"connecting"}
