@@ -623,7 +623,7 @@ def test_dialer_aborts_when_no_hello_comes_back() -> None:
 def test_timeouts_run_on_the_table_clock() -> None:
     """Handshake and idle timeouts are scheduled on the clock the LinkTable was given."""
     node = Node(2)
-    proto, transport = node.inbound()
+    _proto, transport = node.inbound()
     node.reactor.advance(HANDSHAKE + 1)
     assert transport.disconnected
 
