@@ -98,6 +98,7 @@ class LocalCluster:
             str(node_id),
             "--config",
             str(self.config_path),
+            *([] if "--memory" in self.extra_args else ["--data-dir", str(d)]),
             "--log-level",
             self.log_level,
             *self.extra_args,
@@ -225,6 +226,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="state directory (default: $GOSSIP_HOME or ~/.local/state/gossip)")
     p.add_argument("--base-port", type=int, default=17000, help="first peer port (default 17000)")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--fresh", action="store_true", help="delete the nodes' stored messages before starting"
+    )
+    p.add_argument(
+        "--memory", action="store_true", help="keep messages in memory only (no message logs)"
+    )
     p.add_argument("--ready-timeout", type=float, default=60.0)
     return p
 
@@ -247,7 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     result = [0]
 
     async def run(reactor: Any) -> None:
-        cluster = LocalCluster(reactor, config_path, directory, log_level=args.log_level)
+        cluster = LocalCluster(
+            reactor,
+            config_path,
+            directory,
+            log_level=args.log_level,
+            extra_args=["--memory"] if args.memory else [],
+        )
+        if args.fresh:
+            for n in config.nodes:
+                shutil.rmtree(cluster.node_dir(n), ignore_errors=True)
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.Deferred.fromCoroutine(cluster.stop_all())
         )

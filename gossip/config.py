@@ -10,6 +10,9 @@ Format::
     reconnect_max_delay = 5.0      # seconds, default 5.0, > 0
     ping_interval = 5.0            # seconds, default 5.0, > 0
     idle_timeout = 15.0            # seconds, default 15.0, > ping_interval
+    sync_interval = 10.0           # seconds between anti-entropy sessions, default 10.0, > 0
+    sync_timeout = 30.0            # seconds a re-sync session may stall, default 30.0, > 0
+    fsync = "batch"                # "always", "batch" (group commit, default) or "never"
 
     [[node]]                       # one table per node, at least one
     id = 1                         # integer, 0 <= id < 2**31, unique
@@ -51,6 +54,7 @@ DEGREE = 3
 DEFAULT_MAX_MESSAGE_BYTES = 32768
 MAX_MESSAGE_BYTES_LIMIT = 60000  # AMP values are limited to 64 KiB, with room for framing
 DISSEMINATIONS = ("flood",)
+FSYNC_POLICIES = ("always", "batch", "never")
 MAX_NODE_ID = 2**31 - 1
 
 _TOP_KEYS = ("cluster", "node", "graph")
@@ -62,6 +66,9 @@ _CLUSTER_KEYS = (
     "reconnect_max_delay",
     "ping_interval",
     "idle_timeout",
+    "sync_interval",
+    "sync_timeout",
+    "fsync",
 )
 _NODE_KEYS = ("id", "host", "peer_port", "client_port", "neighbours")
 _GRAPH_KEYS = ("edges",)
@@ -95,6 +102,9 @@ class ClusterConfig:
     reconnect_max_delay: float = 5.0
     ping_interval: float = 5.0
     idle_timeout: float = 15.0
+    sync_interval: float = 10.0
+    sync_timeout: float = 30.0
+    fsync: str = "batch"
     # Where the config came from (a path or "<string>"); not part of equality.
     source: str = attrs.field(default="<string>", eq=False)
 
@@ -194,6 +204,9 @@ def dump_config(config: ClusterConfig) -> str:
         f"reconnect_max_delay = {_toml_float(config.reconnect_max_delay)}",
         f"ping_interval = {_toml_float(config.ping_interval)}",
         f"idle_timeout = {_toml_float(config.idle_timeout)}",
+        f"sync_interval = {_toml_float(config.sync_interval)}",
+        f"sync_timeout = {_toml_float(config.sync_timeout)}",
+        f"fsync = {_toml_str(config.fsync)}",
     ]
     for spec in config.nodes.values():
         lines += [
@@ -386,6 +399,15 @@ class _Checker:
                 f"{idle:g} must be greater than cluster.ping_interval ({ping:g})",
             )
 
+        sync_interval = self.get_seconds(cluster, "sync_interval", "cluster", 10.0)
+        sync_timeout = self.get_seconds(cluster, "sync_timeout", "cluster", 30.0)
+        fsync = self.get_str(cluster, "fsync", "cluster", "batch")
+        if fsync not in FSYNC_POLICIES:
+            self.fail(
+                "cluster.fsync",
+                f"unknown fsync policy {fsync!r} (allowed: {', '.join(FSYNC_POLICIES)})",
+            )
+
         raw_nodes = data.get("node", [])
         if not isinstance(raw_nodes, list):
             self.fail("node", f"expected [[node]] tables, got {_describe(raw_nodes)}")
@@ -453,6 +475,9 @@ class _Checker:
             reconnect_max_delay=reconnect,
             ping_interval=ping,
             idle_timeout=idle,
+            sync_interval=sync_interval,
+            sync_timeout=sync_timeout,
+            fsync=fsync,
             source=self.source,
         )
 

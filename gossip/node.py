@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.internet.task import Cooperator, LoopingCall
@@ -71,6 +71,8 @@ class GossipNode(service.Service):
             STRATEGIES[config.dissemination](node_id),
             config.max_message_bytes,
             len(config.nodes),
+            sync_interval=config.sync_interval,
+            sync_timeout=config.sync_timeout,
         )
         self.links = LinkTable(
             node_id=node_id,
@@ -137,6 +139,7 @@ class GossipNode(service.Service):
         self.links.stop()
         ds = [d for d in (p.stopListening() for p in self.ports) if d is not None]
         self.ports.clear()
+        self.store.close()
         return gatherResults(ds).addCallback(lambda _: None)
 
     # -- client operations -------------------------------------------------
@@ -145,7 +148,9 @@ class GossipNode(service.Service):
         """Accept a message; fires with (id, new) once it is stored (raises SubmitRejected)."""
         result = self.core.submit(body, self.clock.seconds())
         self._apply(result.effects)
-        return succeed((result.id, result.new))
+        # Acknowledged only once durable under the fsync policy (a resubmit of a
+        # held message also waits: its first submit may not be durable yet).
+        return self.store.when_durable().addCallback(lambda _: (result.id, result.new))
 
     def find(self, prefix: str, limit: int) -> list[Message]:
         lo, hi = id_range(prefix)

@@ -8,25 +8,34 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.python import usage
 
 from gossip import logs
-from gossip.config import ConfigError, load_config
-from gossip.locations import default_config
+from gossip.config import FSYNC_POLICIES, ConfigError, load_config
+from gossip.locations import default_config, default_data_dir
 
 if TYPE_CHECKING:
     from gossip.node import GossipNode
+    from gossip.store.interface import MessageStore
 
 
 class Options(usage.Options):
-    synopsis = "--id N [--config FILE] [--data-dir DIR] [--log-level LEVEL]"
+    synopsis = "--id N [--config FILE] [--data-dir DIR | --memory] [--log-level LEVEL]"
     longdesc = "Run one node of a gossip cluster."
+    optFlags = [
+        ["memory", None, "Keep messages in memory only: nothing survives a restart."],
+    ]
     optParameters = [
         ["id", "i", None, "This node's id, as in the cluster file (required)."],
         ["config", "c", None, "Cluster file (default: $GOSSIP_CONFIG or the launcher's file)."],
+        ["data-dir", "d", None, "Directory of this node's message log (default: node-N in"
+         " the state directory, $GOSSIP_HOME or ~/.local/state/gossip)."],
+        ["fsync", None, None, "fsync policy, overriding the cluster file's: always, batch"
+         " or never."],
         ["log-level", "l", "info", f"One of: {', '.join(logs.LEVELS)}."],
     ]
 
@@ -48,6 +57,16 @@ class Options(usage.Options):
             self.cluster.node(self["id"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self["fsync"] is None:
+            self["fsync"] = self.cluster.fsync
+        elif self["fsync"] not in FSYNC_POLICIES:
+            raise usage.UsageError(
+                f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, got {self['fsync']!r}"
+            )
+        if self["memory"] and self["data-dir"]:
+            raise usage.UsageError("--memory and --data-dir exclude each other")
+        if self["data-dir"] is None:
+            self["data-dir"] = str(default_data_dir(self["id"]))
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
@@ -55,17 +74,32 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    from gossip.node import StartupError
+
     top = _TwistdRoot()
-    build_node(options, reactor).setServiceParent(top)
+    try:
+        build_node(options, reactor).setServiceParent(top)
+    except StartupError as e:
+        raise SystemExit(f"gossip: {e}") from None
     return top
 
 
 def build_node(options: Options, reactor: Any) -> GossipNode:
-    from gossip.node import GossipNode
+    """The node with its store open (log recovery runs here); StartupError if it can't."""
+    from gossip.node import GossipNode, StartupError
+    from gossip.store.log import LogStore, StoreError
     from gossip.store.memory import MemoryStore
 
     logs.set_level(options["log-level"])
-    return GossipNode(options.cluster, options["id"], MemoryStore(), reactor)
+    store: MessageStore
+    if options["memory"]:
+        store = MemoryStore()
+    else:
+        try:
+            store = LogStore.open(Path(options["data-dir"]), fsync=options["fsync"], reactor=reactor)
+        except StoreError as e:
+            raise StartupError(str(e)) from None
+    return GossipNode(options.cluster, options["id"], store, reactor)
 
 
 class _TwistdRoot(service.MultiService):
@@ -94,7 +128,11 @@ def run_node(argv: list[str] | None = None) -> int:
         print(f"gossip-node: {e}", file=sys.stderr)
         return 2
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    node = build_node(options, reactor)
+    try:
+        node = build_node(options, reactor)
+    except StartupError as e:
+        print(f"gossip-node: {e}", file=sys.stderr)
+        return 1
     exit_code = [0]
 
     def start() -> None:

@@ -75,3 +75,49 @@ async def message_counts(cluster: LocalCluster) -> dict[int, int]:
 
 def gather(*coros: Any) -> defer.Deferred[list[Any]]:
     return defer.gatherResults([defer.Deferred.fromCoroutine(c) for c in coros])
+
+
+async def submit_many(
+    clients: dict[int, GossipClient],
+    bodies: list[str],
+    rng: random.Random,
+    window: int = 64,
+) -> dict[str, str]:
+    """Submit every body at a random node, ``window`` calls in flight; body -> id.
+
+    A failed submit raises: callers that expect failures use ``submit_tolerant``.
+    """
+    ids: dict[str, str] = {}
+    targets = sorted(clients)
+    pending = list(bodies)
+
+    async def worker() -> None:
+        while pending:
+            body = pending.pop()
+            ids[body] = await clients[rng.choice(targets)].submit_message(body)
+
+    await gather(*(worker() for _ in range(window)))
+    return ids
+
+
+def random_bodies(rng: random.Random, count: int, size: int = 100) -> list[str]:
+    """Unique printable bodies of ``size`` characters."""
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    out = []
+    for i in range(count):
+        head = f"{i}:"
+        out.append(head + "".join(rng.choice(alphabet) for _ in range(size - len(head))))
+    return out
+
+
+async def node_bodies(cluster: LocalCluster, node: int) -> list[str]:
+    spec = cluster.config.node(node)
+    client = await GossipClient.connect(cluster.reactor, spec.host, spec.client_port)
+    try:
+        return await client.get_messages()
+    finally:
+        client.close()
+
+
+def traffic(status: dict[str, Any]) -> dict[str, dict[str, int]]:
+    return {row["kind"]: row for row in status["traffic"]}

@@ -35,6 +35,7 @@ from gossip.core.message import Message, message_id
 from gossip.store.log import (
     LOG_NAME,
     MAGIC,
+    MAX_RECORD_BYTES,
     LogStore,
     StoreError,
     encode_record,
@@ -456,6 +457,42 @@ def test_damaged_middle_record_is_skipped(tmp_path: Path, where: str) -> None:
     store.close()
 
 
+def test_damage_across_read_chunk_boundaries(tmp_path: Path) -> None:
+    """In a log several times recovery's 1 MiB read chunk, damaged records around the
+    chunk boundaries (and records that cross them) are skipped and every other record,
+    a near-maximum-size one included, is kept."""
+    rng = random.Random(3)
+    messages = [msg(i, size=rng.randrange(2000, 9000)) for i in range(400)]
+    big = b"B" * (MAX_RECORD_BYTES - 100)
+    messages.insert(150, Message(message_id(big), big, 1.0, (1,)))
+    offsets = write_log(tmp_path, messages)
+    ends = [*offsets[1:], (tmp_path / LOG_NAME).stat().st_size]
+    bad = {
+        k
+        for boundary in (1 << 20, 3 << 20)
+        for k in range(len(messages))
+        if offsets[k] < boundary < ends[k]
+    }
+    bad.add(len(messages) // 3 * 2)
+    assert len(bad) == 3
+    for k in bad:
+        flip(tmp_path / LOG_NAME, ends[k] - 1)
+    store, cap = open_store(tmp_path)
+    assert contents(store) == [m for k, m in enumerate(messages) if k not in bad]
+    assert len([w for w in cap.warnings() if "skipped" in w]) == len(bad)
+    store.close()
+
+
+def test_add_refuses_a_record_over_the_size_bound(tmp_path: Path) -> None:
+    """A message whose record would exceed MAX_RECORD_BYTES is refused, not written."""
+    store, _ = open_store(tmp_path)
+    body = b"x" * MAX_RECORD_BYTES
+    with pytest.raises(ValueError):
+        store.add(Message(message_id(body), body, 0.0, ()))
+    assert len(store) == 0 and store.stats()["file_bytes"] == len(MAGIC)
+    store.close()
+
+
 def test_record_whose_id_does_not_match_its_body_is_corrupt(tmp_path: Path) -> None:
     """A record with a valid checksum but an id that is not the hash of its body is
     skipped like any damaged record."""
@@ -469,6 +506,47 @@ def test_record_whose_id_does_not_match_its_body_is_corrupt(tmp_path: Path) -> N
     store, cap = open_store(tmp_path)
     assert contents(store) == [msg(1), msg(2)]
     assert any("skipped" in w for w in cap.warnings())
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"\x00" * 300, "bad-crc-then-garbage"],
+    ids=["zero-filled", "bad-crc-then-garbage"],
+)
+def test_unexplained_tail_is_cut_but_copied_aside(tmp_path: Path, tail: bytes | str) -> None:
+    """Tail bytes that are more than one torn append (a zero-filled tail, or a record
+    with a bad checksum followed by bytes that are no record) are cut off like damage:
+    the records before them are kept and the file is copied aside first."""
+    messages = [msg(i) for i in range(4)]
+    offsets = write_log(tmp_path, messages)
+    path = tmp_path / LOG_NAME
+    if isinstance(tail, bytes):
+        path.write_bytes(path.read_bytes() + tail)
+        kept, bad_at = messages, offsets[-1] + len(encode_record(messages[-1]))
+    else:
+        flip(path, offsets[-1] + 30)
+        path.write_bytes(path.read_bytes() + b"\x07" * 50)
+        kept, bad_at = messages[:-1], offsets[-1]
+    store, cap = open_store(tmp_path)
+    assert contents(store) == kept
+    assert any(f"at offset {bad_at} skipped" in w for w in cap.warnings())
+    assert len(list(tmp_path.glob(f"{LOG_NAME}.damaged-*"))) == 1
+    store.close()
+
+
+def test_damage_after_open_is_an_error_not_a_wrong_message(tmp_path: Path) -> None:
+    """A record damaged on disk while the store is open makes get and scan raise
+    StoreError instead of returning something that was not written."""
+    messages = [msg(i) for i in range(3)]
+    offsets = write_log(tmp_path, messages)
+    store, _ = open_store(tmp_path)
+    flip(tmp_path / LOG_NAME, offsets[1] + 40)
+    assert store.get(messages[0].id) == messages[0]
+    with pytest.raises(StoreError, match=f"offset {offsets[1]}"):
+        store.get(messages[1].id)
+    with pytest.raises(StoreError):
+        list(store.scan(0))
     store.close()
 
 

@@ -20,13 +20,14 @@ import heapq
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
 from gossip.core.dissemination import Dissemination, Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
-from gossip.core.frames import GossipFrame, PeerFrame
+from gossip.core.frames import GossipFrame, PeerFrame, SyncDataFrame
 from gossip.core.state import GossipCore
 from gossip.core.sync import stream_frames
 from gossip.store.memory import MemoryStore
@@ -98,6 +99,8 @@ class Simulation:
         tick_interval: float = 0.1,
         quiet_ticks: int = 0,
         nodes: Iterable[int] = (),
+        frame_bytes: Callable[[PeerFrame], bytes] | None = None,
+        core_options: Mapping[str, float] | None = None,
     ) -> None:
         """Build the cluster and bring every link up (``peer_up`` on both ends).
 
@@ -105,6 +108,10 @@ class Simulation:
         ``quiet_ticks``: once no frame is in flight, ``run()`` without ``until``
         keeps ticking until this many consecutive ticks produced no effect, so
         strategies that act on timers get to finish.
+        ``frame_bytes`` (e.g. ``gossip.wire.codec.encode``): when given, every
+        delivered frame is encoded with it and its size counted in
+        ``bytes_delivered``. ``core_options``: keyword arguments passed to every
+        ``GossipCore`` (``sync_interval``, ``sync_timeout``).
         """
         if not 0.0 <= loss < 1.0:
             raise ValueError(f"loss must be in [0, 1), got {loss}")
@@ -135,6 +142,7 @@ class Simulation:
         self.loss = loss
         self.tick_interval = tick_interval
         self.quiet_ticks = quiet_ticks
+        self.frame_bytes = frame_bytes
         self.now = 0.0
         self.nodes: tuple[int, ...] = tuple(sorted(adjacency))
         self.neighbours: dict[int, frozenset[int]] = {
@@ -147,7 +155,13 @@ class Simulation:
             store = MemoryStore()
             self.stores[n] = store
             self.cores[n] = GossipCore(
-                n, adjacency[n], store, strategy_factory(n), max_body, len(self.nodes)
+                n,
+                adjacency[n],
+                store,
+                strategy_factory(n),
+                max_body,
+                len(self.nodes),
+                **(core_options or {}),
             )
         self.crashed: set[int] = set()
 
@@ -164,6 +178,11 @@ class Simulation:
         self.frames_unsendable = 0  # Send on a link that was not up
         self.persist_conflicts = 0  # Persist of an id the store already held
         self.events = 0  # deliveries and tick rounds processed, over all runs
+        self.sync_received: dict[int, int] = dict.fromkeys(self.nodes, 0)  # SyncData envelopes
+        # Per (src, dst, frame class name): frames delivered, and with ``frame_bytes``
+        # their encoded bytes.
+        self.frames_delivered: Counter[tuple[int, int, str]] = Counter()
+        self.bytes_delivered: Counter[tuple[int, int, str]] = Counter()
 
         self._queue: list[tuple[float, int, _InFlight]] = []
         self._seq = itertools.count()
@@ -335,6 +354,12 @@ class Simulation:
         if key not in self._up or self._epoch.get(key, 0) != f.epoch:
             self.frames_discarded += 1
             return
+        kind = (f.src, f.dst, type(f.frame).__name__)
+        self.frames_delivered[kind] += 1
+        if self.frame_bytes is not None:
+            self.bytes_delivered[kind] += len(self.frame_bytes(f.frame))
+        if isinstance(f.frame, SyncDataFrame):
+            self.sync_received[f.dst] += len(f.frame.messages)
         if isinstance(f.frame, GossipFrame):
             store = self.stores[f.dst]
             seen: set[bytes] = set()

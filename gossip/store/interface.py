@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+from twisted.internet.defer import Deferred
+
 from gossip.core.message import Message
 
 
@@ -36,3 +38,9 @@ class MessageStore(Protocol):
     def scan(self, start: int) -> Iterator[Message]:
         """Messages in arrival order from position ``start``."""
         ...
+
+    def when_durable(self) -> Deferred[None]:
+        """Fires once every message added so far survives a crash (per fsync policy)."""
+        ...
+
+    def close(self) -> None: ...

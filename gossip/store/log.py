@@ -207,7 +207,7 @@ _SHORT = "fewer bytes than a record header before end of file"
 _PAST_EOF = "record runs past end of file"
 _BAD_LENGTH = "impossible length"
 _BAD_CRC = "bad checksum"
-_BAD_CRC_AT_EOF = "bad checksum"  # the same words, but the record ends exactly at EOF
+_BAD_CRC_AT_EOF = "bad checksum on a record ending at end of file"
 _BAD_CONTENT = "bad record contents (kind, path count or id)"
 _TORN = (_SHORT, _PAST_EOF, _BAD_CRC_AT_EOF)
 
@@ -239,6 +239,9 @@ class _Window:
         top = self.base + len(self.buf)
         if end <= top:
             return offset - self.base
+        if offset > top:  # not reached by the callers here, which never skip ahead
+            self.f.seek(offset)
+            self.buf, self.base, top = b"", offset, offset
         keep = self.buf[offset - self.base :]
         more = self.f.read(max(end - top, _READ_CHUNK))
         self.buf = keep + more
@@ -297,7 +300,40 @@ def _scan_log(f: BinaryIO, size: int) -> _Recovered:
     rec = _Recovered(by_id, offsets, ids, len(MAGIC), size)
     win = _Window(f, size, len(MAGIC))
     pos = len(MAGIC)
+    unpack_header, unpack_fixed, crc32, sha256 = (
+        _HEADER.unpack_from,
+        _FIXED.unpack_from,
+        zlib.crc32,
+        hashlib.sha256,
+    )
     while pos < size:
+        # Fast path: the same checks as _parse, inline, over the records that lie
+        # wholly inside the window; anything else (a record crossing the end of the
+        # window, or a bad one) goes through _parse below.
+        buf, base = win.buf, win.base
+        i = start = pos - base
+        limit = len(buf)
+        while i + HEADER_BYTES <= limit:
+            crc, length = unpack_header(buf, i)
+            end = i + HEADER_BYTES + length
+            if length < MIN_PAYLOAD or length > MAX_RECORD_BYTES or end > limit:
+                break
+            if crc32(buf[i + 4 : end]) != crc:
+                break
+            kind, mid, _received_at, count = unpack_fixed(buf, i + HEADER_BYTES)
+            body = i + HEADER_BYTES + MIN_PAYLOAD + 4 * count
+            if kind != KIND_MESSAGE or body > end or sha256(buf[body:end]).digest()[:16] != mid:
+                break
+            if mid in by_id:
+                rec.duplicates += 1
+            else:
+                by_id[mid] = len(offsets)
+                offsets.append(base + i)
+                ids.append(mid)
+            i = end
+        if i != start:
+            pos = rec.good_end = base + i
+            continue
         got = _parse(win, pos)
         if isinstance(got, tuple):
             total, mid = got
@@ -502,8 +538,12 @@ class LogStore:
             return None
         offset = self._offsets[n]
         buf = os.pread(self._fd, _GET_GUESS, offset)
+        if len(buf) < HEADER_BYTES:
+            raise self._damaged(offset)
         _crc, length = _HEADER.unpack_from(buf, 0)
         if HEADER_BYTES + length > len(buf):
+            if length > MAX_RECORD_BYTES:
+                raise self._damaged(offset)
             buf = os.pread(self._fd, HEADER_BYTES + length, offset)
         return self._decode(buf, 0, offset)
 
@@ -525,8 +565,12 @@ class LogStore:
             i = offset - base
             if i < 0 or i + HEADER_BYTES > len(buf):
                 buf, base, i = os.pread(self._fd, _SCAN_CHUNK, offset), offset, 0
+                if len(buf) < HEADER_BYTES:
+                    raise self._damaged(offset)
             _crc, length = _HEADER.unpack_from(buf, i)
             if i + HEADER_BYTES + length > len(buf):
+                if length > MAX_RECORD_BYTES:
+                    raise self._damaged(offset)
                 size = max(_SCAN_CHUNK, HEADER_BYTES + length)
                 buf, base, i = os.pread(self._fd, size, offset), offset, 0
             yield self._decode(buf, i, offset)
@@ -600,11 +644,14 @@ class LogStore:
             or zlib.crc32(buf[i + 4 : end]) != crc
             or buf[i + HEADER_BYTES] != KIND_MESSAGE
         ):
-            raise StoreError(
-                f"record at offset {offset} of {self.path} was damaged after it was written;"
-                " restart the node to recover the log"
-            )
+            raise self._damaged(offset)
         return _decode_payload(buf, i + HEADER_BYTES, end)
+
+    def _damaged(self, offset: int) -> StoreError:
+        return StoreError(
+            f"record at offset {offset} of {self.path} was damaged after it was written;"
+            " restart the node to recover the log"
+        )
 
     def _write(self, record: bytes) -> None:
         view = memoryview(record)
@@ -758,6 +805,11 @@ def _rewrite(path: Path, rec: _Recovered, log: Logger) -> int:
         n += 1
         copy = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
     shutil.copyfile(path, copy)
+    fd = os.open(copy, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     new_offsets = array("q")
     src = os.open(path, os.O_RDONLY)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from sortedcontainers import SortedList
+from twisted.internet.defer import Deferred, succeed
 
 from gossip.core.message import Message
 
@@ -47,3 +48,9 @@ class MemoryStore:
         by_id, order = self._by_id, self._order
         for i in range(max(start, 0), len(order)):
             yield by_id[order[i]]
+
+    def when_durable(self) -> Deferred[None]:
+        return succeed(None)  # nothing is ever durable here; acks need not wait
+
+    def close(self) -> None:
+        pass
