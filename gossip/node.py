@@ -57,6 +57,7 @@ class GossipNode(service.Service):
         reactor: Any,
         *,
         incarnation: int | None = None,
+        send_delay: float = 0.0,
     ) -> None:
         self.config = config
         self.spec = config.node(node_id)
@@ -88,6 +89,7 @@ class GossipNode(service.Service):
             ping_interval=config.ping_interval,
             idle_timeout=config.idle_timeout,
             incarnation=incarnation,
+            send_delay=send_delay,
         )
         self.ports: list[IListeningPort] = []
         self.traffic = Traffic()

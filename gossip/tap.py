@@ -32,11 +32,27 @@ class Options(usage.Options):
     optParameters = [
         ["id", "i", None, "This node's id, as in the cluster file (required)."],
         ["config", "c", None, "Cluster file (default: $GOSSIP_CONFIG or the launcher's file)."],
-        ["data-dir", "d", None, "Directory of this node's message log (default: node-N in"
-         " the state directory, $GOSSIP_HOME or ~/.local/state/gossip)."],
-        ["fsync", None, None, "fsync policy, overriding the cluster file's: always, batch"
-         " or never."],
+        [
+            "data-dir",
+            "d",
+            None,
+            "Directory of this node's message log (default: node-N in"
+            " the state directory, $GOSSIP_HOME or ~/.local/state/gossip).",
+        ],
+        [
+            "fsync",
+            None,
+            None,
+            "fsync policy, overriding the cluster file's: always, batch or never.",
+        ],
         ["log-level", "l", "info", f"One of: {', '.join(logs.LEVELS)}."],
+        [
+            "link-delay",
+            None,
+            "0",
+            "Milliseconds added to every frame this node sends"
+            " (for benchmarks of wide-area latency).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -63,6 +79,14 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, got {self['fsync']!r}"
             )
+        try:
+            self["link-delay"] = float(self["link-delay"])
+            if not 0 <= self["link-delay"] <= 60_000:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError(
+                f"--link-delay must be milliseconds from 0 to 60000, got {self['link-delay']!r}"
+            ) from None
         if self["memory"] and self["data-dir"]:
             raise usage.UsageError("--memory and --data-dir exclude each other")
         if self["data-dir"] is None:
@@ -96,10 +120,18 @@ def build_node(options: Options, reactor: Any) -> GossipNode:
         store = MemoryStore()
     else:
         try:
-            store = LogStore.open(Path(options["data-dir"]), fsync=options["fsync"], reactor=reactor)
+            store = LogStore.open(
+                Path(options["data-dir"]), fsync=options["fsync"], reactor=reactor
+            )
         except StoreError as e:
             raise StartupError(str(e)) from None
-    return GossipNode(options.cluster, options["id"], store, reactor)
+    return GossipNode(
+        options.cluster,
+        options["id"],
+        store,
+        reactor,
+        send_delay=options["link-delay"] / 1000.0,
+    )
 
 
 class _TwistdRoot(service.MultiService):

@@ -935,3 +935,43 @@ def test_too_many_unidentified_inbound_connections_are_refused() -> None:
     assert node.table.server_factory().buildProtocol(None) is None
     first.dataReceived(framed(hello(1)))
     assert node.table.server_factory().buildProtocol(None) is not None
+
+
+# -- injected send delay (benchmarks of wide-area latency) -------------------
+
+
+def test_send_delay_holds_each_frame_and_keeps_order() -> None:
+    """With send_delay, each frame leaves send_delay seconds after it was sent, in order,
+    even when frames are sent at different moments; without it they leave at once."""
+    node = Node(2, send_delay=0.1)
+    _, transport = handshake_inbound(node, 1)
+    node.reactor.advance(0.1)  # our Hello reply is delayed too
+    transport.clear()
+    frames = [GossipFrame((Envelope(message_id(b"d%d" % i), b"d%d" % i, (2,)),)) for i in range(4)]
+    node.table.send(1, codec.encode(frames[0]))
+    node.reactor.advance(0.04)
+    node.table.send(1, codec.encode(frames[1]))
+    node.table.send(1, codec.encode(frames[2]))
+    node.reactor.advance(0.05)
+    assert transport.value() == b""
+    node.reactor.advance(0.011)
+    assert frames_in(transport.value()) == frames[:1]
+    node.reactor.advance(0.04)
+    assert frames_in(transport.value()) == frames[:3]
+    node.table.send(1, codec.encode(frames[3]))
+    node.reactor.advance(0.1)
+    assert frames_in(transport.value()) == frames
+
+
+def test_send_delay_drops_held_frames_when_the_connection_ends() -> None:
+    """Frames still held when the connection is lost are dropped with it, and no timer
+    is left behind."""
+    node = Node(2, send_delay=0.1)
+    proto, transport = handshake_inbound(node, 1)
+    node.table.send(1, codec.encode(GOSSIP))
+    lose(proto)
+    assert node.reactor.getDelayedCalls() == [] or all(
+        not c.active() or c.func != proto._release for c in node.reactor.getDelayedCalls()
+    )
+    node.reactor.advance(0.2)
+    assert transport.value() == b""

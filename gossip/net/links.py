@@ -151,6 +151,7 @@ class LinkTable:
         max_pending_bytes: int = 64 * 1024 * 1024,
         max_unidentified: int = 64,
         incarnation: int | None = None,
+        send_delay: float = 0.0,
     ) -> None:
         self.node_id = node_id
         self.cluster = cluster
@@ -163,6 +164,8 @@ class LinkTable:
         self.handshake_timeout = handshake_timeout
         self.max_pending_bytes = max_pending_bytes
         self.max_unidentified = max_unidentified
+        # Added to every frame sent (benchmarks of wide-area latency; 0 in production).
+        self.send_delay = send_delay
         self.incarnation = incarnation if incarnation is not None else random.getrandbits(63) + 1
         self.links = {
             peer: Link(peer, host, port, PeerClientFactory(self, peer, reconnect_max_delay))

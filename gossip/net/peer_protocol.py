@@ -69,6 +69,8 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         self.closing_reason: str | None = None
         self._failed = False
         self._writable: list[Deferred[None]] = []
+        self._delayed: deque[tuple[float, bytes]] = deque()
+        self._delay_call: IDelayedCall | None = None
 
     @property
     def outbound(self) -> bool:
@@ -139,6 +141,28 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
     def send_bytes(self, data: bytes) -> None:
         if self.closing_reason is not None:
             return
+        if self.table.send_delay > 0:
+            self._delay(data)
+            return
+        self._write(data)
+
+    def _delay(self, data: bytes) -> None:
+        """Hold a frame for ``send_delay`` seconds, keeping frames in order."""
+        self._delayed.append((self.table.clock.seconds() + self.table.send_delay, data))
+        if self._delay_call is None:
+            self._delay_call = self.callLater(self.table.send_delay, self._release)
+
+    def _release(self) -> None:
+        self._delay_call = None
+        now = self.table.clock.seconds()
+        while self._delayed and self._delayed[0][0] <= now:
+            self._write(self._delayed.popleft()[1])
+        if self._delayed and self.closing_reason is None:
+            self._delay_call = self.callLater(self._delayed[0][0] - now, self._release)
+
+    def _write(self, data: bytes) -> None:
+        if self.closing_reason is not None:
+            return
         if not self.paused:
             self.sendString(data)
             return
@@ -172,6 +196,10 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
         self._pending.clear()
+        self._delayed.clear()
+        if self._delay_call is not None and self._delay_call.active():
+            self._delay_call.cancel()
+        self._delay_call = None
         self.paused = True
         self.table.connection_lost(self, reason)
         self.wake_writers()
