@@ -53,7 +53,7 @@ import attrs
 DEGREE = 3
 DEFAULT_MAX_MESSAGE_BYTES = 32768
 MAX_MESSAGE_BYTES_LIMIT = 60000  # AMP values are limited to 64 KiB, with room for framing
-DISSEMINATIONS = ("flood",)
+DISSEMINATIONS = ("plumtree", "flood")
 FSYNC_POLICIES = ("always", "batch", "never")
 MAX_NODE_ID = 2**31 - 1
 

@@ -25,6 +25,7 @@ from gossip.core.dissemination import Dissemination, Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
 from gossip.core.frames import PeerFrame
 from gossip.core.message import Message, id_range
+from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
@@ -32,7 +33,7 @@ from gossip.store.interface import MessageStore
 from gossip.traffic import Traffic
 from gossip.wire import codec
 
-STRATEGIES: dict[str, Callable[[int], Dissemination]] = {"flood": Flood}
+STRATEGIES: dict[str, Callable[[int], Dissemination]] = {"flood": Flood, "plumtree": Plumtree}
 
 TICK_SECONDS = 0.1
 

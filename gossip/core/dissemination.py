@@ -10,10 +10,21 @@ from typing import Protocol
 
 from gossip.core.effects import Effect, Send
 from gossip.core.frames import Envelope, GossipFrame, PeerFrame
+from gossip.core.message import Message
+
+
+class MessageReader(Protocol):
+    def __contains__(self, mid: bytes) -> bool: ...
+
+    def get(self, mid: bytes) -> Message | None: ...
 
 
 class Dissemination(Protocol):
     name: str
+
+    def bind(self, store: MessageReader) -> None:
+        """Called once by the core: where to read held messages from."""
+        ...
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
         """``env`` was just stored; ``sender`` is None for a local submit."""
@@ -41,6 +52,9 @@ class Flood:
 
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
+
+    def bind(self, store: MessageReader) -> None:
+        pass
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
         path = env.path

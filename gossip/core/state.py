@@ -38,6 +38,8 @@ class HeldIds(Protocol):
 
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]: ...
 
+    def get(self, mid: bytes) -> Message | None: ...
+
 
 class SubmitRejected(ValueError):
     """A client's message cannot be accepted; the text says why."""
@@ -80,6 +82,7 @@ class GossipCore:
         self.neighbours = frozenset(neighbours)
         self.store = store
         self.strategy = strategy
+        strategy.bind(store)
         self.max_body = max_body
         # A path that visits every node of the cluster and more must repeat one;
         # the bound caps what a faulty peer can make every node store.
@@ -153,13 +156,15 @@ class GossipCore:
         """Store pulled messages; they are not forwarded (see gossip.core.sync)."""
         effects: list[Effect] = []
         learned = 0
+        fresh: set[bytes] = set()
         for sent in frame.messages:
             env = sent if sent.id else Envelope(message_id(sent.body), sent.body, sent.path)
             problem = self._check_envelope(env, peer)
             if problem:
                 return [*effects, DropPeer(peer, problem)]
-            if env.id in self.store:
+            if env.id in fresh or env.id in self.store:
                 continue
+            fresh.add(env.id)
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
             learned += 1
         return effects + self.sync.on_data(peer, frame, learned, self.up, now)

@@ -63,7 +63,7 @@ def make_key(level: int, index: int) -> int:
 def split_key(key: int) -> tuple[int, int] | None:
     """(level, index) of a valid key, else None."""
     level, index = divmod(key, KEY_STRIDE)
-    if level > LEAF_LEVEL or index >= FANOUT**level:
+    if not 0 <= level <= LEAF_LEVEL or index >= FANOUT**level:
         return None
     return level, index
 
@@ -368,7 +368,8 @@ class SyncEngine:
         self.counters.messages_pulled += learned
         s = self.active
         if s is None or s.peer != peer or s.id != d.session:
-            return []
+            # Late data of a session given up on: still new to us, so tell the others.
+            return [Send(p, SyncHintFrame()) for p in sorted(up) if p != peer] if learned else []
         s.learned += learned
         s.last_progress = now
         if d.done:
