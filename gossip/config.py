@@ -6,7 +6,7 @@ Format::
     name = "local"                 # required; checked in the peer handshake
     max_message_bytes = 32768      # default 32768; 1..60000 (AMP values are limited to 64 KiB)
     allow_any_degree = false       # default false: every node has exactly 3 neighbours
-    dissemination = "flood"        # default "flood"; allowed: "flood"
+    dissemination = "plumtree"     # default "plumtree"; or "flood" (the seed's rule)
     reconnect_max_delay = 5.0      # seconds, default 5.0, > 0
     ping_interval = 5.0            # seconds, default 5.0, > 0
     idle_timeout = 15.0            # seconds, default 15.0, > ping_interval
@@ -98,7 +98,7 @@ class ClusterConfig:
     nodes: dict[int, NodeSpec] = attrs.field(hash=False)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     allow_any_degree: bool = False
-    dissemination: str = "flood"
+    dissemination: str = "plumtree"
     reconnect_max_delay: float = 5.0
     ping_interval: float = 5.0
     idle_timeout: float = 15.0
@@ -384,7 +384,7 @@ class _Checker:
             " (AMP values are limited to 64 KiB)",
         )
         any_degree = self.get_bool(cluster, "allow_any_degree", "cluster", False)
-        dissemination = self.get_str(cluster, "dissemination", "cluster", "flood")
+        dissemination = self.get_str(cluster, "dissemination", "cluster", "plumtree")
         if dissemination not in DISSEMINATIONS:
             self.fail(
                 "cluster.dissemination",

@@ -33,7 +33,11 @@ from gossip.store.interface import MessageStore
 from gossip.traffic import Traffic
 from gossip.wire import codec
 
-STRATEGIES: dict[str, Callable[[int], Dissemination]] = {"flood": Flood, "plumtree": Plumtree}
+Graph = dict[int, tuple[int, ...]]
+STRATEGIES: dict[str, Callable[[int, Graph], Dissemination]] = {
+    "flood": lambda node_id, _graph: Flood(node_id),
+    "plumtree": Plumtree,
+}
 
 TICK_SECONDS = 0.1
 
@@ -70,7 +74,9 @@ class GossipNode(service.Service):
             node_id,
             self.spec.neighbours,
             store,
-            STRATEGIES[config.dissemination](node_id),
+            STRATEGIES[config.dissemination](
+                node_id, {n: spec.neighbours for n, spec in config.nodes.items()}
+            ),
             config.max_message_bytes,
             len(config.nodes),
             sync_interval=config.sync_interval,

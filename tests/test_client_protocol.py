@@ -354,7 +354,7 @@ def test_status_of_a_fresh_node(h: Harness) -> None:
     s = h.call(Status)
     assert s["node_id"] == 1
     assert s["cluster"] == "test"
-    assert s["dissemination"] == "flood"
+    assert s["dissemination"] == "plumtree"
     assert s["message_count"] == 2
     spec = h.config.node(1)
     assert [link["peer"] for link in s["links"]] == list(spec.neighbours) == [2, 3, 4]

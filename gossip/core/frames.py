@@ -26,6 +26,7 @@ class GossipFrame:
 @attrs.frozen(slots=True)
 class IHaveFrame:
     ids: tuple[bytes, ...]
+    origins: tuple[int, ...] = ()  # parallel to ids
 
 
 @attrs.frozen(slots=True)
@@ -35,7 +36,7 @@ class GraftFrame:
 
 @attrs.frozen(slots=True)
 class PruneFrame:
-    pass
+    origins: tuple[int, ...] = ()
 
 
 # ---- re-sync frames (see gossip/core/sync.py) ----

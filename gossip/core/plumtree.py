@@ -1,21 +1,32 @@
-"""Plumtree: eager push along a spanning tree, lazy push of ids on the other links.
+"""Plumtree-style broadcast: eager push along a tree, lazy push of ids, graft, prune.
 
-After "Epidemic Broadcast Trees" (Leitão, Pereira, Rodrigues, 2007). Every link
-starts *eager* (so the first messages flood); a link that delivers a
-duplicate is pruned to *lazy* at both ends, so the eager links shrink to a
-spanning tree that all sources share. Over lazy links a node only announces
-the ids it received (``IHave``, batched per tick). A node that hears of an id
-but does not get the message within ``graft_timeout`` asks the announcer for
-it (``Graft``), which also makes that link eager again: the tree heals where
-it broke. The path a message carries still excludes nodes that relayed it.
+After "Epidemic Broadcast Trees" (Leitão, Pereira, Rodrigues, 2007), with one
+change in where the tree comes from. Payloads are pushed eagerly only along
+the *origin's* shortest-path tree of the configured graph (every node computes
+the same trees, by breadth-first search with ties broken by lowest id); on
+the other links a node only announces the ids it received (``IHave``, batched
+per tick). A node that hears of an id but does not get the message asks an
+announcer for it (``Graft``); the announcer sends it and keeps pushing that
+origin's messages to the grafting node (it *adopts* it) until told to stop
+(``Prune``), so a broken tree heals around a failed link or node; a node that
+gets a message from anyone but its tree parent also passes it up the tree,
+which repairs a cut-off region in a few hops. When the tree link comes back,
+the adopted copies arrive as duplicates and are pruned.
 
-Steady state costs n - 1 payload sends per broadcast instead of flooding's
-~2|E| - (n - 1), plus ids on the lazy links.
+Why not let the tree emerge from pruning duplicates, as the paper does: with
+many messages in flight from many origins, prunes for different messages cut
+a cycle in more than one place and the eager links collapse into a forest;
+measured on 16 nodes at 1,000 messages/s, 0 to 9 eager links remained of the
+15 a tree needs, most messages came by graft and the slowest took over 1 s.
+Origin trees of a static graph are never pruned, so this cannot happen, and
+every path is a shortest one: a broadcast costs n - 1 payload sends and
+reaches every node within the graph's diameter in hops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Mapping
 
 import attrs
 
@@ -42,27 +53,74 @@ class _Missing:
     announcers: list[int]
 
 
+def origin_of(path: tuple[int, ...], here: int) -> int:
+    return path[0] if path else here
+
+
+class OriginTrees:
+    """This node's parent and children in every origin's shortest-path tree."""
+
+    def __init__(self, node_id: int, graph: Mapping[int, tuple[int, ...] | list[int]]) -> None:
+        self.node_id = node_id
+        self.graph = {n: tuple(sorted(nbs)) for n, nbs in graph.items()}
+        self._children: dict[int, tuple[int, ...]] = {}
+        self._parent: dict[int, int | None] = {}
+
+    def _compute(self, origin: int) -> None:
+        parent: dict[int, int] = {origin: origin}
+        queue = deque([origin])
+        while queue:
+            v = queue.popleft()
+            for w in self.graph.get(v, ()):
+                if w not in parent:
+                    parent[w] = v
+                    queue.append(w)
+        me = self.node_id
+        self._children[origin] = tuple(
+            w for w in self.graph.get(me, ()) if parent.get(w) == me and w != origin
+        )
+        self._parent[origin] = parent.get(me) if me != origin else None
+
+    def children(self, origin: int) -> tuple[int, ...]:
+        if origin not in self._children:
+            if origin not in self.graph:
+                return ()
+            self._compute(origin)
+        return self._children[origin]
+
+    def parent(self, origin: int) -> int | None:
+        if origin not in self._parent:
+            if origin not in self.graph:
+                return None
+            self._compute(origin)
+        return self._parent[origin]
+
+
 class Plumtree:
     name = "plumtree"
 
     def __init__(
         self,
         node_id: int,
+        graph: Mapping[int, tuple[int, ...] | list[int]],
         *,
         graft_timeout: float = 0.5,
         graft_retry: float = 0.25,
         max_missing: int = 100_000,
     ) -> None:
         self.node_id = node_id
+        self.trees = OriginTrees(node_id, graph)
         self.graft_timeout = graft_timeout
         self.graft_retry = graft_retry
         self.max_missing = max_missing
-        self.eager: set[int] = set()
-        self.lazy: set[int] = set()
+        self.up: set[int] = set()
+        # origin -> neighbours we push that origin's messages to besides the tree.
+        self.adopted: dict[int, set[int]] = {}
         self.now = 0.0
-        self._ihave: dict[int, list[bytes]] = {}
+        self._ihave: dict[int, list[tuple[bytes, int]]] = {}
         # Ids announced to us but not received, oldest first (bounded).
         self.missing: dict[bytes, _Missing] = {}
+        self._pruned: set[tuple[int, int]] = set()
         self._store: MessageReader | None = None
 
     def bind(self, store: MessageReader) -> None:
@@ -71,79 +129,98 @@ class Plumtree:
     # -- links -------------------------------------------------------------
 
     def on_peer_up(self, peer: int) -> list[Effect]:
-        self.lazy.discard(peer)
-        self.eager.add(peer)
+        self.up.add(peer)
         return []
 
     def on_peer_down(self, peer: int) -> list[Effect]:
-        self.eager.discard(peer)
-        self.lazy.discard(peer)
+        self.up.discard(peer)
         self._ihave.pop(peer, None)
+        for peers in self.adopted.values():
+            peers.discard(peer)
+        self._pruned = {(p, o) for p, o in self._pruned if p != peer}
         return []
-
-    def _make_eager(self, peer: int) -> None:
-        if peer in self.lazy:
-            self.lazy.discard(peer)
-            self.eager.add(peer)
 
     # -- messages ----------------------------------------------------------
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
         self.missing.pop(env.id, None)
-        if sender is not None:
-            self._make_eager(sender)
         path = env.path
+        origin = origin_of(path, self.node_id)
+        eager = set(self.trees.children(origin))
+        extra = self.adopted.get(origin)
+        if extra:
+            eager |= extra
+        parent = self.trees.parent(origin)
+        if sender is not None and sender != parent and parent is not None:
+            # It did not come down the tree: the tree above us is broken (or slow),
+            # so pass it up as well as down; this repairs a cut-off region in a
+            # few hops instead of one graft timeout per level.
+            eager.add(parent)
         effects: list[Effect] = []
-        targets = sorted(p for p in self.eager if p != sender and p not in path)
+        targets = sorted(p for p in eager if p in self.up and p != sender and p not in path)
         if targets:
             frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
             effects = [Send(p, frame) for p in targets]
-        for p in self.lazy:
-            if p != sender and p not in path:
+        for p in self.up:
+            if p != sender and p not in eager and p not in path:
                 batch = self._ihave.setdefault(p, [])
-                batch.append(env.id)
+                batch.append((env.id, origin))
                 if len(batch) >= IDS_PER_FRAME:
-                    effects.append(Send(p, IHaveFrame(tuple(batch))))
+                    effects.append(self._ihave_frame(p, batch))
                     batch.clear()
         return effects
 
     def on_duplicate(self, mid: bytes, sender: int) -> list[Effect]:
-        # A second copy came over this link: the link closes a cycle of the tree.
-        if sender in self.eager:
-            self.eager.discard(sender)
-            self.lazy.add(sender)
-            return [Send(sender, PruneFrame())]
-        return []
+        """A copy from outside our tree parent means an adoption is no longer needed."""
+        store = self._store
+        m = store.get(mid) if store is not None else None
+        if m is None:
+            return []
+        origin = origin_of(m.path, self.node_id)
+        if sender == self.trees.parent(origin) or (sender, origin) in self._pruned:
+            return []
+        parent = self.trees.parent(origin)
+        if parent is not None and parent not in self.up:
+            return []  # our tree parent is away: the adoptive one is still needed
+        self._pruned.add((sender, origin))
+        return [Send(sender, PruneFrame((origin,)))]
 
     def on_control(self, peer: int, frame: PeerFrame) -> list[Effect]:
         if isinstance(frame, IHaveFrame):
-            self._announced(peer, frame.ids)
+            self._announced(peer, frame.ids, frame.origins)
             return []
         if isinstance(frame, PruneFrame):
-            if peer in self.eager:
-                self.eager.discard(peer)
-                self.lazy.add(peer)
+            for origin in frame.origins:
+                peers = self.adopted.get(origin)
+                if peers is not None:
+                    peers.discard(peer)
             return []
         if isinstance(frame, GraftFrame):
-            self._make_eager(peer)
-            return [Send(peer, f) for f in self._graft_reply(frame.ids)]
+            return [Send(peer, f) for f in self._graft_reply(peer, frame.ids)]
         return []
 
-    def _announced(self, peer: int, ids: tuple[bytes, ...]) -> None:
+    def _ihave_frame(self, peer: int, batch: list[tuple[bytes, int]]) -> Send:
+        return Send(peer, IHaveFrame(tuple(i for i, _ in batch), tuple(o for _, o in batch)))
+
+    def _announced(self, peer: int, ids: tuple[bytes, ...], origins: tuple[int, ...]) -> None:
         store = self._store
-        for mid in ids:
+        for k, mid in enumerate(ids):
             if store is not None and mid in store:
                 continue
             entry = self.missing.get(mid)
-            if entry is None:
-                if len(self.missing) >= self.max_missing:
-                    # Forget the oldest: re-sync will still bring it.
-                    del self.missing[next(iter(self.missing))]
-                self.missing[mid] = _Missing(self.now + self.graft_timeout, [peer])
-            elif peer not in entry.announcers:
-                entry.announcers.append(peer)
+            if entry is not None:
+                if peer not in entry.announcers:
+                    entry.announcers.append(peer)
+                continue
+            if len(self.missing) >= self.max_missing:
+                del self.missing[next(iter(self.missing))]  # re-sync will still bring it
+            origin = origins[k] if k < len(origins) else None
+            parent = self.trees.parent(origin) if origin is not None else None
+            # Our tree parent is away: nothing will come by the tree, ask now.
+            wait = 0.0 if parent is not None and parent not in self.up else self.graft_timeout
+            self.missing[mid] = _Missing(self.now + wait, [peer])
 
-    def _graft_reply(self, ids: tuple[bytes, ...]) -> Iterator[GossipFrame]:
+    def _graft_reply(self, peer: int, ids: tuple[bytes, ...]) -> Iterator[GossipFrame]:
         store = self._store
         if store is None:
             return
@@ -153,6 +230,9 @@ class Plumtree:
             m = store.get(mid)
             if m is None:
                 continue
+            origin = origin_of(m.path, self.node_id)
+            self.adopted.setdefault(origin, set()).add(peer)
+            self._pruned.discard((peer, origin))
             batch.append(Envelope(m.id, m.body, (*m.path, self.node_id)))
             size += len(m.body) + 64
             if size >= GRAFT_REPLY_BYTES:
@@ -168,21 +248,19 @@ class Plumtree:
         effects: list[Effect] = []
         for peer, batch in self._ihave.items():
             if batch:
-                effects.append(Send(peer, IHaveFrame(tuple(batch))))
+                effects.append(self._ihave_frame(peer, batch))
         self._ihave.clear()
         grafts: dict[int, list[bytes]] = {}
-        links = self.eager | self.lazy
         expired = [mid for mid, e in self.missing.items() if e.deadline <= now]
         for mid in expired:
             entry = self.missing[mid]
-            while entry.announcers and entry.announcers[0] not in links:
+            while entry.announcers and entry.announcers[0] not in self.up:
                 entry.announcers.pop(0)
             if not entry.announcers:
                 del self.missing[mid]
                 continue
             peer = entry.announcers.pop(0)
             entry.deadline = now + self.graft_retry
-            self._make_eager(peer)
             grafts.setdefault(peer, []).append(mid)
         for peer, ids in sorted(grafts.items()):
             for i in range(0, len(ids), IDS_PER_FRAME):

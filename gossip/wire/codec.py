@@ -115,9 +115,12 @@ def encode(frame: AnyFrame) -> bytes:
         f.sync_hint.SetInParent()
     elif isinstance(frame, IHaveFrame):
         f.ihave.ids.extend(frame.ids)
+        f.ihave.origins.extend(frame.origins)
+        f.ihave.SetInParent()
     elif isinstance(frame, GraftFrame):
         f.graft.ids.extend(frame.ids)
     elif isinstance(frame, PruneFrame):
+        f.prune.origins.extend(frame.origins)
         f.prune.SetInParent()
     elif isinstance(frame, Ping):
         f.ping.SetInParent()
@@ -161,11 +164,11 @@ def decode(data: bytes) -> AnyFrame:
     if kind == "sync_hint":
         return SyncHintFrame()
     if kind == "ihave":
-        return IHaveFrame(tuple(f.ihave.ids))
+        return IHaveFrame(tuple(f.ihave.ids), tuple(f.ihave.origins))
     if kind == "graft":
         return GraftFrame(tuple(f.graft.ids))
     if kind == "prune":
-        return PruneFrame()
+        return PruneFrame(tuple(f.prune.origins))
     if kind == "ping":
         return Ping()
     if kind == "hello":

@@ -130,21 +130,25 @@ Global___Gossip: _TypeAlias = Gossip  # noqa: Y015
 
 @_typing.final
 class IHave(_message.Message):
-    """Lazy push: ids the sender holds (Plumtree IHAVE)."""
+    """Lazy push: ids the sender holds (Plumtree IHAVE), with each one's origin node."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     IDS_FIELD_NUMBER: _builtins.int
+    ORIGINS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        origins: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "origins", b"origins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,7 +156,7 @@ Global___IHave: _TypeAlias = IHave  # noqa: Y015
 
 @_typing.final
 class Graft(_message.Message):
-    """Ask the receiver to send these messages eagerly (Plumtree GRAFT)."""
+    """Send me these messages, and push their origins' messages to me from now on (GRAFT)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -174,16 +178,21 @@ Global___Graft: _TypeAlias = Graft  # noqa: Y015
 
 @_typing.final
 class Prune(_message.Message):
-    """Ask the receiver to stop eager pushes on this link (Plumtree PRUNE)."""
+    """Stop the eager pushes of these origins' messages that a Graft asked for (PRUNE)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    ORIGINS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
+        *,
+        origins: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["origins", b"origins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

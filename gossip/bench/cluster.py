@@ -1,0 +1,1121 @@
+"""``gossip-bench``: the workloads of ``bench-spec.md`` against real node processes.
+
+Every run starts a fresh cluster on loopback (free ports, empty data
+directories, one ``twistd`` process per node through ``LocalCluster``, as
+users start them), waits until every link is up, runs one workload, reads the
+nodes' figures and stops the cluster. Workloads:
+
+- **latency**: 200 messages, one every 20 ms, each to a random node; time from
+  the submit call until the last node lists it.
+- **throughput**: ``--clients`` concurrent clients submit as fast as the API
+  acknowledges for ``--throughput-seconds``; then a bounded drain (120 s).
+- **resync**: SIGKILL one node, submit 10,000 messages to the others, wait
+  until they all hold them, restart it and time its catch-up, with the payload
+  bytes and frames it received over what it missed.
+- **wan**: latency with ``--link-delay 100`` on every node (100 ms per hop).
+
+Delivery is observed by polling: one client connection per node asks
+``ListMessages(start=cursor)`` every few milliseconds (a node lists messages in
+arrival order), and each newly listed id is stamped with the time the answer
+came back. A delivery time is therefore late by at most one poll period plus
+one round trip; the table states the poll periods actually achieved.
+
+With several ``--strategy`` values every round runs each variant on the same
+workload with the same seed, rotating their order from round to round, and the
+table quotes each variant's mean over the first variant's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from gossip.client.api import GossipClient, NodeUnreachable
+from gossip.client.commands import ListMessages
+from gossip.cluster import ClusterFailed, LocalCluster
+from gossip.config import DISSEMINATIONS, FSYNC_POLICIES, ClusterConfig, dump_config, parse_config
+from gossip.topology import generate_config, summary
+from gossip.traffic import PAYLOAD_KINDS
+
+T = TypeVar("T")
+
+WORKLOADS = ("latency", "throughput", "resync", "wan")
+BODY_BYTES = 100
+_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+CALL_TIMEOUT = 30.0  # any single client call
+SUBMIT_DEADLINE = 300.0  # submitting a fixed number of messages (latency, wan, resync)
+LIST_PAGE = 2000
+STATUS_KINDS_FIELDS = (
+    "frames_out",
+    "bytes_out",
+    "messages_out",
+    "frames_in",
+    "bytes_in",
+    "messages_in",
+)
+PROGRAM = "gossip-bench"
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; ``str()`` is one line for the operator."""
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+# -- settings -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Settings:
+    nodes: int
+    workloads: tuple[str, ...]
+    strategies: tuple[str, ...]
+    rounds: int
+    throughput_seconds: float
+    clients: int
+    fsync: str | None
+    seed: int
+    latency_messages: int
+    latency_interval: float
+    resync_messages: int
+    wan_delay_ms: float
+    poll_interval: float
+    slow_poll_interval: float
+    drain_timeout: float
+    ready_timeout: float
+    max_messages: int
+    log_level: str
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no {what} given")
+    for name in names:
+        if name not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {name!r} (allowed: {', '.join(allowed)})"
+            )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a {what} is given twice in {text!r}")
+    return tuple(names)
+
+
+def _workloads(text: str) -> tuple[str, ...]:
+    return _names(text, WORKLOADS, "workload")
+
+
+def _strategies(text: str) -> tuple[str, ...]:
+    # The strategies this build's config accepts (the node refuses any other).
+    return _names(text, DISSEMINATIONS, "strategy")
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(text: str) -> T:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:  # type: ignore[operator]
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Run the benchmark workloads (bench-spec.md) against a local cluster of"
+        " node processes and print one table.",
+    )
+    p.add_argument("--nodes", type=_positive(int), default=16, help="cluster size (default 16)")
+    p.add_argument(
+        "--workloads",
+        type=_workloads,
+        default=WORKLOADS,
+        help=f"comma-separated, from {','.join(WORKLOADS)} (default: all)",
+    )
+    p.add_argument(
+        "--strategy",
+        type=_strategies,
+        default=("flood",),
+        help="dissemination strategies to compare, comma-separated; ratios are against"
+        " the first (default flood)",
+    )
+    p.add_argument(
+        "--rounds", type=_positive(int), default=2, help="runs of each workload (default 2)"
+    )
+    p.add_argument("--throughput-seconds", type=_positive(float), default=10.0, metavar="S")
+    p.add_argument(
+        "--clients",
+        type=_positive(int),
+        default=8,
+        help="concurrent submitting clients for throughput and resync (default 8)",
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    p.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="plot latency distributions (matplotlib)"
+    )
+    p.add_argument(
+        "--fsync", choices=FSYNC_POLICIES, help="fsync policy (default: the cluster default)"
+    )
+    p.add_argument("--dir", type=Path, help="work directory (default: a temp directory)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the nodes' data and logs after the run"
+    )
+    p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    k = p.add_argument_group("workload knobs (defaults follow bench-spec.md)")
+    k.add_argument("--latency-messages", type=_positive(int), default=200, metavar="N")
+    k.add_argument("--latency-interval-ms", type=_positive(float), default=20.0, metavar="MS")
+    k.add_argument("--resync-messages", type=_positive(int), default=10_000, metavar="N")
+    k.add_argument("--wan-delay-ms", type=_positive(float), default=100.0, metavar="MS")
+    k.add_argument(
+        "--poll-ms",
+        type=_positive(float),
+        default=5.0,
+        metavar="MS",
+        help="delivery poll period per node for latency and wan (default 5)",
+    )
+    k.add_argument(
+        "--slow-poll-ms",
+        type=_positive(float),
+        default=50.0,
+        metavar="MS",
+        help="delivery poll period per node for throughput and resync (default 50)",
+    )
+    k.add_argument("--drain-timeout", type=_positive(float), default=120.0, metavar="S")
+    k.add_argument("--ready-timeout", type=_positive(float), default=90.0, metavar="S")
+    k.add_argument(
+        "--max-messages",
+        type=_positive(int),
+        default=1_000_000,
+        metavar="N",
+        help="cap on messages one throughput run submits",
+    )
+    k.add_argument("--log-level", default="warn", help="the nodes' log level (default warn)")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        nodes=args.nodes,
+        workloads=args.workloads,
+        strategies=args.strategy,
+        rounds=args.rounds,
+        throughput_seconds=args.throughput_seconds,
+        clients=args.clients,
+        fsync=args.fsync,
+        seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31),
+        latency_messages=args.latency_messages,
+        latency_interval=args.latency_interval_ms / 1000.0,
+        resync_messages=args.resync_messages,
+        wan_delay_ms=args.wan_delay_ms,
+        poll_interval=args.poll_ms / 1000.0,
+        slow_poll_interval=args.slow_poll_ms / 1000.0,
+        drain_timeout=args.drain_timeout,
+        ready_timeout=args.ready_timeout,
+        max_messages=args.max_messages,
+        log_level=args.log_level,
+    )
+
+
+# -- the machine and the processes ---------------------------------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (Linux /proc), else None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "; fields[0] is field 3
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def process_peak_rss(pid: int) -> int | None:
+    """Peak resident set size (VmHWM) of a live process in bytes, else None."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def own_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def git_commit() -> str:
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model or platform.processor() or "unknown",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def free_port_base(count: int, attempts: int = 50) -> int:
+    """A base such that base+1 .. base+count are all free on 127.0.0.1 now."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20000, 60000 - count)
+        socks = []
+        try:
+            for port in range(base + 1, base + count + 1):
+                s = socket.socket()
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise BenchError(f"no free block of {count} loopback ports after {attempts} tries")
+
+
+# -- small async helpers -------------------------------------------------------
+
+
+async def sleep(reactor: Any, seconds: float) -> None:
+    await task.deferLater(reactor, max(0.0, seconds))
+
+
+async def with_timeout(reactor: Any, coro: Coroutine[Any, Any, T], seconds: float) -> T:
+    d: defer.Deferred[T] = defer.Deferred.fromCoroutine(coro)
+    d.addTimeout(seconds, reactor)
+    return await d
+
+
+async def gather(coros: Iterable[Coroutine[Any, Any, T] | defer.Deferred[T]]) -> list[T]:
+    ds: list[defer.Deferred[T]] = [
+        c if isinstance(c, defer.Deferred) else defer.Deferred.fromCoroutine(c) for c in coros
+    ]
+    try:
+        return await defer.gatherResults(ds, consumeErrors=True)
+    except defer.FirstError as e:
+        e.subFailure.raiseException()
+        raise  # not reached
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile of unsorted values, None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(-(-p * len(ordered) // 100)) - 1))
+    return ordered[k]
+
+
+def make_body(rng: random.Random, i: int, tag: str) -> str:
+    """100 printable characters, unique per (tag, i)."""
+    head = f"{tag}:{i}:"
+    return head + "".join(rng.choices(_ALPHABET, k=BODY_BYTES - len(head)))
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+# -- delivery detection --------------------------------------------------------
+
+
+class DeliveryTracker:
+    """Polls ``ListMessages`` on some nodes and stamps each id when the last of them lists it.
+
+    One connection per node; each node is asked for the entries after its
+    cursor every ``interval`` seconds (at once again while pages come back
+    full). An id is stamped with the time the answer that listed it arrived.
+    """
+
+    def __init__(self, reactor: Any, clients: Mapping[int, GossipClient], interval: float) -> None:
+        self.reactor = reactor
+        self.clients = dict(clients)
+        self.interval = interval
+        self.target = len(self.clients)
+        self.count: dict[str, int] = {}
+        self.full_at: dict[str, float] = {}
+        self.first_answer: dict[int, float] = {}
+        self.cursor = dict.fromkeys(self.clients, 0)
+        self.gaps: list[float] = []
+        self.errors = 0
+        self._running = False
+        self._loops: list[defer.Deferred[None]] = []
+
+    def start(self) -> None:
+        self._running = True
+        self._loops = [defer.Deferred.fromCoroutine(self._poll(n)) for n in self.clients]
+
+    async def stop(self) -> None:
+        self._running = False
+        await defer.gatherResults(self._loops, consumeErrors=True)
+
+    async def _poll(self, node: int) -> None:
+        proto = self.clients[node].proto
+        last: float | None = None
+        while self._running:
+            try:
+                d = proto.callRemote(ListMessages, start=self.cursor[node], limit=LIST_PAGE)
+                r = await d.addTimeout(CALL_TIMEOUT, self.reactor)
+            except Exception:
+                self.errors += 1
+                await sleep(self.reactor, max(self.interval, 0.1))
+                continue
+            t = now()
+            self.first_answer.setdefault(node, t)
+            if last is not None:
+                self.gaps.append(t - last)
+            last = t
+            for m in r["messages"]:
+                mid = m["id"]
+                c = self.count.get(mid, 0) + 1
+                self.count[mid] = c
+                if c == self.target:
+                    self.full_at[mid] = t
+            self.cursor[node] = r["next"]
+            if r["next"] < r["total"]:
+                continue  # more is waiting: ask again now
+            await sleep(self.reactor, self.interval)
+
+    def missing(self, ids: Iterable[str]) -> int:
+        """Node-id pairs not (yet) seen among ``ids``."""
+        return sum(self.target - self.count.get(i, 0) for i in ids)
+
+    async def wait_all(self, ids: Sequence[str], timeout: float, alive: Callable[[], None]) -> bool:
+        """Until every node lists every id (True) or ``timeout`` passes (False)."""
+        deadline = now() + timeout
+        while True:
+            if all(i in self.full_at for i in ids):
+                return True
+            alive()
+            if now() > deadline:
+                return False
+            await sleep(self.reactor, 0.02)
+
+
+# -- node accounting -----------------------------------------------------------
+
+
+def traffic_table(status: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    return {
+        str(row["kind"]): {f: int(row[f]) for f in STATUS_KINDS_FIELDS} for row in status["traffic"]
+    }
+
+
+def _add(
+    into: dict[str, dict[str, int]], table: Mapping[str, Mapping[str, int]], sign: int
+) -> None:
+    for kind, row in table.items():
+        acc = into.setdefault(kind, dict.fromkeys(STATUS_KINDS_FIELDS, 0))
+        for f in STATUS_KINDS_FIELDS:
+            acc[f] += sign * row.get(f, 0)
+
+
+class Usage:
+    """Traffic counters and CPU of every node process between ``begin`` and ``end``.
+
+    A node that is killed and restarted is counted in two parts: up to its
+    last reading before the kill, and its new process from its start (so
+    the restart's own start-up CPU is included).
+    """
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.base_traffic: dict[int, dict[str, dict[str, int]]] = {}
+        self.base_cpu: dict[int, float] = {}
+        self.acc_traffic: dict[str, dict[str, int]] = {}
+        self.acc_cpu = 0.0
+        self.peak_rss: dict[int, int] = {}
+        self.own_cpu = 0.0
+        self.idle_cpu_rate: float | None = None
+        self.began = 0.0
+
+    async def status(self, node: int) -> dict[str, Any]:
+        s = await self.cluster.node_status(node)
+        if s is None:
+            raise BenchError(f"node {node} did not answer Status")
+        return s
+
+    def pid(self, node: int) -> int:
+        p = self.cluster.processes[node].pid
+        if p is None:
+            raise BenchError(f"node {node} has no process id")
+        return p
+
+    def cpu(self, node: int) -> float:
+        return process_cpu_seconds(self.pid(node)) or 0.0
+
+    def _note_rss(self, node: int) -> None:
+        rss = process_peak_rss(self.pid(node))
+        if rss is not None:
+            self.peak_rss[node] = max(rss, self.peak_rss.get(node, 0))
+
+    async def calibrate(self, reactor: Any, seconds: float = 1.0) -> None:
+        """CPU per second of all nodes while idle but polled (run with the poller started).
+
+        Subtracted from the workload's CPU for the "net of polling" estimate. A poll
+        that returns messages costs more than an empty one, so it is a lower bound.
+        """
+        await sleep(reactor, 0.2)
+        nodes = sorted(self.cluster.config.nodes)
+        before = sum(self.cpu(n) for n in nodes)
+        t = now()
+        await sleep(reactor, seconds)
+        self.idle_cpu_rate = (sum(self.cpu(n) for n in nodes) - before) / (now() - t)
+
+    async def begin(self) -> None:
+        for n in sorted(self.cluster.config.nodes):
+            self.base_traffic[n] = traffic_table(await self.status(n))
+            self.base_cpu[n] = self.cpu(n)
+        self.own_cpu = own_cpu_seconds()
+        self.began = now()
+
+    async def close_epoch(self, node: int) -> dict[str, Any]:
+        """Count a node up to now, before it is killed; its status then."""
+        s = await self.status(node)
+        _add(self.acc_traffic, traffic_table(s), 1)
+        _add(self.acc_traffic, self.base_traffic[node], -1)
+        self.acc_cpu += self.cpu(node) - self.base_cpu[node]
+        self._note_rss(node)
+        self.base_traffic[node] = {}
+        self.base_cpu[node] = 0.0
+        return s
+
+    async def end(self) -> dict[str, Any]:
+        traffic: dict[str, dict[str, int]] = {}
+        _add(traffic, self.acc_traffic, 1)
+        cpu = self.acc_cpu
+        for n in sorted(self.cluster.config.nodes):
+            _add(traffic, traffic_table(await self.status(n)), 1)
+            _add(traffic, self.base_traffic[n], -1)
+            cpu += self.cpu(n) - self.base_cpu[n]
+            self._note_rss(n)
+        return {
+            "traffic": traffic,
+            "seconds": now() - self.began,
+            "idle_cpu_rate": self.idle_cpu_rate,
+            "cpu_seconds": cpu,
+            "peak_rss": dict(self.peak_rss),
+            "bench_cpu_seconds": own_cpu_seconds() - self.own_cpu,
+        }
+
+
+def common_figures(used: Mapping[str, Any], messages: int) -> dict[str, Any]:
+    """The figures of every run, per broadcast message."""
+    traffic: Mapping[str, Mapping[str, int]] = used["traffic"]
+    per = max(messages, 1)
+
+    def total(field: str, kinds: Iterable[str]) -> int:
+        return sum(traffic[k][field] for k in kinds if k in traffic)
+
+    payload = [k for k in traffic if k in PAYLOAD_KINDS]
+    control = [k for k in traffic if k not in PAYLOAD_KINDS]
+    rss = [v / 1e6 for v in used["peak_rss"].values()]
+    rate = used["idle_cpu_rate"]
+    net = None if rate is None else max(0.0, used["cpu_seconds"] - rate * used["seconds"])
+    return {
+        "payload_frames_per_message": total("frames_out", payload) / per,
+        "payload_messages_per_message": total("messages_out", payload) / per,
+        "gossip_messages_per_message": total("messages_out", ["gossip"]) / per,
+        "control_frames_per_message": total("frames_out", control) / per,
+        "wire_bytes_per_message": total("bytes_out", traffic) / per,
+        "cpu_seconds": used["cpu_seconds"],
+        "cpu_seconds_per_1000": used["cpu_seconds"] * 1000.0 / per,
+        "idle_poll_cpu_per_second": rate,
+        "cpu_seconds_per_1000_net": None if net is None else net * 1000.0 / per,
+        "workload_seconds": used["seconds"],
+        "rss_peak_max_mb": max(rss) if rss else None,
+        "rss_peak_mean_mb": sum(rss) / len(rss) if rss else None,
+        "bench_cpu_seconds": used["bench_cpu_seconds"],
+        "traffic": {k: dict(v) for k, v in sorted(traffic.items())},
+    }
+
+
+# -- one run -------------------------------------------------------------------
+
+
+@attrs.define
+class Run:
+    reactor: Any
+    settings: Settings
+    cluster: LocalCluster
+    rng: random.Random
+    tag: str
+    allowed_down: set[int] = attrs.field(factory=set)
+    connections: list[GossipClient] = attrs.field(factory=list)
+
+    @property
+    def node_ids(self) -> list[int]:
+        return sorted(self.cluster.config.nodes)
+
+    def check_alive(self) -> None:
+        """Raise if a node process that should run has exited."""
+        for n, p in sorted(self.cluster.processes.items()):
+            if not p.running and n not in self.allowed_down:
+                raise BenchError(
+                    f"node {n} exited with status {p.exit_code} during the run"
+                    f" (log: {self.cluster.log_path(n)})"
+                )
+
+    async def connect(self, node: int) -> GossipClient:
+        spec = self.cluster.config.node(node)
+        try:
+            c = await GossipClient.connect(self.reactor, spec.host, spec.client_port, 5.0)
+        except NodeUnreachable as e:
+            raise BenchError(f"node {node}: {e}") from None
+        self.connections.append(c)
+        return c
+
+    async def connect_all(self, nodes: Iterable[int]) -> dict[int, GossipClient]:
+        nodes = list(nodes)
+        clients = await gather(self.connect(n) for n in nodes)
+        return dict(zip(nodes, clients, strict=True))
+
+    def close(self) -> None:
+        for c in self.connections:
+            c.close()
+        self.connections.clear()
+
+    async def submit(self, client: GossipClient, body: str) -> str:
+        return await with_timeout(self.reactor, client.submit_message(body), CALL_TIMEOUT)
+
+
+async def latency_workload(run: Run, usage: Usage) -> dict[str, Any]:
+    """Messages at a fixed interval to random nodes; time until the last node lists each."""
+    s = run.settings
+    nodes = run.node_ids
+    submitters = await run.connect_all(nodes)
+    tracker = DeliveryTracker(run.reactor, await run.connect_all(nodes), s.poll_interval)
+    bodies = [make_body(run.rng, i, run.tag) for i in range(s.latency_messages)]
+    targets = [run.rng.choice(nodes) for _ in bodies]
+    submitted: dict[str, float] = {}
+    submitted_wall: dict[str, float] = {}
+    errors: list[str] = []
+    slips: list[float] = []
+
+    async def one(node: int, body: str) -> None:
+        t, wall = now(), time.time()
+        try:
+            mid = await run.submit(submitters[node], body)
+        except Exception as e:
+            errors.append(f"node {node}: {e!r}")
+            return
+        submitted[mid] = t
+        submitted_wall[mid] = wall
+
+    tracker.start()
+    await usage.calibrate(run.reactor)
+    await usage.begin()
+    pending: list[defer.Deferred[None]] = []
+    start = now() + 0.05
+    for i, (node, body) in enumerate(zip(targets, bodies, strict=True)):
+        due = start + i * s.latency_interval
+        if due > now():
+            await sleep(run.reactor, due - now())
+        slips.append(now() - due)
+        if now() - start > SUBMIT_DEADLINE:
+            break
+        pending.append(defer.Deferred.fromCoroutine(one(node, body)))
+    await gather(pending)
+    ids = list(submitted)
+    done = await tracker.wait_all(ids, s.drain_timeout, run.check_alive)
+    await tracker.stop()
+    used = await usage.end()
+    lat = [tracker.full_at[i] - submitted[i] for i in ids if i in tracker.full_at]
+    # Cross-check without polling: every node stamps received_at with the same
+    # machine clock when it stores a message (read after the figures above).
+    stamps = await received_at(run, submitters, [i for i in ids if i in tracker.full_at])
+    stamped = [max(stamps[i]) - submitted_wall[i] for i in stamps]
+    return {
+        "figures": {
+            "messages": len(ids),
+            "latency_p50_ms": ms(percentile(lat, 50)),
+            "latency_p99_ms": ms(percentile(lat, 99)),
+            "latency_max_ms": ms(max(lat) if lat else None),
+            "stamped_p50_ms": ms(percentile(stamped, 50)),
+            "stamped_p99_ms": ms(percentile(stamped, 99)),
+            "stamped_max_ms": ms(max(stamped) if stamped else None),
+            "undelivered_pairs": tracker.missing(ids),
+            "submit_errors": len(errors) + len(bodies) - len(pending),
+            "all_delivered": done,
+            "send_slip_max_ms": ms(max(slips) if slips else None),
+            "poll_period_p50_ms": ms(percentile(tracker.gaps, 50)),
+            "poll_period_p99_ms": ms(percentile(tracker.gaps, 99)),
+            "poll_errors": tracker.errors,
+            **common_figures(used, len(ids)),
+        },
+        "latencies_ms": sorted(x * 1000.0 for x in lat),
+        "stamped_latencies_ms": sorted(x * 1000.0 for x in stamped),
+        "errors": errors[:10],
+    }
+
+
+async def received_at(
+    run: Run, clients: Mapping[int, GossipClient], ids: Sequence[str]
+) -> dict[str, list[float]]:
+    """id -> every node's received_at of it (``Get`` on each node, nodes in parallel)."""
+    out: dict[str, list[float]] = {i: [] for i in ids}
+
+    async def node(client: GossipClient) -> None:
+        for i in ids:
+            m = await with_timeout(run.reactor, client.get_message(i), CALL_TIMEOUT)
+            out[i].append(m.received_at)
+
+    await gather(node(c) for c in clients.values())
+    return out
+
+
+async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
+    """Concurrent clients submit as fast as acknowledged; then a bounded drain."""
+    s = run.settings
+    nodes = run.node_ids
+    workers = [await run.connect_all(nodes) for _ in range(s.clients)]
+    tracker = DeliveryTracker(run.reactor, await run.connect_all(nodes), s.slow_poll_interval)
+    submitted: dict[str, float] = {}
+    errors: list[str] = []
+    counter = [0]
+    last_ack = [0.0]
+
+    async def worker(conns: dict[int, GossipClient], end: float) -> None:
+        while now() < end and counter[0] < s.max_messages:
+            i = counter[0]
+            counter[0] += 1
+            node = run.rng.choice(nodes)
+            body = make_body(run.rng, i, run.tag)
+            t = now()
+            try:
+                mid = await run.submit(conns[node], body)
+            except Exception as e:
+                errors.append(f"node {node}: {e!r}")
+                run.check_alive()
+                await sleep(run.reactor, 0.05)
+                continue
+            submitted[mid] = t
+            last_ack[0] = max(last_ack[0], now())
+
+    tracker.start()
+    await usage.calibrate(run.reactor)
+    await usage.begin()
+    first = now()
+    end = first + s.throughput_seconds
+    await gather(worker(w, end) for w in workers)
+    ids = list(submitted)
+    done = await tracker.wait_all(ids, s.drain_timeout, run.check_alive)
+    await tracker.stop()
+    used = await usage.end()
+    fulls = [tracker.full_at[i] for i in ids if i in tracker.full_at]
+    last_full = max(fulls) if fulls else None
+    first_submit = min(submitted.values()) if submitted else first
+    lat = [tracker.full_at[i] - submitted[i] for i in ids if i in tracker.full_at]
+    return {
+        "figures": {
+            "messages": len(ids),
+            "delivered_per_second": (
+                len(fulls) / (last_full - first_submit) if last_full is not None else 0.0
+            ),
+            "submitted_per_second": len(ids) / max(last_ack[0] - first_submit, 1e-9),
+            "drain_seconds": (last_full - last_ack[0]) if last_full is not None else None,
+            "undelivered_pairs": tracker.missing(ids),
+            "submit_errors": len(errors),
+            "all_delivered": done,
+            "latency_p50_ms": ms(percentile(lat, 50)),
+            "latency_p99_ms": ms(percentile(lat, 99)),
+            "poll_period_p50_ms": ms(percentile(tracker.gaps, 50)),
+            "poll_period_p99_ms": ms(percentile(tracker.gaps, 99)),
+            "poll_errors": tracker.errors,
+            **common_figures(used, len(ids)),
+        },
+        "errors": errors[:10],
+    }
+
+
+async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
+    """Kill a node, submit to the others, restart it: catch-up time and bytes it received."""
+    s = run.settings
+    nodes = run.node_ids
+    victim = run.rng.choice(nodes)
+    others = [n for n in nodes if n != victim]
+    workers = [await run.connect_all(others) for _ in range(s.clients)]
+    tracker = DeliveryTracker(run.reactor, await run.connect_all(others), s.slow_poll_interval)
+    bodies = [make_body(run.rng, i, run.tag) for i in range(s.resync_messages)]
+    queue = list(reversed(bodies))
+    submitted: dict[str, float] = {}
+    submitted_bytes: dict[str, int] = {}
+    errors: list[str] = []
+
+    tracker.start()
+    await usage.calibrate(run.reactor)
+    await usage.begin()
+    await usage.close_epoch(victim)
+    run.allowed_down.add(victim)
+    await run.cluster.kill_node(victim)
+    deadline = now() + SUBMIT_DEADLINE
+
+    async def worker(conns: dict[int, GossipClient]) -> None:
+        while queue and now() < deadline:
+            body = queue.pop()
+            node = run.rng.choice(others)
+            try:
+                mid = await run.submit(conns[node], body)
+            except Exception as e:
+                errors.append(f"node {node}: {e!r}")
+                run.check_alive()
+                await sleep(run.reactor, 0.05)
+                continue
+            submitted[mid] = now()
+            submitted_bytes[mid] = len(body.encode())
+
+    await gather(worker(w) for w in workers)
+    ids = list(submitted)
+    others_done = await tracker.wait_all(ids, s.drain_timeout, run.check_alive)
+    await tracker.stop()
+    missed_bytes = sum(submitted_bytes.values())
+
+    restarted = now()
+    run.cluster.start_node(victim)
+    run.allowed_down.discard(victim)
+    client = await _connect_when_up(run, victim, restarted + s.ready_timeout)
+    up = now()
+    victim_tracker = DeliveryTracker(run.reactor, {victim: client}, s.poll_interval)
+    victim_tracker.start()
+    done = await victim_tracker.wait_all(ids, s.drain_timeout, run.check_alive)
+    caught_up = max(
+        (victim_tracker.full_at[i] for i in ids if i in victim_tracker.full_at), default=None
+    )
+    await victim_tracker.stop()
+    await sleep(run.reactor, 1.0)  # let late duplicates arrive: they are part of the cost
+    status = await usage.status(victim)
+    received = traffic_table(status)
+    used = await usage.end()
+    payload = [k for k in received if k in PAYLOAD_KINDS]
+    count = max(len(ids), 1)
+    return {
+        "figures": {
+            "messages": len(ids),
+            "restarted_node": victim,
+            "catchup_seconds": (caught_up - restarted) if caught_up is not None else None,
+            "catchup_from_up_seconds": (caught_up - up) if caught_up is not None else None,
+            "missed_messages": len(ids),
+            "missed_bytes": missed_bytes,
+            "payload_bytes_in": sum(received[k]["bytes_in"] for k in payload),
+            "payload_frames_in": sum(received[k]["frames_in"] for k in payload),
+            "payload_messages_in": sum(received[k]["messages_in"] for k in payload),
+            "payload_bytes_ratio": sum(received[k]["bytes_in"] for k in payload)
+            / max(missed_bytes, 1),
+            "payload_frames_ratio": sum(received[k]["frames_in"] for k in payload) / count,
+            "payload_messages_ratio": sum(received[k]["messages_in"] for k in payload) / count,
+            "undelivered_pairs": victim_tracker.missing(ids) + tracker.missing(ids),
+            "submit_errors": len(errors) + len(bodies) - len(ids),
+            "all_delivered": done and others_done,
+            "sync": status.get("sync", []),
+            "poll_period_p50_ms": ms(percentile(victim_tracker.gaps, 50)),
+            "poll_period_p99_ms": ms(percentile(victim_tracker.gaps, 99)),
+            "poll_errors": tracker.errors + victim_tracker.errors,
+            **common_figures(used, len(ids)),
+        },
+        "errors": errors[:10],
+    }
+
+
+async def _connect_when_up(run: Run, node: int, deadline: float) -> GossipClient:
+    while True:
+        p = run.cluster.processes[node]
+        if not p.running:
+            raise BenchError(
+                f"restarted node {node} exited with status {p.exit_code}"
+                f" (log: {run.cluster.log_path(node)})"
+            )
+        try:
+            return await run.connect(node)
+        except BenchError:
+            if now() > deadline:
+                raise
+        await sleep(run.reactor, 0.02)
+
+
+WORKLOAD_FUNCTIONS: dict[str, Callable[[Run, Usage], Awaitable[dict[str, Any]]]] = {
+    "latency": latency_workload,
+    "throughput": throughput_workload,
+    "resync": resync_workload,
+    "wan": latency_workload,
+}
+
+
+def cluster_config(settings: Settings, strategy: str) -> ClusterConfig:
+    """The cluster file of one run: fresh ports, the variant's strategy, the fsync policy."""
+    n = settings.nodes
+    base = free_port_base(2 * n)
+    config = generate_config(n, base_peer_port=base, base_client_port=base + n, seed=settings.seed)
+    config = attrs.evolve(
+        config,
+        dissemination=strategy,
+        fsync=settings.fsync if settings.fsync is not None else config.fsync,
+    )
+    # Through the parser, so that a bad value fails here with the config's own message.
+    return parse_config(dump_config(config), "<bench>")
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.started = now()
+
+    def say(self, text: str) -> None:
+        print(f"[{now() - self.started:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+class Current:
+    """The cluster that is up, so that a shutdown (Ctrl-C) can stop its nodes."""
+
+    cluster: LocalCluster | None = None
+
+
+async def run_one(
+    reactor: Any,
+    settings: Settings,
+    workdir: Path,
+    workload: str,
+    strategy: str,
+    round_no: int,
+    current: Current,
+) -> dict[str, Any]:
+    name = f"{workload}-{strategy}-r{round_no}"
+    directory = workdir / name
+    directory.mkdir(parents=True)
+    extra = ["--link-delay", f"{settings.wan_delay_ms:g}"] if workload == "wan" else []
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        config = cluster_config(settings, strategy)
+        path = directory / "cluster.toml"
+        path.write_text(dump_config(config))
+        cluster = LocalCluster(
+            reactor, path, directory, log_level=settings.log_level, extra_args=extra
+        )
+        current.cluster = cluster
+        starting = now()
+        cluster.start_all()
+        try:
+            await cluster.wait_ready(settings.ready_timeout)
+            break
+        except ClusterFailed as e:
+            await cluster.stop_all()
+            current.cluster = None
+            # Another program may take a port between the search and the listen.
+            if "cannot listen" in str(e) and attempt < attempts:
+                for n in config.nodes:
+                    shutil.rmtree(cluster.node_dir(n), ignore_errors=True)
+                continue
+            raise BenchError(f"{name}: {e}") from None
+    startup = now() - starting
+    rng = random.Random(f"{settings.seed}/{workload}/{round_no}")  # same for every variant
+    run = Run(reactor, settings, cluster, rng, tag=f"{workload[0]}{round_no}")
+    started = now()
+    try:
+        out = await WORKLOAD_FUNCTIONS[workload](run, Usage(cluster))
+    finally:
+        run.close()
+        await cluster.stop_all()
+        current.cluster = None
+    out["figures"]["wall_seconds"] = now() - started
+    out["figures"]["startup_seconds"] = startup
+    return {
+        "workload": workload,
+        "strategy": strategy,
+        "round": round_no,
+        "directory": str(directory),
+        "extra_args": extra,
+        **out,
+    }
+
+
+def schedule(settings: Settings) -> list[tuple[int, str, str]]:
+    """(round, workload, strategy) in run order: every round runs each workload once per
+    variant, and the variants' order rotates from round to round (AB, BA, ...)."""
+    out = []
+    k = len(settings.strategies)
+    for r in range(settings.rounds):
+        order = settings.strategies[r % k :] + settings.strategies[: r % k]
+        for w in settings.workloads:
+            for strategy in order:
+                out.append((r + 1, w, strategy))
+    return out
+
+
+async def run_all(
+    reactor: Any, settings: Settings, workdir: Path, current: Current
+) -> dict[str, Any]:
+    from gossip.bench.report import headline
+
+    plan = schedule(settings)
+    progress = Progress()
+    sample = generate_config(settings.nodes, seed=settings.seed)
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "commit": git_commit(),
+        "settings": {
+            **attrs.asdict(settings),
+            "topology": summary(sample),
+            "edges": sample.edges(),
+            "fsync_policy": settings.fsync or sample.fsync,
+            "body_bytes": BODY_BYTES,
+        },
+        "runs": [],
+    }
+    for k, (round_no, workload, strategy) in enumerate(plan, 1):
+        progress.say(f"run {k}/{len(plan)}: {workload}, {strategy}, round {round_no}")
+        run = await run_one(reactor, settings, workdir, workload, strategy, round_no, current)
+        result["runs"].append(run)
+        progress.say(f"  {headline(run)}")
+    result["machine"]["load_average_end"] = (
+        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    )
+    return result
+
+
+# -- the command -------------------------------------------------------------
+
+
+def _run_reactor(
+    make: Callable[[Any, Current], Coroutine[Any, Any, dict[str, Any]]],
+) -> tuple[dict[str, Any] | None, BaseException | Failure | None]:
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+    current = Current()
+    out: dict[str, Any] = {}
+    errors: list[BaseException | Failure] = []
+    finished = [False]
+
+    def stop_nodes() -> defer.Deferred[None] | None:
+        cluster = current.cluster
+        if cluster is None:
+            return None
+        return defer.Deferred.fromCoroutine(cluster.stop_all())
+
+    def start() -> None:
+        d = defer.Deferred.fromCoroutine(make(reactor, current))
+
+        def ok(result: dict[str, Any]) -> None:
+            finished[0] = True
+            out.update(result)
+
+        def failed(f: Failure) -> None:
+            finished[0] = True
+            errors.append(f.value if isinstance(f.value, BenchError) else f)
+
+        d.addCallbacks(ok, failed)
+        d.addBoth(lambda _: reactor.stop() if reactor.running else None)
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop_nodes)
+    reactor.callWhenRunning(start)
+    reactor.run()
+    if errors:
+        return None, errors[0]
+    if not finished[0]:
+        return None, KeyboardInterrupt()
+    return out, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gossip.bench import report
+
+    args = parser().parse_args(argv)
+    settings = settings_from(args)
+    if args.plot is not None and (problem := report.plot_unavailable()):
+        print(f"{PROGRAM}: --plot: {problem}", file=sys.stderr)
+        return 2
+    try:
+        if args.dir is not None:
+            args.dir.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="gossip-bench-", dir=args.dir))
+    except OSError as e:
+        print(f"{PROGRAM}: cannot make a work directory: {e}", file=sys.stderr)
+        return 1
+
+    def make(reactor: Any, current: Current) -> Coroutine[Any, Any, dict[str, Any]]:
+        return run_all(reactor, settings, workdir, current)
+
+    result, error = _run_reactor(make)
+    if result is None:
+        if isinstance(error, KeyboardInterrupt):
+            print(f"{PROGRAM}: interrupted; logs kept in {workdir}", file=sys.stderr)
+            return 130
+        if isinstance(error, Failure):
+            error.printTraceback(file=sys.stderr)
+            print(f"{PROGRAM}: failed; logs kept in {workdir}", file=sys.stderr)
+        else:
+            print(f"{PROGRAM}: {error}; logs kept in {workdir}", file=sys.stderr)
+        return 1
+    result["workdir"] = str(workdir) if args.keep else None
+    table = report.format_table(result)
+    print(table, flush=True)
+    status = 0
+    if args.json is not None:
+        try:
+            report.write_json(result, args.json)
+        except OSError as e:
+            print(f"{PROGRAM}: cannot write {args.json}: {e}", file=sys.stderr)
+            status = 1
+    if args.plot is not None:
+        try:
+            report.write_plot(result, args.plot)
+        except (OSError, ValueError) as e:
+            print(f"{PROGRAM}: cannot write {args.plot}: {e}", file=sys.stderr)
+            status = 1
+    if args.keep:
+        print(f"{PROGRAM}: data and logs kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
