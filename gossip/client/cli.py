@@ -131,6 +131,7 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
             f"node {s['node_id']} of cluster {s['cluster']}: {s['message_count']} messages,"
             f" {s['dissemination']}, up {s['uptime']:.0f} s"
         )
+        _out(f"  {'link':<9} {'address':<21} {'state':<10} {'since':>10}")
         now = time.time()
         for link in s["links"]:
             age = max(0.0, now - link["since"])
@@ -140,6 +141,18 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
             if link["last_error"] and link["state"] != "up":
                 line += f"  ({link['last_error']})"
             _out(line)
+        if s["traffic"]:
+            _out(f"  {'frames':<11} {'out':>9} {'bytes out':>12} {'in':>9} {'bytes in':>12}")
+            for t in s["traffic"]:
+                _out(
+                    f"  {t['kind']:<11} {t['frames_out']:>9} {t['bytes_out']:>12}"
+                    f" {t['frames_in']:>9} {t['bytes_in']:>12}"
+                )
+        for sync in s["sync"]:
+            _out(
+                f"  re-sync sessions: {sync['sessions_completed']} done,"
+                f" {sync['sessions_aborted']} aborted, {sync['messages_pulled']} messages pulled"
+            )
 
 
 def _out(line: str) -> None:
