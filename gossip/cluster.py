@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -206,6 +208,40 @@ class LocalCluster:
 
 class ClusterFailed(Exception):
     pass
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_base(count: int, attempts: int = 50) -> int:
+    """A base port such that base .. base+count-1 are all free on 127.0.0.1 now.
+
+    The block lies below the kernel's ephemeral range, so that outgoing
+    connections cannot take a node's port while the node is restarting.
+    """
+    rng = random.Random()
+    top = min(_ephemeral_low(), 65536) - count
+    for _ in range(attempts):
+        base = rng.randrange(10000, max(top, 10001))
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of loopback ports")
 
 
 def _tail(path: Path) -> str:

@@ -60,6 +60,14 @@ class Traffic:
         if isinstance(frame, GossipFrame | SyncDataFrame):
             c.messages_out += len(frame.messages)
 
+    def sent_gossip(self, messages: int, size: int) -> None:
+        c = self.kinds.get("gossip")
+        if c is None:
+            c = self.kinds["gossip"] = KindCounts()
+        c.frames_out += 1
+        c.bytes_out += size
+        c.messages_out += messages
+
     def received(self, frame: PeerFrame, size: int) -> None:
         c = self._counts(frame)
         c.frames_in += 1

@@ -3,37 +3,15 @@
 from __future__ import annotations
 
 import random
-import socket
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task
 
 from gossip.client.api import GossipClient
-from gossip.cluster import LocalCluster
+from gossip.cluster import LocalCluster, free_port_base
 from gossip.config import ClusterConfig, dump_config
 from gossip.topology import generate_config
-
-
-def free_port_base(count: int, attempts: int = 50) -> int:
-    """A base port such that base .. base+count-1 are all free on 127.0.0.1 now."""
-    rng = random.Random()
-    for _ in range(attempts):
-        base = rng.randrange(20000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free block of loopback ports")
 
 
 def write_cluster(tmp: Path, n: int, **overrides: Any) -> tuple[Path, ClusterConfig]:

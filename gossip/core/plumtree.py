@@ -143,31 +143,39 @@ class Plumtree:
     # -- messages ----------------------------------------------------------
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
-        self.missing.pop(env.id, None)
+        # The hot path: one call per message stored, kept free of set building.
+        if self.missing:
+            self.missing.pop(env.id, None)
         path = env.path
-        origin = origin_of(path, self.node_id)
-        eager = set(self.trees.children(origin))
+        origin = path[0] if path else self.node_id
+        links = self.up
+        eager = [p for p in self.trees.children(origin) if p in links]
         extra = self.adopted.get(origin)
         if extra:
-            eager |= extra
+            eager += [p for p in sorted(extra) if p not in eager]
         parent = self.trees.parent(origin)
-        if sender is not None and sender != parent and parent is not None:
+        if sender != parent and sender is not None and parent is not None and parent in links:
             # It did not come down the tree: the tree above us is broken (or slow),
             # so pass it up as well as down; this repairs a cut-off region in a
             # few hops instead of one graft timeout per level.
-            eager.add(parent)
+            if parent not in eager:
+                eager.append(parent)
         effects: list[Effect] = []
-        targets = sorted(p for p in eager if p in self.up and p != sender and p not in path)
-        if targets:
-            frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
-            effects = [Send(p, frame) for p in targets]
-        for p in self.up:
+        frame: GossipFrame | None = None
+        for p in eager:
+            if p != sender and p not in path:
+                if frame is None:
+                    frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
+                effects.append(Send(p, frame))
+        for p in links:
             if p != sender and p not in eager and p not in path:
-                batch = self._ihave.setdefault(p, [])
+                batch = self._ihave.get(p)
+                if batch is None:
+                    batch = self._ihave[p] = []
                 batch.append((env.id, origin))
                 if len(batch) >= IDS_PER_FRAME:
                     effects.append(self._ihave_frame(p, batch))
-                    batch.clear()
+                    self._ihave[p] = []
         return effects
 
     def on_duplicate(self, mid: bytes, sender: int) -> list[Effect]:

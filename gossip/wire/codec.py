@@ -6,6 +6,7 @@ adapter never sees protobuf field names.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -134,6 +135,52 @@ def encode(frame: AnyFrame) -> bytes:
     else:  # pragma: no cover - exhaustive over AnyFrame
         raise TypeError(f"cannot encode {frame!r}")
     return f.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_ENVELOPE_TAG = b"\x0a"  # Gossip.messages: field 1, length-delimited
+_GOSSIP_TAG = b"\x1a"  # Frame.gossip: field 3, length-delimited
+
+
+def encode_gossip(
+    envelopes: list[Envelope], max_bytes: int, cache: dict[int, bytes]
+) -> Iterator[tuple[bytes, int]]:
+    """``Frame{gossip}`` bytes holding ``envelopes``, split at about ``max_bytes``.
+
+    Yields (frame bytes, envelope count). Each envelope is serialized once per
+    ``cache`` (keyed by object identity) and the frame is assembled from the
+    pieces by protobuf's own wire rules (a repeated message field is the
+    concatenation of its tagged, length-prefixed entries), so a message sent
+    to several peers is not encoded again for each.
+    """
+    parts: list[bytes] = []
+    size = 0
+    for env in envelopes:
+        piece = cache.get(id(env))
+        if piece is None:
+            m = peer_pb2.Envelope()
+            m.id = env.id
+            m.body = env.body
+            m.path.extend(env.path)
+            raw = m.SerializeToString()
+            piece = cache[id(env)] = _ENVELOPE_TAG + _varint(len(raw)) + raw
+        parts.append(piece)
+        size += len(piece)
+        if size >= max_bytes:
+            payload = b"".join(parts)
+            yield _GOSSIP_TAG + _varint(len(payload)) + payload, len(parts)
+            parts, size = [], 0
+    if parts:
+        payload = b"".join(parts)
+        yield _GOSSIP_TAG + _varint(len(payload)) + payload, len(parts)
 
 
 def decode(data: bytes) -> AnyFrame:
