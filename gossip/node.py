@@ -256,7 +256,7 @@ class GossipNode(service.Service):
         for peer, envelopes in outbox.items():
             for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
                 if self.links.send(peer, data):
-                    self.traffic.sent_gossip(count, len(data))
+                    self.traffic.sent_kind("gossip", len(data), count)
 
     def _stream(self, order: StreamMessages) -> Iterator[Deferred[None] | None]:
         """Send one SyncWant's messages frame by frame, waiting whenever the link is full."""

@@ -46,30 +46,24 @@ class Traffic:
     def __init__(self) -> None:
         self.kinds: dict[str, KindCounts] = {}
 
-    def _counts(self, frame: PeerFrame) -> KindCounts:
-        name = KIND_NAMES[type(frame)]
+    def _counts(self, name: str) -> KindCounts:
         c = self.kinds.get(name)
         if c is None:
             c = self.kinds[name] = KindCounts()
         return c
 
     def sent(self, frame: PeerFrame, size: int) -> None:
-        c = self._counts(frame)
-        c.frames_out += 1
-        c.bytes_out += size
-        if isinstance(frame, GossipFrame | SyncDataFrame):
-            c.messages_out += len(frame.messages)
+        messages = len(frame.messages) if isinstance(frame, GossipFrame | SyncDataFrame) else 0
+        self.sent_kind(KIND_NAMES[type(frame)], size, messages)
 
-    def sent_gossip(self, messages: int, size: int) -> None:
-        c = self.kinds.get("gossip")
-        if c is None:
-            c = self.kinds["gossip"] = KindCounts()
+    def sent_kind(self, name: str, size: int, messages: int = 0) -> None:
+        c = self._counts(name)
         c.frames_out += 1
         c.bytes_out += size
         c.messages_out += messages
 
     def received(self, frame: PeerFrame, size: int) -> None:
-        c = self._counts(frame)
+        c = self._counts(KIND_NAMES[type(frame)])
         c.frames_in += 1
         c.bytes_in += size
         if isinstance(frame, GossipFrame | SyncDataFrame):

@@ -154,12 +154,11 @@ class Plumtree:
         if extra:
             eager += [p for p in sorted(extra) if p not in eager]
         parent = self.trees.parent(origin)
-        if sender != parent and sender is not None and parent is not None and parent in links:
-            # It did not come down the tree: the tree above us is broken (or slow),
-            # so pass it up as well as down; this repairs a cut-off region in a
-            # few hops instead of one graft timeout per level.
-            if parent not in eager:
-                eager.append(parent)
+        # It did not come down the tree: the tree above us is broken (or slow), so
+        # pass it up as well as down; this repairs a cut-off region in a few hops
+        # instead of one graft timeout per level.
+        if sender not in (None, parent) and parent in links and parent not in eager:
+            eager.append(parent)
         effects: list[Effect] = []
         frame: GossipFrame | None = None
         for p in eager:

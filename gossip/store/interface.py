@@ -9,7 +9,8 @@ with a plain integer cursor.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from itertools import islice
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -44,3 +45,8 @@ class MessageStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def ids_between(sorted_ids: Any, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
+    """Up to ``limit`` ids of a ``SortedList`` in [lo, hi): what both stores answer with."""
+    return list(islice(sorted_ids.irange(lo, hi, inclusive=(True, False)), max(limit, 0)))

@@ -139,6 +139,7 @@ from twisted.python.failure import Failure
 
 from gossip import logs
 from gossip.core.message import ID_BYTES, Message
+from gossip.store.interface import ids_between
 
 MAGIC = b"GSPLOG1\n"
 LOG_NAME = "messages.log"
@@ -548,12 +549,7 @@ class LogStore:
         return self._decode(buf, 0, offset)
 
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
-        out: list[bytes] = []
-        for mid in self._sorted.irange(lo, hi, inclusive=(True, False)):
-            if len(out) >= limit:
-                break
-            out.append(mid)
-        return out
+        return ids_between(self._sorted, lo, hi, limit)
 
     def scan(self, start: int) -> Iterator[Message]:
         """Messages in arrival order from position ``start`` (those held when iteration starts)."""

@@ -8,6 +8,7 @@ from sortedcontainers import SortedList
 from twisted.internet.defer import Deferred, succeed
 
 from gossip.core.message import Message
+from gossip.store.interface import ids_between
 
 
 class MemoryStore:
@@ -37,12 +38,7 @@ class MemoryStore:
         return self._by_id.get(mid)
 
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
-        out: list[bytes] = []
-        for mid in self._sorted.irange(lo, hi, inclusive=(True, False)):
-            if len(out) >= limit:
-                break
-            out.append(mid)
-        return out
+        return ids_between(self._sorted, lo, hi, limit)
 
     def scan(self, start: int) -> Iterator[Message]:
         by_id, order = self._by_id, self._order
