@@ -146,3 +146,26 @@ async def test_hostile_peer_frames_close_only_that_link(cluster16: LocalCluster)
     finally:
         for c in clients.values():
             c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_blocking_python_api_from_a_script(cluster16: LocalCluster) -> None:
+    """The blocking ``submit_message`` / ``get_messages`` / ``get_message`` work from a
+    plain script (no reactor of its own) against real nodes."""
+    script = (
+        "import sys, time\n"
+        "from gossip.client.api import submit_message, get_messages, get_message\n"
+        "cfg = sys.argv[1]\n"
+        "mid = submit_message('from a script', node=2, config=cfg)\n"
+        "deadline = time.time() + 30\n"
+        "while 'from a script' not in get_messages(node=11, config=cfg):\n"
+        "    assert time.time() < deadline, 'not delivered'\n"
+        "    time.sleep(0.1)\n"
+        "print(mid, get_message(mid[:10], node=11, config=cfg).body)\n"
+    )
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-c", script, str(cluster16.config_path)], env={"PATH": "/usr/bin:/bin"}
+    )
+    assert code == 0, err.decode()
+    mid, body = out.decode().strip().split(" ", 1)
+    assert len(mid) == 22 and body == "from a script"
