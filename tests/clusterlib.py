@@ -15,7 +15,7 @@ from gossip.topology import generate_config
 
 
 def write_cluster(tmp: Path, n: int, **overrides: Any) -> tuple[Path, ClusterConfig]:
-    base = free_port_base(2 * n)
+    base = free_port_base(2 * n + 1)  # peer ports base+1..base+n, clients up to base+2n
     config = generate_config(n, base_peer_port=base, base_client_port=base + n, **overrides)
     path = tmp / "cluster.toml"
     path.write_text(dump_config(config))

@@ -33,22 +33,21 @@ import platform
 import random
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import attrs
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from gossip.client.api import GossipClient, NodeUnreachable
 from gossip.client.commands import ListMessages
-from gossip.cluster import ClusterFailed, LocalCluster
+from gossip.cluster import ClusterFailed, LocalCluster, free_port_base
 from gossip.config import DISSEMINATIONS, FSYNC_POLICIES, ClusterConfig, dump_config, parse_config
 from gossip.topology import generate_config, summary
 from gossip.traffic import PAYLOAD_KINDS
@@ -141,8 +140,14 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROGRAM,
         description="Run the benchmark workloads (bench-spec.md) against a local cluster of"
         " node processes and print one table.",
@@ -302,51 +307,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def free_port_base(count: int, attempts: int = 50) -> int:
-    """A base such that base+1 .. base+count are all free on 127.0.0.1 now."""
-    rng = random.Random()
-    for _ in range(attempts):
-        base = rng.randrange(20000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base + 1, base + count + 1):
-                s = socket.socket()
-                socks.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise BenchError(f"no free block of {count} loopback ports after {attempts} tries")
-
-
-# -- small async helpers -------------------------------------------------------
-
-
-async def sleep(reactor: Any, seconds: float) -> None:
-    await task.deferLater(reactor, max(0.0, seconds))
-
-
-async def with_timeout(reactor: Any, coro: Coroutine[Any, Any, T], seconds: float) -> T:
-    d: defer.Deferred[T] = defer.Deferred.fromCoroutine(coro)
-    d.addTimeout(seconds, reactor)
-    return await d
-
-
-async def gather(coros: Iterable[Coroutine[Any, Any, T] | defer.Deferred[T]]) -> list[T]:
-    ds: list[defer.Deferred[T]] = [
-        c if isinstance(c, defer.Deferred) else defer.Deferred.fromCoroutine(c) for c in coros
-    ]
-    try:
-        return await defer.gatherResults(ds, consumeErrors=True)
-    except defer.FirstError as e:
-        e.subFailure.raiseException()
-        raise  # not reached
-
-
 def percentile(values: Sequence[float], p: float) -> float | None:
     """Nearest-rank percentile of unsorted values, None when empty."""
     if not values:
@@ -384,7 +344,6 @@ class DeliveryTracker:
         self.target = len(self.clients)
         self.count: dict[str, int] = {}
         self.full_at: dict[str, float] = {}
-        self.first_answer: dict[int, float] = {}
         self.cursor = dict.fromkeys(self.clients, 0)
         self.gaps: list[float] = []
         self.errors = 0
@@ -395,8 +354,12 @@ class DeliveryTracker:
         self._running = True
         self._loops = [defer.Deferred.fromCoroutine(self._poll(n)) for n in self.clients]
 
-    async def stop(self) -> None:
+    def halt(self) -> None:
+        """Let every poll loop end after its current call."""
         self._running = False
+
+    async def stop(self) -> None:
+        self.halt()
         await defer.gatherResults(self._loops, consumeErrors=True)
 
     async def _poll(self, node: int) -> None:
@@ -411,7 +374,6 @@ class DeliveryTracker:
                 await sleep(self.reactor, max(self.interval, 0.1))
                 continue
             t = now()
-            self.first_answer.setdefault(node, t)
             if last is not None:
                 self.gaps.append(t - last)
             last = t
@@ -433,8 +395,11 @@ class DeliveryTracker:
     async def wait_all(self, ids: Sequence[str], timeout: float, alive: Callable[[], None]) -> bool:
         """Until every node lists every id (True) or ``timeout`` passes (False)."""
         deadline = now() + timeout
+        done = 0  # ids[:done] are all delivered; they mostly complete in order
         while True:
-            if all(i in self.full_at for i in ids):
+            while done < len(ids) and ids[done] in self.full_at:
+                done += 1
+            if done == len(ids):
                 return True
             alive()
             if now() > deadline:
@@ -592,6 +557,7 @@ class Run:
     tag: str
     allowed_down: set[int] = attrs.field(factory=set)
     connections: list[GossipClient] = attrs.field(factory=list)
+    trackers: list[DeliveryTracker] = attrs.field(factory=list)
 
     @property
     def node_ids(self) -> list[int]:
@@ -620,7 +586,14 @@ class Run:
         clients = await gather(self.connect(n) for n in nodes)
         return dict(zip(nodes, clients, strict=True))
 
+    def tracker(self, clients: Mapping[int, GossipClient], interval: float) -> DeliveryTracker:
+        t = DeliveryTracker(self.reactor, clients, interval)
+        self.trackers.append(t)
+        return t
+
     def close(self) -> None:
+        for t in self.trackers:
+            t.halt()
         for c in self.connections:
             c.close()
         self.connections.clear()
@@ -634,7 +607,7 @@ async def latency_workload(run: Run, usage: Usage) -> dict[str, Any]:
     s = run.settings
     nodes = run.node_ids
     submitters = await run.connect_all(nodes)
-    tracker = DeliveryTracker(run.reactor, await run.connect_all(nodes), s.poll_interval)
+    tracker = run.tracker(await run.connect_all(nodes), s.poll_interval)
     bodies = [make_body(run.rng, i, run.tag) for i in range(s.latency_messages)]
     targets = [run.rng.choice(nodes) for _ in bodies]
     submitted: dict[str, float] = {}
@@ -719,7 +692,7 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
     s = run.settings
     nodes = run.node_ids
     workers = [await run.connect_all(nodes) for _ in range(s.clients)]
-    tracker = DeliveryTracker(run.reactor, await run.connect_all(nodes), s.slow_poll_interval)
+    tracker = run.tracker(await run.connect_all(nodes), s.slow_poll_interval)
     submitted: dict[str, float] = {}
     errors: list[str] = []
     counter = [0]
@@ -785,7 +758,7 @@ async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
     victim = run.rng.choice(nodes)
     others = [n for n in nodes if n != victim]
     workers = [await run.connect_all(others) for _ in range(s.clients)]
-    tracker = DeliveryTracker(run.reactor, await run.connect_all(others), s.slow_poll_interval)
+    tracker = run.tracker(await run.connect_all(others), s.slow_poll_interval)
     bodies = [make_body(run.rng, i, run.tag) for i in range(s.resync_messages)]
     queue = list(reversed(bodies))
     submitted: dict[str, float] = {}
@@ -825,7 +798,7 @@ async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
     run.allowed_down.discard(victim)
     client = await _connect_when_up(run, victim, restarted + s.ready_timeout)
     up = now()
-    victim_tracker = DeliveryTracker(run.reactor, {victim: client}, s.poll_interval)
+    victim_tracker = run.tracker({victim: client}, s.poll_interval)
     victim_tracker.start()
     done = await victim_tracker.wait_all(ids, s.drain_timeout, run.check_alive)
     caught_up = max(
@@ -893,7 +866,7 @@ WORKLOAD_FUNCTIONS: dict[str, Callable[[Run, Usage], Awaitable[dict[str, Any]]]]
 def cluster_config(settings: Settings, strategy: str) -> ClusterConfig:
     """The cluster file of one run: fresh ports, the variant's strategy, the fsync policy."""
     n = settings.nodes
-    base = free_port_base(2 * n)
+    base = free_port_base(2 * n + 1)  # peer ports base+1..base+n, clients to base+2n
     config = generate_config(n, base_peer_port=base, base_client_port=base + n, seed=settings.seed)
     config = attrs.evolve(
         config,
@@ -1069,6 +1042,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     settings = settings_from(args)
+    try:
+        generate_config(settings.nodes, seed=settings.seed)
+    except ValueError as e:
+        print(f"{PROGRAM}: error: --nodes {settings.nodes}: {e}", file=sys.stderr)
+        return 2
     if args.plot is not None and (problem := report.plot_unavailable()):
         print(f"{PROGRAM}: --plot: {problem}", file=sys.stderr)
         return 2
@@ -1095,8 +1073,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROGRAM}: {error}; logs kept in {workdir}", file=sys.stderr)
         return 1
     result["workdir"] = str(workdir) if args.keep else None
-    table = report.format_table(result)
-    print(table, flush=True)
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    # The files first: a closed stdout (| head) must not lose them.
     status = 0
     if args.json is not None:
         try:
@@ -1110,10 +1089,13 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             print(f"{PROGRAM}: cannot write {args.plot}: {e}", file=sys.stderr)
             status = 1
+    try:
+        print(report.format_table(result), flush=True)
+    except BrokenPipeError:
+        # Keep the interpreter's final flush from failing again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.keep:
         print(f"{PROGRAM}: data and logs kept in {workdir}", file=sys.stderr)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
     return status
 
 

@@ -175,6 +175,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         f" for {settings['throughput_seconds']:g} s; resync {settings['resync_messages']:,}"
         f" msgs; wan +{settings['wan_delay_ms']:g} ms per link; {rounds} round(s),"
         " variants alternating",
+        *_busy_warning(m),
         "",
         f"{'figure':<{LABEL_WIDTH}}" + "".join(f"{h:>{width}}" for h in heads),
     ]
@@ -200,6 +201,17 @@ def format_table(result: Mapping[str, Any]) -> str:
         " VmHWM over the process's life.",
     ]
     return "\n".join(lines)
+
+
+def _busy_warning(m: Mapping[str, Any]) -> list[str]:
+    cores = m.get("cores") or 1
+    loads = [v[0] for v in (m.get("load_average"), m.get("load_average_end")) if v]
+    if loads and max(loads) > cores:
+        return [
+            f"WARNING: 1-minute load average reached {max(loads):.1f} on {cores} cores:"
+            " other work competed with the nodes; compare figures only within this run"
+        ]
+    return []
 
 
 def _load(values: Sequence[float] | None) -> str:

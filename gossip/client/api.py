@@ -32,6 +32,7 @@ from twisted.protocols import amp
 from gossip.client.commands import Get, ListMessages, Status, Submit
 from gossip.config import ClusterConfig, load_config
 from gossip.locations import default_config
+from gossip.net.peer_protocol import set_no_delay
 
 T = TypeVar("T")
 
@@ -67,6 +68,7 @@ class GossipClient:
             proto = await connectProtocol(endpoint, amp.AMP())
         except Exception as e:
             raise NodeUnreachable(f"{host}:{port} is not reachable: {_reason(e)}") from None
+        set_no_delay(proto.transport)
         return cls(proto, f"{host}:{port}")
 
     @classmethod

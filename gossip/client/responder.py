@@ -22,6 +22,7 @@ from gossip.client.commands import (
 )
 from gossip.core.message import BadIdText, id_text
 from gossip.core.state import SubmitRejected
+from gossip.net.peer_protocol import set_no_delay
 
 if TYPE_CHECKING:
     from gossip.node import GossipNode
@@ -40,6 +41,7 @@ class ClientProtocol(amp.AMP):
     # AMP logs every connection at info level; a client per command makes that noise.
     def makeConnection(self, transport: Any) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
+        set_no_delay(transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)

@@ -33,6 +33,14 @@ class _TCP(Protocol):
     def getPeer(self) -> IAddress: ...
 
 
+def set_no_delay(transport: object) -> None:
+    """Frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm
+    holds a frame while an earlier one is unacknowledged (tens of ms per hop)."""
+    no_delay = getattr(transport, "setTcpNoDelay", None)  # in-memory test transports lack it
+    if no_delay is not None:
+        no_delay(True)
+
+
 @implementer(IPushProducer)
 class _WriteGate:
     """Tells its protocol when the transport's write buffer is full or drained."""
@@ -88,6 +96,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.table.connection_made(self)
+        set_no_delay(self.transport)
         self.tcp.registerProducer(_WriteGate(self), True)
         self.setTimeout(self.table.handshake_timeout)
         if self.outbound:

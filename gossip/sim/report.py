@@ -431,6 +431,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _nonnegative(text: str) -> float:
     try:
         value = float(text)
@@ -471,7 +481,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--origins",
-        type=int,
+        type=_count,
         default=0,
         metavar="K",
         help="draw origins from K random live nodes (default 0: from all of them)",
