@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from gossip.client.api import GossipClient, NodeUnreachable
@@ -305,6 +305,27 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+async def sleep(reactor: Any, seconds: float) -> None:
+    await task.deferLater(reactor, max(0.0, seconds))
+
+
+async def with_timeout(reactor: Any, coro: Coroutine[Any, Any, T], seconds: float) -> T:
+    d: defer.Deferred[T] = defer.Deferred.fromCoroutine(coro)
+    d.addTimeout(seconds, reactor)
+    return await d
+
+
+async def gather(coros: Iterable[Coroutine[Any, Any, T] | defer.Deferred[T]]) -> list[T]:
+    ds: list[defer.Deferred[T]] = [
+        c if isinstance(c, defer.Deferred) else defer.Deferred.fromCoroutine(c) for c in coros
+    ]
+    try:
+        return await defer.gatherResults(ds, consumeErrors=True)
+    except defer.FirstError as e:
+        e.subFailure.raiseException()
+        raise  # not reached
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:

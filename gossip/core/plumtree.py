@@ -3,7 +3,8 @@
 After "Epidemic Broadcast Trees" (Leitão, Pereira, Rodrigues, 2007), with one
 change in where the tree comes from. Payloads are pushed eagerly only along
 the *origin's* shortest-path tree of the configured graph (every node computes
-the same trees, by breadth-first search with ties broken by lowest id); on
+the same trees: the first found by a breadth-first search that visits
+neighbours in ascending id order); on
 the other links a node only announces the ids it received (``IHave``, batched
 per tick). A node that hears of an id but does not get the message asks an
 announcer for it (``Graft``); the announcer sends it and keeps pushing that
@@ -26,7 +27,7 @@ reaches every node within the graph's diameter in hops.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 
@@ -57,40 +58,68 @@ def origin_of(path: tuple[int, ...], here: int) -> int:
     return path[0] if path else here
 
 
+class ShortestPathTrees:
+    """Every origin's shortest-path tree of one graph: a breadth-first search that
+    visits neighbours in ascending id order, so every node computes the same trees.
+
+    ``share=True`` keeps each origin's parent map (n entries) for every node that
+    asks, as a simulation of many nodes in one process wants; a real node keeps
+    only its own parent and children per origin (see ``OriginTrees``).
+    """
+
+    def __init__(self, graph: Mapping[int, Iterable[int]], *, share: bool = False) -> None:
+        self.graph = {n: tuple(sorted(nbs)) for n, nbs in graph.items()}
+        self.share = share
+        self._parents: dict[int, dict[int, int]] = {}
+
+    def parents(self, origin: int) -> dict[int, int]:
+        """node -> its parent in ``origin``'s tree (the origin maps to itself)."""
+        parent = self._parents.get(origin)
+        if parent is not None:
+            return parent
+        parent = {origin: origin}
+        queue = deque([origin])
+        graph = self.graph
+        while queue:
+            v = queue.popleft()
+            for w in graph.get(v, ()):
+                if w not in parent:
+                    parent[w] = v
+                    queue.append(w)
+        if self.share:
+            self._parents[origin] = parent
+        return parent
+
+
 class OriginTrees:
     """This node's parent and children in every origin's shortest-path tree."""
 
-    def __init__(self, node_id: int, graph: Mapping[int, tuple[int, ...] | list[int]]) -> None:
+    def __init__(self, node_id: int, trees: ShortestPathTrees) -> None:
         self.node_id = node_id
-        self.graph = {n: tuple(sorted(nbs)) for n, nbs in graph.items()}
+        self.trees = trees
         self._children: dict[int, tuple[int, ...]] = {}
         self._parent: dict[int, int | None] = {}
 
     def _compute(self, origin: int) -> None:
-        parent: dict[int, int] = {origin: origin}
-        queue = deque([origin])
-        while queue:
-            v = queue.popleft()
-            for w in self.graph.get(v, ()):
-                if w not in parent:
-                    parent[w] = v
-                    queue.append(w)
+        parent = self.trees.parents(origin)
         me = self.node_id
         self._children[origin] = tuple(
-            w for w in self.graph.get(me, ()) if parent.get(w) == me and w != origin
+            w for w in self.trees.graph.get(me, ()) if parent.get(w) == me and w != origin
         )
         self._parent[origin] = parent.get(me) if me != origin else None
 
     def children(self, origin: int) -> tuple[int, ...]:
-        if origin not in self._children:
-            if origin not in self.graph:
+        kids = self._children.get(origin)
+        if kids is None:
+            if origin not in self.trees.graph:
                 return ()
             self._compute(origin)
-        return self._children[origin]
+            kids = self._children[origin]
+        return kids
 
     def parent(self, origin: int) -> int | None:
         if origin not in self._parent:
-            if origin not in self.graph:
+            if origin not in self.trees.graph:
                 return None
             self._compute(origin)
         return self._parent[origin]
@@ -102,14 +131,15 @@ class Plumtree:
     def __init__(
         self,
         node_id: int,
-        graph: Mapping[int, tuple[int, ...] | list[int]],
+        graph: Mapping[int, Iterable[int]] | ShortestPathTrees,
         *,
-        graft_timeout: float = 0.5,
+        graft_timeout: float = 0.25,
         graft_retry: float = 0.25,
         max_missing: int = 100_000,
     ) -> None:
         self.node_id = node_id
-        self.trees = OriginTrees(node_id, graph)
+        trees = graph if isinstance(graph, ShortestPathTrees) else ShortestPathTrees(graph)
+        self.trees = OriginTrees(node_id, trees)
         self.graft_timeout = graft_timeout
         self.graft_retry = graft_retry
         self.max_missing = max_missing

@@ -15,8 +15,8 @@ first submit, or with an error after ``--max-events`` events.
 
 The simulator would have every Plumtree node run its own breadth-first search
 for every origin it hears of (n searches of n nodes per origin); the nodes
-here share one search per origin instead (``SharedTrees``), which gives the
-same trees (``tests/test_plumtree.py`` checks it) at 1/n of the work.
+here share one search per origin instead (``ShortestPathTrees(share=True)``),
+which gives the same trees at 1/n of the work.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 
 from gossip.core.dissemination import Dissemination, Flood
-from gossip.core.plumtree import OriginTrees, Plumtree
+from gossip.core.plumtree import Plumtree, ShortestPathTrees
 from gossip.sim.network import Simulation
 from gossip.topology import generate_graph
 
@@ -67,69 +67,10 @@ NO_SYNC = 1e9
 # -- shared origin trees -----------------------------------------------------
 
 
-class SharedTrees:
-    """Every origin's shortest-path tree, one breadth-first search per origin.
-
-    The search is ``OriginTrees``'s: neighbours in ascending id order, first
-    reached first, so ties go to the lowest id.
-    """
-
-    def __init__(self, graph: Graph) -> None:
-        self.graph = {n: tuple(sorted(nbs)) for n, nbs in graph.items()}
-        self._parents: dict[int, dict[int, int]] = {}
-
-    def parents(self, origin: int) -> dict[int, int]:
-        """node -> its parent in ``origin``'s tree (the origin maps to itself)."""
-        parent = self._parents.get(origin)
-        if parent is None:
-            parent = {origin: origin}
-            queue = deque([origin])
-            while queue:
-                v = queue.popleft()
-                for w in self.graph.get(v, ()):
-                    if w not in parent:
-                        parent[w] = v
-                        queue.append(w)
-            self._parents[origin] = parent
-        return parent
-
-
-class SharedOriginTrees(OriginTrees):
-    """``OriginTrees`` for one node, answered from a ``SharedTrees``."""
-
-    def __init__(self, node_id: int, shared: SharedTrees) -> None:
-        self.node_id = node_id
-        self.graph = shared.graph
-        self.shared = shared
-        self._kids: dict[int, tuple[int, ...]] = {}
-
-    def children(self, origin: int) -> tuple[int, ...]:
-        kids = self._kids.get(origin)
-        if kids is None:
-            if origin not in self.graph:
-                return ()
-            parent = self.shared.parents(origin)
-            me = self.node_id
-            kids = tuple(w for w in self.graph.get(me, ()) if parent.get(w) == me and w != origin)
-            self._kids[origin] = kids
-        return kids
-
-    def parent(self, origin: int) -> int | None:
-        if origin not in self.graph or origin == self.node_id:
-            return None
-        return self.shared.parents(origin).get(self.node_id)
-
-
 def plumtree_factory(graph: Graph) -> Callable[[int], Dissemination]:
     """``strategy_factory`` for ``Simulation``: Plumtree nodes sharing one set of trees."""
-    shared = SharedTrees(graph)
-
-    def make(node_id: int) -> Dissemination:
-        strategy = Plumtree(node_id, {})
-        strategy.trees = SharedOriginTrees(node_id, shared)
-        return strategy
-
-    return make
+    shared = ShortestPathTrees(graph, share=True)
+    return lambda node_id: Plumtree(node_id, shared)
 
 
 def adjacency(edges: Sequence[Edge]) -> dict[int, list[int]]:

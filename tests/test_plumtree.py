@@ -1,0 +1,601 @@
+"""Tests of Plumtree (gossip.core.plumtree): origin trees, the strategy's effects as
+GossipCore runs it, and 200-node simulations against Flood.
+
+Run with ``-s`` to see the simulated latencies printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from gossip.core.dissemination import Dissemination, Flood
+from gossip.core.effects import Effect, Persist, Send
+from gossip.core.frames import (
+    Envelope,
+    GossipFrame,
+    GraftFrame,
+    IHaveFrame,
+    PeerFrame,
+    PruneFrame,
+)
+from gossip.core.message import message_id
+from gossip.core.plumtree import OriginTrees, Plumtree, ShortestPathTrees
+from gossip.core.state import GossipCore
+from gossip.sim import Simulation
+from gossip.sim.report import (
+    adjacency,
+    eccentricities,
+    pick_crashed,
+    plumtree_factory,
+)
+from gossip.sim.report import main as report_main
+from gossip.store.memory import MemoryStore
+from gossip.topology import diameter, generate_graph
+
+Graph = Mapping[int, Sequence[int]]
+
+
+def distances(graph: Graph, origin: int) -> dict[int, int]:
+    dist = {origin: 0}
+    queue = deque([origin])
+    while queue:
+        v = queue.popleft()
+        for w in graph[v]:
+            if w not in dist:
+                dist[w] = dist[v] + 1
+                queue.append(w)
+    return dist
+
+
+def random_connected_graph(rng: random.Random) -> dict[int, list[int]]:
+    """A random spanning tree plus random extra links, on 1..n with n in [1, 40]."""
+    n = rng.randint(1, 40)
+    nodes = list(range(1, n + 1))
+    rng.shuffle(nodes)
+    edges = {tuple(sorted((v, rng.choice(nodes[:i])))) for i, v in enumerate(nodes) if i}
+    for _ in range(rng.randint(0, 2 * n)):
+        a, b = rng.sample(nodes, 2) if n > 1 else (1, 1)
+        if a != b:
+            edges.add((min(a, b), max(a, b)))
+    graph: dict[int, list[int]] = {v: [] for v in nodes}
+    for a, b in edges:
+        graph[a].append(b)
+        graph[b].append(a)
+    return graph
+
+
+# -- OriginTrees ----------------------------------------------------------------
+
+
+def test_origin_trees_are_bfs_shortest_path_trees() -> None:
+    """On 40 random connected graphs, for every origin, the parent/children answers of
+    all nodes form one shortest-path tree: the origin has no parent, every other node
+    exactly one, a neighbour one hop nearer the origin; following parents from any node
+    reaches the origin in exactly its graph distance; v lists c as a child exactly when
+    c names v as its parent."""
+    rng = random.Random(20070601)
+    for _ in range(40):
+        graph = random_connected_graph(rng)
+        trees = {v: OriginTrees(v, ShortestPathTrees(graph)) for v in graph}
+        for origin in graph:
+            dist = distances(graph, origin)
+            assert len(dist) == len(graph)
+            assert trees[origin].parent(origin) is None
+            for v in graph:
+                parent = trees[v].parent(origin)
+                if v != origin:
+                    assert parent in graph[v]
+                    assert dist[parent] == dist[v] - 1
+                depth, u = 0, v
+                while u != origin:
+                    u = trees[u].parent(origin)  # type: ignore[assignment]
+                    depth += 1
+                assert depth == dist[v]
+                children = trees[v].children(origin)
+                assert list(children) == sorted(children)
+                assert set(children) == {w for w in graph[v] if trees[w].parent(origin) == v}
+
+
+def test_origin_trees_of_unknown_origin_are_empty() -> None:
+    """An origin that is not in the graph has no parent and no children anywhere."""
+    trees = OriginTrees(1, ShortestPathTrees({1: [2], 2: [1]}))
+    assert trees.parent(99) is None
+    assert trees.children(99) == ()
+
+
+def test_shared_trees_answer_exactly_as_origin_trees() -> None:
+    """Trees shared by every node of a simulation (one BFS per origin, kept) give
+    every node the same parent and children as a node's own, unshared trees, so
+    simulations that share them measure Plumtree's real trees."""
+    rng = random.Random(7)
+    cases = [(g, [*g, 10_000]) for g in (random_connected_graph(rng) for _ in range(20))]
+    big = adjacency(cluster_edges())
+    cases.append((big, rng.sample(sorted(big), 10)))
+    for graph, origins in cases:
+        shared = ShortestPathTrees(graph, share=True)
+        for v in graph:
+            own, view = OriginTrees(v, ShortestPathTrees(graph)), OriginTrees(v, shared)
+            for origin in origins:
+                assert view.parent(origin) == own.parent(origin)
+                assert view.children(origin) == own.children(origin)
+
+
+# -- Plumtree in a GossipCore ---------------------------------------------------
+
+# Node 5's view. Trees (BFS, lowest id first):
+#   origin 1: 1 -> 2, 3; 2 -> 5; 3 -> 7; 5 -> 8.  At 5: parent 2, children (8,), lazy 3, 7.
+#   origin 7: 7 -> 3, 5; 3 -> 1; 5 -> 2, 8.        At 5: parent 7, children (2, 8), lazy 3.
+#   origin 3: 3 -> 1, 5, 7; 1 -> 2; 5 -> 8.        At 5: parent 3, children (8,), lazy 2, 7.
+#
+#       1
+#      / \
+#     2   3
+#      \ / \
+#       5---7
+#       |
+#       8
+GRAPH: dict[int, tuple[int, ...]] = {
+    1: (2, 3),
+    2: (1, 5),
+    3: (1, 5, 7),
+    5: (2, 3, 7, 8),
+    7: (3, 5),
+    8: (5,),
+}
+ME = 5
+MAX_BODY = 1024
+T0 = 100.0
+
+
+class Node:
+    """Node 5 of GRAPH: a GossipCore with Plumtree whose Persist effects are carried out
+    and whose re-sync traffic is left out of what the tests see."""
+
+    def __init__(
+        self,
+        up: Iterable[int] = (2, 3, 7, 8),
+        *,
+        graft_timeout: float = 0.5,
+        graft_retry: float = 0.25,
+        max_missing: int = 100_000,
+    ) -> None:
+        self.store = MemoryStore()
+        self.plumtree = Plumtree(
+            ME,
+            GRAPH,
+            graft_timeout=graft_timeout,
+            graft_retry=graft_retry,
+            max_missing=max_missing,
+        )
+        # Periodic re-sync is pushed out of the way; link-up sessions are filtered.
+        self.core = GossipCore(
+            ME, GRAPH[ME], self.store, self.plumtree, MAX_BODY, 16, sync_interval=1e9
+        )
+        self.now = T0
+        for p in up:
+            self.peer_up(p)
+        self.tick()  # strategy clock at T0; nothing queued yet
+
+    def _run(self, effects: list[Effect]) -> list[Send]:
+        for e in effects:
+            if isinstance(e, Persist):
+                assert self.store.add(e.message)
+        return [
+            e
+            for e in effects
+            if isinstance(e, Send) and not type(e.frame).__name__.startswith("Sync")
+        ]
+
+    def peer_up(self, peer: int) -> list[Send]:
+        return self._run(self.core.peer_up(peer, self.now))
+
+    def peer_down(self, peer: int) -> list[Send]:
+        return self._run(self.core.peer_down(peer, self.now))
+
+    def submit(self, body: bytes) -> list[Send]:
+        return self._run(self.core.submit(body, self.now).effects)
+
+    def receive(self, peer: int, frame: PeerFrame) -> list[Send]:
+        return self._run(self.core.receive(peer, frame, self.now))
+
+    def gossip(self, peer: int, body: bytes, path: tuple[int, ...]) -> list[Send]:
+        return self.receive(peer, GossipFrame((Envelope(message_id(body), body, path),)))
+
+    def tick(self, at: float | None = None) -> list[Send]:
+        if at is not None:
+            self.now = at
+        return self._run(self.core.tick(self.now))
+
+
+def pushed(sends: list[Send]) -> dict[int, list[Envelope]]:
+    """Gossip envelopes sent, per peer."""
+    out: dict[int, list[Envelope]] = {}
+    for s in sends:
+        if isinstance(s.frame, GossipFrame):
+            out.setdefault(s.peer, []).extend(s.frame.messages)
+    return out
+
+
+def controls(sends: list[Send]) -> list[Send]:
+    return [s for s in sends if not isinstance(s.frame, GossipFrame)]
+
+
+def test_submit_pushes_to_the_origin_tree_children_and_announces_nothing() -> None:
+    """A submit at node 5 sends one Gossip frame (path (5,)) to each up neighbour: in
+    its own tree every neighbour is a child, so no IHave is queued for anyone (the
+    next tick sends nothing); a down neighbour gets nothing."""
+    node = Node(up=(2, 3, 8))
+    sends = node.submit(b"hello")
+    env = Envelope(message_id(b"hello"), b"hello", (ME,))
+    assert sends == [Send(p, GossipFrame((env,))) for p in (2, 3, 8)]
+    assert node.plumtree.trees.children(ME) == (2, 3, 7, 8)
+    assert node.tick(T0 + 0.1) == []
+
+
+def test_message_from_the_tree_parent_goes_to_children_and_is_announced_to_the_rest() -> None:
+    """A message of origin 1 from 5's tree parent 2 is pushed (path + 5) to the tree
+    child 8 only; the other up neighbours not on the path (3, 7) get its id in an
+    IHave at the next tick, the sender none."""
+    node = Node()
+    body = b"from the root"
+    sends = node.gossip(2, body, (1, 2))
+    assert sends == [Send(8, GossipFrame((Envelope(message_id(body), body, (1, 2, ME)),)))]
+    flushed = node.tick(T0 + 0.1)
+    assert sorted(s.peer for s in flushed) == [3, 7]
+    assert all(s.frame == IHaveFrame((message_id(body),), (1,)) for s in flushed)
+
+
+def test_message_from_a_non_parent_is_also_passed_up_the_tree() -> None:
+    """A message of origin 1 that arrives from 3 (not the tree parent 2) goes down to
+    the child 8 and up to the parent 2 at once; only 7 is left to announce it to."""
+    node = Node()
+    body = b"around the tree"
+    assert sorted(pushed(node.gossip(3, body, (1, 3)))) == [2, 8]
+    assert [(s.peer, s.frame) for s in node.tick(T0 + 0.1)] == [
+        (7, IHaveFrame((message_id(body),), (1,)))
+    ]
+
+
+def test_no_push_or_announcement_to_the_sender_or_nodes_on_the_path() -> None:
+    """A message of origin 1 relayed 1 -> 3 -> 7 -> 5 is pushed to 8 (child) and 2
+    (parent, as it did not come down the tree), and announced to nobody: 3 is on the
+    path and 7 sent it."""
+    node = Node()
+    assert sorted(pushed(node.gossip(7, b"long way", (1, 3, 7)))) == [2, 8]
+    assert node.tick(T0 + 0.1) == []
+
+
+def test_ihaves_are_batched_per_peer_until_the_tick() -> None:
+    """Announcements wait for the tick and go out as one IHaveFrame per peer, with the
+    ids in arrival order and their origins alongside; the next tick sends none."""
+    node = Node()
+    a, b = b"of origin 1", b"of origin 7"
+    assert controls(node.gossip(2, a, (1, 2))) == []
+    assert sorted(pushed(node.gossip(7, b, (7,)))) == [2, 8]
+    flushed = {s.peer: s.frame for s in node.tick(T0 + 0.1)}
+    assert flushed == {
+        3: IHaveFrame((message_id(a), message_id(b)), (1, 7)),
+        7: IHaveFrame((message_id(a),), (1,)),
+    }
+    assert node.tick(T0 + 0.2) == []
+
+
+def grafts(sends: list[Send]) -> list[Send]:
+    return [s for s in sends if isinstance(s.frame, GraftFrame)]
+
+
+def ihave(*bodies: bytes, origin: int = 1) -> IHaveFrame:
+    return IHaveFrame(tuple(message_id(b) for b in bodies), (origin,) * len(bodies))
+
+
+def test_unknown_id_is_grafted_from_the_announcer_after_graft_timeout() -> None:
+    """An IHave for an id we lack, with the tree parent up, starts a graft_timeout
+    wait counted from the last tick; at the first tick past it a Graft goes to the
+    announcer. An IHave for an id we hold is ignored."""
+    node = Node(graft_timeout=0.5)
+    node.gossip(2, b"held", (1, 2))
+    node.now = T0 + 0.05
+    assert node.receive(3, ihave(b"held", b"lacking")) == []
+    assert node.plumtree.missing.keys() == {message_id(b"lacking")}
+    assert grafts(node.tick(T0 + 0.4)) == []
+    assert node.tick(T0 + 0.5) == [Send(3, GraftFrame((message_id(b"lacking"),)))]
+
+
+def test_unknown_id_is_grafted_at_the_next_tick_when_the_tree_parent_is_down() -> None:
+    """With the tree parent (2) of the id's origin down, nothing can come down the
+    tree, so the Graft goes out at the very next tick."""
+    node = Node()
+    node.peer_down(2)
+    node.receive(3, ihave(b"orphan"))
+    assert node.tick(T0 + 0.1) == [Send(3, GraftFrame((message_id(b"orphan"),)))]
+
+
+def test_graft_retries_go_to_the_next_announcer_then_give_up() -> None:
+    """If the message does not come graft_retry after a Graft, the next announcer is
+    asked; once every announcer was asked the id is forgotten (re-sync will bring it).
+    The message arriving cancels any further Graft."""
+    node = Node(graft_timeout=0.5, graft_retry=0.25)
+    mid = message_id(b"wanted")
+    node.receive(3, ihave(b"wanted"))
+    node.receive(7, ihave(b"wanted"))
+    assert node.tick(T0 + 0.5) == [Send(3, GraftFrame((mid,)))]
+    assert node.tick(T0 + 0.7) == []
+    assert node.tick(T0 + 0.75) == [Send(7, GraftFrame((mid,)))]
+    assert node.tick(T0 + 1.0) == []
+    assert node.plumtree.missing == {}
+
+    node.receive(3, ihave(b"arrives"))
+    node.gossip(2, b"arrives", (1, 2))
+    assert node.plumtree.missing == {}
+    assert grafts(node.tick(T0 + 2.0)) == []
+
+
+def test_graft_is_answered_and_the_grafting_peer_adopted_for_that_origin() -> None:
+    """A Graft is answered with the message (path + 5), and the grafting peer (7) is
+    adopted for the message's origin: later messages of origin 1 are pushed to it
+    instead of announced, messages of other origins are not."""
+    node = Node()
+    first = b"first of origin 1"
+    node.gossip(2, first, (1, 2))
+    node.tick(T0 + 0.1)
+    reply = node.receive(7, GraftFrame((message_id(first),)))
+    assert reply == [Send(7, GossipFrame((Envelope(message_id(first), first, (1, 2, ME)),)))]
+    assert node.plumtree.adopted == {1: {7}}
+    assert sorted(pushed(node.gossip(2, b"second of origin 1", (1, 2)))) == [7, 8]
+    assert sorted(pushed(node.gossip(3, b"of origin 3", (3,)))) == [8]
+    assert {s.peer for s in node.tick(T0 + 0.2)} == {2, 3, 7}  # 2 and 7: origin 3's id
+
+
+def test_duplicate_from_a_non_parent_prunes_once_and_prune_ends_adoption() -> None:
+    """A copy of a held message from a peer other than the tree parent (which is up)
+    is answered with Prune(origin), once per peer and origin; a copy from the parent is
+    not. A Prune received removes the sender from that origin's adopted peers."""
+    node = Node()
+    a, b = b"origin 1, first", b"origin 1, second"
+    node.gossip(2, a, (1, 2))
+    node.gossip(2, b, (1, 2))
+    assert node.gossip(3, a, (1, 3)) == [Send(3, PruneFrame((1,)))]
+    assert node.gossip(3, b, (1, 3)) == []
+    assert node.gossip(2, a, (1, 2)) == []
+
+    node.receive(7, GraftFrame((message_id(a),)))
+    assert node.plumtree.adopted == {1: {7}}
+    node.receive(7, PruneFrame((1,)))
+    assert node.plumtree.adopted == {1: set()}
+    assert sorted(pushed(node.gossip(2, b"origin 1, third", (1, 2)))) == [8]
+
+
+def test_duplicate_is_not_pruned_while_the_tree_parent_is_down() -> None:
+    """With the tree parent down, the adoptive sender is still needed: no Prune."""
+    node = Node()
+    node.gossip(3, b"kept", (1, 3))
+    node.peer_down(2)
+    assert node.gossip(7, b"kept", (1, 3, 7)) == []
+
+
+def test_peer_down_drops_its_adoptions_and_pending_ihaves() -> None:
+    """A peer that goes down loses its adoptions and its queued IHaves: the tick
+    announces only to the others, and after it comes back it is announced to, not
+    pushed to."""
+    node = Node()
+    first = b"grafted"
+    node.gossip(2, first, (1, 2))
+    node.tick(T0 + 0.1)
+    node.receive(7, GraftFrame((message_id(first),)))
+    node.gossip(2, b"queued", (1, 2))  # pushed to 7 (adopted) and 8, announced to 3
+    node.gossip(3, b"origin 3", (3,))  # announced to 2 and 7
+    node.peer_down(7)
+    assert node.plumtree.adopted == {1: set()}
+    assert sorted(s.peer for s in node.tick(T0 + 0.2)) == [2, 3]
+    node.peer_up(7)
+    assert sorted(pushed(node.gossip(2, b"after", (1, 2)))) == [8]
+    assert sorted(s.peer for s in node.tick(T0 + 0.3)) == [3, 7]
+
+
+def test_missing_set_is_bounded_by_max_missing() -> None:
+    """At most max_missing announced ids are remembered; the oldest go first."""
+    node = Node(max_missing=3)
+    bodies = [f"announced {i}".encode() for i in range(5)]
+    node.receive(3, ihave(*bodies))
+    assert list(node.plumtree.missing) == [message_id(b) for b in bodies[2:]]
+
+
+# -- simulations ----------------------------------------------------------------
+
+N = 200
+MESSAGES = 250
+
+
+@functools.cache
+def cluster_edges() -> tuple[tuple[int, int], ...]:
+    return tuple(generate_graph(N, 3, 1))
+
+
+@functools.cache
+def cluster_diameter() -> int:
+    return diameter(cluster_edges())
+
+
+def jitter(rng: random.Random, src: int, dst: int) -> float:
+    return rng.uniform(0.001, 0.010)
+
+
+def run_workload(
+    factory: Callable[[int], Dissemination],
+    *,
+    seed: int = 1,
+    crash: int = 0,
+    loss: float = 0.0,
+    core_options: Mapping[str, float] | None = None,
+    settle: float = 5.0,
+) -> tuple[Simulation, list[bytes]]:
+    """The 200-node 3-regular cluster, links up and their first re-sync done; then
+    optionally ``crash`` nodes down (the rest connected); then MESSAGES messages at
+    random live nodes 0-2 ms apart, all in flight together; then ``settle`` simulated
+    seconds of ticks."""
+    edges = cluster_edges()
+    sim = Simulation(
+        edges,
+        seed=seed,
+        strategy_factory=factory,
+        latency=jitter,
+        loss=loss,
+        core_options=core_options or {"sync_interval": 1e9},
+    )
+    sim.run(until=1.0)
+    rng = random.Random(seed)
+    for v in pick_crashed(adjacency(edges), crash, rng):
+        sim.crash(v)
+    mids = []
+    for i in range(MESSAGES):
+        mids.append(sim.submit(rng.choice(sim.live), f"message {i}".encode()))
+        sim.run(until=sim.now + rng.uniform(0.0, 0.002))
+    sim.run(until=sim.now + settle)
+    return sim, mids
+
+
+@functools.cache
+def stable_plumtree() -> tuple[Simulation, list[bytes]]:
+    # Plumtree nodes sharing one BFS per origin: the same trees as Plumtree(n, graph)
+    # (test_shared_trees_answer_exactly_as_origin_trees) at 1/200 of the work.
+    return run_workload(plumtree_factory(adjacency(cluster_edges())))
+
+
+def test_plumtree_stable_network_is_a_perfect_spanning_tree() -> None:
+    """200 nodes, 250 concurrent messages from random origins, every link up: every
+    node gets every message exactly once (199 payload envelopes per broadcast, RMR
+    0.0), each down its origin's tree (the stored path is the tree path), and the
+    last delivery of each message is at hop = the origin's eccentricity, within the
+    graph's diameter. Only IHave control frames flow: no graft, no prune."""
+    sim, mids = stable_plumtree()
+    stats = sim.stats()
+    print(f"plumtree stable n={N}: {stats}")
+    assert stats.reliability == 1.0
+    assert stats.redundancy == 0.0
+    assert stats.drops == 0
+    assert all(sim.received_by_message[mid] == N - 1 for mid in mids)
+    assert stats.max_hops <= cluster_diameter()
+    graph = adjacency(cluster_edges())
+    trees = {n: sim.cores[n].strategy.trees for n in sim.nodes}  # type: ignore[attr-defined]
+    origins = [sim.origins[mid][0] for mid in mids]
+    ecc = eccentricities(graph, origins, set(graph))
+    for mid, origin in zip(mids, origins, strict=True):
+        for n in sim.nodes:
+            stored = sim.stores[n].get(mid)
+            assert stored is not None
+            up_the_tree = []
+            u = n
+            while u != origin:
+                u = trees[u].parent(origin)
+                up_the_tree.append(u)
+            assert stored.path == tuple(reversed(up_the_tree))
+        assert max(sim.deliveries[(n, mid)].hops for n in sim.nodes) == ecc[origin]
+    kinds = {kind for (_s, _d, kind) in sim.frames_delivered}
+    assert "IHaveFrame" in kinds
+    assert not kinds & {"GraftFrame", "PruneFrame"}
+
+
+def test_plumtree_reaches_every_live_node_with_20_percent_crashed() -> None:
+    """With 40 of 200 nodes crashed before the first submit (the rest connected) and
+    periodic re-sync off, grafts, adoption and passing up the tree get every message
+    to every live node within 30 simulated seconds, without DropPeer."""
+    graph = adjacency(cluster_edges())
+    sim, _ = run_workload(plumtree_factory(graph), crash=N // 5, settle=30.0)
+    stats = sim.stats()
+    print(f"plumtree, {N // 5} of {N} crashed: {stats}")
+    assert stats.live_nodes == N - N // 5
+    assert stats.reliability == 1.0
+    assert stats.drops == 0
+    assert sum(sim.sync_received.values()) == 0  # no help from re-sync
+    assert stats.max_latency < 30.0
+
+
+def test_plumtree_with_5_percent_frame_loss_and_periodic_sync_reaches_everyone() -> None:
+    """With 5% of all frames lost (payload, IHave, Graft, Prune and re-sync alike),
+    Plumtree's grafts plus re-sync every 2 s get every message to every node within
+    60 simulated seconds. (A lost re-sync frame stalls that node's sessions until
+    sync_timeout; on TCP a frame is only lost with its link, which ends the session at
+    once, so the 30 s default is cut to 5 s for this lossy network.)"""
+    graph = adjacency(cluster_edges())
+    options = {"sync_interval": 2.0, "sync_timeout": 5.0}
+    sim, _ = run_workload(plumtree_factory(graph), loss=0.05, core_options=options, settle=60.0)
+    stats = sim.stats()
+    print(f"plumtree, loss 0.05, sync every 2 s: {stats}")
+    assert sim.frames_lost > 0
+    assert stats.reliability == 1.0
+    assert stats.drops == 0
+
+
+def test_plumtree_payload_is_n_minus_1_where_flood_is_2e_minus_n_minus_1() -> None:
+    """On the same workload, Plumtree receives at most 1.1 * (n - 1) payload envelopes
+    per broadcast (exactly n - 1 here) and Flood about 2|E| - (n - 1): every node sends
+    to all neighbours but the one it got the message from (slightly fewer when another
+    neighbour is already on the path)."""
+    plumtree, _ = stable_plumtree()
+    flood, _ = run_workload(Flood)
+    edges = len(cluster_edges())
+    per_broadcast = {
+        name: sum(sim.received_by_message.values()) / MESSAGES
+        for name, sim in (("plumtree", plumtree), ("flood", flood))
+    }
+    print(f"payload envelopes per broadcast, n={N}, |E|={edges}: {per_broadcast}")
+    assert flood.stats().reliability == 1.0
+    assert per_broadcast["plumtree"] <= 1.1 * (N - 1)
+    expected = 2 * edges - (N - 1)
+    assert 0.95 * expected <= per_broadcast["flood"] <= expected
+
+
+# -- the report command ---------------------------------------------------------
+
+
+def test_report_command_prints_the_table_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``gossip-sim`` on a small cluster prints one row per strategy and scenario and
+    writes the same figures as JSON; Plumtree's stable row has reliability 1 and RMR 0,
+    and a second run with the same seed writes the same figures."""
+    out = tmp_path / "sim.json"
+    argv = ["--nodes", "40", "--messages", "30", "--seed", "3", "--json", str(out)]
+    assert report_main(argv) == 0
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines() if line.startswith(("flood", "plumtree"))]
+    assert [r[:2] for r in rows] == [
+        ["flood", "stable"],
+        ["flood", "crashed"],
+        ["plumtree", "stable"],
+        ["plumtree", "crashed"],
+    ]
+    runs = json.loads(out.read_text())["runs"]
+    stable = runs[2]
+    assert stable["reliability_min"] == 1.0
+    assert stable["rmr_mean"] == 0.0
+    assert stable["payload_per_broadcast"] == 39
+    assert stable["last_hop_mean"] == stable["origin_eccentricity_mean"]
+    assert all(r["reliability_min"] == 1.0 for r in runs)
+    assert runs[1]["live_nodes"] == 32
+
+    again = tmp_path / "again.json"
+    assert report_main([*argv[:-1], str(again)]) == 0
+    strip = ("wall_seconds",)
+    first = [{k: v for k, v in r.items() if k not in strip} for r in runs]
+    second = [
+        {k: v for k, v in r.items() if k not in strip}
+        for r in json.loads(again.read_text())["runs"]
+    ]
+    assert first == second
+
+
+def test_report_command_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad options are usage errors (status 2), and so is a node count no 3-regular
+    graph has."""
+    assert report_main(["--nodes", "0"]) == 2
+    assert report_main(["--crash", "1.5"]) == 2
+    assert report_main(["--nodes", "41"]) == 2
+    assert "n * degree must be even" in capsys.readouterr().err
