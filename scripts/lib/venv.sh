@@ -22,7 +22,7 @@ ensure_venv() {
         }
         "$dir/bin/python" -m pip install -q --upgrade pip >/dev/null
     fi
-    VENV_PY="$dir/bin/python"
+    VENV_PY="$(cd "$dir" && pwd)/bin/python"
 }
 
 quiet_pip() {
