@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gossip-cluster: {e}", file=sys.stderr)
         return 2
     result = [0]
+    stopping: list[bool] = []
 
     async def run(reactor: Any) -> None:
         cluster = LocalCluster(
@@ -300,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.fresh:
             for n in config.nodes:
                 shutil.rmtree(cluster.node_dir(n), ignore_errors=True)
-        reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: defer.Deferred.fromCoroutine(cluster.stop_all())
-        )
+
+        def shutdown() -> defer.Deferred[None]:
+            stopping.append(True)
+            return defer.Deferred.fromCoroutine(cluster.stop_all())
+
+        reactor.addSystemEventTrigger("before", "shutdown", shutdown)
         cluster.start_all()
         try:
             await cluster.wait_ready(args.ready_timeout)
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         _print_ready(config, config_path, directory)
         for proto in cluster.processes.values():
-            proto.ended.addCallback(_report_exit, proto.node_id, cluster)
+            proto.ended.addCallback(_report_exit, proto.node_id, cluster, stopping)
         await defer.Deferred()  # until Ctrl-C / SIGTERM stops the reactor
 
     def start(reactor: Any) -> defer.Deferred[None]:
@@ -328,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     return result[0]
 
 
-def _report_exit(code: int, node_id: int, cluster: LocalCluster) -> int:
+def _report_exit(code: int, node_id: int, cluster: LocalCluster, stopping: list[bool]) -> int:
+    if stopping:
+        return code  # we are stopping every node: nothing to report
     print(
         f"gossip-cluster: node {node_id} exited with status {code}"
         f" (log: {cluster.log_path(node_id)})",

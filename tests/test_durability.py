@@ -33,7 +33,11 @@ async def start_cluster(tmp_path: Path, n: int = 16) -> LocalCluster:
     config_path, _ = write_cluster(tmp_path, n)
     cluster = LocalCluster(reactor, config_path, tmp_path)
     cluster.start_all()
-    await cluster.wait_ready(timeout=90)
+    try:
+        await cluster.wait_ready(timeout=90)
+    except BaseException:
+        await cluster.stop_all()  # leave no node running behind a failed start
+        raise
     return cluster
 
 
