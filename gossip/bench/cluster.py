@@ -90,6 +90,7 @@ class Settings:
     rounds: int
     throughput_seconds: float
     clients: int
+    window: int
     fsync: str | None
     seed: int
     latency_messages: int
@@ -176,6 +177,12 @@ def parser() -> argparse.ArgumentParser:
         default=8,
         help="concurrent submitting clients for throughput and resync (default 8)",
     )
+    p.add_argument(
+        "--window",
+        type=_positive(int),
+        default=16,
+        help="submits each client keeps in flight, pipelined on its connections (default 16)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     p.add_argument(
         "--plot", type=Path, metavar="FILE.png", help="plot latency distributions (matplotlib)"
@@ -228,6 +235,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rounds=args.rounds,
         throughput_seconds=args.throughput_seconds,
         clients=args.clients,
+        window=args.window,
         fsync=args.fsync,
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31),
         latency_messages=args.latency_messages,
@@ -741,7 +749,7 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
     await usage.begin()
     first = now()
     end = first + s.throughput_seconds
-    await gather(worker(w, end) for w in workers)
+    await gather(worker(w, end) for w in workers for _ in range(s.window))
     ids = list(submitted)
     done = await tracker.wait_all(ids, s.drain_timeout, run.check_alive)
     await tracker.stop()
@@ -808,7 +816,7 @@ async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
             submitted[mid] = now()
             submitted_bytes[mid] = len(body.encode())
 
-    await gather(worker(w) for w in workers)
+    await gather(worker(w) for w in workers for _ in range(s.window))
     ids = list(submitted)
     others_done = await tracker.wait_all(ids, s.drain_timeout, run.check_alive)
     await tracker.stop()

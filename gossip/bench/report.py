@@ -172,8 +172,9 @@ def format_table(result: Mapping[str, Any]) -> str:
         " 'by node clocks' = max over nodes of the stored message's received_at (same clock)",
         f"workloads: latency {settings['latency_messages']} msgs every"
         f" {settings['latency_interval'] * 1000:g} ms; throughput {settings['clients']} clients"
-        f" for {settings['throughput_seconds']:g} s; resync {settings['resync_messages']:,}"
-        f" msgs; wan +{settings['wan_delay_ms']:g} ms per link; {rounds} round(s),"
+        f" x {settings.get('window', 1)} in flight for {settings['throughput_seconds']:g} s;"
+        f" resync {settings['resync_messages']:,} msgs;"
+        f" wan +{settings['wan_delay_ms']:g} ms per link; {rounds} round(s),"
         " variants alternating",
         *_busy_warning(m),
         "",
