@@ -15,13 +15,12 @@ second.
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
 from collections.abc import Iterable, Sequence
-from typing import NoReturn
 
+from gossip.argtypes import OneLineParser, whole
 from gossip.config import (
     DEGREE,
     ClusterConfig,
@@ -311,52 +310,19 @@ def summary(config: ClusterConfig) -> str:
     return f"{len(config.nodes)} nodes, degree {degree}, diameter {diam}, mean path {mean:.2f}"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, not argparse's usage block.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _node_count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
-def _port(text: str) -> int:
-    try:
-        p = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= p <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0..65535, got {p}")
-    return p
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="gossip-config",
         description="Write a gossip cluster file with a low-diameter degree-3 graph, or check one.",
     )
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--nodes", type=_node_count, metavar="N", help="number of nodes")
+    mode.add_argument("--nodes", type=whole(low=1), metavar="N", help="number of nodes")
     mode.add_argument("--check", metavar="FILE", help="validate FILE and print its summary")
-    parser.add_argument("--seed", type=_int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=whole(), default=0, help="random seed (default 0)")
     parser.add_argument("--host", default="127.0.0.1", help="host of every node")
     parser.add_argument(
         "--base-port",
-        type=_port,
+        type=whole(0, 65535),
         default=17000,
         metavar="P",
         help="node i listens for peers on P + i (default 17000)",

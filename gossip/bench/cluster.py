@@ -39,12 +39,13 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
+from gossip.argtypes import OneLineParser, real, whole
 from gossip.client.api import GossipClient, NodeUnreachable
 from gossip.client.commands import ListMessages
 from gossip.cluster import ClusterFailed, LocalCluster, free_port_base
@@ -128,32 +129,13 @@ def _strategies(text: str) -> tuple[str, ...]:
     return _names(text, DISSEMINATIONS, "strategy")
 
 
-def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
-    def parse(text: str) -> T:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:  # type: ignore[operator]
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, not argparse's usage block.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROGRAM,
         description="Run the benchmark workloads (bench-spec.md) against a local cluster of"
         " node processes and print one table.",
     )
-    p.add_argument("--nodes", type=_positive(int), default=16, help="cluster size (default 16)")
+    p.add_argument("--nodes", type=whole(low=1), default=16, help="cluster size (default 16)")
     p.add_argument(
         "--workloads",
         type=_workloads,
@@ -168,18 +150,18 @@ def parser() -> argparse.ArgumentParser:
         " the first (default flood)",
     )
     p.add_argument(
-        "--rounds", type=_positive(int), default=2, help="runs of each workload (default 2)"
+        "--rounds", type=whole(low=1), default=2, help="runs of each workload (default 2)"
     )
-    p.add_argument("--throughput-seconds", type=_positive(float), default=10.0, metavar="S")
+    p.add_argument("--throughput-seconds", type=real(above=0), default=10.0, metavar="S")
     p.add_argument(
         "--clients",
-        type=_positive(int),
+        type=whole(low=1),
         default=8,
         help="concurrent submitting clients for throughput and resync (default 8)",
     )
     p.add_argument(
         "--window",
-        type=_positive(int),
+        type=whole(low=1),
         default=16,
         help="submits each client keeps in flight, pipelined on its connections (default 16)",
     )
@@ -196,29 +178,29 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     k = p.add_argument_group("workload knobs (defaults follow bench-spec.md)")
-    k.add_argument("--latency-messages", type=_positive(int), default=200, metavar="N")
-    k.add_argument("--latency-interval-ms", type=_positive(float), default=20.0, metavar="MS")
-    k.add_argument("--resync-messages", type=_positive(int), default=10_000, metavar="N")
-    k.add_argument("--wan-delay-ms", type=_positive(float), default=100.0, metavar="MS")
+    k.add_argument("--latency-messages", type=whole(low=1), default=200, metavar="N")
+    k.add_argument("--latency-interval-ms", type=real(above=0), default=20.0, metavar="MS")
+    k.add_argument("--resync-messages", type=whole(low=1), default=10_000, metavar="N")
+    k.add_argument("--wan-delay-ms", type=real(above=0), default=100.0, metavar="MS")
     k.add_argument(
         "--poll-ms",
-        type=_positive(float),
+        type=real(above=0),
         default=5.0,
         metavar="MS",
         help="delivery poll period per node for latency and wan (default 5)",
     )
     k.add_argument(
         "--slow-poll-ms",
-        type=_positive(float),
+        type=real(above=0),
         default=50.0,
         metavar="MS",
         help="delivery poll period per node for throughput and resync (default 50)",
     )
-    k.add_argument("--drain-timeout", type=_positive(float), default=120.0, metavar="S")
-    k.add_argument("--ready-timeout", type=_positive(float), default=90.0, metavar="S")
+    k.add_argument("--drain-timeout", type=real(above=0), default=120.0, metavar="S")
+    k.add_argument("--ready-timeout", type=real(above=0), default=90.0, metavar="S")
     k.add_argument(
         "--max-messages",
-        type=_positive(int),
+        type=whole(low=1),
         default=1_000_000,
         metavar="N",
         help="cap on messages one throughput run submits",

@@ -34,6 +34,7 @@ from typing import Any
 
 import attrs
 
+from gossip.argtypes import OneLineParser, real, whole
 from gossip.core.dissemination import Dissemination, Flood
 from gossip.core.plumtree import Plumtree, ShortestPathTrees
 from gossip.sim.network import Simulation
@@ -362,88 +363,55 @@ def describe(setup: Setup) -> str:
 # -- command -----------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _nonnegative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _nonnegative(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="gossip-sim",
         description=(
             "Simulate flood and Plumtree on a 3-regular graph, stable and with crashed "
             "nodes, and print reliability, redundancy, hops, latency and control traffic."
         ),
     )
-    p.add_argument("--nodes", type=_positive_int, default=1000, help="default 1000")
-    p.add_argument("--messages", type=_positive_int, default=200, help="default 200")
+    p.add_argument("--nodes", type=whole(low=1), default=1000, help="default 1000")
+    p.add_argument("--messages", type=whole(low=1), default=200, help="default 200")
     p.add_argument("--seed", type=int, default=1, help="default 1")
     p.add_argument(
-        "--crash", type=_fraction, default=0.2, metavar="F", help="share crashed (default 0.2)"
+        "--crash",
+        type=real(low=0, below=1),
+        default=0.2,
+        metavar="F",
+        help="share crashed (default 0.2)",
     )
     p.add_argument(
         "--gap-ms",
-        type=_nonnegative,
+        type=real(low=0),
         default=5.0,
         metavar="MS",
         help="time between submits, uniform in [0, MS] (default 5)",
     )
     p.add_argument(
         "--origins",
-        type=_count,
+        type=whole(low=0),
         default=0,
         metavar="K",
         help="draw origins from K random live nodes (default 0: from all of them)",
     )
     p.add_argument(
         "--sync-interval",
-        type=_nonnegative,
+        type=real(low=0),
         default=0.0,
         metavar="S",
         help="periodic re-sync every S simulated seconds (default 0: off)",
     )
     p.add_argument(
         "--time-limit",
-        type=_nonnegative,
+        type=real(low=0),
         default=60.0,
         metavar="S",
         help="stop a run S simulated seconds after its first submit (default 60)",
     )
     p.add_argument(
         "--max-events",
-        type=_positive_int,
+        type=whole(low=1),
         default=50_000_000,
         metavar="N",
         help="fail a run after N events (default 50,000,000)",
