@@ -44,17 +44,8 @@ WORKLOAD_ROWS: dict[str, list[tuple[str, str]]] = {
         ("undelivered_pairs", "never delivered (node-msg pairs)"),
         ("submit_errors", "failed submits"),
     ],
-    "wan": [
-        ("latency_p50_ms", "p50 to last node (ms)"),
-        ("latency_p99_ms", "p99 to last node (ms)"),
-        ("latency_max_ms", "max to last node (ms)"),
-        ("stamped_p50_ms", "  p50 by node clocks (ms)"),
-        ("stamped_p99_ms", "  p99 by node clocks (ms)"),
-        ("stamped_max_ms", "  max by node clocks (ms)"),
-        ("undelivered_pairs", "never delivered (node-msg pairs)"),
-        ("submit_errors", "failed submits"),
-    ],
 }
+WORKLOAD_ROWS["wan"] = WORKLOAD_ROWS["latency"]  # the latency workload with slow links
 COMMON_ROWS: list[tuple[str, str]] = [
     ("payload_frames_per_message", "payload frames / broadcast"),
     ("payload_messages_per_message", "payload msgs sent / broadcast"),
