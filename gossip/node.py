@@ -97,7 +97,7 @@ class GossipNode(service.Service):
             },
             reactor=reactor,
             clock=reactor,
-            events=LinkEvents(self._peer_up, self._peer_down, self._frame),
+            events=LinkEvents(self._peer_up, self._peer_down, self._frame, self.flush),
             max_frame=frame_limit(config.max_message_bytes),
             reconnect_max_delay=config.reconnect_max_delay,
             ping_interval=config.ping_interval,
@@ -236,7 +236,7 @@ class GossipNode(service.Service):
                     box = self._outbox[effect.peer] = []
                 box.extend(effect.frame.messages)
                 if self._flush_call is None:
-                    self._flush_call = self.clock.callLater(0, self._flush)
+                    self._flush_call = self.clock.callLater(0, self.flush)
             elif isinstance(effect, Send):
                 key = id(effect.frame)
                 data = encoded.get(key)
@@ -249,8 +249,14 @@ class GossipNode(service.Service):
             elif isinstance(effect, DropPeer):
                 self.links.drop(effect.peer, effect.reason)
 
-    def _flush(self) -> None:
-        self._flush_call = None
+    def flush(self) -> None:
+        """Send the batched payloads now (also scheduled for the end of each reactor turn)."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._outbox:
+            return
         outbox, self._outbox = self._outbox, {}
         cache: dict[int, bytes] = {}
         for peer, envelopes in outbox.items():

@@ -43,6 +43,10 @@ class ClientProtocol(amp.AMP):
         amp.BinaryBoxProtocol.makeConnection(self, transport)
         set_no_delay(transport)
 
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.node.flush()  # what the submits in this read produced goes out now
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None

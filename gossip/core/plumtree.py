@@ -133,7 +133,7 @@ class Plumtree:
         node_id: int,
         graph: Mapping[int, Iterable[int]] | ShortestPathTrees,
         *,
-        graft_timeout: float = 0.25,
+        graft_timeout: float = 0.5,
         graft_retry: float = 0.25,
         max_missing: int = 100_000,
     ) -> None:

@@ -42,6 +42,9 @@ class LinkEvents:
     up: Callable[[int], None]
     down: Callable[[int], None]
     frame: Callable[[int, PeerFrame, int], None]  # peer, frame, its size in bytes
+    # After all frames of one read were handled: send what they produced now,
+    # as one batch, instead of on the next reactor turn.
+    read_done: Callable[[], None] = lambda: None
 
 
 @attrs.define
