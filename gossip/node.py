@@ -45,6 +45,9 @@ STRATEGIES: dict[str, Callable[[int, Graph], Dissemination]] = {
 }
 
 TICK_SECONDS = 0.1
+# Re-sync answers (SyncWant streams) in progress for one peer; a peer asking for
+# more at once is broken or hostile and is disconnected.
+MAX_STREAMS_PER_PEER = 16
 # Payload bytes per batched Gossip frame (well under the receiver's frame limit).
 GOSSIP_FRAME_BYTES = 256 * 1024
 
@@ -108,6 +111,7 @@ class GossipNode(service.Service):
         self.ports: list[IListeningPort] = []
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
+        self._streams: dict[int, int] = {}  # re-sync answers being sent, per peer
         self._flush_call: IDelayedCall | None = None
         self._cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
         self._ticker = LoopingCall(self._tick)
@@ -245,7 +249,13 @@ class GossipNode(service.Service):
                 if self.links.send(effect.peer, data):
                     self.traffic.sent(effect.frame, len(data))
             elif isinstance(effect, StreamMessages):
-                self._cooperator.cooperate(self._stream(effect))
+                active = self._streams.get(effect.peer, 0)
+                if active >= MAX_STREAMS_PER_PEER:
+                    self.links.drop(effect.peer, f"over {MAX_STREAMS_PER_PEER} re-sync requests")
+                    continue
+                self._streams[effect.peer] = active + 1
+                done = self._cooperator.cooperate(self._stream(effect)).whenDone()
+                done.addBoth(self._stream_ended, effect.peer)
             elif isinstance(effect, DropPeer):
                 self.links.drop(effect.peer, effect.reason)
 
@@ -263,6 +273,13 @@ class GossipNode(service.Service):
             for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
                 if self.links.send(peer, data):
                     self.traffic.sent_kind("gossip", len(data), count)
+
+    def _stream_ended(self, result: object, peer: int) -> None:
+        left = self._streams.get(peer, 1) - 1
+        if left > 0:
+            self._streams[peer] = left
+        else:
+            self._streams.pop(peer, None)
 
     def _stream(self, order: StreamMessages) -> Iterator[Deferred[None] | None]:
         """Send one SyncWant's messages frame by frame, waiting whenever the link is full."""

@@ -382,3 +382,47 @@ def test_status_of_another_node_of_a_16_node_cluster() -> None:
     assert [link["peer"] for link in s["links"]] == list(config.node(7).neighbours)
     assert len(s["links"]) == 3
     assert {link["state"] for link in s["links"]} == {"connecting"}
+
+
+# -- bounds --------------------------------------------------------------------
+
+
+def test_client_connections_are_limited_and_freed() -> None:
+    """The client port serves at most connectionLimit connections at once (Twisted's
+    LimitTotalConnectionsFactory): one more is refused, and a closed one frees a place."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from gossip.client.responder import MAX_CLIENT_CONNECTIONS, ClientFactory
+
+    h = Harness()
+    factory = ClientFactory(h.node)
+    assert factory.connectionLimit == MAX_CLIENT_CONNECTIONS
+    factory.connectionLimit = 2  # type: ignore[assignment]
+    addr = IPv4Address("TCP", "127.0.0.1", 5555)
+    first = factory.buildProtocol(addr)
+    second = factory.buildProtocol(addr)
+    assert first is not None and second is not None
+    assert factory.buildProtocol(addr) is None
+    first.makeConnection(StringTransport())
+    first.connectionLost(Failure(ConnectionError()))
+    assert factory.buildProtocol(addr) is not None
+
+
+def test_too_many_resync_requests_from_one_peer_drop_it() -> None:
+    """A peer with more than MAX_STREAMS_PER_PEER re-sync answers in progress at once is
+    disconnected; finished answers free their places."""
+    from gossip.core.effects import StreamMessages
+    from gossip.node import MAX_STREAMS_PER_PEER
+
+    h = Harness()
+    dropped: list[tuple[int, str]] = []
+    h.node.links.drop = lambda peer, reason: dropped.append((peer, reason))  # type: ignore[method-assign]
+    orders = [StreamMessages(2, n, (), (0,)) for n in range(MAX_STREAMS_PER_PEER + 1)]
+    h.node._apply(orders[:MAX_STREAMS_PER_PEER])  # type: ignore[arg-type]
+    assert dropped == []
+    h.node._apply(orders[MAX_STREAMS_PER_PEER:])  # type: ignore[arg-type]
+    assert dropped and dropped[0][0] == 2 and "re-sync requests" in dropped[0][1]
+    for _ in range(10):  # let the streams run (the link is not up: each ends at once)
+        h.reactor.advance(0)
+    assert h.node._streams == {}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.protocols import amp
+from twisted.protocols.policies import LimitTotalConnectionsFactory
 from twisted.python.failure import Failure
 
 from gossip import logs
@@ -27,6 +28,8 @@ from gossip.net.peer_protocol import set_no_delay
 if TYPE_CHECKING:
     from gossip.node import GossipNode
 
+# Client connections a node serves at once.
+MAX_CLIENT_CONNECTIONS = 1024
 # Each page entry costs its id and body plus AMP's per-key framing.
 _ENTRY_OVERHEAD = 40
 
@@ -104,11 +107,13 @@ class ClientProtocol(amp.AMP):
         return self.node.status()
 
 
-class ClientFactory(ServerFactory):
+class ClientFactory(LimitTotalConnectionsFactory):
+    """Client connections, at most ``MAX_CLIENT_CONNECTIONS`` at once (Twisted's own
+    limit: connections over it are closed at once)."""
+
     noisy = False
 
     def __init__(self, node: GossipNode) -> None:
         self.node = node
-
-    def buildProtocol(self, addr: Any) -> ClientProtocol:
-        return ClientProtocol(self.node)
+        self.connectionLimit = MAX_CLIENT_CONNECTIONS  # type: ignore[assignment]  # stubs: None
+        self.protocol = lambda: ClientProtocol(node)
