@@ -100,7 +100,9 @@ class GossipNode(service.Service):
             },
             reactor=reactor,
             clock=reactor,
-            events=LinkEvents(self._peer_up, self._peer_down, self._frame, self.flush),
+            events=LinkEvents(
+                self._peer_up, self._peer_down, self._frame, self.flush, self._congestion
+            ),
             max_frame=frame_limit(config.max_message_bytes),
             reconnect_max_delay=config.reconnect_max_delay,
             ping_interval=config.ping_interval,
@@ -112,6 +114,10 @@ class GossipNode(service.Service):
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
         self._streams: dict[int, int] = {}  # re-sync answers being sent, per peer
+        # Backpressure: while any neighbour's link is full, client connections are
+        # not read, so no new submits add to what cannot be sent.
+        self._congested: set[int] = set()
+        self.clients: set[Any] = set()
         self._flush_call: IDelayedCall | None = None
         self._cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
         self._ticker = LoopingCall(self._tick)
@@ -216,7 +222,22 @@ class GossipNode(service.Service):
         self._apply(self.core.peer_up(peer, self.clock.seconds()))
 
     def _peer_down(self, peer: int) -> None:
+        self._congestion(peer, False)
         self._apply(self.core.peer_down(peer, self.clock.seconds()))
+
+    def _congestion(self, peer: int, full: bool) -> None:
+        was = bool(self._congested)
+        if full:
+            self._congested.add(peer)
+        else:
+            self._congested.discard(peer)
+        if was != bool(self._congested):
+            for client in list(self.clients):
+                client.reading(not self._congested)
+
+    @property
+    def congested(self) -> bool:
+        return bool(self._congested)
 
     def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
         self.traffic.received(frame, size)

@@ -426,3 +426,26 @@ def test_too_many_resync_requests_from_one_peer_drop_it() -> None:
     for _ in range(10):  # let the streams run (the link is not up: each ends at once)
         h.reactor.advance(0)
     assert h.node._streams == {}
+
+
+def test_full_peer_link_stops_reading_clients_until_it_drains() -> None:
+    """Backpressure: while a neighbour's link cannot take more, the node stops reading
+    its client connections (no new submits), including ones that connect meanwhile,
+    and reads them again once every link drained or went down."""
+    from twisted.internet.testing import StringTransport
+
+    h = Harness()
+    other = ClientProtocol(h.node)
+    transport = StringTransport()
+    other.makeConnection(transport)
+    assert transport.producerState == "producing"
+    h.node._congestion(2, True)
+    assert transport.producerState == "paused"
+    late = StringTransport()
+    ClientProtocol(h.node).makeConnection(late)
+    assert late.producerState == "paused"
+    h.node._congestion(3, True)
+    h.node._congestion(2, False)
+    assert transport.producerState == "paused"  # link 3 is still full
+    h.node._peer_down(3)
+    assert transport.producerState == "producing" and late.producerState == "producing"

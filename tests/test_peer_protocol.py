@@ -975,3 +975,24 @@ def test_send_delay_drops_held_frames_when_the_connection_ends() -> None:
     )
     node.reactor.advance(0.2)
     assert transport.value() == b""
+
+
+def test_full_transport_reports_congestion_for_the_current_link() -> None:
+    """When the transport pauses us the table reports the link congested, and clear
+    again on resume; a connection that is not the current link reports nothing."""
+    import attrs
+
+    node = Node(2)
+    seen: list[tuple[int, bool]] = []
+    node.table.events = attrs.evolve(
+        node.table.events, congested=lambda peer, full: seen.append((peer, full))
+    )
+    _, transport = handshake_inbound(node, 1)
+    assert transport.producer is not None
+    transport.producer.pauseProducing()
+    transport.producer.resumeProducing()
+    assert seen == [(1, True), (1, False)]
+    _stranger, st = node.inbound()
+    assert st.producer is not None
+    st.producer.pauseProducing()
+    assert seen == [(1, True), (1, False)]

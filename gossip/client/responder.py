@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.protocols import amp
 from twisted.protocols.policies import LimitTotalConnectionsFactory
@@ -45,12 +46,29 @@ class ClientProtocol(amp.AMP):
     def makeConnection(self, transport: Any) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
         set_no_delay(transport)
+        self.node.clients.add(self)
+        if self.node.congested:
+            self.reading(False)
+
+    def reading(self, on: bool) -> None:
+        """Backpressure from the node: stop or restart reading this client's requests."""
+        t: Any = self.transport
+        # Under the connection limit our transport is a ProtocolWrapper around TCP's.
+        while t is not None and IPushProducer(t, None) is None:
+            t = getattr(t, "transport", None)
+        producer = IPushProducer(t, None)
+        if producer is not None:
+            if on:
+                producer.resumeProducing()
+            else:
+                producer.pauseProducing()
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
         self.node.flush()  # what the submits in this read produced goes out now
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.node.clients.discard(self)
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 

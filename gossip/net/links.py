@@ -45,6 +45,8 @@ class LinkEvents:
     # After all frames of one read were handled: send what they produced now,
     # as one batch, instead of on the next reactor turn.
     read_done: Callable[[], None] = lambda: None
+    # The link's transport filled up (True) or drained (False): backpressure.
+    congested: Callable[[int, bool], None] = lambda peer, full: None
 
 
 @attrs.define
@@ -237,6 +239,11 @@ class LinkTable:
         peer = proto.peer
         if peer is not None and self.links[peer].state == UP:
             self.events.frame(peer, frame, size)
+
+    def write_state(self, proto: PeerProtocol) -> None:
+        peer = proto.peer
+        if peer is not None and self.links[peer].proto is proto:
+            self.events.congested(peer, proto.paused)
 
     def connection_lost(self, proto: PeerProtocol, reason: Failure) -> None:
         self.connections.discard(proto)

@@ -50,11 +50,13 @@ class _WriteGate:
 
     def pauseProducing(self) -> None:
         self.proto.paused = True
+        self.proto.table.write_state(self.proto)
 
     def resumeProducing(self) -> None:
         self.proto.paused = False
         self.proto.flush_pending()
         self.proto.wake_writers()
+        self.proto.table.write_state(self.proto)
 
     def stopProducing(self) -> None:
         self.proto.paused = True
