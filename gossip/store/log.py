@@ -48,13 +48,16 @@ the process. Surviving a power loss or kernel crash needs ``fsync``:
 ``"always"``
     ``add`` fsyncs before it returns (one fsync per message: slow, simple).
 ``"batch"`` (the default: group commit)
-    A flush is scheduled at most ``batch_interval`` seconds after a write; one
+    An fsync is issued at most ``batch_interval`` seconds after someone
+    starts waiting (``when_durable``: a client's submit); records nobody
+    waits for (messages relayed from neighbours, which are durable at their
+    origin and come back by re-sync) are fsynced within ``idle_interval``
+    (1 s), so a busy relay does not pay an fsync every few milliseconds. One
     ``os.fsync`` at a time runs in a thread (``deferToThreadPool`` on the
     reactor's pool) so the reactor keeps serving; records written while an
-    fsync is in flight wait for the next one, which starts as soon as the
-    previous one ends. ``when_durable()`` returns a Deferred that fires once
-    every record added before the call has been covered by an fsync that
-    *started after* the record was written.
+    fsync is in flight wait for the next one. ``when_durable()`` returns a
+    Deferred that fires once every record added before the call has been
+    covered by an fsync that *started after* the record was written.
 ``"never"``
     No fsync at all (tests and benchmarks); ``when_durable`` fires at once.
 
@@ -142,6 +145,8 @@ from gossip.core.message import ID_BYTES, Message
 from gossip.store.interface import ids_between
 
 MAGIC = b"GSPLOG1\n"
+# Longest a record nobody waits for stays un-fsynced under the "batch" policy.
+IDLE_SYNC_SECONDS = 1.0
 LOG_NAME = "messages.log"
 LOCK_NAME = "messages.lock"
 KIND_MESSAGE = 1
@@ -421,6 +426,7 @@ class LogStore:
         self._durable = end
         self._reactor = reactor
         self._batch_interval = batch_interval
+        self._idle_interval = max(batch_interval, IDLE_SYNC_SECONDS)
         self._fsync_function = fsync_function
         self._flush_call: Any = None
         self._in_flight = False
@@ -529,8 +535,8 @@ class LogStore:
         if self.policy == "always":
             self._sync_now()
             self._durable = self._end
-        elif self.policy == "batch" and self._flush_call is None and not self._in_flight:
-            self._flush_call = self._reactor.callLater(self._batch_interval, self._flush)
+        elif self.policy == "batch":
+            self._schedule(urgent=bool(self._waiters))
         return True
 
     def get(self, mid: bytes) -> Message | None:
@@ -601,8 +607,7 @@ class LogStore:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append((self._end, d))
-        if self._flush_call is None and not self._in_flight:
-            self._flush_call = self._reactor.callLater(self._batch_interval, self._flush)
+        self._schedule(urgent=True)
         return d
 
     def close(self) -> None:
@@ -672,6 +677,17 @@ class LogStore:
         self._fsyncs += 1
         self._last_fsync = time.monotonic() - started
 
+    def _schedule(self, urgent: bool) -> None:
+        """Make sure an fsync comes: soon if someone waits for one, else within idle_interval."""
+        if self._in_flight or self._closed:
+            return  # _synced schedules the next one
+        delay = self._batch_interval if urgent else self._idle_interval
+        call = self._flush_call
+        if call is None:
+            self._flush_call = self._reactor.callLater(delay, self._flush)
+        elif urgent and call.getTime() - self._reactor.seconds() > delay:
+            call.reset(delay)
+
     def _flush(self) -> None:
         """Start one fsync in a thread covering everything written so far."""
         self._flush_call = None
@@ -693,7 +709,10 @@ class LogStore:
         self._durable = max(self._durable, target)
         self._fire_waiters(None)
         if not self._closed and self._durable < self._end:
-            self._flush()  # what was written meanwhile has waited long enough
+            if self._waiters:
+                self._flush()  # acks written meanwhile have waited long enough
+            else:
+                self._schedule(urgent=False)
 
     def _sync_failed(self, failure: Failure) -> None:
         self._in_flight = False
