@@ -224,8 +224,8 @@ class Plumtree:
 
     def on_control(self, peer: int, frame: PeerFrame) -> list[Effect]:
         if isinstance(frame, IHaveFrame):
-            self._announced(peer, frame.ids, frame.origins)
-            return []
+            now = self._announced(peer, frame.ids, frame.origins)
+            return [Send(peer, GraftFrame(tuple(now)))] if now else []
         if isinstance(frame, PruneFrame):
             for origin in frame.origins:
                 peers = self.adopted.get(origin)
@@ -239,8 +239,12 @@ class Plumtree:
     def _ihave_frame(self, peer: int, batch: list[tuple[bytes, int]]) -> Send:
         return Send(peer, IHaveFrame(tuple(i for i, _ in batch), tuple(o for _, o in batch)))
 
-    def _announced(self, peer: int, ids: tuple[bytes, ...], origins: tuple[int, ...]) -> None:
+    def _announced(
+        self, peer: int, ids: tuple[bytes, ...], origins: tuple[int, ...]
+    ) -> list[bytes]:
+        """Note what ``peer`` announced; return the ids to graft from it at once."""
         store = self._store
+        now: list[bytes] = []
         for k, mid in enumerate(ids):
             if store is not None and mid in store:
                 continue
@@ -253,9 +257,16 @@ class Plumtree:
                 del self.missing[next(iter(self.missing))]  # re-sync will still bring it
             origin = origins[k] if k < len(origins) else None
             parent = self.trees.parent(origin) if origin is not None else None
-            # Our tree parent is away: nothing will come by the tree, ask now.
-            wait = 0.0 if parent is not None and parent not in self.up else self.graft_timeout
-            self.missing[mid] = _Missing(self.now + wait, [peer])
+            if parent is not None and parent not in self.up:
+                # Our tree parent is away: nothing will come by the tree, ask now
+                # (and ask the next announcer if this one does not answer).
+                self.missing[mid] = _Missing(self.now + self.graft_retry, [])
+                now.append(mid)
+                if len(now) >= IDS_PER_FRAME:
+                    break
+            else:
+                self.missing[mid] = _Missing(self.now + self.graft_timeout, [peer])
+        return now
 
     def _graft_reply(self, peer: int, ids: tuple[bytes, ...]) -> Iterator[GossipFrame]:
         store = self._store
