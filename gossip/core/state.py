@@ -139,10 +139,10 @@ class GossipCore:
     def _receive_gossip(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:
         effects: list[Effect] = []
         fresh: set[bytes] = set()
-        for env in frame.messages:
-            problem = self._check_envelope(env, peer)
-            if problem:
-                effects.append(DropPeer(peer, problem))
+        for sent in frame.messages:
+            env = self._checked(sent, peer)
+            if isinstance(env, str):
+                effects.append(DropPeer(peer, env))
                 return effects
             if env.id in fresh or env.id in self.store:
                 effects += self.strategy.on_duplicate(env.id, peer)
@@ -158,10 +158,10 @@ class GossipCore:
         learned = 0
         fresh: set[bytes] = set()
         for sent in frame.messages:
-            env = sent if sent.id else Envelope(message_id(sent.body), sent.body, sent.path)
-            problem = self._check_envelope(env, peer)
-            if problem:
-                return [*effects, DropPeer(peer, problem)]
+            # Re-sync leaves ids out: the receiver hashes the body anyway.
+            env = self._checked(sent, peer, id_optional=True)
+            if isinstance(env, str):
+                return [*effects, DropPeer(peer, env)]
             if env.id in fresh or env.id in self.store:
                 continue
             fresh.add(env.id)
@@ -173,16 +173,18 @@ class GossipCore:
         self.tree.add(message.id)
         return Persist(message)
 
-    def _check_envelope(self, env: Envelope, sender: int) -> str | None:
-        if len(env.id) != ID_BYTES:
+    def _checked(self, env: Envelope, sender: int, *, id_optional: bool = False) -> Envelope | str:
+        """``env`` with its id (hashed from the body when left out), or why it is bad."""
+        if len(env.id) != ID_BYTES and not (id_optional and not env.id):
             return f"message id of {len(env.id)} bytes"
         problem = check_body(env.body, self.max_body)
         if problem:
             return problem
-        if message_id(env.body) != env.id:
+        digest = message_id(env.body)
+        if env.id and digest != env.id:
             return "message id does not match its body"
         if len(env.path) > self.max_path:
             return f"message path of {len(env.path)} hops in a cluster of {self.max_path} nodes"
         if not env.path or env.path[-1] != sender:
             return "message path does not end with the sender"
-        return None
+        return env if env.id else Envelope(digest, env.body, env.path)
