@@ -38,8 +38,8 @@ async def wait_for(
 
 async def connect_all(cluster: LocalCluster) -> dict[int, GossipClient]:
     clients = {}
-    for n, spec in sorted(cluster.config.nodes.items()):
-        clients[n] = await GossipClient.connect(cluster.reactor, spec.host, spec.client_port)
+    for n in sorted(cluster.config.nodes):
+        clients[n] = await GossipClient.connect_node(cluster.reactor, n, cluster.config)
     return clients
 
 
@@ -89,8 +89,7 @@ def random_bodies(rng: random.Random, count: int, size: int = 100) -> list[str]:
 
 
 async def node_bodies(cluster: LocalCluster, node: int) -> list[str]:
-    spec = cluster.config.node(node)
-    client = await GossipClient.connect(cluster.reactor, spec.host, spec.client_port)
+    client = await GossipClient.connect_node(cluster.reactor, node, cluster.config)
     try:
         return await client.get_messages()
     finally:

@@ -190,8 +190,7 @@ async def test_neighbour_restarted_on_same_address_is_reconnected_and_resynced(
     node = 9
     neighbours = cluster16.config.node(node).neighbours
     await cluster16.stop_node(node)
-    spec = cluster16.config.node(neighbours[0])
-    client = await GossipClient.connect(reactor, spec.host, spec.client_port)
+    client = await GossipClient.connect_node(reactor, neighbours[0], cluster16.config)
     bodies = [f"while 9 was away {i}" for i in range(50)]
     try:
         for b in bodies:
