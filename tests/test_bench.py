@@ -68,3 +68,38 @@ def test_bench_runs_latency_and_resync_and_reports_every_figure(tmp_path: Path) 
     ]
     # The work directory is removed without --keep.
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_bench_hotpath_delivers_everything_and_reports_figures(tmp_path: Path) -> None:
+    """``gossip-bench-hotpath`` on 4 nodes in one process: every message reaches every
+    node (the run would time out otherwise), plumtree sends fewer payloads than flood,
+    and a profile is printed when asked for."""
+    out = tmp_path / "hot.json"
+    argv = [
+        "--nodes", "4", "--messages", "300", "--rounds", "1", "--strategy", "plumtree,flood",
+        "--timeout", "60", "--profile", "5", "--json", str(out), "--dir", str(tmp_path / "w"),
+    ]  # fmt: skip
+    code = f"import sys; from gossip.bench.hotpath import main; sys.exit(main({argv!r}))"
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "us/node-msg" in r.stdout and "ncalls" in r.stdout
+    plumtree, flood = json.loads(out.read_text())
+    assert (plumtree["strategy"], flood["strategy"]) == ("plumtree", "flood")
+    for run in (plumtree, flood):
+        assert run["messages"] == 300 and run["cpu_seconds"] > 0
+    # 4 nodes: a spanning tree needs 3 sends per message; flooding needs more.
+    assert 3 <= plumtree["payload_sends_per_broadcast"] < flood["payload_sends_per_broadcast"]
+
+
+def test_bench_hotpath_bad_argument_is_one_line() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "gossip.bench.hotpath", "--strategy", "gosip"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "unknown strategy 'gosip'" in r.stderr
