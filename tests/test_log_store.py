@@ -28,13 +28,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger, LogLevel, formatEvent
 
 from gossip.core.message import Message, message_id
 from gossip.store.log import (
     LOG_NAME,
     MAGIC,
+    MAX_PATH,
     MAX_RECORD_BYTES,
     LogStore,
     StoreError,
@@ -202,12 +203,201 @@ def test_duplicate_records_in_the_log_keep_the_first(tmp_path: Path) -> None:
     assert store.stats()["duplicates_at_open"] == 1
 
 
-def test_add_refuses_an_id_that_is_not_the_hash_of_the_body(tmp_path: Path) -> None:
-    """Recovery would reject such a record, so add refuses to write it."""
+@pytest.mark.parametrize("bad", ["short id", "long path", "path entry"])
+def test_add_refuses_a_message_it_cannot_encode(tmp_path: Path, bad: str) -> None:
+    """A message that has no record (an id not 16 bytes long, a path of more than
+    65,535 entries or an entry past u32) is refused with ValueError, nothing written.
+    Whether the id is the hash of the body is the caller's check (the core makes
+    it for everything it accepts), so add does not hash again."""
+    body = b"body"
+    message = {
+        "short id": Message(message_id(body)[:8], body, 0.0, ()),
+        "long path": Message(message_id(body), body, 0.0, (1,) * (MAX_PATH + 1)),
+        "path entry": Message(message_id(body), body, 0.0, (2**32,)),
+    }[bad]
     store, _ = open_store(tmp_path)
     with pytest.raises(ValueError):
-        store.add(Message(b"\x01" * 16, b"body", 0.0, ()))
-    assert len(store) == 0
+        store.add(message)
+    assert len(store) == 0 and store.stats()["file_bytes"] == len(MAGIC)
+    store.close()
+    assert (tmp_path / LOG_NAME).read_bytes() == MAGIC
+
+
+# -- buffered appends ----------------------------------------------------------------
+
+
+def file_size(directory: Path) -> int:
+    return (directory / LOG_NAME).stat().st_size
+
+
+def test_appends_are_readable_at_once_and_written_together_at_the_end_of_the_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The records added in one reactor turn are in the file after the turn, written
+    with one os.write; before that get and scan already see them (a read writes the
+    buffer out first), and so does when_durable."""
+    clock = Clock()
+    store, _ = open_store(tmp_path, reactor=clock)
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: Any) -> int:
+        if fd == store._fd:
+            writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    messages = [msg(i) for i in range(9)]
+    records = [encode_record(m) for m in messages]
+    for m in messages[:3]:
+        store.add(m)
+    assert file_size(tmp_path) == len(MAGIC)
+    assert store.stats()["buffered_bytes"] == sum(map(len, records[:3]))
+    clock.advance(0)
+    assert (tmp_path / LOG_NAME).read_bytes() == MAGIC + b"".join(records[:3])
+    assert writes == [sum(map(len, records[:3]))]
+    assert store.stats()["buffered_bytes"] == 0
+
+    store.add(messages[3])
+    store.add(messages[4])
+    assert store.get(messages[4].id) == messages[4]
+    store.add(messages[5])
+    assert contents(store) == messages[:6]
+    store.add(messages[6])
+    assert store.when_durable().called  # "never": fires at once, once written
+    assert len(writes) == 4
+    assert file_size(tmp_path) == len(MAGIC) + sum(map(len, records[:7]))
+
+    store.add(messages[7])
+    store.add(messages[8])
+    store.close()  # writes what is left; the pending end-of-turn write is dropped
+    clock.advance(0)
+    assert (tmp_path / LOG_NAME).read_bytes() == MAGIC + b"".join(records)
+
+
+def test_buffer_is_written_when_it_passes_its_bound(tmp_path: Path) -> None:
+    """A turn that adds more than 1 MiB does not keep it all in memory: the buffer is
+    written out once it passes 1 MiB."""
+    clock = Clock()
+    store, _ = open_store(tmp_path, reactor=clock)
+    messages = [msg(i, size=50_000) for i in range(60)]
+    largest = max(len(encode_record(m)) for m in messages)
+    for m in messages:
+        store.add(m)
+        assert store.stats()["buffered_bytes"] <= (1 << 20) + largest
+    assert file_size(tmp_path) > 2 << 20
+    clock.advance(0)
+    assert file_size(tmp_path) == store.stats()["file_bytes"]
+    store.close()
+    store, _ = open_store(tmp_path)
+    assert contents(store) == messages
+    store.close()
+
+
+@pytest.mark.parametrize("policy", ["never", "batch"])
+def test_reopen_after_close_recovers_every_buffered_record(tmp_path: Path, policy: str) -> None:
+    """Whether or not the turn ended, everything added before close is in the log
+    when it is opened again, in arrival order."""
+    clock = Clock()
+    rng = random.Random(policy)
+    store, _ = open_store(tmp_path, reactor=clock, fsync=policy)
+    messages = [msg(i, size=rng.randrange(10, 30_000)) for i in range(300)]
+    for m in messages:
+        store.add(m)
+        if rng.random() < 0.05:
+            clock.advance(0)
+    store.close()
+    store, cap = open_store(tmp_path)
+    assert contents(store) == messages
+    assert cap.warnings() == []
+    store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_when_durable_writes_and_fsyncs_buffered_records(tmp_path: Path) -> None:
+    """With "batch", the fsync that fires when_durable starts with every record
+    buffered before the call in the file (the write happens there, once for all the
+    submits of a turn)."""
+    starts: list[int] = []
+
+    def recording_fsync(fd: int) -> None:
+        starts.append(os.fstat(fd).st_size)
+        os.fsync(fd)
+
+    store, _ = open_store(tmp_path, fsync="batch", fsync_function=recording_fsync)
+    try:
+        for i in range(10):
+            store.add(msg(i))
+        end = store.stats()["file_bytes"]
+        assert file_size(tmp_path) < end
+        d = store.when_durable()
+        await d
+        assert starts == [end]
+        assert store.stats()["durable_bytes"] == end
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_failed_end_of_turn_write_breaks_the_store(tmp_path: Path) -> None:
+    """If the end-of-turn write fails, the records in it are lost although add took
+    them: the store refuses further appends with a one-line StoreError, the
+    when_durable waiters fail, reads of the lost records raise the same error, and
+    the log reopens with what was written before."""
+    clock = Clock()
+    store, cap = open_store(tmp_path, reactor=clock, fsync="batch")
+    written, lost = msg(1), msg(2)
+    store.add(written)
+    clock.advance(0)  # the end of the turn writes msg(1)
+    waiter = store.when_durable()  # its fsync is not due before the next turn ends
+    failures: list[BaseException] = []
+    waiter.addErrback(lambda f: failures.append(f.value))
+    store.add(lost)
+    full = os.open("/dev/full", os.O_RDWR)
+    try:
+        os.dup2(full, store._fd)  # every write now fails with ENOSPC
+    finally:
+        os.close(full)
+    clock.advance(0)
+    (error,) = failures
+    assert isinstance(error, StoreError)
+    text = str(error)
+    assert "\n" not in text and str(tmp_path / LOG_NAME) in text
+    assert "No space left on device" in text and "refusing further appends" in text
+    assert any(e["log_level"] == LogLevel.critical for e in cap.events)
+    with pytest.raises(StoreError, match="refusing further appends"):
+        store.add(msg(3))
+    store.when_durable().addErrback(lambda f: failures.append(f.value))
+    assert len(failures) == 2 and str(failures[1]) == text
+    with pytest.raises(StoreError) as e:
+        store.get(lost.id)
+    assert str(e.value) == text
+    store.close()
+    store, _ = open_store(tmp_path)
+    assert contents(store) == [written]
+    store.close()
+
+
+def test_ids_between_with_interleaved_adds_and_queries(tmp_path: Path) -> None:
+    """The id order is kept lazily (new ids are sorted in when a query needs them):
+    adds and queries in any mix answer as a sorted list would, for both stores."""
+    rng = random.Random(11)
+    store, _ = open_store(tmp_path, reactor=Clock())
+    memory = MemoryStore()
+    held: list[bytes] = []
+    for i in range(600):
+        m = msg(i)
+        store.add(m)
+        memory.add(m)
+        held.append(m.id)
+        if rng.random() < 0.2 or i < 5:
+            a, b = sorted((rng.choice(held), rng.randbytes(16)))
+            limit = rng.choice((0, 1, 3, 50, 1000))
+            expected = [x for x in sorted(held) if a <= x < b][:limit]
+            assert store.ids_between(a, b, limit) == expected
+            assert memory.ids_between(a, b, limit) == expected
+    full = (b"\x00" * 16, b"\xff" * 17, 10_000)
+    assert store.ids_between(*full) == memory.ids_between(*full) == sorted(held)
     store.close()
 
 

@@ -152,6 +152,8 @@ class Plumtree:
         self.missing: dict[bytes, _Missing] = {}
         self._pruned: set[tuple[int, int]] = set()
         self._store: MessageReader | None = None
+        # (origin, sender) -> (eager, lazy) neighbours; cleared when links or adoptions change.
+        self._plans: dict[tuple[int, int | None], tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def bind(self, store: MessageReader) -> None:
         self._store = store
@@ -160,10 +162,12 @@ class Plumtree:
 
     def on_peer_up(self, peer: int) -> list[Effect]:
         self.up.add(peer)
+        self._plans.clear()
         return []
 
     def on_peer_down(self, peer: int) -> list[Effect]:
         self.up.discard(peer)
+        self._plans.clear()
         self._ihave.pop(peer, None)
         for peers in self.adopted.values():
             peers.discard(peer)
@@ -173,11 +177,37 @@ class Plumtree:
     # -- messages ----------------------------------------------------------
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
-        # The hot path: one call per message stored, kept free of set building.
+        # The hot path: one call per message stored; who gets what is looked up.
         if self.missing:
             self.missing.pop(env.id, None)
         path = env.path
         origin = path[0] if path else self.node_id
+        plan = self._plans.get((origin, sender))
+        if plan is None:
+            plan = self._plan(origin, sender)
+        eager, lazy = plan
+        effects: list[Effect] = []
+        frame: GossipFrame | None = None
+        for p in eager:
+            if p not in path:
+                if frame is None:
+                    frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
+                effects.append(Send(p, frame))
+        for p in lazy:
+            if p not in path:
+                batch = self._ihave.get(p)
+                if batch is None:
+                    batch = self._ihave[p] = []
+                batch.append((env.id, origin))
+                if len(batch) >= IDS_PER_FRAME:
+                    effects.append(self._ihave_frame(p, batch))
+                    self._ihave[p] = []
+        return effects
+
+    def _plan(self, origin: int, sender: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(eager, lazy) neighbours for ``origin``'s messages from ``sender``, cached
+        until a link or an adoption changes (only for origins in the graph: a peer
+        may name any origin)."""
         links = self.up
         eager = [p for p in self.trees.children(origin) if p in links]
         extra = self.adopted.get(origin)
@@ -189,23 +219,13 @@ class Plumtree:
         # instead of one graft timeout per level.
         if sender not in (None, parent) and parent in links and parent not in eager:
             eager.append(parent)
-        effects: list[Effect] = []
-        frame: GossipFrame | None = None
-        for p in eager:
-            if p != sender and p not in path:
-                if frame is None:
-                    frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
-                effects.append(Send(p, frame))
-        for p in links:
-            if p != sender and p not in eager and p not in path:
-                batch = self._ihave.get(p)
-                if batch is None:
-                    batch = self._ihave[p] = []
-                batch.append((env.id, origin))
-                if len(batch) >= IDS_PER_FRAME:
-                    effects.append(self._ihave_frame(p, batch))
-                    self._ihave[p] = []
-        return effects
+        plan = (
+            tuple(p for p in eager if p != sender),
+            tuple(p for p in sorted(links) if p != sender and p not in eager),
+        )
+        if origin in self.trees.trees.graph:
+            self._plans[(origin, sender)] = plan
+        return plan
 
     def on_duplicate(self, mid: bytes, sender: int) -> list[Effect]:
         """A copy from outside our tree parent means an adoption is no longer needed."""
@@ -229,8 +249,9 @@ class Plumtree:
         if isinstance(frame, PruneFrame):
             for origin in frame.origins:
                 peers = self.adopted.get(origin)
-                if peers is not None:
+                if peers is not None and peer in peers:
                     peers.discard(peer)
+                    self._plans.clear()
             return []
         if isinstance(frame, GraftFrame):
             return [Send(peer, f) for f in self._graft_reply(peer, frame.ids)]
@@ -279,7 +300,10 @@ class Plumtree:
             if m is None:
                 continue
             origin = origin_of(m.path, self.node_id)
-            self.adopted.setdefault(origin, set()).add(peer)
+            adopted = self.adopted.setdefault(origin, set())
+            if peer not in adopted:
+                adopted.add(peer)
+                self._plans.clear()
             self._pruned.discard((peer, origin))
             batch.append(Envelope(m.id, m.body, (*m.path, self.node_id)))
             size += len(m.body) + 64

@@ -22,7 +22,6 @@ which reconcile with it and pull only what they lack.
 
 from __future__ import annotations
 
-from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Protocol
@@ -43,7 +42,7 @@ from gossip.core.message import ID_BYTES, Message
 
 FANOUT_BITS = 4
 FANOUT = 1 << FANOUT_BITS
-LEAF_LEVEL = 4  # leaves split ids by their first 16 bits: 65,536 of them
+LEAF_LEVEL = 4  # leaves split ids by their first 16 bits (FingerprintTree.add assumes 4)
 KEY_STRIDE = 1 << 16
 ROOT = 0
 MASK64 = (1 << 64) - 1
@@ -82,35 +81,50 @@ def key_range(key: int) -> tuple[bytes, bytes]:
 
 
 class FingerprintTree:
-    """Per tree node: how many ids are under it and the sum of their 8-byte prefixes."""
+    """Per tree node: how many ids are under it and the sum of their 8-byte prefixes.
+
+    ``add`` runs for every stored message, so it is unrolled over the levels
+    and keeps plain int sums, reduced mod 2**64 only when read.
+    """
 
     def __init__(self, ids: Iterable[bytes] = ()) -> None:
-        self.counts = [array("q", bytes(8 * FANOUT**lv)) for lv in range(LEAF_LEVEL + 1)]
-        self.sums = [array("Q", bytes(8 * FANOUT**lv)) for lv in range(LEAF_LEVEL + 1)]
+        self.counts = [[0] * FANOUT**lv for lv in range(LEAF_LEVEL + 1)]
+        self._sums = [[0] * FANOUT**lv for lv in range(LEAF_LEVEL + 1)]
         for mid in ids:
             self.add(mid)
 
     def add(self, mid: bytes) -> None:
-        prefix = (mid[0] << 8) | mid[1]
+        i = (mid[0] << 8) | mid[1]  # the leaf: LEAF_LEVEL * FANOUT_BITS == 16 bits
         x = int.from_bytes(mid[:8], "big")
-        counts, sums = self.counts, self.sums
-        for level in range(LEAF_LEVEL + 1):
-            i = prefix >> (16 - FANOUT_BITS * level)
-            counts[level][i] += 1
-            sums[level][i] = (sums[level][i] + x) & MASK64
+        c0, c1, c2, c3, c4 = self.counts
+        s0, s1, s2, s3, s4 = self._sums
+        c4[i] += 1
+        s4[i] += x
+        c3[i >> 4] += 1
+        s3[i >> 4] += x
+        c2[i >> 8] += 1
+        s2[i >> 8] += x
+        c1[i >> 12] += 1
+        s1[i >> 12] += x
+        c0[0] += 1
+        s0[0] += x
+
+    @property
+    def sums(self) -> list[list[int]]:
+        return [[v & MASK64 for v in level] for level in self._sums]
 
     def node(self, key: int) -> FpNode:
         level, index = divmod(key, KEY_STRIDE)
-        return FpNode(key, self.counts[level][index], self.sums[level][index])
+        return FpNode(key, self.counts[level][index], self._sums[level][index] & MASK64)
 
     def children(self, key: int) -> list[FpNode]:
         """The non-empty children of a node (empty ones mean: nothing held there)."""
         level, index = divmod(key, KEY_STRIDE)
         child_level = level + 1
-        counts, sums = self.counts[child_level], self.sums[child_level]
+        counts, sums = self.counts[child_level], self._sums[child_level]
         first = index * FANOUT
         return [
-            FpNode(make_key(child_level, i), counts[i], sums[i])
+            FpNode(make_key(child_level, i), counts[i], sums[i] & MASK64)
             for i in range(first, first + FANOUT)
             if counts[i]
         ]

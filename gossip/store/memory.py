@@ -16,6 +16,7 @@ class MemoryStore:
         self._by_id: dict[bytes, Message] = {}
         self._order: list[bytes] = []
         self._sorted: SortedList = SortedList()
+        self._unsorted: list[bytes] = []  # added since the last ids_between (see there)
 
     def __contains__(self, mid: bytes) -> bool:
         return mid in self._by_id
@@ -28,7 +29,7 @@ class MemoryStore:
             return False
         self._by_id[message.id] = message
         self._order.append(message.id)
-        self._sorted.add(message.id)
+        self._unsorted.append(message.id)
         return True
 
     def ids(self) -> Iterator[bytes]:
@@ -38,7 +39,7 @@ class MemoryStore:
         return self._by_id.get(mid)
 
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
-        return ids_between(self._sorted, lo, hi, limit)
+        return ids_between(self._sorted, self._unsorted, lo, hi, limit)
 
     def scan(self, start: int) -> Iterator[Message]:
         by_id, order = self._by_id, self._order
