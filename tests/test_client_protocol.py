@@ -20,10 +20,12 @@ from twisted.test import iosim
 
 from gossip.client.api import GossipClient, StoredMessage
 from gossip.client.commands import (
+    IDS_PER_PAGE,
     PAGE_BYTES,
     AmbiguousId,
     BadId,
     Get,
+    ListIds,
     ListMessages,
     MessageRejected,
     NotFound,
@@ -32,7 +34,7 @@ from gossip.client.commands import (
 )
 from gossip.client.responder import ClientProtocol
 from gossip.config import ClusterConfig, dump_config, parse_config
-from gossip.core.message import ID_CHARS, Message, id_text, message_id
+from gossip.core.message import ID_BYTES, ID_CHARS, Message, id_text, message_id
 from gossip.node import GossipNode
 from gossip.store.memory import MemoryStore
 from gossip.topology import generate_config
@@ -299,6 +301,29 @@ def test_pages_carry_ids_and_cursor(h: Harness) -> None:
         start = r["next"]
     assert [m["body"] for m in seen] == [b.decode() for b in bodies]
     assert [m["id"] for m in seen] == [id_text(message_id(b)) for b in bodies]
+
+
+def test_list_ids_pages_the_same_order_as_list_messages(h: Harness) -> None:
+    """ListIds gives the raw ids in the arrival order ListMessages uses, in pages of at
+    most IDS_PER_PAGE that tile exactly; past the end it is empty."""
+    bodies = [b"id %05d" % i for i in range(9000)]
+    h.store_bodies(bodies)
+    start, raw = 0, b""
+    while True:
+        r = h.call(ListIds, start=start, limit=100_000)
+        assert r["total"] == 9000
+        assert 0 < len(r["ids"]) <= IDS_PER_PAGE * ID_BYTES
+        assert r["next"] == start + len(r["ids"]) // ID_BYTES
+        raw += r["ids"]
+        if r["next"] >= r["total"]:
+            break
+        start = r["next"]
+    assert [raw[i : i + ID_BYTES] for i in range(0, len(raw), ID_BYTES)] == [
+        message_id(b) for b in bodies
+    ]
+    assert h.call(ListIds, start=7, limit=2)["ids"] == message_id(bodies[7]) + message_id(bodies[8])
+    assert h.call(ListIds, start=9000, limit=10) == {"ids": b"", "next": 9000, "total": 9000}
+    assert h.call(ListIds, start=-5, limit=0)["ids"] == message_id(bodies[0])
 
 
 def test_list_past_the_end_is_empty(h: Harness) -> None:

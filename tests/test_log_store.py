@@ -983,3 +983,24 @@ def test_lock_is_held_against_other_processes(tmp_path: Path) -> None:
         store.close()
     assert r.returncode == 1
     assert "is in use by another process" in r.stderr
+
+
+def test_ids_from_gives_arrival_order_before_and_after_reopen(tmp_path: Path) -> None:
+    """ids_from pages the ids in the order they were added, the same order scan() and a
+    reopened log give, for both stores."""
+    store, _ = open_store(tmp_path, reactor=Clock())
+    memory = MemoryStore()
+    messages = [msg(i) for i in (5, 3, 9, 1, 7, 2)]
+    for m in messages:
+        store.add(m)
+        memory.add(m)
+    ids = [m.id for m in messages]
+    for s in (store, memory):
+        assert s.ids_from(0, 100) == ids
+        assert s.ids_from(2, 3) == ids[2:5]
+        assert s.ids_from(6, 3) == [] and s.ids_from(-1, 1) == ids[:1]
+        assert [m.id for m in s.scan(0)] == ids
+    store.close()
+    store, _ = open_store(tmp_path)
+    assert store.ids_from(0, 100) == ids and list(store.ids()) == ids
+    store.close()

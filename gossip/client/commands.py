@@ -11,6 +11,8 @@ from twisted.protocols import amp
 
 # Leaves room under AMP's 65,535-byte value limit for the per-entry keys.
 PAGE_BYTES = 60_000
+# Raw 16-byte ids per ListIds page (under the value limit).
+IDS_PER_PAGE = 4000
 # The largest message body a node may be configured to accept (one per page).
 MAX_BODY_LIMIT = PAGE_BYTES - 200
 
@@ -48,6 +50,14 @@ class Get(amp.Command):
         (b"path", amp.ListOf(amp.Integer())),
     ]
     errors = {NotFound: b"NOT_FOUND", AmbiguousId: b"AMBIGUOUS", BadId: b"BAD_ID"}
+
+
+class ListIds(amp.Command):
+    """The ids held, in arrival order from position ``start``: a cheap way to follow
+    what a node receives (16 raw bytes per id, concatenated; at most ``IDS_PER_PAGE``)."""
+
+    arguments = [(b"start", amp.Integer()), (b"limit", amp.Integer())]
+    response = [(b"ids", amp.String()), (b"next", amp.Integer()), (b"total", amp.Integer())]
 
 
 class ListMessages(amp.Command):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.protocols import amp
@@ -12,10 +13,12 @@ from twisted.python.failure import Failure
 
 from gossip import logs
 from gossip.client.commands import (
+    IDS_PER_PAGE,
     PAGE_BYTES,
     AmbiguousId,
     BadId,
     Get,
+    ListIds,
     ListMessages,
     MessageRejected,
     NotFound,
@@ -25,6 +28,7 @@ from gossip.client.commands import (
 from gossip.core.message import BadIdText, id_text
 from gossip.core.state import SubmitRejected
 from gossip.net.peer_protocol import set_no_delay
+from gossip.store.log import StoreError
 
 if TYPE_CHECKING:
     from gossip.node import GossipNode
@@ -73,16 +77,20 @@ class ClientProtocol(amp.AMP):
         self.transport = None
 
     @Submit.responder
-    async def submit(self, body: str) -> dict[str, Any]:
+    def submit(self, body: str) -> Deferred[dict[str, Any]]:
+        # Plain callbacks, not a coroutine: this runs for every submit, and the
+        # coroutine's Deferred plumbing cost more than the rest of the command.
         try:
             encoded = body.encode("utf-8")
         except UnicodeEncodeError:
             raise MessageRejected("message is not valid Unicode text") from None
         try:
-            mid, new = await self.node.submit(encoded)
+            stored = self.node.submit(encoded)
         except SubmitRejected as e:
             raise MessageRejected(str(e)) from None
-        return {"id": id_text(mid), "new": new}
+        except StoreError as e:
+            raise MessageRejected(f"not stored: {e}") from None
+        return stored.addCallbacks(_submitted, _store_failed)
 
     @Get.responder
     def get(self, id: str) -> dict[str, Any]:
@@ -120,9 +128,27 @@ class ClientProtocol(amp.AMP):
             pos += 1
         return {"messages": out, "next": pos, "total": total}
 
+    @ListIds.responder
+    def list_ids(self, start: int, limit: int) -> dict[str, Any]:
+        total = self.node.message_count()
+        start = max(0, start)
+        ids = self.node.store.ids_from(start, max(1, min(limit, IDS_PER_PAGE)))
+        return {"ids": b"".join(ids), "next": start + len(ids), "total": total}
+
     @Status.responder
     def status(self) -> dict[str, Any]:
         return self.node.status()
+
+
+def _submitted(result: tuple[bytes, bool]) -> dict[str, Any]:
+    mid, new = result
+    return {"id": id_text(mid), "new": new}
+
+
+def _store_failed(failure: Failure) -> Failure:
+    """A submit whose record could not be made durable: one line back to the client."""
+    failure.trap(StoreError)
+    raise MessageRejected(f"not stored: {failure.value}")
 
 
 class ClientFactory(LimitTotalConnectionsFactory):

@@ -18,12 +18,13 @@ import hashlib
 import attrs
 
 ID_BYTES = 16
-ID_CHARS = 22  # ceil(128 / log2(58))
+ID_CHARS = 22  # ceil(128 / log2(58)); even, as id_text writes digits in pairs
 SHORT_ID_CHARS = 10  # ~58 bits: collisions need ~10**9 messages
 MIN_PREFIX_CHARS = 4
 
 _ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _DIGIT = {c: i for i, c in enumerate(_ALPHABET)}
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # digit pair d1 * 58 + d0
 _ID_SPACE = 1 << (8 * ID_BYTES)
 
 
@@ -48,12 +49,12 @@ def message_id(body: bytes) -> bytes:
 
 
 def id_text(mid: bytes) -> str:
-    """Fixed-width base58 text of an id."""
+    """Fixed-width base58 text of an id (two digits per division: it is on every reply)."""
     n = int.from_bytes(mid, "big")
     out = []
-    for _ in range(ID_CHARS):
-        n, r = divmod(n, 58)
-        out.append(_ALPHABET[r])
+    for _ in range(ID_CHARS // 2):
+        n, r = divmod(n, 58 * 58)
+        out.append(_PAIRS[r])
     return "".join(reversed(out))
 
 

@@ -36,6 +36,10 @@ class MessageStore(Protocol):
         """Up to ``limit`` held ids in [lo, hi), in id order (for prefix lookups)."""
         ...
 
+    def ids_from(self, start: int, limit: int) -> list[bytes]:
+        """Up to ``limit`` ids in arrival order from position ``start``."""
+        ...
+
     def scan(self, start: int) -> Iterator[Message]:
         """Messages in arrival order from position ``start``."""
         ...

@@ -448,9 +448,9 @@ class LogStore:
         self._lock_fd = lock_fd
         self._by_id = recovered.by_id
         self._offsets = recovered.offsets
-        self._sorted: Any = SortedList(recovered.ids)
+        self._order = recovered.ids  # position -> id (arrival order)
+        self._sorted: Any = SortedList(self._order)
         self._unsorted: list[bytes] = []  # added since the last ids_between (see there)
-        recovered.ids.clear()
         self._end = end
         self._written = end
         self._durable = end
@@ -579,6 +579,7 @@ class LogStore:
         self._end = offset + len(record)
         self._by_id[mid] = len(self._offsets)
         self._offsets.append(offset)
+        self._order.append(mid)
         self._unsorted.append(mid)
         if self.policy == "always":
             self._sync_now()
@@ -607,6 +608,10 @@ class LogStore:
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
         return ids_between(self._sorted, self._unsorted, lo, hi, limit)
 
+    def ids_from(self, start: int, limit: int) -> list[bytes]:
+        start = max(start, 0)
+        return self._order[start : start + max(limit, 0)]
+
     def scan(self, start: int) -> Iterator[Message]:
         """Messages in arrival order from position ``start`` (those held when iteration starts)."""
         if self._pending:
@@ -632,8 +637,8 @@ class LogStore:
     # -- more reading --------------------------------------------------------
 
     def ids(self) -> Iterator[bytes]:
-        """Every held id, in no particular order (a snapshot taken at the call)."""
-        return iter(list(self._by_id))
+        """Every held id, in arrival order (a snapshot taken at the call)."""
+        return iter(self._order[:])
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -41,6 +41,10 @@ class MemoryStore:
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
         return ids_between(self._sorted, self._unsorted, lo, hi, limit)
 
+    def ids_from(self, start: int, limit: int) -> list[bytes]:
+        start = max(start, 0)
+        return self._order[start : start + max(limit, 0)]
+
     def scan(self, start: int) -> Iterator[Message]:
         by_id, order = self._by_id, self._order
         for i in range(max(start, 0), len(order)):
