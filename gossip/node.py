@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.task import Cooperator, LoopingCall
+from twisted.python.failure import Failure
 
 from gossip import logs
 from gossip.client.responder import ClientFactory
@@ -118,6 +119,8 @@ class GossipNode(service.Service):
         # not read, so no new submits add to what cannot be sent.
         self._congested: set[int] = set()
         self.clients: set[Any] = set()
+        self.watchers: set[Any] = set()  # client connections following deliveries (Watch)
+        self._durability_wait = False
         self._flush_call: IDelayedCall | None = None
         self._cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
         self._ticker = LoopingCall(self._tick)
@@ -282,6 +285,8 @@ class GossipNode(service.Service):
 
     def flush(self) -> None:
         """Send the batched payloads now (also scheduled for the end of each reactor turn)."""
+        if self.watchers:
+            self.notify_watchers()
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
@@ -294,6 +299,20 @@ class GossipNode(service.Service):
             for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
                 if self.links.send(peer, data):
                     self.traffic.sent_kind("gossip", len(data), count)
+
+    def notify_watchers(self) -> None:
+        """Push newly durable ids to watchers; wait for the store to make the rest durable."""
+        for w in list(self.watchers):
+            w.push_delivered()
+        if not self._durability_wait and self.store.durable_count() < len(self.store):
+            self._durability_wait = True
+            self.store.when_durable().addBoth(self._durability_advanced)
+
+    def _durability_advanced(self, result: object) -> None:
+        # A failed fsync is the store's to report (it refuses appends from then on).
+        self._durability_wait = False
+        if self.watchers and not isinstance(result, Failure):
+            self.notify_watchers()
 
     def _stream_ended(self, result: object, peer: int) -> None:
         left = self._streams.get(peer, 1) - 1

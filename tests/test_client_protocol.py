@@ -1,7 +1,7 @@
 """The client AMP protocol against a real GossipNode, over an in-memory connection.
 
 The node is built on a ``MemoryReactorClock`` and never started: no port is
-listened on and no neighbour is dialed. The client side is a plain ``amp.AMP``
+listened on and no neighbour is dialed. The client side is ``ClientAMP``
 (what ``GossipClient`` uses) joined to the node's ``ClientProtocol`` by
 ``iosim``.
 """
@@ -18,7 +18,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from gossip.client.api import GossipClient, StoredMessage
+from gossip.client.api import ClientAMP, GossipClient, StoredMessage
 from gossip.client.commands import (
     IDS_PER_PAGE,
     PAGE_BYTES,
@@ -45,7 +45,7 @@ AMP_VALUE_LIMIT = 0xFFFF
 NOW = 1234.5
 
 
-class RecordingAMP(amp.AMP):
+class RecordingAMP(ClientAMP):
     """A client AMP that notes the raw size of every ListMessages page it receives."""
 
     def __init__(self) -> None:
@@ -324,6 +324,90 @@ def test_list_ids_pages_the_same_order_as_list_messages(h: Harness) -> None:
     assert h.call(ListIds, start=7, limit=2)["ids"] == message_id(bodies[7]) + message_id(bodies[8])
     assert h.call(ListIds, start=9000, limit=10) == {"ids": b"", "next": 9000, "total": 9000}
     assert h.call(ListIds, start=-5, limit=0)["ids"] == message_id(bodies[0])
+
+
+class SlowDurabilityStore(MemoryStore):
+    """A store whose messages become durable only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.durable = 0
+        self.waiters: list[Deferred[None]] = []
+
+    def durable_count(self) -> int:
+        return self.durable
+
+    def when_durable(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.waiters.append(d)
+        return d
+
+    def make_durable(self) -> None:
+        self.durable = len(self)
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+def watch(h: Harness, start: int = 0) -> tuple[int, list[tuple[int, list[bytes]]]]:
+    got: list[tuple[int, list[bytes]]] = []
+    durable = h.run(lambda: h.api.watch(lambda at, ids: got.append((at, ids)), start))
+    h.reactor.advance(0)
+    h.pump.flush()
+    return durable, got
+
+
+def test_watch_pushes_held_ids_then_new_ones_with_positions(h: Harness) -> None:
+    """Watch from a position: the ids held from there come at once, then each id the
+    node stores is pushed with its arrival position, once."""
+    bodies = [b"w%d" % i for i in range(6)]
+    h.store_bodies(bodies[:4])
+    durable, got = watch(h, start=1)
+    assert durable == 4
+    assert got == [(1, [message_id(b) for b in bodies[1:4]])]
+    got.clear()
+    h.store_bodies(bodies[4:])
+    h.node.flush()  # what the end of every read does
+    h.pump.flush()
+    assert got == [(4, [message_id(b) for b in bodies[4:]])]
+    h.node.flush()
+    h.pump.flush()
+    assert len(got) == 1, "nothing pushed twice"
+
+
+def test_watch_reports_only_durable_ids() -> None:
+    """A node reports an id to watchers (and in ListIds) only once its store says it is
+    durable: the push waits for the store's when_durable."""
+    h = Harness()
+    store = h.store = h.node.store = SlowDurabilityStore()
+    h.node.core.store = store
+    h.store_bodies([b"a", b"b"])
+    store.make_durable()
+    _, got = watch(h)
+    assert got == [(0, [message_id(b"a"), message_id(b"b")])]
+    got.clear()
+    h.store_bodies([b"c"])
+    h.node.flush()
+    h.pump.flush()
+    assert got == [] and h.call(ListIds, start=0, limit=10)["total"] == 2
+    store.make_durable()
+    h.pump.flush()
+    assert got == [(2, [message_id(b"c")])]
+    assert h.call(ListIds, start=2, limit=10)["ids"] == message_id(b"c")
+
+
+def test_watch_pauses_while_the_client_does_not_read(h: Harness) -> None:
+    """Pushes stop while the transport says its buffer is full and resume from the
+    cursor, so a slow watcher costs the node no memory."""
+    _, got = watch(h)
+    h.server.pauseProducing()
+    h.store_bodies([b"x", b"y"])
+    h.node.flush()
+    h.pump.flush()
+    assert got == []
+    h.server.resumeProducing()
+    h.pump.flush()
+    assert got == [(0, [message_id(b"x"), message_id(b"y")])]
 
 
 def test_list_past_the_end_is_empty(h: Harness) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from functools import cache
@@ -451,7 +452,9 @@ async def test_batch_durable_only_after_an_fsync_that_started_after_the_write(
             started.append(os.fstat(fd).st_size)
         gate.wait(10)
 
-    store, _ = open_store(tmp_path, fsync="batch", fsync_function=slow_fsync)
+    store, _ = open_store(
+        tmp_path, fsync="batch", fsync_function=slow_fsync, inline_fsync_below=0.0
+    )
     try:
         store.add(msg(1))
         end1 = store.stats()["file_bytes"]
@@ -1004,3 +1007,69 @@ def test_ids_from_gives_arrival_order_before_and_after_reopen(tmp_path: Path) ->
     store, _ = open_store(tmp_path)
     assert store.ids_from(0, 100) == ids and list(store.ids()) == ids
     store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_fsyncs_records_nobody_waits_for_and_counts_them_durable(
+    tmp_path: Path,
+) -> None:
+    """Relayed messages have no waiter, yet under "batch" an fsync covers them soon
+    (group commit, not one fsync per record); durable_count follows the fsyncs and
+    never counts a record no fsync has covered."""
+    synced: list[int] = []
+
+    def recording_fsync(fd: int) -> None:
+        os.fsync(fd)
+        synced.append(1)
+
+    store, _ = open_store(tmp_path, fsync="batch", fsync_function=recording_fsync)
+    try:
+        for i in range(200):
+            store.add(msg(i))
+        assert store.durable_count() == 0 and synced == []
+        deadline = reactor.seconds() + 5
+        while store.durable_count() < 200 and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.001, lambda: None)
+        assert store.durable_count() == 200
+        assert 1 <= len(synced) <= 2
+        store.add(msg(200))
+        assert store.durable_count() == 200
+    finally:
+        store.close()
+    store, _ = open_store(tmp_path, fsync="batch")
+    assert store.durable_count() == 201
+    store.close()
+    memory, never = MemoryStore(), open_store(tmp_path / "n", fsync="never")[0]
+    for s in (memory, never):
+        s.add(msg(1))
+        assert s.durable_count() == 1
+    never.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_fsync_runs_inline_while_fast_and_in_a_thread_once_slow(
+    tmp_path: Path,
+) -> None:
+    """A fast fsync runs in the reactor thread (no thread round trip); one that takes
+    longer than inline_fsync_below moves the next ones to a thread, so a slow disk
+    stalls the reactor for one fsync at most; fast again, they come back inline."""
+    threads: list[str] = []
+    delays = [0.0, 0.05, 0.0, 0.0]
+
+    def timed_fsync(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        time.sleep(delays[len(threads) - 1] if len(threads) <= len(delays) else 0.0)
+
+    store, _ = open_store(
+        tmp_path, fsync="batch", fsync_function=timed_fsync, inline_fsync_below=0.01
+    )
+    main = threading.current_thread().name
+    try:
+        for i in range(4):
+            store.add(msg(i))
+            await store.when_durable()
+        assert threads[0] == main and threads[1] == main  # the slow one was inline too
+        assert threads[2] != main  # after it: a thread
+        assert threads[3] == main  # the thread's fsync was fast: inline again
+    finally:
+        store.close()

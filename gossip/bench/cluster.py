@@ -14,13 +14,12 @@ nodes' figures and stops the cluster. Workloads:
   bytes and frames it received over what it missed.
 - **wan**: latency with ``--link-delay 100`` on every node (100 ms per hop).
 
-Delivery is observed by polling: one client connection per node asks
-``ListIds(start=cursor)`` every few milliseconds (a node lists the ids it holds
-in arrival order, from the same index ``ListMessages`` pages through, without
-the bodies, so that observing costs the nodes little), and each newly listed id
-is stamped with the time the answer came back. A delivery time is therefore
-late by at most one poll period plus one round trip; the table states the poll
-periods actually achieved.
+Delivery is observed without polling: one client connection per node sends
+``Watch``, and the node pushes the ids it holds durably (under its fsync
+policy, as bench-spec.md defines delivered), in arrival order, as soon as they
+become durable; each id is stamped with the time the push that completed it
+reached the bench. (Polling 16 nodes every few milliseconds cost the nodes more
+CPU than the messages did, and added up to a poll period to every figure.)
 
 With several ``--strategy`` values every round runs each variant on the same
 workload with the same seed, rotating their order from round to round, and the
@@ -30,6 +29,7 @@ table quotes each variant's mean over the first variant's.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import random
@@ -49,10 +49,9 @@ from twisted.python.failure import Failure
 
 from gossip.argtypes import OneLineParser, real, whole
 from gossip.client.api import GossipClient, NodeUnreachable
-from gossip.client.commands import IDS_PER_PAGE, ListIds
 from gossip.cluster import ClusterFailed, LocalCluster, free_port_base
 from gossip.config import DISSEMINATIONS, FSYNC_POLICIES, ClusterConfig, dump_config, parse_config
-from gossip.core.message import ID_BYTES, id_text
+from gossip.core.message import id_text
 from gossip.topology import generate_config, summary
 from gossip.traffic import PAYLOAD_KINDS
 
@@ -100,8 +99,6 @@ class Settings:
     latency_interval: float
     resync_messages: int
     wan_delay_ms: float
-    poll_interval: float
-    slow_poll_interval: float
     drain_timeout: float
     ready_timeout: float
     max_messages: int
@@ -184,20 +181,6 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--latency-interval-ms", type=real(above=0), default=20.0, metavar="MS")
     k.add_argument("--resync-messages", type=whole(low=1), default=10_000, metavar="N")
     k.add_argument("--wan-delay-ms", type=real(above=0), default=100.0, metavar="MS")
-    k.add_argument(
-        "--poll-ms",
-        type=real(above=0),
-        default=5.0,
-        metavar="MS",
-        help="delivery poll period per node for latency and wan (default 5)",
-    )
-    k.add_argument(
-        "--slow-poll-ms",
-        type=real(above=0),
-        default=50.0,
-        metavar="MS",
-        help="delivery poll period per node for throughput and resync (default 50)",
-    )
     k.add_argument("--drain-timeout", type=real(above=0), default=120.0, metavar="S")
     k.add_argument("--ready-timeout", type=real(above=0), default=90.0, metavar="S")
     k.add_argument(
@@ -226,8 +209,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
         latency_interval=args.latency_interval_ms / 1000.0,
         resync_messages=args.resync_messages,
         wan_delay_ms=args.wan_delay_ms,
-        poll_interval=args.poll_ms / 1000.0,
-        slow_poll_interval=args.slow_poll_ms / 1000.0,
         drain_timeout=args.drain_timeout,
         ready_timeout=args.ready_timeout,
         max_messages=args.max_messages,
@@ -343,64 +324,51 @@ def ms(seconds: float | None) -> float | None:
 
 
 class DeliveryTracker:
-    """Polls ``ListIds`` on some nodes and stamps each id when the last of them lists it.
+    """Follows some nodes with ``Watch`` and stamps each id when the last of them has it.
 
-    One connection per node; each node is asked for the entries after its
-    cursor every ``interval`` seconds (at once again while pages come back
-    full). An id is stamped with the time the answer that listed it arrived.
+    One connection per node. A node pushes the ids it holds durably, in arrival
+    order, as soon as they are durable (one ``Delivered`` per batch); an id is
+    stamped with the time the push that completed it reached this process.
     """
 
-    def __init__(self, reactor: Any, clients: Mapping[int, GossipClient], interval: float) -> None:
+    def __init__(self, reactor: Any, clients: Mapping[int, GossipClient]) -> None:
         self.reactor = reactor
         self.clients = dict(clients)
-        self.interval = interval
         self.target = len(self.clients)
         self.count: dict[str, int] = {}
         self.full_at: dict[str, float] = {}
         self.cursor = dict.fromkeys(self.clients, 0)
-        self.gaps: list[float] = []
-        self.errors = 0
+        self.pushes = 0
+        self.errors = 0  # pushes that did not start at the node's cursor
         self._running = False
-        self._loops: list[defer.Deferred[None]] = []
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._running = True
-        self._loops = [defer.Deferred.fromCoroutine(self._poll(n)) for n in self.clients]
+        await gather(
+            c.watch(functools.partial(self._delivered, n)) for n, c in self.clients.items()
+        )
 
     def halt(self) -> None:
-        """Let every poll loop end after its current call."""
+        """Ignore pushes from now on."""
         self._running = False
 
     async def stop(self) -> None:
         self.halt()
-        await defer.gatherResults(self._loops, consumeErrors=True)
 
-    async def _poll(self, node: int) -> None:
-        proto = self.clients[node].proto
-        last: float | None = None
-        while self._running:
-            try:
-                d = proto.callRemote(ListIds, start=self.cursor[node], limit=IDS_PER_PAGE)
-                r = await d.addTimeout(CALL_TIMEOUT, self.reactor)
-            except Exception:
-                self.errors += 1
-                await sleep(self.reactor, max(self.interval, 0.1))
-                continue
-            t = now()
-            if last is not None:
-                self.gaps.append(t - last)
-            last = t
-            raw = r["ids"]
-            for k in range(0, len(raw), ID_BYTES):
-                mid = id_text(raw[k : k + ID_BYTES])
-                c = self.count.get(mid, 0) + 1
-                self.count[mid] = c
-                if c == self.target:
-                    self.full_at[mid] = t
-            self.cursor[node] = r["next"]
-            if r["next"] < r["total"]:
-                continue  # more is waiting: ask again now
-            await sleep(self.reactor, self.interval)
+    def _delivered(self, node: int, start: int, ids: list[bytes]) -> None:
+        if not self._running:
+            return
+        t = now()
+        self.pushes += 1
+        if start != self.cursor[node]:
+            self.errors += 1
+        self.cursor[node] = start + len(ids)
+        for raw in ids:
+            mid = id_text(raw)
+            c = self.count.get(mid, 0) + 1
+            self.count[mid] = c
+            if c == self.target:
+                self.full_at[mid] = t
 
     def missing(self, ids: Iterable[str]) -> int:
         """Node-id pairs not (yet) seen among ``ids``."""
@@ -479,10 +447,9 @@ class Usage:
             self.peak_rss[node] = max(rss, self.peak_rss.get(node, 0))
 
     async def calibrate(self, reactor: Any, seconds: float = 1.0) -> None:
-        """CPU per second of all nodes while idle but polled (run with the poller started).
+        """CPU per second of all nodes while idle (ticks, pings, anti-entropy; watched).
 
-        Subtracted from the workload's CPU for the "net of polling" estimate. A poll
-        that returns messages costs more than an empty one, so it is a lower bound.
+        Subtracted from the workload's CPU for the "net of idle" estimate.
         """
         await sleep(reactor, 0.2)
         nodes = sorted(self.cluster.config.nodes)
@@ -549,7 +516,7 @@ def common_figures(used: Mapping[str, Any], messages: int) -> dict[str, Any]:
         "wire_bytes_per_message": total("bytes_out", traffic) / per,
         "cpu_seconds": used["cpu_seconds"],
         "cpu_seconds_per_1000": used["cpu_seconds"] * 1000.0 / per,
-        "idle_poll_cpu_per_second": rate,
+        "idle_cpu_per_second": rate,
         "cpu_seconds_per_1000_net": None if net is None else net * 1000.0 / per,
         "workload_seconds": used["seconds"],
         "rss_peak_max_mb": max(rss) if rss else None,
@@ -600,8 +567,8 @@ class Run:
         clients = await gather(self.connect(n) for n in nodes)
         return dict(zip(nodes, clients, strict=True))
 
-    def tracker(self, clients: Mapping[int, GossipClient], interval: float) -> DeliveryTracker:
-        t = DeliveryTracker(self.reactor, clients, interval)
+    def tracker(self, clients: Mapping[int, GossipClient]) -> DeliveryTracker:
+        t = DeliveryTracker(self.reactor, clients)
         self.trackers.append(t)
         return t
 
@@ -621,7 +588,7 @@ async def latency_workload(run: Run, usage: Usage) -> dict[str, Any]:
     s = run.settings
     nodes = run.node_ids
     submitters = await run.connect_all(nodes)
-    tracker = run.tracker(await run.connect_all(nodes), s.poll_interval)
+    tracker = run.tracker(await run.connect_all(nodes))
     bodies = [make_body(run.rng, i, run.tag) for i in range(s.latency_messages)]
     targets = [run.rng.choice(nodes) for _ in bodies]
     submitted: dict[str, float] = {}
@@ -639,7 +606,7 @@ async def latency_workload(run: Run, usage: Usage) -> dict[str, Any]:
         submitted[mid] = t
         submitted_wall[mid] = wall
 
-    tracker.start()
+    await tracker.start()
     await usage.calibrate(run.reactor)
     await usage.begin()
     pending: list[defer.Deferred[None]] = []
@@ -675,9 +642,7 @@ async def latency_workload(run: Run, usage: Usage) -> dict[str, Any]:
             "submit_errors": len(errors) + len(bodies) - len(pending),
             "all_delivered": done,
             "send_slip_max_ms": ms(max(slips) if slips else None),
-            "poll_period_p50_ms": ms(percentile(tracker.gaps, 50)),
-            "poll_period_p99_ms": ms(percentile(tracker.gaps, 99)),
-            "poll_errors": tracker.errors,
+            "push_errors": tracker.errors,
             **common_figures(used, len(ids)),
         },
         "latencies_ms": sorted(x * 1000.0 for x in lat),
@@ -706,7 +671,7 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
     s = run.settings
     nodes = run.node_ids
     workers = [await run.connect_all(nodes) for _ in range(s.clients)]
-    tracker = run.tracker(await run.connect_all(nodes), s.slow_poll_interval)
+    tracker = run.tracker(await run.connect_all(nodes))
     submitted: dict[str, float] = {}
     errors: list[str] = []
     counter = [0]
@@ -729,7 +694,7 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
             submitted[mid] = t
             last_ack[0] = max(last_ack[0], now())
 
-    tracker.start()
+    await tracker.start()
     await usage.calibrate(run.reactor)
     await usage.begin()
     first = now()
@@ -756,9 +721,7 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
             "all_delivered": done,
             "latency_p50_ms": ms(percentile(lat, 50)),
             "latency_p99_ms": ms(percentile(lat, 99)),
-            "poll_period_p50_ms": ms(percentile(tracker.gaps, 50)),
-            "poll_period_p99_ms": ms(percentile(tracker.gaps, 99)),
-            "poll_errors": tracker.errors,
+            "push_errors": tracker.errors,
             **common_figures(used, len(ids)),
         },
         "errors": errors[:10],
@@ -772,14 +735,14 @@ async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
     victim = run.rng.choice(nodes)
     others = [n for n in nodes if n != victim]
     workers = [await run.connect_all(others) for _ in range(s.clients)]
-    tracker = run.tracker(await run.connect_all(others), s.slow_poll_interval)
+    tracker = run.tracker(await run.connect_all(others))
     bodies = [make_body(run.rng, i, run.tag) for i in range(s.resync_messages)]
     queue = list(reversed(bodies))
     submitted: dict[str, float] = {}
     submitted_bytes: dict[str, int] = {}
     errors: list[str] = []
 
-    tracker.start()
+    await tracker.start()
     await usage.calibrate(run.reactor)
     await usage.begin()
     await usage.close_epoch(victim)
@@ -812,8 +775,8 @@ async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
     run.allowed_down.discard(victim)
     client = await _connect_when_up(run, victim, restarted + s.ready_timeout)
     up = now()
-    victim_tracker = run.tracker({victim: client}, s.poll_interval)
-    victim_tracker.start()
+    victim_tracker = run.tracker({victim: client})
+    await victim_tracker.start()
     done = await victim_tracker.wait_all(ids, s.drain_timeout, run.check_alive)
     caught_up = max(
         (victim_tracker.full_at[i] for i in ids if i in victim_tracker.full_at), default=None
@@ -844,9 +807,7 @@ async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
             "submit_errors": len(errors) + len(bodies) - len(ids),
             "all_delivered": done and others_done,
             "sync": status.get("sync", []),
-            "poll_period_p50_ms": ms(percentile(victim_tracker.gaps, 50)),
-            "poll_period_p99_ms": ms(percentile(victim_tracker.gaps, 99)),
-            "poll_errors": tracker.errors + victim_tracker.errors,
+            "push_errors": tracker.errors + victim_tracker.errors,
             **common_figures(used, len(ids)),
         },
         "errors": errors[:10],

@@ -52,12 +52,10 @@ COMMON_ROWS: list[tuple[str, str]] = [
     ("control_frames_per_message", "control frames / broadcast"),
     ("wire_bytes_per_message", "frame bytes sent / broadcast"),
     ("cpu_seconds_per_1000", "node CPU s / 1000 msgs"),
-    ("cpu_seconds_per_1000_net", "  same, net of idle polling (est)"),
+    ("cpu_seconds_per_1000_net", "  same, net of idle work (est)"),
     ("rss_peak_max_mb", "peak RSS per node, max (MB)"),
     ("rss_peak_mean_mb", "peak RSS per node, mean (MB)"),
     ("bench_cpu_seconds", "bench process CPU (s)"),
-    ("poll_period_p50_ms", "poll period p50 (ms)"),
-    ("poll_period_p99_ms", "poll period p99 (ms)"),
 ]
 LABEL_WIDTH = 34
 COLUMN_WIDTH = 12
@@ -149,18 +147,16 @@ def format_table(result: Mapping[str, Any]) -> str:
     columns = [(s, r) for s in strategies for r in range(1, rounds + 1)]
     heads = [f"{s} r{r}" for s, r in columns] + [f"{s}/{strategies[0]}" for s in strategies[1:]]
     width = max([COLUMN_WIDTH, *(len(h) + 2 for h in heads)])
-    poll = settings["poll_interval"] * 1000
-    slow = settings["slow_poll_interval"] * 1000
     lines = [
         f"gossip-bench: {settings['topology']}; fsync {settings['fsync_policy']};"
         f" {settings['body_bytes']}-byte bodies; seed {settings['seed']}",
         f"machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['platform']};"
         f" load {_load(m.get('load_average'))} at start, {_load(m.get('load_average_end'))}"
         f" at end; commit {result['commit']}",
-        f"delivery = the time a poll first lists the message: every {poll:g} ms per node"
-        f" (latency, wan; restarted node in resync), {slow:g} ms (throughput, resync);"
-        " late by up to one poll period + one round trip (achieved periods below);"
-        " 'by node clocks' = max over nodes of the stored message's received_at (same clock)",
+        "delivery = the time the bench receives the last node's push (Watch) of the id; a"
+        " node pushes an id once the message is durable under its fsync policy;"
+        " 'by node clocks' = max over nodes of the stored message's received_at (same clock;"
+        " stamped on arrival, before the fsync)",
         f"workloads: latency {settings['latency_messages']} msgs every"
         f" {settings['latency_interval'] * 1000:g} ms; throughput {settings['clients']} clients"
         f" x {settings.get('window', 1)} in flight for {settings['throughput_seconds']:g} s;"
@@ -189,7 +185,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         "per broadcast = summed over all nodes' sent peer frames (traffic counters; handshakes"
         " and pings not counted) / messages submitted; node CPU = utime+stime of every node"
         " process during the workload ('net' subtracts the nodes' CPU rate measured for 1 s while"
-        " polled but idle: serving the delivery polls is part of the raw figure); peak RSS ="
+        " idle); peak RSS ="
         " VmHWM over the process's life.",
     ]
     return "\n".join(lines)
@@ -243,7 +239,9 @@ def write_plot(result: Mapping[str, Any], path: Path) -> None:
             if not lat:
                 continue
             ys = [(i + 1) / len(lat) for i in range(len(lat))]
-            line = ax.step(lat, ys, where="post", label=f"{run['strategy']} r{run['round']} poll")
+            line = ax.step(
+                lat, ys, where="post", label=f"{run['strategy']} r{run['round']} durable"
+            )
             stamped = run.get("stamped_latencies_ms") or []
             if stamped:
                 ys = [(i + 1) / len(stamped) for i in range(len(stamped))]

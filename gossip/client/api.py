@@ -29,8 +29,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.protocols import amp
 
-from gossip.client.commands import Get, ListMessages, Status, Submit
+from gossip.client.commands import Delivered, Get, ListMessages, Status, Submit, Watch
 from gossip.config import ClusterConfig, load_config
+from gossip.core.message import ID_BYTES
 from gossip.locations import default_config
 from gossip.net.peer_protocol import set_no_delay
 
@@ -48,6 +49,20 @@ class StoredMessage:
     path: tuple[int, ...]
 
 
+class ClientAMP(amp.AMP):
+    """The client's end: answers the pushes a node sends to a watcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_delivered: Callable[[int, list[bytes]], None] | None = None
+
+    @Delivered.responder
+    def delivered(self, start: int, ids: bytes) -> dict[str, Any]:
+        if self.on_delivered is not None:
+            self.on_delivered(start, [ids[i : i + ID_BYTES] for i in range(0, len(ids), ID_BYTES)])
+        return {}
+
+
 class NodeUnreachable(ConnectionError):
     """The node could not be reached; ``str()`` names it and its address."""
 
@@ -55,7 +70,7 @@ class NodeUnreachable(ConnectionError):
 class GossipClient:
     """One AMP connection to one node."""
 
-    def __init__(self, proto: amp.AMP, address: str) -> None:
+    def __init__(self, proto: ClientAMP, address: str) -> None:
         self.proto = proto
         self.address = address
 
@@ -65,7 +80,7 @@ class GossipClient:
     ) -> GossipClient:
         endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=int(timeout))
         try:
-            proto = await connectProtocol(endpoint, amp.AMP())
+            proto = await connectProtocol(endpoint, ClientAMP())
         except Exception as e:
             raise NodeUnreachable(f"{host}:{port} is not reachable: {_reason(e)}") from None
         set_no_delay(proto.transport)
@@ -113,6 +128,14 @@ class GossipClient:
         async for page in self.iter_pages():
             out.extend(body for _, body in page)
         return out
+
+    async def watch(self, on_delivered: Callable[[int, list[bytes]], None], start: int = 0) -> int:
+        """Follow the node: ``on_delivered(position, raw ids)`` is called for the ids it
+        holds durably from ``start`` on, at once for those held and then as they
+        come, until the connection closes. Returns the count held durably now."""
+        self.proto.on_delivered = on_delivered
+        r = await self.proto.callRemote(Watch, start=start)
+        return int(r["durable"])
 
     async def status(self) -> dict[str, Any]:
         return dict(await self.proto.callRemote(Status))

@@ -53,11 +53,29 @@ class Get(amp.Command):
 
 
 class ListIds(amp.Command):
-    """The ids held, in arrival order from position ``start``: a cheap way to follow
-    what a node receives (16 raw bytes per id, concatenated; at most ``IDS_PER_PAGE``)."""
+    """The ids held durably, in arrival order from position ``start``: a cheap way to
+    follow what a node receives (16 raw bytes per id, concatenated; at most
+    ``IDS_PER_PAGE``). ``total`` is the count held durably."""
 
     arguments = [(b"start", amp.Integer()), (b"limit", amp.Integer())]
     response = [(b"ids", amp.String()), (b"next", amp.Integer()), (b"total", amp.Integer())]
+
+
+class Watch(amp.Command):
+    """Follow a node: it pushes ``Delivered`` for the ids it holds durably from position
+    ``start`` on, those held now and then each as it becomes durable, while the
+    connection lasts (pushes pause while the client does not read). Answers with the
+    count held durably now. ``ListIds`` polls the same sequence."""
+
+    arguments = [(b"start", amp.Integer())]
+    response = [(b"durable", amp.Integer())]
+
+
+class Delivered(amp.Command):
+    """Node -> watching client: the durable ids at positions [start, start + len(ids) / 16)."""
+
+    arguments = [(b"start", amp.Integer()), (b"ids", amp.String())]
+    requiresAnswer = False
 
 
 class ListMessages(amp.Command):

@@ -17,6 +17,7 @@ from gossip.client.commands import (
     PAGE_BYTES,
     AmbiguousId,
     BadId,
+    Delivered,
     Get,
     ListIds,
     ListMessages,
@@ -24,6 +25,7 @@ from gossip.client.commands import (
     NotFound,
     Status,
     Submit,
+    Watch,
 )
 from gossip.core.message import BadIdText, id_text
 from gossip.core.state import SubmitRejected
@@ -45,6 +47,9 @@ class ClientProtocol(amp.AMP):
     def __init__(self, node: GossipNode) -> None:
         super().__init__()
         self.node = node
+        self._watching = False
+        self._watch_at = 0  # next position to push to a watcher
+        self._push_paused = False
 
     # AMP logs every connection at info level; a client per command makes that noise.
     def makeConnection(self, transport: Any) -> None:
@@ -73,6 +78,8 @@ class ClientProtocol(amp.AMP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.node.clients.discard(self)
+        self.node.watchers.discard(self)
+        self._watching = False
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 
@@ -130,10 +137,44 @@ class ClientProtocol(amp.AMP):
 
     @ListIds.responder
     def list_ids(self, start: int, limit: int) -> dict[str, Any]:
-        total = self.node.message_count()
+        total = self.node.store.durable_count()
         start = max(0, start)
-        ids = self.node.store.ids_from(start, max(1, min(limit, IDS_PER_PAGE)))
+        ids = self.node.store.ids_from(start, min(max(1, min(limit, IDS_PER_PAGE)), total - start))
         return {"ids": b"".join(ids), "next": start + len(ids), "total": total}
+
+    @Watch.responder
+    def watch(self, start: int) -> dict[str, Any]:
+        self._watch_at = max(0, start)
+        if not self._watching:
+            self._watching = True
+            # Pushes stop while the client's socket is full and go on from the
+            # cursor when it drains: a slow watcher costs no memory here.
+            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+            self.node.watchers.add(self)
+        self.node.clock.callLater(0, self.push_delivered)  # after this answer
+        return {"durable": self.node.store.durable_count()}
+
+    def push_delivered(self) -> None:
+        """Send ``Delivered`` for every durable id past the cursor (unless paused)."""
+        if not self._watching or self._push_paused or self.transport is None:
+            return
+        store = self.node.store
+        durable = store.durable_count()
+        while self._watch_at < durable and not self._push_paused:
+            ids = store.ids_from(self._watch_at, min(IDS_PER_PAGE, durable - self._watch_at))
+            self.callRemote(Delivered, start=self._watch_at, ids=b"".join(ids))
+            self._watch_at += len(ids)
+
+    # IPushProducer for the watch pushes (called by the transport).
+    def pauseProducing(self) -> None:
+        self._push_paused = True
+
+    def resumeProducing(self) -> None:
+        self._push_paused = False
+        self.push_delivered()
+
+    def stopProducing(self) -> None:
+        self._push_paused = True
 
     @Status.responder
     def status(self) -> dict[str, Any]:

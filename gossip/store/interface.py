@@ -36,6 +36,11 @@ class MessageStore(Protocol):
         """Up to ``limit`` held ids in [lo, hi), in id order (for prefix lookups)."""
         ...
 
+    def durable_count(self) -> int:
+        """How many messages, in arrival order, are durable under the fsync policy:
+        a node reports a message as delivered (``ListIds``, ``Watch``) only then."""
+        ...
+
     def ids_from(self, start: int, limit: int) -> list[bytes]:
         """Up to ``limit`` ids in arrival order from position ``start``."""
         ...

@@ -41,6 +41,9 @@ class MemoryStore:
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
         return ids_between(self._sorted, self._unsorted, lo, hi, limit)
 
+    def durable_count(self) -> int:
+        return len(self._order)  # as durable as this store gets
+
     def ids_from(self, start: int, limit: int) -> list[bytes]:
         start = max(start, 0)
         return self._order[start : start + max(limit, 0)]
