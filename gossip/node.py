@@ -8,13 +8,14 @@ closes a link.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -36,6 +37,7 @@ from gossip.core.state import GossipCore
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
 from gossip.store.interface import MessageStore
+from gossip.store.log import StoreError
 from gossip.traffic import Traffic
 from gossip.wire import codec
 
@@ -121,6 +123,7 @@ class GossipNode(service.Service):
         self.clients: set[Any] = set()
         self.watchers: set[Any] = set()  # client connections following deliveries (Watch)
         self._durability_wait = False
+        self._stopping_for: str | None = None  # why the node is stopping on a store failure
         self._flush_call: IDelayedCall | None = None
         self._cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
         self._ticker = LoopingCall(self._tick)
@@ -255,7 +258,11 @@ class GossipNode(service.Service):
         encoded: dict[int, bytes] = {}
         for effect in effects:
             if isinstance(effect, Persist):
-                self.store.add(effect.message)
+                try:
+                    self.store.add(effect.message)
+                except StoreError as e:
+                    self._store_failed(e)
+                    return  # a submit learns it from when_durable, which fails too
             elif isinstance(effect, Send) and isinstance(effect.frame, GossipFrame):
                 # Batched: every payload for a peer within one reactor turn goes out
                 # as one frame, so per-frame costs are paid once under load.
@@ -282,6 +289,18 @@ class GossipNode(service.Service):
                 done.addBoth(self._stream_ended, effect.peer)
             elif isinstance(effect, DropPeer):
                 self.links.drop(effect.peer, effect.reason)
+
+    def _store_failed(self, error: StoreError) -> None:
+        """The log cannot take records (disk full, failed fsync): stop the node, as a
+        database stops on a failed fsync; a restart recovers the log and re-sync
+        fetches what it missed. Serving on would acknowledge nothing and drop every
+        message it relays."""
+        if self._stopping_for is not None:
+            return
+        self._stopping_for = str(error)
+        self.log.critical("node {node} stops: {reason}", node=self.node_id, reason=str(error))
+        with contextlib.suppress(ReactorNotRunning):
+            self.reactor.stop()  # type: ignore[attr-defined]
 
     def flush(self) -> None:
         """Send the batched payloads now (also scheduled for the end of each reactor turn)."""

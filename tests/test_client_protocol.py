@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -36,6 +36,7 @@ from gossip.client.responder import ClientProtocol
 from gossip.config import ClusterConfig, dump_config, parse_config
 from gossip.core.message import ID_BYTES, ID_CHARS, Message, id_text, message_id
 from gossip.node import GossipNode
+from gossip.store.log import StoreError
 from gossip.store.memory import MemoryStore
 from gossip.topology import generate_config
 
@@ -408,6 +409,29 @@ def test_watch_pauses_while_the_client_does_not_read(h: Harness) -> None:
     h.server.resumeProducing()
     h.pump.flush()
     assert got == [(0, [message_id(b"x"), message_id(b"y")])]
+
+
+class BrokenStore(MemoryStore):
+    """A store whose disk has failed, as LogStore is after a failed write or fsync."""
+
+    def add(self, message: Message) -> bool:
+        raise StoreError("cannot append to /data/messages.log: No space left on device")
+
+    def when_durable(self) -> Deferred[None]:
+        return fail(StoreError("cannot append to /data/messages.log: No space left on device"))
+
+
+def test_a_store_failure_rejects_the_submit_in_one_line_and_stops_the_node() -> None:
+    """Once the log cannot take records, a submit is refused with the store's one-line
+    reason (never acknowledged) and the node stops its reactor, as a database stops on
+    a failed fsync; a restart recovers the log."""
+    h = Harness()
+    h.store = h.node.store = h.node.core.store = BrokenStore()
+    h.reactor.running = True
+    with pytest.raises(MessageRejected, match=r"^not stored: cannot append .* No space left"):
+        h.call(Submit, body="lost")
+    assert h.reactor.hasStopped
+    assert h.node._stopping_for is not None and "No space left" in h.node._stopping_for
 
 
 def test_list_past_the_end_is_empty(h: Harness) -> None:

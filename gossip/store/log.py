@@ -116,14 +116,16 @@ Memory
 Bodies stay on disk; ``get`` and ``scan`` read records back with
 ``os.pread`` (checking the checksum again). In memory there is only an index:
 a ``dict`` id -> arrival number, an ``array('q')`` of record offsets in arrival
-order and a ``SortedList`` of ids (for ``ids_between``; ids added since the
-last such query wait in a plain list and are folded in by it), all sharing one
-bytes object per id. Measured with ``tracemalloc`` after opening a log of 100,000
-messages (Python 3.11, 64-bit): 146 bytes per message -- the id object 49,
-the arrival-number int 28, the dict's share 52 (24-byte entries plus 4-byte
+order, a list of the ids in arrival order (for ``ids_from``: following a node
+by position) and a ``SortedList`` of ids (for ``ids_between``; ids added since
+the last such query wait in a plain list and are folded in by it), all sharing
+one bytes object per id. Measured with ``tracemalloc`` after opening a log of
+100,000 messages (Python 3.11, 64-bit): 154 bytes per message -- the id object
+49, the arrival-number int 28, the dict's share 52 (24-byte entries plus 4-byte
 slots, 100,000 entries sit just past a doubling of its table, so this is near
 the worst case: 122 at 10,000 and 128 at 300,000 messages), the offset 8, the
-SortedList slot ~9. ``gossip-bench-store`` prints the current figure.
+arrival-order list slot 8, the SortedList slot ~9. ``gossip-bench-store``
+prints the current figure.
 tracemalloc counts bytes requested; the allocator's rounding (the id object
 takes 64 bytes, the int 32) adds ~19 bytes to the resident cost.
 """
