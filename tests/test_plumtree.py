@@ -163,6 +163,7 @@ class Node:
         up: Iterable[int] = (2, 3, 7, 8),
         *,
         graft_timeout: float = 0.5,
+        min_graft_timeout: float = 0.15,
         graft_retry: float = 0.25,
         max_missing: int = 100_000,
     ) -> None:
@@ -171,6 +172,7 @@ class Node:
             ME,
             GRAPH,
             graft_timeout=graft_timeout,
+            min_graft_timeout=min_graft_timeout,
             graft_retry=graft_retry,
             max_missing=max_missing,
         )
@@ -296,16 +298,67 @@ def ihave(*bodies: bytes, origin: int = 1) -> IHaveFrame:
 
 
 def test_unknown_id_is_grafted_from_the_announcer_after_graft_timeout() -> None:
-    """An IHave for an id we lack, with the tree parent up, starts a graft_timeout
-    wait counted from the last tick; at the first tick past it a Graft goes to the
-    announcer. An IHave for an id we hold is ignored."""
-    node = Node(graft_timeout=0.5)
+    """An IHave for an id we lack, with the tree parent up, starts a graft wait
+    counted from the last tick (min_graft_timeout while no tree copy has come late);
+    at the first tick past it a Graft goes to the announcer. An IHave for an id we
+    hold is ignored."""
+    node = Node(graft_timeout=0.5, min_graft_timeout=0.15)
+    assert node.plumtree.graft_wait == 0.15
     node.gossip(2, b"held", (1, 2))
     node.now = T0 + 0.05
     assert node.receive(3, ihave(b"held", b"lacking")) == []
     assert node.plumtree.missing.keys() == {message_id(b"lacking")}
-    assert grafts(node.tick(T0 + 0.4)) == []
-    assert node.tick(T0 + 0.5) == [Send(3, GraftFrame((message_id(b"lacking"),)))]
+    assert grafts(node.tick(T0 + 0.1)) == []
+    assert node.tick(T0 + 0.2) == [Send(3, GraftFrame((message_id(b"lacking"),)))]
+
+
+def test_graft_wait_follows_how_late_tree_copies_come() -> None:
+    """A tree copy (its path is the tree path) of an id announced ``k`` ticks earlier
+    raises the graft wait by its smoothed lateness and deviation, up to graft_timeout,
+    and so does a copy from the tree parent of an id we grafted too early; copies that
+    come around the tree do not count, and timely ones bring the wait back down
+    towards min_graft_timeout."""
+    node = Node(graft_timeout=0.5, min_graft_timeout=0.15)
+    late = [f"late {i}".encode() for i in range(2)]
+    node.receive(3, ihave(*late))
+    node.tick(T0 + 0.1)
+    node.gossip(2, late[0], (1, 2))  # 0.1 s late, down the tree
+    assert node.plumtree.lateness == pytest.approx(0.1 / 8)
+    assert node.plumtree.graft_wait == pytest.approx(0.15 + 0.1 / 8 + 4 * 0.1 / 4)
+    node.gossip(3, late[1], (1, 3))  # around the tree: no sample
+    assert node.plumtree.lateness == pytest.approx(0.1 / 8)
+    for i in range(20):
+        slow = f"slow {i}".encode()
+        node.receive(3, ihave(slow))
+        assert grafts(node.tick(node.now + 0.5)) == [Send(3, GraftFrame((message_id(slow),)))]
+        node.gossip(3, slow, (1, 3))  # the graft's answer
+        node.gossip(2, slow, (1, 2))  # and the tree copy, 0.5 s after the IHave
+    assert node.plumtree.graft_wait == 0.5
+    for i in range(60):
+        node.receive(3, ihave(f"prompt {i}".encode()))
+        node.gossip(2, f"prompt {i}".encode(), (1, 2))
+    assert node.plumtree.graft_wait < 0.16
+
+
+def test_tree_path_is_what_a_message_carries_down_the_tree() -> None:
+    """OriginTrees.path: origin first, our tree parent last; empty at the origin."""
+    trees = Node().plumtree.trees
+    assert trees.path(1) == (1, 2)
+    assert trees.path(7) == (7,)
+    assert trees.path(ME) == ()
+    assert trees.path(99) == ()
+
+
+def test_a_grafted_message_is_pushed_to_every_neighbour() -> None:
+    """A message that came because we grafted it (the tree above us is broken for its
+    origin) is pushed to every up neighbour not on its path, parent included, instead
+    of announced: they are likely cut off too and would wait for it."""
+    node = Node()
+    body = b"repaired"
+    node.receive(3, ihave(body))
+    assert node.tick(T0 + 0.2) == [Send(3, GraftFrame((message_id(body),)))]
+    assert sorted(pushed(node.gossip(3, body, (1, 3)))) == [2, 7, 8]
+    assert node.tick(T0 + 0.3) == []
 
 
 def test_unknown_id_is_grafted_at_once_when_the_tree_parent_is_down() -> None:
@@ -509,16 +562,23 @@ def test_plumtree_stable_network_is_a_perfect_spanning_tree() -> None:
 def test_plumtree_reaches_every_live_node_with_20_percent_crashed() -> None:
     """With 40 of 200 nodes crashed before the first submit (the rest connected) and
     periodic re-sync off, grafts, adoption and passing up the tree get every message
-    to every live node within 30 simulated seconds, without DropPeer."""
+    to every live node, without DropPeer, and quickly: the run is deterministic, and
+    its median time to the last live node is 0.64 s and its maximum 1.55 s (1.30 and
+    2.44 s with a fixed 0.5 s graft wait and no push after a graft), at 0.14 RMR."""
     graph = adjacency(cluster_edges())
-    sim, _ = run_workload(plumtree_factory(graph), crash=N // 5, settle=30.0)
+    sim, mids = run_workload(plumtree_factory(graph), crash=N // 5, settle=30.0)
     stats = sim.stats()
-    print(f"plumtree, {N // 5} of {N} crashed: {stats}")
+    last = sorted(
+        max(sim.deliveries[(n, mid)].time for n in sim.live) - sim.origins[mid][1] for mid in mids
+    )
+    print(f"plumtree, {N // 5} of {N} crashed: {stats}, median {last[len(last) // 2]:.3f} s")
     assert stats.live_nodes == N - N // 5
     assert stats.reliability == 1.0
     assert stats.drops == 0
     assert sum(sim.sync_received.values()) == 0  # no help from re-sync
-    assert stats.max_latency < 30.0
+    assert last[len(last) // 2] < 0.8
+    assert stats.max_latency < 2.0
+    assert stats.redundancy < 0.2
 
 
 def test_plumtree_with_5_percent_frame_loss_and_periodic_sync_reaches_everyone() -> None:

@@ -14,6 +14,15 @@ gets a message from anyone but its tree parent also passes it up the tree,
 which repairs a cut-off region in a few hops. When the tree link comes back,
 the adopted copies arrive as duplicates and are pruned.
 
+How long to wait for the tree before grafting adapts (``graft_wait``): a node
+measures, in ticks, how late tree copies come after an IHave for them (or after
+it grafted too early), smooths that as TCP smooths round trips, and waits that
+plus four deviations above a floor of 0.15 s (past the tick after next), at most
+``graft_timeout``. On a healthy tree an IHave, sent on the tick, comes after the
+tree copy, so the wait stays at the floor; under load it grows. A message a node
+had to graft is pushed to all its neighbours, not announced: the tree is broken
+around it for that origin, so they are likely cut off too.
+
 Why not let the tree emerge from pruning duplicates, as the paper does: with
 many messages in flight from many origins, prunes for different messages cut
 a cycle in more than one place and the eager links collapse into a forest;
@@ -46,12 +55,19 @@ from gossip.core.frames import (
 IDS_PER_FRAME = 4096
 # Payload bytes per Gossip frame answering a Graft.
 GRAFT_REPLY_BYTES = 256 * 1024
+# The shortest graft wait: past the tick after next, so a tree copy has at least one
+# whole tick after its IHave came (the node ticks every 0.1 s).
+MIN_GRAFT_TIMEOUT = 0.15
+# Grafted ids remembered to notice their tree copy coming after all.
+MAX_GRAFTED = 4096
 
 
 @attrs.define
 class _Missing:
+    announced: float  # the node's clock (last tick) when the first IHave came
     deadline: float
     announcers: list[int]
+    grafted: bool = False
 
 
 def origin_of(path: tuple[int, ...], here: int) -> int:
@@ -99,6 +115,7 @@ class OriginTrees:
         self.trees = trees
         self._children: dict[int, tuple[int, ...]] = {}
         self._parent: dict[int, int | None] = {}
+        self._path: dict[int, tuple[int, ...]] = {}
 
     def _compute(self, origin: int) -> None:
         parent = self.trees.parents(origin)
@@ -107,6 +124,14 @@ class OriginTrees:
             w for w in self.trees.graph.get(me, ()) if parent.get(w) == me and w != origin
         )
         self._parent[origin] = parent.get(me) if me != origin else None
+        up: list[int] = []
+        v = parent.get(me)
+        while v is not None and me != origin:
+            up.append(v)
+            if v == origin:
+                break
+            v = parent.get(v)
+        self._path[origin] = tuple(reversed(up))
 
     def children(self, origin: int) -> tuple[int, ...]:
         kids = self._children.get(origin)
@@ -124,6 +149,15 @@ class OriginTrees:
             self._compute(origin)
         return self._parent[origin]
 
+    def path(self, origin: int) -> tuple[int, ...]:
+        """The path a message of ``origin`` carries when it comes down the tree to us
+        (origin first, our parent last; empty at the origin or off the graph)."""
+        if origin not in self._path:
+            if origin not in self.trees.graph:
+                return ()
+            self._compute(origin)
+        return self._path[origin]
+
 
 class Plumtree:
     name = "plumtree"
@@ -134,6 +168,7 @@ class Plumtree:
         graph: Mapping[int, Iterable[int]] | ShortestPathTrees,
         *,
         graft_timeout: float = 0.5,
+        min_graft_timeout: float = MIN_GRAFT_TIMEOUT,
         graft_retry: float = 0.25,
         max_missing: int = 100_000,
     ) -> None:
@@ -141,6 +176,11 @@ class Plumtree:
         trees = graph if isinstance(graph, ShortestPathTrees) else ShortestPathTrees(graph)
         self.trees = OriginTrees(node_id, trees)
         self.graft_timeout = graft_timeout
+        self.min_graft_timeout = min(min_graft_timeout, graft_timeout)
+        # How late tree copies come after an IHave for them: smoothed value and mean
+        # deviation, as TCP's round-trip estimate (RFC 6298); see ``graft_wait``.
+        self.lateness = 0.0
+        self.lateness_dev = 0.0
         self.graft_retry = graft_retry
         self.max_missing = max_missing
         self.up: set[int] = set()
@@ -151,12 +191,27 @@ class Plumtree:
         # Ids announced to us but not received, oldest first (bounded).
         self.missing: dict[bytes, _Missing] = {}
         self._pruned: set[tuple[int, int]] = set()
+        # Ids we grafted whose tree copy has not come: id -> when first announced.
+        self._grafted: dict[bytes, float] = {}
         self._store: MessageReader | None = None
         # (origin, sender) -> (eager, lazy) neighbours; cleared when links or adoptions change.
         self._plans: dict[tuple[int, int | None], tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def bind(self, store: MessageReader) -> None:
         self._store = store
+
+    @property
+    def graft_wait(self) -> float:
+        """How long an announced id may take to come down the tree before it is
+        grafted: the floor plus the smoothed lateness and four deviations, at most
+        ``graft_timeout``."""
+        wait = self.min_graft_timeout + self.lateness + 4 * self.lateness_dev
+        return min(self.graft_timeout, wait)
+
+    def _late(self, sample: float) -> None:
+        """A tree copy came ``sample`` seconds (in ticks) after its first IHave."""
+        self.lateness_dev += (abs(sample - self.lateness) - self.lateness_dev) / 4
+        self.lateness += (sample - self.lateness) / 8
 
     # -- links -------------------------------------------------------------
 
@@ -178,14 +233,25 @@ class Plumtree:
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
         # The hot path: one call per message stored; who gets what is looked up.
-        if self.missing:
-            self.missing.pop(env.id, None)
         path = env.path
         origin = path[0] if path else self.node_id
         plan = self._plans.get((origin, sender))
         if plan is None:
             plan = self._plan(origin, sender)
         eager, lazy = plan
+        entry = self.missing.pop(env.id, None) if self.missing else None
+        if entry is not None:
+            if path == self.trees.path(origin):
+                self._late(self.now - entry.announced)
+            elif entry.grafted:
+                # We had to ask for it: the tree around us is broken for this origin,
+                # and neighbours that lack it would wait for it too. Push it to all.
+                eager, lazy = eager + lazy, ()
+                # If the tree copy still comes, how late it was counts (on_duplicate).
+                grafted = self._grafted
+                grafted[env.id] = entry.announced
+                if len(grafted) > MAX_GRAFTED:
+                    del grafted[next(iter(grafted))]
         effects: list[Effect] = []
         frame: GossipFrame | None = None
         for p in eager:
@@ -234,7 +300,12 @@ class Plumtree:
         if m is None:
             return []
         origin = origin_of(m.path, self.node_id)
-        if sender == self.trees.parent(origin) or (sender, origin) in self._pruned:
+        if sender == self.trees.parent(origin):
+            announced = self._grafted.pop(mid, None)
+            if announced is not None:  # we grafted too early
+                self._late(self.now - announced)
+            return []
+        if (sender, origin) in self._pruned:
             return []
         parent = self.trees.parent(origin)
         if parent is not None and parent not in self.up:
@@ -281,12 +352,12 @@ class Plumtree:
             if parent is not None and parent not in self.up:
                 # Our tree parent is away: nothing will come by the tree, ask now
                 # (and ask the next announcer if this one does not answer).
-                self.missing[mid] = _Missing(self.now + self.graft_retry, [])
+                self.missing[mid] = _Missing(self.now, self.now + self.graft_retry, [], True)
                 now.append(mid)
                 if len(now) >= IDS_PER_FRAME:
                     break
             else:
-                self.missing[mid] = _Missing(self.now + self.graft_timeout, [peer])
+                self.missing[mid] = _Missing(self.now, self.now + self.graft_wait, [peer])
         return now
 
     def _graft_reply(self, peer: int, ids: tuple[bytes, ...]) -> Iterator[GossipFrame]:
@@ -333,6 +404,7 @@ class Plumtree:
                 continue
             peer = entry.announcers.pop(0)
             entry.deadline = now + self.graft_retry
+            entry.grafted = True
             grafts.setdefault(peer, []).append(mid)
         for peer, ids in sorted(grafts.items()):
             for i in range(0, len(ids), IDS_PER_FRAME):
