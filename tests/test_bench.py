@@ -103,3 +103,20 @@ def test_bench_hotpath_bad_argument_is_one_line() -> None:
     )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "unknown strategy 'gosip'" in r.stderr
+
+
+def test_bench_hotpath_relay_mode_stores_everything_and_reports_cpu(tmp_path: Path) -> None:
+    """``--relay`` feeds one node in memory; it fails unless the node stored every
+    message, and it reports the least and median CPU per message of its runs."""
+    out = tmp_path / "relay.json"
+    argv = ["--relay", "--messages", "500", "--rounds", "3", "--batch", "4", "--json", str(out)]
+    code = f"import sys; from gossip.bench.hotpath import main; sys.exit(main({argv!r}))"
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [x["strategy"] for x in results] == ["plumtree", "flood"]
+    for x in results:
+        assert 0 < x["cpu_us_per_message_min"] <= x["cpu_us_per_message_median"]
+        assert x["messages"] == 500 and x["batch"] == 4

@@ -11,6 +11,13 @@ store, forward. Its figures repeat within a few percent, so a change to that
 path can be judged by before and after figures from this command, then
 confirmed end to end with ``gossip-bench``.
 
+``--relay`` measures less but more steadily: one node, with its neighbours'
+links joined to in-memory transports (``StringTransport``), is fed
+``--messages`` messages in Gossip frames of ``--batch`` from one neighbour and
+stores and forwards them; no sockets, no reactor turns, no other node. It
+prints the CPU per message, the least and the median of ``--rounds`` runs:
+the cost of frame parse, checks, dedup, store and forward alone.
+
 ``--profile N`` prints the N functions with the most own time (cProfile, which
 slows the run; the CPU figures of a profiled run are not comparable).
 """
@@ -62,6 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fsync", choices=POLICIES, default="batch")
     p.add_argument("--timeout", type=real(above=0), default=300.0, help="seconds per run")
     p.add_argument("--profile", type=whole(1, 1000), default=None, metavar="N")
+    p.add_argument(
+        "--relay",
+        action="store_true",
+        help="measure one relay node fed in memory (least and median of --rounds runs)",
+    )
+    p.add_argument("--batch", type=whole(1, 10_000), default=8, help="messages per frame (--relay)")
     p.add_argument("--seed", type=whole(), default=1)
     p.add_argument("--json", type=Path, default=None, metavar="FILE")
     p.add_argument("--dir", type=Path, default=None, help="where the logs go (default: temp)")
@@ -167,6 +180,81 @@ async def _measure(
     return result
 
 
+def relay_once(args: argparse.Namespace, strategy: str, directory: Path, seed: int) -> float:
+    """CPU seconds per message for one relay node fed ``args.messages`` in memory."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from gossip.core.frames import Envelope, GossipFrame
+    from gossip.core.message import message_id
+    from gossip.wire import codec
+
+    config = attrs.evolve(generate_config(args.nodes), dissemination=strategy)
+    reactor = MemoryReactorClock()
+    store: MessageStore
+    if args.store == "log":
+        store = LogStore.open(directory, fsync=args.fsync, reactor=reactor)
+    else:
+        store = MemoryStore()
+    me = min(config.nodes)
+    node = GossipNode(config, me, store, reactor)
+    feeds = {}
+    for peer in config.node(me).neighbours:
+        proto = node.links.server_factory().buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert proto is not None
+        proto.makeConnection(StringTransport())
+        hello = codec.encode(codec.Hello(1, config.name, peer, 7))
+        proto.dataReceived(len(hello).to_bytes(4, "big") + hello)
+        feeds[peer] = proto
+    sender, feed = next(iter(feeds.items()))
+    # Messages of another origin, sent on by ``sender``: a relay's everyday work.
+    origin = next(n for n in sorted(config.nodes) if n not in (me, sender))
+    frames = []
+    envelopes = [Envelope(message_id(b), b, (origin, sender)) for b in bodies(args.messages, seed)]
+    for i in range(0, len(envelopes), args.batch):
+        f = codec.encode(GossipFrame(tuple(envelopes[i : i + args.batch])))
+        frames.append(len(f).to_bytes(4, "big") + f)
+    data = b"".join(frames)
+    started = time.process_time()
+    for i in range(0, len(data), 64 * 1024):
+        feed.dataReceived(data[i : i + 64 * 1024])
+        reactor.advance(0)
+    spent: float = time.process_time() - started
+    held = len(store)
+    store.close()
+    if held != args.messages:
+        raise BenchTimeout(f"the relay stored {held} of {args.messages} messages")
+    return spent / int(args.messages)
+
+
+def run_relay(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
+    results = []
+    for strategy in args.strategies:
+        runs = sorted(
+            relay_once(args, strategy, base / f"relay-{strategy}-{r}", args.seed + r)
+            for r in range(args.rounds)
+        )
+        results.append(
+            {
+                "strategy": strategy,
+                "messages": args.messages,
+                "batch": args.batch,
+                "rounds": args.rounds,
+                "cpu_us_per_message_min": runs[0] * 1e6,
+                "cpu_us_per_message_median": runs[len(runs) // 2] * 1e6,
+                "cpu_seconds_per_1000_messages_min": runs[0] * 1000,
+            }
+        )
+        r = results[-1]
+        print(
+            f"{strategy:<10} relay, frames of {args.batch}: CPU per message"
+            f" {r['cpu_us_per_message_min']:.2f} us least, {r['cpu_us_per_message_median']:.2f} us"
+            f" median of {args.rounds} runs",
+            flush=True,
+        )
+    return results
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     head = (
         f"{'strategy':<10} {'msgs':>8} {'msg/s':>8} {'CPU s/1000':>11}"
@@ -197,6 +285,16 @@ async def run(reactor: Any, args: argparse.Namespace, base: Path) -> list[dict[s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.relay:
+        try:
+            with tempfile.TemporaryDirectory(prefix="gossip-bench-relay-", dir=args.dir) as d:
+                results = run_relay(args, Path(d))
+        except (BenchTimeout, OSError) as e:
+            print(f"gossip-bench-hotpath: {e}", file=sys.stderr)
+            return 1
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     from twisted.internet import reactor
 
     outcome: dict[str, Any] = {}
