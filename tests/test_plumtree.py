@@ -429,6 +429,21 @@ def test_duplicate_from_a_non_parent_prunes_once_and_prune_ends_adoption() -> No
     assert sorted(pushed(node.gossip(2, b"origin 1, third", (1, 2)))) == [8]
 
 
+def test_tree_copy_after_a_faster_adopter_prunes_the_adopter() -> None:
+    """An adopter faster than the tree delivers first, so no copy ever comes from
+    outside the tree to prune it: when the tree parent's copy comes as a duplicate,
+    the last neighbour that fed that origin gets Prune(origin), once."""
+    node = Node()
+    a, b = b"origin 1 via adopter", b"origin 1 again"
+    node.gossip(3, a, (1, 3))  # first from 3, not our parent (2) for origin 1
+    assert node.gossip(2, a, (1, 2)) == [Send(3, PruneFrame((1,)))]
+    # From now on the tree feeds origin 1: its duplicates prune nobody.
+    node.gossip(2, b, (1, 2))
+    assert node.gossip(2, b, (1, 2)) == []
+    # A copy from outside the tree after a tree copy is the case pruned before.
+    assert node.gossip(3, b, (1, 3)) == [Send(3, PruneFrame((1,)))]
+
+
 def test_duplicate_is_not_pruned_while_the_tree_parent_is_down() -> None:
     """With the tree parent down, the adoptive sender is still needed: no Prune."""
     node = Node()

@@ -191,6 +191,9 @@ class Plumtree:
         # Ids announced to us but not received, oldest first (bounded).
         self.missing: dict[bytes, _Missing] = {}
         self._pruned: set[tuple[int, int]] = set()
+        # origin -> the last neighbour other than the tree parent that sent us one of
+        # its messages first (origins of the graph only: at most one entry each).
+        self._feeders: dict[int, int] = {}
         # Ids we grafted whose tree copy has not come: id -> when first announced.
         self._grafted: dict[bytes, float] = {}
         self._store: MessageReader | None = None
@@ -239,6 +242,12 @@ class Plumtree:
         if plan is None:
             plan = self._plan(origin, sender)
         eager, lazy = plan
+        if (
+            sender is not None
+            and sender != self.trees.parent(origin)
+            and origin in self.trees.trees.graph
+        ):
+            self._feeders[origin] = sender  # see on_duplicate
         entry = self.missing.pop(env.id, None) if self.missing else None
         if entry is not None:
             if path == self.trees.path(origin):
@@ -304,6 +313,12 @@ class Plumtree:
             announced = self._grafted.pop(mid, None)
             if announced is not None:  # we grafted too early
                 self._late(self.now - announced)
+            # The tree delivers again, after someone else fed us this origin (an
+            # adopter faster than the tree, which no copy from outside the tree
+            # would ever prune): end that feed.
+            feeder = self._feeders.pop(origin, None)
+            if feeder is not None and feeder != sender and feeder in self.up:
+                return [Send(feeder, PruneFrame((origin,)))]
             return []
         if (sender, origin) in self._pruned:
             return []
