@@ -201,6 +201,7 @@ class GossipNode(service.Service):
         return len(self.store)
 
     def status(self) -> dict[str, Any]:
+        stats = self.store.stats()
         return {
             "node_id": self.node_id,
             "cluster": self.config.name,
@@ -209,6 +210,14 @@ class GossipNode(service.Service):
             "uptime": self.clock.seconds() - self.started_at,
             "traffic": self.traffic.rows(),
             "sync": [attrs.asdict(self.core.sync.counters)],
+            "store": [
+                {
+                    "policy": str(stats.get("policy", "memory")),
+                    "durable": self.store.durable_count(),
+                    "fsyncs": int(stats.get("fsyncs", 0)),
+                    "last_fsync_seconds": float(stats.get("last_fsync_seconds", 0.0)),
+                }
+            ],
             "links": [
                 {
                     "peer": s.peer,

@@ -9,6 +9,7 @@ listened on and no neighbour is dialed. The client side is ``ClientAMP``
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -36,7 +37,7 @@ from gossip.client.responder import ClientProtocol
 from gossip.config import ClusterConfig, dump_config, parse_config
 from gossip.core.message import ID_BYTES, ID_CHARS, Message, id_text, message_id
 from gossip.node import GossipNode
-from gossip.store.log import StoreError
+from gossip.store.log import LogStore, StoreError
 from gossip.store.memory import MemoryStore
 from gossip.topology import generate_config
 
@@ -497,6 +498,24 @@ def test_status_of_a_fresh_node(h: Harness) -> None:
         assert link["address"] == f"{peer.host}:{peer.peer_port}"
         assert link["times_up"] == 0
         assert link["last_error"] == ""
+    assert s["store"] == [
+        {"policy": "memory", "durable": 2, "fsyncs": 0, "last_fsync_seconds": 0.0}
+    ]
+
+
+def test_status_reports_the_logs_fsyncs(tmp_path: Path) -> None:
+    """With a message log the store row names the fsync policy, the durable count and
+    the fsyncs done (here "always": one per stored message)."""
+    h = Harness()
+    store = LogStore.open(tmp_path, fsync="always", reactor=h.reactor)
+    h.store = h.node.store = h.node.core.store = store
+    try:
+        h.call(Submit, body="Apple")
+        (row,) = h.call(Status)["store"]
+        assert (row["policy"], row["durable"], row["fsyncs"]) == ("always", 1, 1)
+        assert row["last_fsync_seconds"] >= 0.0
+    finally:
+        store.close()
 
 
 def test_gossip_client_status_matches_the_node(h: Harness) -> None:

@@ -398,6 +398,10 @@ def traffic_table(status: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     }
 
 
+def fsyncs_of(status: Mapping[str, Any]) -> int:
+    return sum(int(row["fsyncs"]) for row in status.get("store", ()))
+
+
 def _add(
     into: dict[str, dict[str, int]], table: Mapping[str, Mapping[str, int]], sign: int
 ) -> None:
@@ -421,6 +425,8 @@ class Usage:
         self.base_cpu: dict[int, float] = {}
         self.acc_traffic: dict[str, dict[str, int]] = {}
         self.acc_cpu = 0.0
+        self.base_fsyncs: dict[int, int] = {}
+        self.acc_fsyncs = 0
         self.peak_rss: dict[int, int] = {}
         self.own_cpu = 0.0
         self.idle_cpu_rate: float | None = None
@@ -460,7 +466,9 @@ class Usage:
 
     async def begin(self) -> None:
         for n in sorted(self.cluster.config.nodes):
-            self.base_traffic[n] = traffic_table(await self.status(n))
+            status = await self.status(n)
+            self.base_traffic[n] = traffic_table(status)
+            self.base_fsyncs[n] = fsyncs_of(status)
             self.base_cpu[n] = self.cpu(n)
         self.own_cpu = own_cpu_seconds()
         self.began = now()
@@ -470,6 +478,8 @@ class Usage:
         s = await self.status(node)
         _add(self.acc_traffic, traffic_table(s), 1)
         _add(self.acc_traffic, self.base_traffic[node], -1)
+        self.acc_fsyncs += fsyncs_of(s) - self.base_fsyncs[node]
+        self.base_fsyncs[node] = 0
         self.acc_cpu += self.cpu(node) - self.base_cpu[node]
         self._note_rss(node)
         self.base_traffic[node] = {}
@@ -480,9 +490,12 @@ class Usage:
         traffic: dict[str, dict[str, int]] = {}
         _add(traffic, self.acc_traffic, 1)
         cpu = self.acc_cpu
+        fsyncs = self.acc_fsyncs
         for n in sorted(self.cluster.config.nodes):
-            _add(traffic, traffic_table(await self.status(n)), 1)
+            status = await self.status(n)
+            _add(traffic, traffic_table(status), 1)
             _add(traffic, self.base_traffic[n], -1)
+            fsyncs += fsyncs_of(status) - self.base_fsyncs[n]
             cpu += self.cpu(n) - self.base_cpu[n]
             self._note_rss(n)
         return {
@@ -490,6 +503,7 @@ class Usage:
             "seconds": now() - self.began,
             "idle_cpu_rate": self.idle_cpu_rate,
             "cpu_seconds": cpu,
+            "fsyncs": fsyncs,
             "peak_rss": dict(self.peak_rss),
             "bench_cpu_seconds": own_cpu_seconds() - self.own_cpu,
         }
@@ -516,6 +530,7 @@ def common_figures(used: Mapping[str, Any], messages: int) -> dict[str, Any]:
         "wire_bytes_per_message": total("bytes_out", traffic) / per,
         "cpu_seconds": used["cpu_seconds"],
         "cpu_seconds_per_1000": used["cpu_seconds"] * 1000.0 / per,
+        "fsyncs_per_1000": used["fsyncs"] * 1000.0 / per,
         "idle_cpu_per_second": rate,
         "cpu_seconds_per_1000_net": None if net is None else net * 1000.0 / per,
         "workload_seconds": used["seconds"],

@@ -53,6 +53,7 @@ COMMON_ROWS: list[tuple[str, str]] = [
     ("wire_bytes_per_message", "frame bytes sent / broadcast"),
     ("cpu_seconds_per_1000", "node CPU s / 1000 msgs"),
     ("cpu_seconds_per_1000_net", "  same, net of idle work (est)"),
+    ("fsyncs_per_1000", "fsyncs / 1000 msgs (all nodes)"),
     ("rss_peak_max_mb", "peak RSS per node, max (MB)"),
     ("rss_peak_mean_mb", "peak RSS per node, mean (MB)"),
     ("bench_cpu_seconds", "bench process CPU (s)"),

@@ -148,6 +148,11 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
                     f"  {t['kind']:<11} {t['frames_out']:>9} {t['bytes_out']:>12}"
                     f" {t['frames_in']:>9} {t['bytes_in']:>12}"
                 )
+        for store in s["store"]:
+            _out(
+                f"  store: {store['durable']} durable ({store['policy']}),"
+                f" {store['fsyncs']} fsyncs, last took {store['last_fsync_seconds'] * 1000:.2f} ms"
+            )
         for sync in s["sync"]:
             _out(
                 f"  re-sync sessions: {sync['sessions_completed']} done,"

@@ -120,6 +120,17 @@ class Status(amp.Command):
             ),
         ),
         (
+            b"store",
+            amp.AmpList(
+                [
+                    (b"policy", amp.Unicode()),
+                    (b"durable", amp.Integer()),
+                    (b"fsyncs", amp.Integer()),
+                    (b"last_fsync_seconds", amp.Float()),
+                ]
+            ),
+        ),
+        (
             b"links",
             amp.AmpList(
                 [

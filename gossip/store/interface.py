@@ -36,6 +36,10 @@ class MessageStore(Protocol):
         """Up to ``limit`` held ids in [lo, hi), in id order (for prefix lookups)."""
         ...
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for status: at least "policy"; a log adds "fsyncs" and more."""
+        ...
+
     def durable_count(self) -> int:
         """How many messages, in arrival order, are durable under the fsync policy:
         a node reports a message as delivered (``ListIds``, ``Watch``) only then."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from sortedcontainers import SortedList
 from twisted.internet.defer import Deferred, succeed
@@ -40,6 +41,9 @@ class MemoryStore:
 
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
         return ids_between(self._sorted, self._unsorted, lo, hi, limit)
+
+    def stats(self) -> dict[str, Any]:
+        return {"policy": "memory", "records": len(self._order), "fsyncs": 0}
 
     def durable_count(self) -> int:
         return len(self._order)  # as durable as this store gets
