@@ -1,22 +1,22 @@
-"""``gossip-bench-hotpath``: CPU per message of the node code, without process noise.
+"""``gossip-bench-hotpath``: CPU per message of the node code, with less noise.
 
 ``gossip-bench`` runs one process per node, so on a shared 2-core machine its
-CPU figures carry scheduler and cache noise of 20% and more between runs. This
-command runs the same ``GossipNode`` code for a whole cluster inside one
-process, with one reactor: real TCP links on loopback, real logs (or memory
-stores) under the chosen fsync policy, and ``GossipNode.submit`` called
-directly (no AMP) with a bounded number of submits in flight. What it times is
-the hot path every node runs for every message: frame parse, checks, dedup,
-store, forward. Its figures repeat within a few percent, so a change to that
-path can be judged by before and after figures from this command, then
-confirmed end to end with ``gossip-bench``.
+CPU figures move by 20-30% between runs. This command runs the same
+``GossipNode`` code for a whole cluster inside one process, with one reactor:
+real TCP links on loopback, real logs (or memory stores) under the chosen
+fsync policy, and ``GossipNode.submit`` called directly (no AMP) with a
+bounded number of submits in flight. It times the work every node does for
+every message without the cost of separate processes; on our machines its
+figures still move by up to 20%.
 
-``--relay`` measures less but more steadily: one node, with its neighbours'
-links joined to in-memory transports (``StringTransport``), is fed
-``--messages`` messages in Gossip frames of ``--batch`` from one neighbour and
-stores and forwards them; no sockets, no reactor turns, no other node. It
+``--relay`` measures less but steadily (within a few percent): one node, with
+its neighbours' links joined to in-memory transports (``StringTransport``), is
+fed ``--messages`` messages in Gossip frames of ``--batch`` from one neighbour
+and stores and forwards them; no sockets, no reactor turns, no other node. It
 prints the CPU per message, the least and the median of ``--rounds`` runs:
-the cost of frame parse, checks, dedup, store and forward alone.
+the cost of frame parse, checks, dedup, store and forward alone. A change to
+that path is judged by this figure before and after, then confirmed end to
+end with ``gossip-bench``.
 
 ``--profile N`` prints the N functions with the most own time (cProfile, which
 slows the run; the CPU figures of a profiled run are not comparable).
