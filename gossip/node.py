@@ -312,21 +312,21 @@ class GossipNode(service.Service):
             self.reactor.stop()  # type: ignore[attr-defined]
 
     def flush(self) -> None:
-        """Send the batched payloads now (also scheduled for the end of each reactor turn)."""
-        if self.watchers:
-            self.notify_watchers()
+        """Send the batched payloads now (also scheduled for the end of each reactor turn),
+        then tell watchers what became durable (after: forwarding comes first)."""
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
-        if not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, {}
-        cache: dict[int, bytes] = {}
-        for peer, envelopes in outbox.items():
-            for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
-                if self.links.send(peer, data):
-                    self.traffic.sent_kind("gossip", len(data), count)
+        if self._outbox:
+            outbox, self._outbox = self._outbox, {}
+            cache: dict[int, bytes] = {}
+            for peer, envelopes in outbox.items():
+                for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
+                    if self.links.send(peer, data):
+                        self.traffic.sent_kind("gossip", len(data), count)
+        if self.watchers:
+            self.notify_watchers()
 
     def notify_watchers(self) -> None:
         """Push newly durable ids to watchers; wait for the store to make the rest durable."""
