@@ -30,7 +30,9 @@ class Dissemination(Protocol):
         """``env`` was just stored; ``sender`` is None for a local submit."""
         ...
 
-    def on_duplicate(self, mid: bytes, sender: int) -> list[Effect]: ...
+    def on_duplicate(self, env: Envelope, sender: int) -> list[Effect]:
+        """``env`` (checked, its path ends with ``sender``) is a copy of a held message."""
+        ...
 
     def on_control(self, peer: int, frame: PeerFrame) -> list[Effect]: ...
 
@@ -64,7 +66,7 @@ class Flood:
         frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
         return [Send(p, frame) for p in sorted(targets)]
 
-    def on_duplicate(self, mid: bytes, sender: int) -> list[Effect]:
+    def on_duplicate(self, env: Envelope, sender: int) -> list[Effect]:
         return []
 
     def on_control(self, peer: int, frame: PeerFrame) -> list[Effect]:

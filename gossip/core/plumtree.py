@@ -302,13 +302,10 @@ class Plumtree:
             self._plans[(origin, sender)] = plan
         return plan
 
-    def on_duplicate(self, mid: bytes, sender: int) -> list[Effect]:
+    def on_duplicate(self, env: Envelope, sender: int) -> list[Effect]:
         """A copy from outside our tree parent means an adoption is no longer needed."""
-        store = self._store
-        m = store.get(mid) if store is not None else None
-        if m is None:
-            return []
-        origin = origin_of(m.path, self.node_id)
+        mid = env.id
+        origin = origin_of(env.path, self.node_id)  # a received copy's path is never empty
         if sender == self.trees.parent(origin):
             announced = self._grafted.pop(mid, None)
             if announced is not None:  # we grafted too early

@@ -145,7 +145,7 @@ class GossipCore:
                 effects.append(DropPeer(peer, env))
                 return effects
             if env.id in fresh or env.id in self.store:
-                effects += self.strategy.on_duplicate(env.id, peer)
+                effects += self.strategy.on_duplicate(env, peer)
                 continue
             fresh.add(env.id)
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
