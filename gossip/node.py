@@ -33,7 +33,7 @@ from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
 from gossip.core.frames import Envelope, GossipFrame, PeerFrame
 from gossip.core.message import Message, id_range
 from gossip.core.plumtree import Plumtree
-from gossip.core.state import GossipCore
+from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
 from gossip.store.interface import MessageStore
@@ -187,6 +187,21 @@ class GossipNode(service.Service):
         # Acknowledged only once durable under the fsync policy (a resubmit of a
         # held message also waits: its first submit may not be durable yet).
         return self.store.when_durable().addCallback(lambda _: (result.id, result.new))
+
+    def submit_many(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
+        """Accept several messages; fires, once all are stored, with (id, new) for each
+        accepted body and the reason for each refused one, in order."""
+        now = self.clock.seconds()
+        results: list[tuple[bytes, bool] | str] = []
+        for body in bodies:
+            try:
+                result = self.core.submit(body, now)
+            except SubmitRejected as e:
+                results.append(str(e))
+                continue
+            self._apply(result.effects)
+            results.append((result.id, result.new))
+        return self.store.when_durable().addCallback(lambda _: results)
 
     def find(self, prefix: str, limit: int) -> list[Message]:
         lo, hi = id_range(prefix)

@@ -32,6 +32,7 @@ from gossip.client.commands import (
     NotFound,
     Status,
     Submit,
+    SubmitMany,
 )
 from gossip.client.responder import ClientProtocol
 from gossip.config import ClusterConfig, dump_config, parse_config
@@ -326,6 +327,49 @@ def test_list_ids_pages_the_same_order_as_list_messages(h: Harness) -> None:
     assert h.call(ListIds, start=7, limit=2)["ids"] == message_id(bodies[7]) + message_id(bodies[8])
     assert h.call(ListIds, start=9000, limit=10) == {"ids": b"", "next": 9000, "total": 9000}
     assert h.call(ListIds, start=-5, limit=0)["ids"] == message_id(bodies[0])
+
+
+def test_submit_many_answers_each_body_in_order(h: Harness) -> None:
+    """SubmitMany stores every acceptable body and answers per body, in order: its id,
+    or an empty id and the reason it was refused; a repeat gets the same id."""
+    r = h.call(SubmitMany, bodies=["Apple", "", "Banana", "Apple"])
+    apple, banana = id_text(message_id(b"Apple")), id_text(message_id(b"Banana"))
+    assert r["ids"] == [apple, "", banana, apple]
+    assert r["errors"][0] == r["errors"][2] == r["errors"][3] == ""
+    assert "empty" in r["errors"][1]
+    assert len(h.store) == 2
+
+
+def test_submits_made_in_one_turn_go_as_one_submit_many(h: Harness) -> None:
+    """A GossipClient given the reactor sends the submits of one reactor turn as one
+    SubmitMany; each caller still gets its own id, or its own MessageRejected."""
+    api = GossipClient(h.client, "test", reactor=h.reactor)
+    calls: list[int] = []
+    real = h.node.submit_many
+    h.node.submit_many = lambda bodies: (calls.append(len(bodies)), real(bodies))[1]  # type: ignore[method-assign]
+    bodies = [f"message {i}" for i in range(20)] + [""]
+    done = [Deferred.fromCoroutine(api.submit_message(b)) for b in bodies]
+    outcomes: list[object] = []
+    for d in done:
+        d.addBoth(outcomes.append)
+    for _ in range(100):
+        h.reactor.advance(0)
+        h.pump.flush()
+    assert calls == [21]
+    assert outcomes[:20] == [id_text(message_id(b.encode())) for b in bodies[:20]]
+    assert isinstance(outcomes[20], Failure) and outcomes[20].check(MessageRejected)
+    assert len(h.store) == 20
+
+
+def test_one_submit_in_a_turn_is_a_plain_submit(h: Harness) -> None:
+    """A lone submit is sent as Submit (what gclient does), not as a batch of one."""
+    api = GossipClient(h.client, "test", reactor=h.reactor)
+    h.node.submit_many = None  # type: ignore[assignment]  # must not be used
+    d = Deferred.fromCoroutine(api.submit_message("alone"))
+    for _ in range(100):
+        h.reactor.advance(0)
+        h.pump.flush()
+    assert h.settle(d) == id_text(message_id(b"alone"))
 
 
 class SlowDurabilityStore(MemoryStore):

@@ -28,8 +28,19 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
-from gossip.client.commands import Delivered, Get, ListMessages, Status, Submit, Watch
+from gossip.client.commands import (
+    BATCH_BYTES,
+    Delivered,
+    Get,
+    ListMessages,
+    MessageRejected,
+    Status,
+    Submit,
+    SubmitMany,
+    Watch,
+)
 from gossip.config import ClusterConfig, load_config
 from gossip.core.message import ID_BYTES
 from gossip.locations import default_config
@@ -63,6 +74,19 @@ class ClientAMP(amp.AMP):
         return {}
 
 
+def _answer_batch(r: dict[str, Any], batch: list[tuple[str, Deferred[str]]]) -> None:
+    for (_, d), mid, error in zip(batch, r["ids"], r["errors"], strict=True):
+        if error:
+            d.errback(MessageRejected(error))
+        else:
+            d.callback(str(mid))
+
+
+def _fail_batch(failure: Failure, batch: list[tuple[str, Deferred[str]]]) -> None:
+    for _, d in batch:
+        d.errback(failure)
+
+
 class NodeUnreachable(ConnectionError):
     """The node could not be reached; ``str()`` names it and its address."""
 
@@ -70,9 +94,16 @@ class NodeUnreachable(ConnectionError):
 class GossipClient:
     """One AMP connection to one node."""
 
-    def __init__(self, proto: ClientAMP, address: str) -> None:
+    def __init__(self, proto: ClientAMP, address: str, reactor: Any = None) -> None:
         self.proto = proto
         self.address = address
+        # With a reactor, the submits made in one reactor turn go out as one
+        # SubmitMany: a round trip per message costs the node (and us) more than
+        # storing and relaying it. Without one, each is its own Submit.
+        self._reactor = reactor
+        self._batch: list[tuple[str, Deferred[str]]] = []
+        self._batch_bytes = 0
+        self._batch_call: Any = None
 
     @classmethod
     async def connect(
@@ -84,7 +115,7 @@ class GossipClient:
         except Exception as e:
             raise NodeUnreachable(f"{host}:{port} is not reachable: {_reason(e)}") from None
         set_no_delay(proto.transport)
-        return cls(proto, f"{host}:{port}")
+        return cls(proto, f"{host}:{port}", reactor)
 
     @classmethod
     async def connect_node(
@@ -103,8 +134,33 @@ class GossipClient:
 
     async def submit_message(self, message: str) -> str:
         """Submit ``message``; returns its full id once the node has stored it."""
-        r = await self.proto.callRemote(Submit, body=message)
-        return str(r["id"])
+        size = len(message.encode("utf-8", "surrogatepass"))
+        if self._reactor is None or size > BATCH_BYTES // 4:
+            r = await self.proto.callRemote(Submit, body=message)
+            return str(r["id"])
+        if self._batch_bytes + size > BATCH_BYTES:
+            self._send_batch()
+        d: Deferred[str] = Deferred()
+        self._batch.append((message, d))
+        self._batch_bytes += size + 2
+        if self._batch_call is None:
+            self._batch_call = self._reactor.callLater(0, self._send_batch)
+        return await d
+
+    def _send_batch(self) -> None:
+        if self._batch_call is not None and self._batch_call.active():
+            self._batch_call.cancel()
+        self._batch_call = None
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if not batch:
+            return
+        if len(batch) == 1:
+            message, d = batch[0]
+            sent = self.proto.callRemote(Submit, body=message)
+            sent.addCallback(lambda r: str(r["id"])).chainDeferred(d)
+            return
+        many = self.proto.callRemote(SubmitMany, bodies=[m for m, _ in batch])
+        many.addCallbacks(_answer_batch, _fail_batch, callbackArgs=(batch,), errbackArgs=(batch,))
 
     async def get_message(self, msg_id: str) -> StoredMessage:
         """The message with this id or unique id prefix (raises NotFound, AmbiguousId, BadId)."""

@@ -11,6 +11,8 @@ from twisted.protocols import amp
 
 # Leaves room under AMP's 65,535-byte value limit for the per-entry keys.
 PAGE_BYTES = 60_000
+# Body bytes per SubmitMany (each body also costs a 2-byte length in the value).
+BATCH_BYTES = 60_000
 # Raw 16-byte ids per ListIds page (under the value limit).
 IDS_PER_PAGE = 4000
 # The largest message body a node may be configured to accept (one per page).
@@ -36,6 +38,17 @@ class BadId(Exception):
 class Submit(amp.Command):
     arguments = [(b"body", amp.Unicode())]
     response = [(b"id", amp.Unicode()), (b"new", amp.Boolean())]
+    errors = {MessageRejected: b"REJECTED"}
+
+
+class SubmitMany(amp.Command):
+    """Several submits in one round trip: ``GossipClient`` sends the submits made
+    in one reactor turn together. Answers per body, in order, with its id or, for
+    a body the node refuses, an empty id and the reason in ``errors``. All bodies
+    together stay under ``BATCH_BYTES`` (AMP's 64 KiB value limit)."""
+
+    arguments = [(b"bodies", amp.ListOf(amp.Unicode()))]
+    response = [(b"ids", amp.ListOf(amp.Unicode())), (b"errors", amp.ListOf(amp.Unicode()))]
     errors = {MessageRejected: b"REJECTED"}
 
 

@@ -25,6 +25,7 @@ from gossip.client.commands import (
     NotFound,
     Status,
     Submit,
+    SubmitMany,
     Watch,
 )
 from gossip.core.message import BadIdText, id_text
@@ -98,6 +99,28 @@ class ClientProtocol(amp.AMP):
         except StoreError as e:
             raise MessageRejected(f"not stored: {e}") from None
         return stored.addCallbacks(_submitted, _store_failed)
+
+    @SubmitMany.responder
+    def submit_many(self, bodies: list[str]) -> Deferred[dict[str, Any]]:
+        # AMP bounds the list (one value: at most 65,535 bytes on the wire).
+        encoded: list[bytes] = []
+        unencodable: list[int] = []
+        for i, body in enumerate(bodies):
+            try:
+                encoded.append(body.encode("utf-8"))
+            except UnicodeEncodeError:
+                unencodable.append(i)
+        try:
+            stored = self.node.submit_many(encoded)
+        except StoreError as e:
+            raise MessageRejected(f"not stored: {e}") from None
+
+        def answer(results: list[tuple[bytes, bool] | str]) -> dict[str, Any]:
+            for i in unencodable:
+                results.insert(i, "message is not valid Unicode text")
+            return _submitted_many(results)
+
+        return stored.addCallbacks(answer, _store_failed)
 
     @Get.responder
     def get(self, id: str) -> dict[str, Any]:
@@ -184,6 +207,14 @@ class ClientProtocol(amp.AMP):
 def _submitted(result: tuple[bytes, bool]) -> dict[str, Any]:
     mid, new = result
     return {"id": id_text(mid), "new": new}
+
+
+def _submitted_many(results: list[tuple[bytes, bool] | str]) -> dict[str, Any]:
+    ids = [r if isinstance(r, str) else id_text(r[0]) for r in results]
+    return {
+        "ids": ["" if isinstance(r, str) else i for r, i in zip(results, ids, strict=True)],
+        "errors": [r if isinstance(r, str) else "" for r in results],
+    }
 
 
 def _store_failed(failure: Failure) -> Failure:
