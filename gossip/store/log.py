@@ -132,6 +132,7 @@ takes 64 bytes, the int 32) adds ~19 bytes to the resident cost.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -149,7 +150,7 @@ from typing import Any, BinaryIO, Literal
 
 import attrs
 from sortedcontainers import SortedList
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -159,7 +160,6 @@ from gossip.core.message import ID_BYTES, Message
 from gossip.store.interface import ids_between
 
 MAGIC = b"GSPLOG1\n"
-# Longest a record nobody waits for stays un-fsynced under the "batch" policy.
 LOG_NAME = "messages.log"
 LOCK_NAME = "messages.lock"
 KIND_MESSAGE = 1
@@ -461,7 +461,6 @@ class LogStore:
         self._end = end
         self._written = end
         self._durable = end
-        self._durable_count = len(self._offsets)  # the first this many records are durable
         self._pending: list[bytes] = []
         self._write_call: Any = None
         self._reactor = reactor
@@ -594,7 +593,6 @@ class LogStore:
         if self.policy == "always":
             self._sync_now()
             self._durable = self._end
-            self._durable_count = len(self._offsets)
         elif self.policy == "batch":
             self._schedule()
         return True
@@ -602,7 +600,10 @@ class LogStore:
     def durable_count(self) -> int:
         """How many records, in arrival order, are durable under the policy (all of
         them under "never", which promises nothing beyond the process)."""
-        return len(self._offsets) if self.policy == "never" else self._durable_count
+        if self.policy == "never":
+            return len(self._offsets)
+        # Fsyncs cover whole records, so _durable is a record boundary.
+        return bisect.bisect_left(self._offsets, self._durable)
 
     def get(self, mid: bytes) -> Message | None:
         n = self._by_id.get(mid)
@@ -708,7 +709,6 @@ class LogStore:
             if self.policy != "never" and self._broken is None and self._durable < self._end:
                 self._sync_now()
                 self._durable = self._end
-                self._durable_count = len(self._offsets)
         except StoreError as e:
             error = e
         finally:
@@ -799,7 +799,7 @@ class LogStore:
         self._flush_call = self._reactor.callLater(self._batch_interval, self._flush)
 
     def _flush(self) -> None:
-        """Start one fsync in a thread covering everything written so far."""
+        """Start one fsync covering everything written so far."""
         self._flush_call = None
         if self._in_flight or self._closed or self._broken is not None:
             return
@@ -810,31 +810,24 @@ class LogStore:
                 return  # broken, waiters failed
         if self._durable >= self._end:
             return
-        target, count = self._written, len(self._offsets)
         self._in_flight = True
+        fd = os.dup(self._fd)  # close() may close self._fd while a thread runs the fsync
+        d: Deferred[float]
         if self._last_fsync < self._inline_below:
             # The disk is fast: handing the fsync to a thread and back costs more
             # CPU (about 0.5 ms here, in thread switches and the reactor's waker)
             # than the fsync itself (35 us of CPU, 0.18 ms in all).
-            started = time.monotonic()
-            try:
-                self._fsync_function(self._fd)
-            except OSError as e:
-                self._sync_failed(Failure(e))
-                return
-            self._synced(time.monotonic() - started, target, count)
-            return
-        fd = os.dup(self._fd)  # close() may close self._fd while the thread runs
-        pool = self._reactor.getThreadPool()
-        d = deferToThreadPool(self._reactor, pool, _sync_in_thread, self._fsync_function, fd)
-        d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(target, count))
+            d = maybeDeferred(_timed_sync, self._fsync_function, fd)
+        else:
+            pool = self._reactor.getThreadPool()
+            d = deferToThreadPool(self._reactor, pool, _timed_sync, self._fsync_function, fd)
+        d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(self._written,))
 
-    def _synced(self, seconds: float, target: int, count: int) -> None:
+    def _synced(self, seconds: float, target: int) -> None:
         self._in_flight = False
         self._fsyncs += 1
         self._last_fsync = seconds
         self._durable = max(self._durable, target)
-        self._durable_count = max(self._durable_count, count)
         self._fire_waiters(None)
         if not self._closed and self._durable < self._end:
             if self._waiters:
@@ -866,7 +859,8 @@ class LogStore:
 _log = logs.logger()
 
 
-def _sync_in_thread(fsync_function: Callable[[int], None], fd: int) -> float:
+def _timed_sync(fsync_function: Callable[[int], None], fd: int) -> float:
+    """Fsync (and close) a duplicate of the log's descriptor; how long it took."""
     started = time.monotonic()
     try:
         fsync_function(fd)
