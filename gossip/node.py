@@ -182,11 +182,10 @@ class GossipNode(service.Service):
 
     def submit(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
         """Accept a message; fires with (id, new) once it is stored (raises SubmitRejected)."""
-        result = self.core.submit(body, self.clock.seconds())
-        self._apply(result.effects)
+        accepted = self._accept(body, self.clock.seconds())
         # Acknowledged only once durable under the fsync policy (a resubmit of a
         # held message also waits: its first submit may not be durable yet).
-        return self.store.when_durable().addCallback(lambda _: (result.id, result.new))
+        return self.store.when_durable().addCallback(lambda _: accepted)
 
     def submit_many(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
         """Accept several messages; fires, once all are stored, with (id, new) for each
@@ -195,13 +194,16 @@ class GossipNode(service.Service):
         results: list[tuple[bytes, bool] | str] = []
         for body in bodies:
             try:
-                result = self.core.submit(body, now)
+                results.append(self._accept(body, now))
             except SubmitRejected as e:
                 results.append(str(e))
-                continue
-            self._apply(result.effects)
-            results.append((result.id, result.new))
         return self.store.when_durable().addCallback(lambda _: results)
+
+    def _accept(self, body: bytes, now: float) -> tuple[bytes, bool]:
+        """One submit into the core, its effects carried out: (id, new)."""
+        result = self.core.submit(body, now)
+        self._apply(result.effects)
+        return result.id, result.new
 
     def find(self, prefix: str, limit: int) -> list[Message]:
         lo, hi = id_range(prefix)
@@ -227,10 +229,10 @@ class GossipNode(service.Service):
             "sync": [attrs.asdict(self.core.sync.counters)],
             "store": [
                 {
-                    "policy": str(stats.get("policy", "memory")),
+                    "policy": stats["policy"],
                     "durable": self.store.durable_count(),
-                    "fsyncs": int(stats.get("fsyncs", 0)),
-                    "last_fsync_seconds": float(stats.get("last_fsync_seconds", 0.0)),
+                    "fsyncs": stats["fsyncs"],
+                    "last_fsync_seconds": stats["last_fsync_seconds"],
                 }
             ],
             "links": [

@@ -136,8 +136,7 @@ class GossipClient:
         """Submit ``message``; returns its full id once the node has stored it."""
         size = len(message.encode("utf-8", "surrogatepass"))
         if self._reactor is None or size > BATCH_BYTES // 4:
-            r = await self.proto.callRemote(Submit, body=message)
-            return str(r["id"])
+            return await self._submit_one(message)
         if self._batch_bytes + size > BATCH_BYTES:
             self._send_batch()
         d: Deferred[str] = Deferred()
@@ -146,6 +145,10 @@ class GossipClient:
         if self._batch_call is None:
             self._batch_call = self._reactor.callLater(0, self._send_batch)
         return await d
+
+    def _submit_one(self, message: str) -> Deferred[str]:
+        sent: Deferred[dict[str, Any]] = self.proto.callRemote(Submit, body=message)
+        return sent.addCallback(lambda r: str(r["id"]))
 
     def _send_batch(self) -> None:
         if self._batch_call is not None and self._batch_call.active():
@@ -156,8 +159,7 @@ class GossipClient:
             return
         if len(batch) == 1:
             message, d = batch[0]
-            sent = self.proto.callRemote(Submit, body=message)
-            sent.addCallback(lambda r: str(r["id"])).chainDeferred(d)
+            self._submit_one(message).chainDeferred(d)
             return
         many = self.proto.callRemote(SubmitMany, bodies=[m for m, _ in batch])
         many.addCallbacks(_answer_batch, _fail_batch, callbackArgs=(batch,), errbackArgs=(batch,))

@@ -210,11 +210,16 @@ def _submitted(result: tuple[bytes, bool]) -> dict[str, Any]:
 
 
 def _submitted_many(results: list[tuple[bytes, bool] | str]) -> dict[str, Any]:
-    ids = [r if isinstance(r, str) else id_text(r[0]) for r in results]
-    return {
-        "ids": ["" if isinstance(r, str) else i for r, i in zip(results, ids, strict=True)],
-        "errors": [r if isinstance(r, str) else "" for r in results],
-    }
+    ids: list[str] = []
+    errors: list[str] = []
+    for r in results:
+        if isinstance(r, str):  # refused: why
+            ids.append("")
+            errors.append(r)
+        else:
+            ids.append(id_text(r[0]))
+            errors.append("")
+    return {"ids": ids, "errors": errors}
 
 
 def _store_failed(failure: Failure) -> Failure:

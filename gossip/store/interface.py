@@ -37,7 +37,7 @@ class MessageStore(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]:
-        """Counters for status: at least "policy"; a log adds "fsyncs" and more."""
+        """Counters for status: at least "policy", "fsyncs", "last_fsync_seconds"."""
         ...
 
     def durable_count(self) -> int:

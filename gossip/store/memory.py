@@ -43,7 +43,12 @@ class MemoryStore:
         return ids_between(self._sorted, self._unsorted, lo, hi, limit)
 
     def stats(self) -> dict[str, Any]:
-        return {"policy": "memory", "records": len(self._order), "fsyncs": 0}
+        return {
+            "policy": "memory",
+            "records": len(self._order),
+            "fsyncs": 0,
+            "last_fsync_seconds": 0.0,
+        }
 
     def durable_count(self) -> int:
         return len(self._order)  # as durable as this store gets
