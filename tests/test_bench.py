@@ -14,6 +14,15 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_main(module: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``module.main(argv)`` in a child interpreter: main() runs Twisted's global
+    reactor, which pytest-twisted already owns in this one."""
+    code = f"import sys; from {module} import main; sys.exit(main({argv!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_bench_runs_latency_and_resync_and_reports_every_figure(tmp_path: Path) -> None:
     """``main()`` with 4 nodes runs latency and resync once each against real node
     processes, prints the table and writes JSON with every figure the spec asks for,
@@ -25,10 +34,7 @@ def test_bench_runs_latency_and_resync_and_reports_every_figure(tmp_path: Path) 
         "--latency-messages", "20", "--resync-messages", "200", "--throughput-seconds", "1",
         "--seed", "7", "--dir", str(tmp_path / "work"), "--json", str(out),
     ]  # fmt: skip
-    code = f"import sys; from gossip.bench.cluster import main; sys.exit(main({argv!r}))"
-    r = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    r = run_main("gossip.bench.cluster", argv)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "p50 to last node (ms)" in r.stdout and "catch-up from restart (s)" in r.stdout
 
@@ -79,10 +85,7 @@ def test_bench_hotpath_delivers_everything_and_reports_figures(tmp_path: Path) -
         "--nodes", "4", "--messages", "300", "--rounds", "1", "--strategy", "plumtree,flood",
         "--timeout", "60", "--profile", "5", "--json", str(out), "--dir", str(tmp_path / "w"),
     ]  # fmt: skip
-    code = f"import sys; from gossip.bench.hotpath import main; sys.exit(main({argv!r}))"
-    r = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    r = run_main("gossip.bench.hotpath", argv)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "us/node-msg" in r.stdout and "ncalls" in r.stdout
     plumtree, flood = json.loads(out.read_text())
@@ -110,10 +113,7 @@ def test_bench_hotpath_relay_mode_stores_everything_and_reports_cpu(tmp_path: Pa
     message, and it reports the least and median CPU per message of its runs."""
     out = tmp_path / "relay.json"
     argv = ["--relay", "--messages", "500", "--rounds", "3", "--batch", "4", "--json", str(out)]
-    code = f"import sys; from gossip.bench.hotpath import main; sys.exit(main({argv!r}))"
-    r = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    r = run_main("gossip.bench.hotpath", argv)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [x["strategy"] for x in results] == ["plumtree", "flood"]

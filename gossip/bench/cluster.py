@@ -597,6 +597,19 @@ class Run:
     async def submit(self, client: GossipClient, body: str) -> str:
         return await with_timeout(self.reactor, client.submit_message(body), CALL_TIMEOUT)
 
+    async def submit_or_note(
+        self, client: GossipClient, node: int, body: str, errors: list[str]
+    ) -> str | None:
+        """The id; or, for a failed submit, None after noting why in ``errors``, checking
+        that every node still runs and pausing briefly (a load loop's retry step)."""
+        try:
+            return await self.submit(client, body)
+        except Exception as e:
+            errors.append(f"node {node}: {e!r}")
+            self.check_alive()
+            await sleep(self.reactor, 0.05)
+            return None
+
 
 async def latency_workload(run: Run, usage: Usage) -> dict[str, Any]:
     """Messages at a fixed interval to random nodes; time until the last node lists each."""
@@ -699,12 +712,8 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
             node = run.rng.choice(nodes)
             body = make_body(run.rng, i, run.tag)
             t = now()
-            try:
-                mid = await run.submit(conns[node], body)
-            except Exception as e:
-                errors.append(f"node {node}: {e!r}")
-                run.check_alive()
-                await sleep(run.reactor, 0.05)
+            mid = await run.submit_or_note(conns[node], node, body, errors)
+            if mid is None:
                 continue
             submitted[mid] = t
             last_ack[0] = max(last_ack[0], now())
@@ -769,12 +778,8 @@ async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
         while queue and now() < deadline:
             body = queue.pop()
             node = run.rng.choice(others)
-            try:
-                mid = await run.submit(conns[node], body)
-            except Exception as e:
-                errors.append(f"node {node}: {e!r}")
-                run.check_alive()
-                await sleep(run.reactor, 0.05)
+            mid = await run.submit_or_note(conns[node], node, body, errors)
+            if mid is None:
                 continue
             submitted[mid] = now()
             submitted_bytes[mid] = len(body.encode())

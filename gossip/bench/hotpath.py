@@ -91,6 +91,13 @@ def bodies(n: int, seed: int) -> list[bytes]:
     return [bytes(rnd.choices(ALPHABET, k=BODY_BYTES)) for _ in range(n)]
 
 
+def open_store(args: argparse.Namespace, directory: Path, reactor: Any) -> MessageStore:
+    """The store ``--store`` asks for (a log in ``directory`` under ``--fsync``)."""
+    if args.store == "log":
+        return LogStore.open(directory, fsync=args.fsync, reactor=reactor)
+    return MemoryStore()
+
+
 class BenchTimeout(Exception):
     pass
 
@@ -104,12 +111,7 @@ async def run_once(
     )
     nodes: list[GossipNode] = []
     for i in sorted(config.nodes):
-        store: MessageStore
-        if args.store == "log":
-            store = LogStore.open(directory / f"node-{i}", fsync=args.fsync, reactor=reactor)
-        else:
-            store = MemoryStore()
-        node = GossipNode(config, i, store, reactor)
+        node = GossipNode(config, i, open_store(args, directory / f"node-{i}", reactor), reactor)
         node.startService()
         nodes.append(node)
     try:
@@ -191,11 +193,7 @@ def relay_once(args: argparse.Namespace, strategy: str, directory: Path, seed: i
 
     config = attrs.evolve(generate_config(args.nodes), dissemination=strategy)
     reactor = MemoryReactorClock()
-    store: MessageStore
-    if args.store == "log":
-        store = LogStore.open(directory, fsync=args.fsync, reactor=reactor)
-    else:
-        store = MemoryStore()
+    store = open_store(args, directory, reactor)
     me = min(config.nodes)
     node = GossipNode(config, me, store, reactor)
     feeds = {}
