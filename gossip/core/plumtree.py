@@ -70,6 +70,10 @@ class _Missing:
     grafted: bool = False
 
 
+# (eager, lazy, sender feeds us from outside the tree): see Plumtree._plan.
+_Plan = tuple[tuple[int, ...], tuple[int, ...], bool]
+
+
 def origin_of(path: tuple[int, ...], here: int) -> int:
     return path[0] if path else here
 
@@ -198,7 +202,7 @@ class Plumtree:
         self._grafted: dict[bytes, float] = {}
         self._store: MessageReader | None = None
         # (origin, sender) -> (eager, lazy) neighbours; cleared when links or adoptions change.
-        self._plans: dict[tuple[int, int | None], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._plans: dict[tuple[int, int | None], _Plan] = {}
 
     def bind(self, store: MessageReader) -> None:
         self._store = store
@@ -241,12 +245,8 @@ class Plumtree:
         plan = self._plans.get((origin, sender))
         if plan is None:
             plan = self._plan(origin, sender)
-        eager, lazy = plan
-        if (
-            sender is not None
-            and sender != self.trees.parent(origin)
-            and origin in self.trees.trees.graph
-        ):
+        eager, lazy, feeds = plan
+        if feeds and sender is not None:
             self._feeders[origin] = sender  # see on_duplicate
         entry = self.missing.pop(env.id, None) if self.missing else None
         if entry is not None:
@@ -279,10 +279,10 @@ class Plumtree:
                     self._ihave[p] = []
         return effects
 
-    def _plan(self, origin: int, sender: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(eager, lazy) neighbours for ``origin``'s messages from ``sender``, cached
-        until a link or an adoption changes (only for origins in the graph: a peer
-        may name any origin)."""
+    def _plan(self, origin: int, sender: int | None) -> _Plan:
+        """(eager, lazy) neighbours for ``origin``'s messages from ``sender``, and whether
+        ``sender`` feeds us that origin from outside the tree; cached until a link or
+        an adoption changes (only for origins in the graph: a peer may name any origin)."""
         links = self.up
         eager = [p for p in self.trees.children(origin) if p in links]
         extra = self.adopted.get(origin)
@@ -294,11 +294,13 @@ class Plumtree:
         # instead of one graft timeout per level.
         if sender not in (None, parent) and parent in links and parent not in eager:
             eager.append(parent)
+        in_graph = origin in self.trees.trees.graph
         plan = (
             tuple(p for p in eager if p != sender),
             tuple(p for p in sorted(links) if p != sender and p not in eager),
+            in_graph and sender not in (None, parent),
         )
-        if origin in self.trees.trees.graph:
+        if in_graph:
             self._plans[(origin, sender)] = plan
         return plan
 
