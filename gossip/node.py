@@ -9,6 +9,7 @@ closes a link.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -225,6 +226,7 @@ class GossipNode(service.Service):
             "dissemination": self.config.dissemination,
             "message_count": len(self.store),
             "uptime": self.clock.seconds() - self.started_at,
+            "pid": os.getpid(),
             "traffic": self.traffic.rows(),
             "sync": [attrs.asdict(self.core.sync.counters)],
             "store": [
