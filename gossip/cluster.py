@@ -16,13 +16,11 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import attrs
 from twisted.internet import defer, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -187,12 +185,21 @@ class LocalCluster:
         ]
         await defer.gatherResults(ds)
         ours = {p.pid for p in self.processes.values()}
-        others = []
-        for n in sorted(self.config.nodes):
-            pid = pidfile.running_node(self.pid_path(n))
-            if pid is not None and pid not in ours:
-                others.append(defer.Deferred.fromCoroutine(stop_pid(self.reactor, pid, timeout)))
-        await defer.gatherResults(others)
+        others = [pid for pid in self.running_by_pidfile().values() if pid not in ours]
+        await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(stop_pid(self.reactor, pid, timeout)) for pid in others]
+        )
+
+    def running_by_pidfile(self) -> dict[int, int]:
+        """node id -> pid of every live node whose pid file is in this directory (the
+        cluster file's nodes and any added since this object read it)."""
+        found = {}
+        for path in sorted(self.directory.glob("node-*/" + pidfile.PIDFILE_NAME)):
+            node = path.parent.name.removeprefix("node-")
+            pid = pidfile.running_node(path)
+            if node.isdigit() and pid is not None:
+                found[int(node)] = pid
+        return found
 
     async def node_status(self, node_id: int) -> dict[str, Any] | None:
         spec = self.config.node(node_id)
@@ -251,8 +258,8 @@ class LocalCluster:
         lines = []
         for n in dead[:3]:
             code = self.processes[n].exit_code
-            tail = _tail(self.node_dir(n) / "stderr.log") or _tail(self.log_path(n))
-            lines.append(f"node {n} exited with status {code}" + (f": {tail}" if tail else ""))
+            last = tail(self.node_dir(n) / "stderr.log") or tail(self.log_path(n))
+            lines.append(f"node {n} exited with status {code}" + (f": {last}" if last else ""))
         if len(dead) > 3:
             lines.append(f"and {len(dead) - 3} more nodes exited")
         return "; ".join(lines)
@@ -295,6 +302,11 @@ def ports_in_use(config: ClusterConfig) -> list[str]:
     return busy
 
 
+# Seconds the launcher waits, after one of its nodes ended, before saying so: long
+# enough for restart-node to have started it again (then it says that instead).
+RESTART_GRACE = 3.0
+
+
 class ClusterFailed(Exception):
     pass
 
@@ -333,7 +345,7 @@ def free_port_base(count: int, attempts: int = 50) -> int:
     raise RuntimeError("no free block of loopback ports")
 
 
-def _tail(path: Path) -> str:
+def tail(path: Path) -> str:
     try:
         lines = path.read_text(errors="replace").strip().splitlines()
     except OSError:
@@ -341,15 +353,12 @@ def _tail(path: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
-NODE_COMMANDS = ("start-node", "stop-node", "restart-node", "node-status")
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gossip-cluster",
         description="Start a local gossip cluster: one process per node, on loopback."
         " One node of a running cluster: gossip-cluster {start-node,stop-node,restart-node,"
-        "node-status} N (see gossip-cluster stop-node --help).",
+        "node-status} N, gossip-cluster add-node (each with --help).",
     )
     p.add_argument(
         "--nodes",
@@ -376,35 +385,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def node_parser(command: str) -> argparse.ArgumentParser:
-    what = {
-        "start-node": "start one node of the cluster in the background (its pid file:"
-        " node-N/node.pid in the state directory); waits until it answers",
-        "stop-node": "stop one running node (SIGTERM, SIGKILL after --timeout seconds)",
-        "restart-node": "stop-node, then start-node",
-        "node-status": "say whether a node runs, with its pid",
-    }[command]
-    p = argparse.ArgumentParser(prog=f"gossip-cluster {command}", description=what)
-    p.add_argument("id", type=int, help="the node's id in the cluster file")
-    p.add_argument("--config", help="cluster file (default: cluster.toml in the state directory)")
-    p.add_argument("--dir", help="state directory (default: $GOSSIP_HOME or ~/.local/state/gossip)")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--memory", action="store_true", help="with start-node: memory only")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in NODE_COMMANDS:
-        return node_main(argv[0], node_parser(argv[0]).parse_args(argv[1:]))
+    from gossip import node_control
+
+    if argv and argv[0] in node_control.COMMANDS:
+        return node_control.main(argv)
     args = parser().parse_args(argv)
     directory = Path(args.dir) if args.dir else state_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         config_path, config = _cluster_file(args, directory)
     except (ConfigError, ValueError, OSError) as e:
-        return _fail(e, 2)
+        return fail(e, 2)
     result = [0]
     stopping: list[bool] = []
 
@@ -423,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         busy = ports_in_use(config)
         if busy:
             more = f" (and {len(busy) - 1} more of its ports)" if len(busy) > 1 else ""
-            result[0] = _fail(
+            result[0] = fail(
                 f"port {busy[0]} is in use{more}: another cluster or program is listening"
                 " there; stop it, or choose other ports with --base-port",
                 1,
@@ -460,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     return result[0]
 
 
-def _fail(problem: object, code: int) -> int:
+def fail(problem: object, code: int) -> int:
+    """Print one line for the user; return the exit status."""
     print(f"gossip-cluster: {problem}", file=sys.stderr)
     return code
 
@@ -503,122 +497,37 @@ def _cluster_file(args: argparse.Namespace, directory: Path) -> tuple[Path, Clus
 async def _stop_leftovers(reactor: Any, cluster: LocalCluster) -> None:
     """Stop nodes of this directory still running from an earlier start (a node
     started by hand with start-node, whose launcher has gone), saying so."""
-    for n in sorted(cluster.config.nodes):
-        pid = pidfile.running_node(cluster.pid_path(n))
-        if pid is not None:
-            print(
-                f"gossip-cluster: stopping node {n} (pid {pid}), left running by an earlier start",
-                file=sys.stderr,
-            )
-            await stop_pid(reactor, pid)
-
-
-def node_main(command: str, args: argparse.Namespace) -> int:
-    """``gossip-cluster start-node|stop-node|restart-node|node-status N``."""
-    directory = Path(args.dir) if args.dir else state_dir()
-    config_path = Path(args.config).resolve() if args.config else directory / "cluster.toml"
-    try:
-        config = load_config(config_path)
-        config.node(args.id)
-    except ConfigError as e:
-        return _fail(e, 2)
-    code = [0]
-
-    async def run(reactor: Any) -> None:
-        cluster = LocalCluster(
-            reactor,
-            config_path,
-            directory,
-            log_level=args.log_level,
-            extra_args=["--memory"] if args.memory else [],
+    for n, pid in cluster.running_by_pidfile().items():
+        print(
+            f"gossip-cluster: stopping node {n} (pid {pid}), left running by an earlier start",
+            file=sys.stderr,
         )
-        pid = pidfile.running_node(cluster.pid_path(args.id))
-        if command == "node-status":
-            print(f"node {args.id}: " + (f"running, pid {pid}" if pid else "not running"))
-            code[0] = 0 if pid else 3
-            return
-        if command in ("stop-node", "restart-node"):
-            if pid is None:
-                print(f"gossip-cluster: node {args.id} is not running", file=sys.stderr)
-            elif await stop_pid(reactor, pid, args.timeout):
-                pidfile.clear_stale(cluster.pid_path(args.id))
-                print(f"gossip-cluster: node {args.id} (pid {pid}) stopped", file=sys.stderr)
-            else:
-                code[0] = _fail(f"node {args.id} (pid {pid}) did not stop", 1)
-                return
-        elif pid is not None:
-            code[0] = _fail(f"node {args.id} is already running (pid {pid})", 1)
-            return
-        if command in ("start-node", "restart-node"):
-            code[0] = await _start_detached(reactor, cluster, args.id, args.timeout)
-
-    def start(reactor: Any) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(run(reactor))
-
-    try:
-        task.react(start)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return code[0] or 1
-    return code[0]
-
-
-async def _start_detached(reactor: Any, cluster: LocalCluster, node_id: int, timeout: float) -> int:
-    """Start one node in its own session, so that it outlives this command; wait
-    until that process answers on its client port."""
-    d = cluster.node_dir(node_id)
-    d.mkdir(parents=True, exist_ok=True)
-    pidfile.clear_stale(cluster.pid_path(node_id))
-    spec = cluster.config.node(node_id)
-    if ports_in_use(_one_node(cluster.config, node_id)):
-        return _fail(
-            f"node {node_id}'s port {spec.host}:{spec.peer_port} or {spec.client_port} is in use",
-            1,
-        )
-    with open(d / "stderr.log", "ab") as out:
-        proc = subprocess.Popen(
-            cluster.node_command(node_id),
-            cwd=d,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    deadline = reactor.seconds() + timeout
-    while True:
-        code = proc.poll()
-        if code is not None:
-            tail = _tail(d / "stderr.log") or _tail(cluster.log_path(node_id))
-            return _fail(
-                f"node {node_id} exited with status {code}" + (f": {tail}" if tail else ""), 1
-            )
-        s = await cluster.node_status(node_id)
-        if s is not None and s.get("pid") == proc.pid:
-            print(
-                f"gossip-cluster: node {node_id} started (pid {proc.pid});"
-                f" log: {cluster.log_path(node_id)}",
-                file=sys.stderr,
-            )
-            return 0
-        if reactor.seconds() > deadline:
-            return _fail(f"node {node_id} (pid {proc.pid}) not answering after {timeout:g} s", 1)
-        await task.deferLater(reactor, 0.1)
-
-
-def _one_node(config: ClusterConfig, node_id: int) -> ClusterConfig:
-    return attrs.evolve(config, nodes={node_id: config.node(node_id)})
+        await stop_pid(reactor, pid)
 
 
 def _report_exit(code: int, node_id: int, cluster: LocalCluster, stopping: list[bool]) -> int:
+    """Say that a node ended, unless every node is being stopped; a node that
+    restart-node or add-node started again within ``RESTART_GRACE`` seconds is
+    reported as restarted instead."""
     if stopping:
-        return code  # we are stopping every node: nothing to report
-    how = f"was stopped by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
-    print(
-        f"gossip-cluster: node {node_id} {how}"
-        f" (log: {cluster.log_path(node_id)}); gossip-cluster start-node {node_id}"
-        f"{_ctl_flags(cluster.directory, cluster.config_path)} starts it again",
-        file=sys.stderr,
-    )
+        return code
+
+    def report() -> None:
+        if stopping:
+            return
+        pid = pidfile.running_node(cluster.pid_path(node_id))
+        if pid is not None:
+            print(f"gossip-cluster: node {node_id} was restarted (pid {pid})", file=sys.stderr)
+            return
+        how = f"was stopped by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+        print(
+            f"gossip-cluster: node {node_id} {how}"
+            f" (log: {cluster.log_path(node_id)}); gossip-cluster start-node {node_id}"
+            f"{ctl_flags(cluster.directory, cluster.config_path)} starts it again",
+            file=sys.stderr,
+        )
+
+    cluster.reactor.callLater(RESTART_GRACE, report)
     return code
 
 
@@ -629,7 +538,7 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _ctl_flags(directory: Path, config_path: Path) -> str:
+def ctl_flags(directory: Path, config_path: Path) -> str:
     """The flags a per-node command needs to find this cluster's directory and file."""
     flags = "" if directory == state_dir() else f" --dir {shlex.quote(str(directory))}"
     if config_path != directory / "cluster.toml":
@@ -668,6 +577,6 @@ def ready_banner(config: ClusterConfig, config_path: Path, directory: Path) -> s
         f"  {gclient} --id {ids[min(4, len(ids) - 1)]} --msgID {apple}\n"
         f"  {gclient} --id {ids[min(3, len(ids) - 1)]} --list\n"
         f"  {gclient} --id {first} --status\n"
-        f"  {ctl} restart-node {third}{_ctl_flags(directory, config_path)}\n"
+        f"  {ctl} restart-node {third}{ctl_flags(directory, config_path)}\n"
         f"Ctrl-C stops every node."
     )

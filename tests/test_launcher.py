@@ -221,3 +221,41 @@ def test_a_port_in_use_is_one_line_and_a_failure(state: Path) -> None:
     ], r.stderr
     assert r.stdout == ""
     assert not _node_pids(state)
+
+
+def test_add_node_joins_a_running_cluster(state: Path) -> None:
+    """``gossip-cluster add-node`` on a running 4-node cluster writes node 5 into the
+    cluster file (between two former neighbours, the old file kept as .prev), restarts
+    the running nodes to learn the graph, starts node 5 linked to both; a message
+    submitted at node 5 reaches node 1; Ctrl-C then stops all five nodes."""
+    base = free_port_base(8)
+    proc = _launch(state, "--nodes", "4", "--base-port", str(base))
+    try:
+        assert "4 nodes of cluster 'local' are up" in _banner(proc)
+        r = _ctl(state, "add-node")
+        assert r.returncode == 0, r.stderr
+        assert "gossip-cluster: node 5 is up, linked to nodes 3 and 4" in r.stderr, r.stderr
+        assert (state / "cluster.toml.prev").exists()
+        config = state / "cluster.toml"
+        assert "allow_any_degree = true" in config.read_text()
+        gclient = [str(BIN / "gclient"), "--config", str(config)]
+        r = subprocess.run(
+            [*gclient, "--id", "5", "--message", "from five"], capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            r = subprocess.run([*gclient, "--id", "1", "--list"], capture_output=True, text=True)
+            if "from five" in r.stdout.splitlines():
+                break
+            time.sleep(0.2)
+        assert "from five" in r.stdout.splitlines()
+        pids = _node_pids(state)
+        assert len(pids) == 5
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not _wait_gone(pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
