@@ -25,6 +25,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.base import BaseConnector
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
@@ -996,3 +998,42 @@ def test_full_transport_reports_congestion_for_the_current_link() -> None:
     assert st.producer is not None
     st.producer.pauseProducing()
     assert seen == [(1, True), (1, False)]
+
+
+# -- reading goes on while our writes wait (issue 12, defect 1) ----------------
+
+
+def test_frames_are_handled_while_our_writes_are_paused() -> None:
+    """While the transport has paused our writes, the peer's frames are still parsed
+    and delivered, and its Pings keep the link from timing out as idle."""
+    node = Node(2)
+    proto, transport = handshake_inbound(node, 1)
+    transport.producer.pauseProducing()
+    assert node.table.when_writable(1) is not None, "the link reports it is full"
+    proto.dataReceived(framed(codec.Ping()) + framed(GOSSIP))
+    assert node.rec.events == [("up", 1), ("frame", 1, GOSSIP)]
+    for _ in range(4):
+        node.reactor.advance(PING)
+        proto.dataReceived(framed(codec.Ping()))
+    assert node.reactor.seconds() > IDLE
+    assert not transport.disconnecting, "pings were handled: the link is not idle"
+    proto.dataReceived(framed(IHaveFrame((b"h" * 16,))))
+    assert node.rec.events[-1] == ("frame", 1, IHaveFrame((b"h" * 16,)))
+
+
+def test_oversized_frame_is_refused_while_our_writes_are_paused() -> None:
+    """MAX_LENGTH still applies while our writes wait: an oversized length prefix
+    closes the connection at once instead of piling up unparsed bytes."""
+    node = Node(2)
+    proto, transport = handshake_inbound(node, 1)
+    transport.producer.pauseProducing()
+    proto.dataReceived(struct.pack("!I", MAX_FRAME + 1) + b"x" * 1000)
+    assert transport.disconnecting
+
+
+def test_protocol_reuses_no_base_class_attribute() -> None:
+    """PeerProtocol sets no attribute that its Twisted base classes already give a
+    meaning (as ``paused`` once did), except MAX_LENGTH, which is meant to be set."""
+    proto = PeerProtocol(Node(2).table, None)
+    inherited = set(dir(Int32StringReceiver)) | set(dir(TimeoutMixin))
+    assert set(vars(proto)) & inherited == {"MAX_LENGTH"}

@@ -243,7 +243,7 @@ class LinkTable:
     def write_state(self, proto: PeerProtocol) -> None:
         peer = proto.peer
         if peer is not None and self.links[peer].proto is proto:
-            self.events.congested(peer, proto.paused)
+            self.events.congested(peer, proto.write_paused)
 
     def connection_lost(self, proto: PeerProtocol, reason: Failure) -> None:
         self.connections.discard(proto)
@@ -285,7 +285,7 @@ class LinkTable:
     def when_writable(self, peer: int) -> Deferred[None] | None:
         """None if the link to ``peer`` can take more now; else a Deferred for when it can."""
         link = self.links.get(peer)
-        if link is None or link.proto is None or not link.proto.paused:
+        if link is None or link.proto is None or not link.proto.write_paused:
             return None
         return link.proto.when_writable()
 

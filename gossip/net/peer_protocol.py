@@ -43,26 +43,34 @@ def set_no_delay(transport: object) -> None:
 
 @implementer(IPushProducer)
 class _WriteGate:
-    """Tells its protocol when the transport's write buffer is full or drained."""
+    """Tells its protocol when the transport's write buffer is full or drained.
+
+    It only gates what we write: reading goes on, so a peer's frames (pings
+    included) are handled while our writes to it wait.
+    """
 
     def __init__(self, proto: PeerProtocol) -> None:
         self.proto = proto
 
     def pauseProducing(self) -> None:
-        self.proto.paused = True
+        self.proto.write_paused = True
         self.proto.table.write_state(self.proto)
 
     def resumeProducing(self) -> None:
-        self.proto.paused = False
+        self.proto.write_paused = False
         self.proto.flush_pending()
         self.proto.wake_writers()
         self.proto.table.write_state(self.proto)
 
     def stopProducing(self) -> None:
-        self.proto.paused = True
+        self.proto.write_paused = True
 
 
 class PeerProtocol(Int32StringReceiver, TimeoutMixin):
+    """No attribute here reuses a name the base classes give a meaning: Twisted's
+    ``IntNStringReceiver`` reads ``paused`` as "stop delivering frames", which is
+    why our write backpressure flag is ``write_paused``."""
+
     log = logs.logger()
 
     def __init__(self, table: LinkTable, dialed: int | None) -> None:
@@ -73,7 +81,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         self.peer: int | None = None
         self.incarnation = 0
         self.established = False
-        self.paused = False
+        self.write_paused = False
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
         self.closing_reason: str | None = None
@@ -178,7 +186,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
     def _write(self, data: bytes) -> None:
         if self.closing_reason is not None:
             return
-        if not self.paused:
+        if not self.write_paused:
             self.sendString(data)
             return
         self._pending.append(data)
@@ -203,7 +211,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
             d.callback(None)
 
     def flush_pending(self) -> None:
-        while self._pending and not self.paused:
+        while self._pending and not self.write_paused:
             data = self._pending.popleft()
             self._pending_bytes -= len(data)
             self.sendString(data)
@@ -215,6 +223,6 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         if self._delay_call is not None and self._delay_call.active():
             self._delay_call.cancel()
         self._delay_call = None
-        self.paused = True
+        self.write_paused = True
         self.table.connection_lost(self, reason)
         self.wake_writers()
