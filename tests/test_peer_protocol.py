@@ -1241,3 +1241,196 @@ def test_log_rate_limit_refills_at_its_rate() -> None:
     now[0] += 0.5
     assert limit.allow() == 2
     assert limit.allow() is None
+
+
+# -- healing after one side timed the link out (issue 9) -----------------------
+
+
+@pytest.mark.parametrize("silent", [True, False], ids=["silent", "alive"])
+def test_a_silent_connection_loses_to_a_new_one_from_the_same_process(silent: bool) -> None:
+    """A new connection of the same incarnation replaces a current one that has heard
+    nothing for silent_after (2 ping intervals), whoever dialed it: the peer already
+    dropped that one. A current connection that is alive keeps the lower-id rule."""
+    node = Node(1)
+    old, old_transport = node.outbound(2)  # dialed by node 1, the lower id
+    old.dataReceived(framed(hello(2)))
+    node.reactor.advance(2 * PING - 1)
+    if not silent:
+        old.dataReceived(framed(codec.Ping()))
+    node.reactor.advance(1.5)
+    new, new_transport = node.inbound()
+    new.dataReceived(framed(hello(2)))
+    if silent:
+        assert node.table.links[2].proto is new
+        assert old_transport.disconnected, "aborted"
+        assert node.rec.events == [("up", 2), ("down", 2), ("up", 2)]
+        assert "nothing heard on it for 10.5 s" in (old.closing_reason or "")
+    else:
+        assert node.table.links[2].proto is old
+        assert new_transport.disconnecting
+        assert node.rec.events == [("up", 2)]
+
+
+def dial_times(node: Node, peer: int, links: list[float]) -> list[float]:
+    """Let ``node`` dial ``peer`` once per entry of ``links``: each dial connects, the
+    handshake succeeds, and the connection is closed that many seconds later.
+    Returns the waits between one close and the next dial."""
+    waits = []
+    for lasts in links:
+        dials = node.dials_to(peer)
+        start = node.reactor.seconds()
+        while node.dials_to(peer) == dials:
+            node.reactor.advance(0.01)
+            assert node.reactor.seconds() - start < 2 * MAX_DELAY, "no redial"
+        waits.append(node.reactor.seconds() - start)
+        proto, _, connector = complete_dial(node, peer)
+        proto.dataReceived(framed(hello(peer)))
+        assert node.table.is_up(peer)
+        node.reactor.advance(lasts)
+        reason = Failure(error.ConnectionDone())
+        proto.connectionLost(reason)
+        connector.connectionLost(reason)
+    return waits
+
+
+def test_handshakes_closed_at_once_back_off(seeded_random: None) -> None:
+    """A dialed link closed right after its handshake (as a duplicate, say) does not
+    reset the backoff: redials come later and later, not several times a second. A
+    link that stayed up stable_after seconds does reset it."""
+    node = Node(2)
+    node.table.start()
+    connector = next(c for c in node.reactor.connectors if c.port == BASE_PORT + 1)
+    connector.transport.failIfNotConnected(error.ConnectionRefusedError())
+    waits = dial_times(node, 1, [0.05] * 6 + [3.0, 0.05])
+    assert waits[0] < 0.3
+    assert waits[5] > 1.0, waits
+    assert sum(waits[1:7]) > 5.0, waits
+    assert waits[7] < 0.3, "the link that lasted 3 s reset the backoff"
+    node.table.stop()
+
+
+class DialedTransport(iosim.FakeTransport):
+    """The dialing end of an in-memory connection: tells its connector when it ends,
+    as a TCP client transport does."""
+
+    def __init__(self, protocol: PeerProtocol, connector: FakeConnector) -> None:
+        super().__init__(protocol, isServer=False, peerAddress=connector.getDestination())
+        self.connector = connector
+
+    def reportDisconnect(self) -> None:
+        super().reportDisconnect()
+        self.connector.connectionLost(Failure(self.disconnectReason))
+
+
+class Network:
+    """Nodes whose dials reach each other over iosim, their clocks moved together.
+
+    A node not started yet refuses dials. ``cut`` is a partition: connections
+    between the two nodes never deliver another byte (each end learns only of its
+    own closes) and new dials hang until they time out; ``heal`` lets new
+    connections through again. Dials to nodes outside the network hang.
+    """
+
+    def __init__(self, *nodes: Node) -> None:
+        self.nodes = {n.id: n for n in nodes}
+        self.listening: set[int] = set()
+        self.cut_pairs: set[frozenset[int]] = set()
+        self.live: list[tuple[frozenset[int], iosim.IOPump]] = []
+        self.dead: list[iosim.IOPump] = []
+        self.now = 0.0
+
+    def start(self, node_id: int) -> None:
+        self.listening.add(node_id)
+        self.nodes[node_id].table.start()
+
+    def cut(self, a: int, b: int) -> None:
+        pair_ = frozenset((a, b))
+        self.cut_pairs.add(pair_)
+        self.dead += [pump for p, pump in self.live if p == pair_]
+        self.live = [(p, pump) for p, pump in self.live if p != pair_]
+
+    def heal(self, a: int, b: int) -> None:
+        self.cut_pairs.discard(frozenset((a, b)))
+
+    def run_until(self, t: float, step: float = 0.01) -> None:
+        while self.now < t - 1e-9:
+            dt = min(step, t - self.now)
+            self.now += dt
+            for n in self.nodes.values():
+                n.reactor.advance(dt)
+            self._settle()
+
+    def same_connection(self, a: int, b: int) -> bool:
+        """Whether ``a`` and ``b`` both use the two ends of one live connection."""
+        pa, pb = self.nodes[a].table.links[b].proto, self.nodes[b].table.links[a].proto
+        return any({pump.client, pump.server} == {pa, pb} for _, pump in self.live)
+
+    def _settle(self) -> None:
+        for _ in range(100):
+            moved = self._connect_dials()
+            for _, pump in self.live:
+                moved = pump.flush() or moved
+            for pump in self.dead:
+                for io in (pump.clientIO, pump.serverIO):
+                    if io.disconnecting and not io.disconnected:
+                        io.disconnected = True
+                        io.reportDisconnect()
+                        moved = True
+            if not moved:
+                return
+        raise AssertionError("the network did not settle")
+
+    def _connect_dials(self) -> bool:
+        moved = False
+        for node in self.nodes.values():
+            for c in node.reactor.connectors:
+                peer = c.port - BASE_PORT
+                if c.state != "connecting" or c.transport.done or peer not in self.nodes:
+                    continue
+                if frozenset((node.id, peer)) in self.cut_pairs:
+                    continue  # the SYN is lost: the dial times out
+                moved = True
+                if peer not in self.listening:
+                    c.transport.failIfNotConnected(error.ConnectionRefusedError())
+                    continue
+                c.transport.done = True
+                client = c.buildProtocol(c.getDestination())
+                source = IPv4Address("TCP", "127.0.0.1", 40000 + len(self.live) + len(self.dead))
+                server = self.nodes[peer].table.server_factory().buildProtocol(source)
+                assert server is not None
+                pump = iosim.connect(
+                    server,
+                    iosim.FakeTransport(server, isServer=True, peerAddress=source),
+                    client,
+                    DialedTransport(client, c),
+                    greet=False,
+                )
+                self.live.append((frozenset((node.id, peer)), pump))
+        return moved
+
+
+def test_link_heals_at_once_after_one_side_timed_it_out(seeded_random: None) -> None:
+    """Issue 9's reconnect storm: node 2 times an idle link out (at 25 s) while node 1
+    still holds the dead connection (it would time out only at 29 s). After the
+    partition heals, node 2's first redial brings the link up on both sides for good:
+    one redial, one down and one up on each side, no flapping."""
+    n1, n2 = Node(1), Node(2)
+    net = Network(n1, n2)
+    net.start(1)  # pings at 5, 10, 15...; its dials to node 2 are refused until 4 s
+    net.run_until(4)
+    net.start(2)  # dials node 1 at once; pings at 9, 14, 19...
+    net.run_until(4.1)
+    assert n1.rec.events == [("up", 2)] and n2.rec.events == [("up", 1)]
+    net.run_until(14.5)  # node 2 last heard node 1 at 10 s, node 1 heard node 2 at 14 s
+    net.cut(1, 2)
+    net.run_until(24.5)
+    net.heal(1, 2)
+    dials = n2.dials_to(1)
+    net.run_until(25.0 + 1.0)  # node 2's idle timeout, then its redial (0.2 s backoff)
+    assert net.same_connection(1, 2), "up again on both sides, over the new connection"
+    assert n2.dials_to(1) == dials + 1
+    net.run_until(60)
+    assert net.same_connection(1, 2)
+    assert n1.rec.events == [("up", 2), ("down", 2), ("up", 2)]
+    assert n2.rec.events == [("up", 1), ("down", 1), ("up", 1)]
+    assert n2.dials_to(1) == dials + 1 and n1.dials_to(2) < 10, "no more dials once up"

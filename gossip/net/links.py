@@ -7,11 +7,19 @@ that keep exactly one connection per neighbour pair:
 
 - a Hello with a new *incarnation* (a number each process picks at start)
   means the peer restarted: the old connection is stale and is replaced;
-- two live connections of the same incarnation (both sides dialed at once):
-  both ends keep the one dialed by the lower node id and close the other.
+- a new connection of the same incarnation replaces a current one that has
+  heard nothing for ``silent_after`` seconds: the neighbour dialed or answered
+  again because it already dropped that connection (it timed the link out
+  first, say across a healed partition), so the old one is dead;
+- otherwise two live connections of the same incarnation mean both sides
+  dialed at once: both ends keep the one dialed by the lower node id and
+  close the other.
 
 While a link is up through the connection the neighbour dialed, our own
-dialing pauses; when the link goes down it resumes with a short delay.
+dialing pauses; when the link goes down it resumes. The dialing backoff is
+reset only by a link that stayed up ``stable_after`` seconds, so handshakes
+that are closed at once (duplicates, a peer that refuses us) back off instead
+of redialing several times a second.
 
 Inbound connections that have not said who they are hold handshake slots:
 at most ``max_unidentified`` in all and ``max_handshakes_per_source`` per
@@ -51,6 +59,10 @@ HELLO_TIMEOUT = 3.0
 HANDSHAKE_TIMEOUT = 10.0
 # Seconds a closed connection may take to send what it has queued before it is aborted.
 CLOSE_GRACE = 2.0
+# A current connection silent this many ping intervals loses to a new one (see above).
+SILENT_PINGS = 2
+# Seconds a link must stay up before its loss resets the dialing backoff.
+STABLE_AFTER = 2.0
 # Warning lines about failed handshakes and refused connections: a burst, then per second.
 HANDSHAKE_LOG_BURST = 20
 HANDSHAKE_LOG_PER_SECOND = 1.0
@@ -134,11 +146,15 @@ class PeerClientFactory(ReconnectingClientFactory):
         if call is not None and call.active() and wait > self.maxDelay:
             call.reset(self.maxDelay)
 
-    def resume(self) -> None:
-        """Dial again soon, after a pause while the neighbour's own dial carried the link."""
+    def resume(self, reset_backoff: bool) -> None:
+        """Dial again, after a pause while the neighbour's own dial carried the link:
+        soon if that link was stable, else after the next (longer) backoff delay."""
         if self.continueTrying:
             return
-        self.resetDelay()
+        if reset_backoff:
+            self.resetDelay()
+        else:
+            self.continueTrying = True
         if self.connector is not None and self.connector.state == "disconnected":
             self.retry()
         # else: the dial in progress ends in clientConnectionLost/Failed, which retries.
@@ -184,6 +200,8 @@ class LinkTable:
         max_unidentified: int = MAX_HANDSHAKES,
         max_handshakes_per_source: int = MAX_HANDSHAKES_PER_SOURCE,
         close_grace: float = CLOSE_GRACE,
+        silent_after: float | None = None,
+        stable_after: float = STABLE_AFTER,
         incarnation: int | None = None,
         send_delay: float = 0.0,
     ) -> None:
@@ -201,6 +219,11 @@ class LinkTable:
         self.max_unidentified = max_unidentified
         self.max_handshakes_per_source = max_handshakes_per_source
         self.close_grace = close_grace
+        # A healthy neighbour sends at least a Ping every ping_interval.
+        self.silent_after = (
+            silent_after if silent_after is not None else SILENT_PINGS * ping_interval
+        )
+        self.stable_after = stable_after
         self._handshake_log = LogRateLimit(
             clock.seconds, HANDSHAKE_LOG_PER_SECOND, HANDSHAKE_LOG_BURST
         )
@@ -325,12 +348,18 @@ class LinkTable:
             return
         link.proto = None
         link.state = DOWN
-        link.since = self.clock.seconds()
+        now = self.clock.seconds()
+        link.since = now
         link.last_error = proto.closing_reason or reason.getErrorMessage()
         self.log.info("link to node {peer} down: {why}", peer=peer, why=link.last_error)
         self.events.down(peer)
-        if not self._stopping and not proto.outbound:
-            link.factory.resume()
+        if self._stopping:
+            return
+        stable = now - proto.established_at >= self.stable_after
+        if not proto.outbound:
+            link.factory.resume(reset_backoff=stable)
+        elif stable:
+            link.factory.resetDelay()  # before the factory's retry, which comes next
 
     def dial_failed(self, peer: int, reason: Failure) -> None:
         link = self.links[peer]
@@ -414,16 +443,26 @@ class LinkTable:
         proto.peer = peer
         proto.incarnation = hello.incarnation
         proto.established = True
+        now = self.clock.seconds()
+        proto.established_at = now
         proto.setTimeout(self.idle_timeout)
         current = link.proto
         if current is None:
             self._make_current(link, proto)
             self.events.up(peer)
             return
-        if current.incarnation != hello.incarnation:
-            # The peer restarted; the old connection has not noticed yet.
+        silent = now - current.last_heard
+        if current.incarnation != hello.incarnation or silent > self.silent_after:
+            # The peer restarted, or it dropped the old connection already (it
+            # would not have dialed or answered again otherwise, and a live link
+            # hears a Ping every ping_interval); this side has not noticed yet.
             link.proto = None
-            current.close("replaced: the peer restarted", abort=True)
+            current.close(
+                "replaced: the peer restarted"
+                if current.incarnation != hello.incarnation
+                else f"replaced: nothing heard on it for {silent:.1f} s",
+                abort=True,
+            )
             self.events.down(peer)
             self._make_current(link, proto)
             self.events.up(peer)
@@ -453,8 +492,11 @@ class LinkTable:
         )
 
     def _set_dialing(self, link: Link, proto: PeerProtocol) -> None:
+        # An outbound link keeps its factory's backoff until it proves stable
+        # (connection_lost resets it then): a link closed at once must not make
+        # the next dial come sooner.
         if proto.outbound:
-            link.factory.resetDelay()
+            link.factory.continueTrying = True  # it may have been paused meanwhile
         else:
             link.factory.pause()
 

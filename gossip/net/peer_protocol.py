@@ -81,6 +81,8 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         self.peer: int | None = None
         self.incarnation = 0
         self.established = False
+        self.established_at = 0.0
+        self.last_heard = 0.0  # when the last complete frame arrived (or the connection)
         self.write_paused = False
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
@@ -107,6 +109,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         return f"{who} ({'outbound' if self.outbound else 'inbound'} {addr})"
 
     def connectionMade(self) -> None:
+        self.last_heard = self.table.clock.seconds()
         self.table.connection_made(self)
         set_no_delay(self.transport)
         self._gate = _WriteGate(self)
@@ -128,6 +131,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
     def stringReceived(self, data: bytes) -> None:
         if self._failed:
             return  # the rest of a read that ended with a fatal frame
+        self.last_heard = self.table.clock.seconds()
         self.resetTimeout()
         try:
             frame = codec.decode(data)
