@@ -91,7 +91,7 @@ class GossipNode(service.Service):
                 node_id, {n: spec.neighbours for n, spec in config.nodes.items()}
             ),
             config.max_message_bytes,
-            len(config.nodes),
+            config.nodes,
             sync_interval=config.sync_interval,
             sync_timeout=config.sync_timeout,
         )
@@ -227,6 +227,8 @@ class GossipNode(service.Service):
             "uptime": self.clock.seconds() - self.started_at,
             "traffic": self.traffic.rows(),
             "sync": [attrs.asdict(self.core.sync.counters)],
+            # Messages dropped (links kept) for a path or size this node must refuse.
+            "refused": [{"reason": r, "count": n} for r, n in self.core.refused.items()],
             "store": [
                 {
                     "policy": stats["policy"],
@@ -368,7 +370,7 @@ class GossipNode(service.Service):
 
     def _stream(self, order: StreamMessages) -> Iterator[Deferred[None] | None]:
         """Send one SyncWant's messages frame by frame, waiting whenever the link is full."""
-        for frame in stream_frames(self.store, self.node_id, order):
+        for frame in stream_frames(self.store, self.node_id, order, self.core.members):
             if not self.links.is_up(order.peer):
                 return
             data = codec.encode(frame)
