@@ -466,17 +466,20 @@ class BrokenStore(MemoryStore):
         return fail(StoreError("cannot append to /data/messages.log: No space left on device"))
 
 
-def test_a_store_failure_rejects_the_submit_in_one_line_and_stops_the_node() -> None:
+def test_a_store_failure_rejects_the_submit_in_one_line_and_reports_it_once() -> None:
     """Once the log cannot take records, a submit is refused with the store's one-line
-    reason (never acknowledged) and the node stops its reactor, as a database stops on
-    a failed fsync; a restart recovers the log."""
+    reason (never acknowledged), so is every later one, and the node reports the failure
+    once through on_fatal; it never stops the reactor itself (gossip.tap does)."""
     h = Harness()
+    fatal: list[str] = []
+    h.node.on_fatal = fatal.append
     h.store = h.node.store = h.node.core.store = BrokenStore()
     h.reactor.running = True
-    with pytest.raises(MessageRejected, match=r"^not stored: cannot append .* No space left"):
-        h.call(Submit, body="lost")
-    assert h.reactor.hasStopped
-    assert h.node._stopping_for is not None and "No space left" in h.node._stopping_for
+    for body in ("lost", "later"):
+        with pytest.raises(MessageRejected, match=r"^not stored: cannot append .* No space left"):
+            h.call(Submit, body=body)
+    assert not h.reactor.hasStopped
+    assert len(fatal) == 1 and "No space left" in fatal[0]
 
 
 def test_list_past_the_end_is_empty(h: Harness) -> None:
