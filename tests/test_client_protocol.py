@@ -36,7 +36,9 @@ from gossip.client.commands import (
 )
 from gossip.client.responder import ClientProtocol
 from gossip.config import ClusterConfig, dump_config, parse_config
+from gossip.core.frames import Envelope, GossipFrame
 from gossip.core.message import ID_BYTES, ID_CHARS, Message, id_text, message_id
+from gossip.core.paths import REFUSALS
 from gossip.node import GossipNode
 from gossip.store.log import LogStore, StoreError
 from gossip.store.memory import MemoryStore
@@ -648,3 +650,14 @@ def test_full_peer_link_stops_reading_clients_until_it_drains() -> None:
     assert transport.producerState == "paused"  # link 3 is still full
     h.node._peer_down(3)
     assert transport.producerState == "producing" and late.producerState == "producing"
+
+
+def test_status_counts_messages_refused_for_their_path(h: Harness) -> None:
+    """A message from a neighbour whose path names this node is dropped without closing
+    the link and counted in Status under its reason (every reason listed, zeros too)."""
+    h.node._peer_up(2)
+    looped = Envelope(message_id(b"loop"), b"loop", (1, 2))
+    h.node._frame(2, GossipFrame((looped,)), 100)
+    assert message_id(b"loop") not in h.store
+    rows = {r["reason"]: r["count"] for r in h.call(Status)["refused"]}
+    assert rows == {r: int(r == "path_has_receiver") for r in REFUSALS}
