@@ -4,18 +4,26 @@ This is the only place where the core's effects meet I/O. Effects of one
 event are carried out in order before the next event reaches the core:
 ``Persist`` goes to the store, ``Send`` to the link table, ``DropPeer``
 closes a link.
+
+Persist before send, as raft does: payloads wait in a per-peer outbox and go
+out in ``flush`` (once per read and at the end of each reactor turn) right
+after the store has written what it buffered, so a message reaches a
+neighbour only once it is in this node's file (and, with fsync "always",
+durable). A store failure takes one path (``_store_failed``): the outbox is
+dropped, every pending and later submit is refused with the store's one-line
+reason, and the node's owner is told through ``on_fatal`` (``gossip.tap``
+stops the process with exit status 1).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -36,8 +44,7 @@ from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
-from gossip.store.interface import MessageStore
-from gossip.store.log import StoreError
+from gossip.store.interface import MessageStore, StoreError
 from gossip.traffic import Traffic
 from gossip.wire import codec
 
@@ -76,7 +83,10 @@ class GossipNode(service.Service):
         *,
         incarnation: int | None = None,
         send_delay: float = 0.0,
+        on_fatal: Callable[[str], object] | None = None,
     ) -> None:
+        """``on_fatal`` is called once, with the reason, when the node cannot go on (its
+        store failed); the caller decides how to stop (never the node itself)."""
         self.config = config
         self.spec = config.node(node_id)
         self.node_id = node_id
@@ -91,7 +101,7 @@ class GossipNode(service.Service):
                 node_id, {n: spec.neighbours for n, spec in config.nodes.items()}
             ),
             config.max_message_bytes,
-            len(config.nodes),
+            config.nodes,
             sync_interval=config.sync_interval,
             sync_timeout=config.sync_timeout,
         )
@@ -123,7 +133,9 @@ class GossipNode(service.Service):
         self.clients: set[Any] = set()
         self.watchers: set[Any] = set()  # client connections following deliveries (Watch)
         self._durability_wait = False
-        self._stopping_for: str | None = None  # why the node is stopping on a store failure
+        self.failed: str | None = None  # why the store failed: every submit is refused
+        self.on_fatal = on_fatal
+        store.when_broken().addCallback(self._store_failed)
         self._flush_call: IDelayedCall | None = None
         self._cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
         self._ticker = LoopingCall(self._tick)
@@ -181,7 +193,9 @@ class GossipNode(service.Service):
     # -- client operations -------------------------------------------------
 
     def submit(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
-        """Accept a message; fires with (id, new) once it is stored (raises SubmitRejected)."""
+        """Accept a message; fires with (id, new) once it is stored (raises SubmitRejected,
+        or StoreError once the store has failed; the Deferred fails with StoreError if
+        the store fails before the record is durable)."""
         accepted = self._accept(body, self.clock.seconds())
         # Acknowledged only once durable under the fsync policy (a resubmit of a
         # held message also waits: its first submit may not be durable yet).
@@ -197,12 +211,18 @@ class GossipNode(service.Service):
                 results.append(self._accept(body, now))
             except SubmitRejected as e:
                 results.append(str(e))
+            except StoreError as e:
+                results.append(f"not stored: {e}")
         return self.store.when_durable().addCallback(lambda _: results)
 
     def _accept(self, body: bytes, now: float) -> tuple[bytes, bool]:
         """One submit into the core, its effects carried out: (id, new)."""
+        if self.failed is not None:
+            raise StoreError(self.failed)
         result = self.core.submit(body, now)
         self._apply(result.effects)
+        if self.failed is not None:
+            raise StoreError(self.failed)
         return result.id, result.new
 
     def find(self, prefix: str, limit: int) -> list[Message]:
@@ -227,6 +247,8 @@ class GossipNode(service.Service):
             "uptime": self.clock.seconds() - self.started_at,
             "traffic": self.traffic.rows(),
             "sync": [attrs.asdict(self.core.sync.counters)],
+            # Messages dropped (links kept) for a path or size this node must refuse.
+            "refused": [{"reason": r, "count": n} for r, n in self.core.refused.items()],
             "store": [
                 {
                     "policy": stats["policy"],
@@ -288,7 +310,7 @@ class GossipNode(service.Service):
                     self.store.add(effect.message)
                 except StoreError as e:
                     self._store_failed(e)
-                    return  # a submit learns it from when_durable, which fails too
+                    return  # nothing after a failed Persist: its sends least of all
             elif isinstance(effect, Send) and isinstance(effect.frame, GossipFrame):
                 # Batched: every payload for a peer within one reactor turn goes out
                 # as one frame, so per-frame costs are paid once under load.
@@ -317,26 +339,33 @@ class GossipNode(service.Service):
                 self.links.drop(effect.peer, effect.reason)
 
     def _store_failed(self, error: StoreError) -> None:
-        """The log cannot take records (disk full, failed fsync): stop the node, as a
-        database stops on a failed fsync; a restart recovers the log and re-sync
-        fetches what it missed. Serving on would acknowledge nothing and drop every
-        message it relays."""
-        if self._stopping_for is not None:
+        """The log cannot take records (disk full, failed fsync): the node must stop, as
+        a database stops on a failed fsync; a restart recovers the log and re-sync
+        fetches what it missed. Until it stops it sends no payload and refuses every
+        submit; what a failed write lost, the store no longer holds."""
+        if self.failed is not None:
             return
-        self._stopping_for = str(error)
-        self.log.critical("node {node} stops: {reason}", node=self.node_id, reason=str(error))
-        with contextlib.suppress(ReactorNotRunning):
-            self.reactor.stop()  # type: ignore[attr-defined]
+        self.failed = str(error)
+        self._outbox.clear()
+        self.log.critical("node {node} stops: {reason}", node=self.node_id, reason=self.failed)
+        if self.on_fatal is not None:
+            self.on_fatal(self.failed)
 
     def flush(self) -> None:
-        """Send the batched payloads now (also scheduled for the end of each reactor turn),
-        then tell watchers what became durable (after: forwarding comes first)."""
+        """Write what the store buffered, then send the batched payloads (also scheduled
+        for the end of each reactor turn), then tell watchers what became durable
+        (after: forwarding comes first)."""
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
         if self._outbox:
             outbox, self._outbox = self._outbox, {}
+            try:
+                self.store.write_buffered()  # persist before send
+            except StoreError as e:
+                self._store_failed(e)
+                return
             cache: dict[int, bytes] = {}
             for peer, envelopes in outbox.items():
                 for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
@@ -368,7 +397,7 @@ class GossipNode(service.Service):
 
     def _stream(self, order: StreamMessages) -> Iterator[Deferred[None] | None]:
         """Send one SyncWant's messages frame by frame, waiting whenever the link is full."""
-        for frame in stream_frames(self.store, self.node_id, order):
+        for frame in stream_frames(self.store, self.node_id, order, self.core.members):
             if not self.links.is_up(order.peer):
                 return
             data = codec.encode(frame)

@@ -3,11 +3,19 @@
 ``twistd -n gossip --id N`` finds this through ``twisted/plugins/gossip_plugin.py``;
 ``gossip-node --id N`` runs the same service without twistd's plugin discovery
 (its ``dropin.cache`` can be stale or unwritable), which is what systemd units use.
+
+A node that cannot go on (its store failed) stops the process with exit status
+1 under both, so that ``Restart=on-failure`` restarts it: the node reports it
+through ``on_fatal``; stopping the reactor is decided here, never inside it.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,13 +110,44 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
 
     top = _TwistdRoot()
     try:
-        build_node(options, reactor).setServiceParent(top)
+        build_node(options, reactor, on_fatal=_exit_after_twistd(reactor)).setServiceParent(top)
     except StartupError as e:
         raise SystemExit(f"gossip: {e}") from None
     return top
 
 
-def build_node(options: Options, reactor: Any) -> GossipNode:
+def _stop(reactor: Any) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
+
+
+def _exit_after_twistd(reactor: Any) -> Callable[[str], None]:
+    """``on_fatal`` under twistd: stop the reactor and leave with status 1.
+
+    twistd has no exit status of its own: once its reactor stops it removes its
+    pid file, stops logging and returns 0. So the status is set at interpreter
+    exit, after all of that (an exit handler registered now runs first).
+    """
+
+    def fatal(reason: str) -> None:
+        atexit.register(_exit_now, 1)
+        _stop(reactor)
+
+    return fatal
+
+
+def _exit_now(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def build_node(
+    options: Options, reactor: Any, on_fatal: Callable[[str], object] | None = None
+) -> GossipNode:
     """The node with its store open (log recovery runs here); StartupError if it can't."""
     from gossip.node import GossipNode, StartupError
     from gossip.store.log import LogStore, StoreError
@@ -131,6 +170,7 @@ def build_node(options: Options, reactor: Any) -> GossipNode:
         store,
         reactor,
         send_delay=options["link-delay"] / 1000.0,
+        on_fatal=on_fatal,
     )
 
 
@@ -160,12 +200,17 @@ def run_node(argv: list[str] | None = None) -> int:
         print(f"gossip-node: {e}", file=sys.stderr)
         return 2
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    exit_code = [0]
+
+    def fatal(reason: str) -> None:
+        exit_code[0] = 1
+        _stop(reactor)
+
     try:
-        node = build_node(options, reactor)
+        node = build_node(options, reactor, on_fatal=fatal)
     except StartupError as e:
         print(f"gossip-node: {e}", file=sys.stderr)
         return 1
-    exit_code = [0]
 
     def start() -> None:
         try:

@@ -36,7 +36,9 @@ from gossip.client.commands import (
 )
 from gossip.client.responder import ClientProtocol
 from gossip.config import ClusterConfig, dump_config, parse_config
+from gossip.core.frames import Envelope, GossipFrame
 from gossip.core.message import ID_BYTES, ID_CHARS, Message, id_text, message_id
+from gossip.core.paths import REFUSALS
 from gossip.node import GossipNode
 from gossip.store.log import LogStore, StoreError
 from gossip.store.memory import MemoryStore
@@ -466,17 +468,20 @@ class BrokenStore(MemoryStore):
         return fail(StoreError("cannot append to /data/messages.log: No space left on device"))
 
 
-def test_a_store_failure_rejects_the_submit_in_one_line_and_stops_the_node() -> None:
+def test_a_store_failure_rejects_the_submit_in_one_line_and_reports_it_once() -> None:
     """Once the log cannot take records, a submit is refused with the store's one-line
-    reason (never acknowledged) and the node stops its reactor, as a database stops on
-    a failed fsync; a restart recovers the log."""
+    reason (never acknowledged), so is every later one, and the node reports the failure
+    once through on_fatal; it never stops the reactor itself (gossip.tap does)."""
     h = Harness()
+    fatal: list[str] = []
+    h.node.on_fatal = fatal.append
     h.store = h.node.store = h.node.core.store = BrokenStore()
     h.reactor.running = True
-    with pytest.raises(MessageRejected, match=r"^not stored: cannot append .* No space left"):
-        h.call(Submit, body="lost")
-    assert h.reactor.hasStopped
-    assert h.node._stopping_for is not None and "No space left" in h.node._stopping_for
+    for body in ("lost", "later"):
+        with pytest.raises(MessageRejected, match=r"^not stored: cannot append .* No space left"):
+            h.call(Submit, body=body)
+    assert not h.reactor.hasStopped
+    assert len(fatal) == 1 and "No space left" in fatal[0]
 
 
 def test_list_past_the_end_is_empty(h: Harness) -> None:
@@ -645,3 +650,14 @@ def test_full_peer_link_stops_reading_clients_until_it_drains() -> None:
     assert transport.producerState == "paused"  # link 3 is still full
     h.node._peer_down(3)
     assert transport.producerState == "producing" and late.producerState == "producing"
+
+
+def test_status_counts_messages_refused_for_their_path(h: Harness) -> None:
+    """A message from a neighbour whose path names this node is dropped without closing
+    the link and counted in Status under its reason (every reason listed, zeros too)."""
+    h.node._peer_up(2)
+    looped = Envelope(message_id(b"loop"), b"loop", (1, 2))
+    h.node._frame(2, GossipFrame((looped,)), 100)
+    assert message_id(b"loop") not in h.store
+    rows = {r["reason"]: r["count"] for r in h.call(Status)["refused"]}
+    assert rows == {r: int(r == "path_has_receiver") for r in REFUSALS}

@@ -158,6 +158,10 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
                 f"  re-sync sessions: {sync['sessions_completed']} done,"
                 f" {sync['sessions_aborted']} aborted, {sync['messages_pulled']} messages pulled"
             )
+        refused = [r for r in s.get("refused", []) if r["count"]]
+        if refused:
+            reasons = ", ".join(f"{r['reason']} {r['count']}" for r in refused)
+            _out(f"  messages refused: {sum(r['count'] for r in refused)} ({reasons})")
 
 
 def _out(line: str) -> None:

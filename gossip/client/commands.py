@@ -132,6 +132,7 @@ class Status(amp.Command):
                 ]
             ),
         ),
+        (b"refused", amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())])),
         (
             b"store",
             amp.AmpList(
