@@ -147,29 +147,36 @@ class ListenService(StreamServerEndpointService):
         super().__init__(endpoint, factory)
         self.what = what
         self.on_fatal = on_fatal
-        self.listening: Any = None  # the IListeningPort once listening
+        self._starting = False
 
     def privilegedStartService(self) -> None:
         from gossip.node import StartupError
 
+        listen = self.endpoint.listen
+
+        def watched_listen(factory: Any) -> Any:
+            # Ahead of the base class's errback, which would log a late failure and go on.
+            return listen(factory).addErrback(self._late)
+
+        self.endpoint.listen = watched_listen
+        self._starting = True
         try:
             super().privilegedStartService()
         except Exception as e:
             self._waitingForPort = None
             raise StartupError(f"cannot listen on {self.what}: {_reason(e)}") from None
-        assert self._waitingForPort is not None
-        self._waitingForPort.addCallbacks(self._listening, self._failed)
+        finally:
+            self._starting = False
+            self.endpoint.listen = listen
 
-    def _listening(self, port: Any) -> Any:
-        self.listening = port
-        return port
-
-    def _failed(self, failure: Failure) -> None:
+    def _late(self, failure: Failure) -> Failure | None:
         from twisted.internet.defer import CancelledError
 
-        if not failure.check(CancelledError):
-            reason = _reason(failure.value) if failure.value else failure.getErrorMessage()
-            self.on_fatal(f"cannot listen on {self.what}: {reason}")
+        if self._starting or failure.check(CancelledError):
+            return failure  # raised by privilegedStartService / ignored by the base class
+        reason = _reason(failure.value) if failure.value else failure.getErrorMessage()
+        self.on_fatal(f"cannot listen on {self.what}: {reason}")
+        return None
 
     def stopService(self) -> Any:
         if self._waitingForPort is None:  # never listened
