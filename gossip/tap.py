@@ -351,6 +351,8 @@ def run_node(argv: list[str] | None = None) -> int:
     except usage.UsageError as e:
         print(f"gossip-node: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --version, --help
+        return e.code if isinstance(e.code, int) else 0
     exit_code = [0]
 
     def fatal(line: str) -> None:

@@ -1326,6 +1326,15 @@ class DialedTransport(iosim.FakeTransport):
         self.connector.connectionLost(Failure(self.disconnectReason))
 
 
+def _unwrapped(proto: Any) -> Any:
+    """The PeerProtocol inside an endpoint's wrapping protocol (dials go through endpoints)."""
+    while True:
+        inner = getattr(proto, "_wrappedProtocol", None) or getattr(proto, "wrapped", None)
+        if inner is None:
+            return proto
+        proto = inner
+
+
 class Network:
     """Nodes whose dials reach each other over iosim, their clocks moved together.
 
@@ -1367,7 +1376,7 @@ class Network:
     def same_connection(self, a: int, b: int) -> bool:
         """Whether ``a`` and ``b`` both use the two ends of one live connection."""
         pa, pb = self.nodes[a].table.links[b].proto, self.nodes[b].table.links[a].proto
-        return any({pump.client, pump.server} == {pa, pb} for _, pump in self.live)
+        return any({_unwrapped(pump.client), pump.server} == {pa, pb} for _, pump in self.live)
 
     def _settle(self) -> None:
         for _ in range(100):
