@@ -416,9 +416,13 @@ def test_malformed_arguments_are_a_bad_request_without_a_traceback(
         h.call(GetWithoutId)
     assert type(e.value).__name__ == "BadRequest"
     assert h.call(Status)["node_id"] == 1
-    assert not [e for e in log_events if "log_failure" in e]
     bad = [e for e in log_events if "bad client request" in e.get("log_format", "")]
     assert len(bad) == 1, "the second within log_interval is counted, not logged"
+    c = Conn(h)  # the same sent without asking for an answer: nothing to say, no traceback
+    c.send(amp.AmpBox(_command=b"Submit"), amp.AmpBox(_command=b"Submit", body=b""))
+    c.send(request(b"Status", 1))
+    assert answered_tags(c.take()) == [1] and not c.closed
+    assert not [e for e in log_events if "log_failure" in e]
 
 
 def test_flush_calls_only_watchers_that_can_take_more_and_are_behind(h: Harness) -> None:

@@ -236,6 +236,14 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
 
         return parse_then_answer
 
+    def unhandledError(self, failure: Failure) -> None:
+        # A declared error (BadRequest, a refused submit) for a request sent without
+        # asking for an answer: the client chose not to hear it. Anything else is a
+        # bug here, for AMP to log and close the connection on.
+        if failure.check(amp.RemoteAmpError):
+            return
+        super().unhandledError(failure)
+
     def _bad_request(self, command: str, why: str) -> None:
         skipped = self._bad_requests.due()
         if skipped is None:
