@@ -244,6 +244,7 @@ def test_gclient_reports_a_closed_connection_in_one_line(tmp_path: Path) -> None
             capture_output=True,
             text=True,
             timeout=60,
+            cwd=tmp_path,
         )
     finally:
         stop.set()
