@@ -39,6 +39,7 @@ from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
 from gossip.store.interface import MessageStore, StoreError
+from gossip.submit_gate import SubmitGate
 from gossip.traffic import Traffic
 from gossip.wire import codec
 
@@ -54,6 +55,12 @@ TICK_SECONDS = 0.1
 MAX_STREAMS_PER_PEER = 16
 # Payload bytes per batched Gossip frame (well under the receiver's frame limit).
 GOSSIP_FRAME_BYTES = 256 * 1024
+# A neighbour's link that stays full this long without draining once is dropped; the
+# neighbour catches up by re-sync when it is back. A link that drains even slowly is kept.
+LINK_STALL_SECONDS = 30.0
+# Body bytes of submits that may wait while a neighbour's link is full; beyond it a
+# submit is refused at once as "busy" (retryable).
+MAX_WAITING_SUBMIT_BYTES = 4 * 1024 * 1024
 
 
 def frame_limit(max_body: int) -> int:
@@ -118,11 +125,15 @@ class GossipNode(service.Service):
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
         self._streams: dict[int, int] = {}  # re-sync answers being sent, per peer
-        # Backpressure: while any neighbour's link is full, client connections are
-        # not read, so no new submits add to what cannot be sent.
-        self._congested: set[int] = set()
-        self.clients: set[Any] = set()
-        self.watchers: set[Any] = set()  # client connections following deliveries (Watch)
+        # Backpressure: while any neighbour's link is full, new submits wait (bounded)
+        # so they add nothing to what cannot be sent; reads and relaying go on.
+        # Per full link: since when it has not drained (a stalled one is dropped).
+        self._congested: dict[int, float] = {}
+        self.submits = SubmitGate(MAX_WAITING_SUBMIT_BYTES, lambda f: self.clock.callLater(0, f))
+        # Client connections following deliveries (Watch) that can take more pushes
+        # now: one whose socket is full leaves this set until it drains.
+        self.watchers: set[Any] = set()
+        self._watchers_told = 0  # durable count every watcher in the set was pushed up to
         self._durability_wait = False
         self.failed: str | None = None  # why the store failed: every submit is refused
         self.on_fatal = on_fatal
@@ -162,8 +173,12 @@ class GossipNode(service.Service):
 
     def submit(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
         """Accept a message; fires with (id, new) once it is stored (raises SubmitRejected,
-        or StoreError once the store has failed; the Deferred fails with StoreError if
-        the store fails before the record is durable)."""
+        or StoreError once the store has failed, or SubmitBusy while a neighbour's link is
+        full and enough submits wait; the Deferred fails with StoreError if the store
+        fails before the record is durable)."""
+        return self.submits.admit(len(body), lambda: self._submit_now(body))
+
+    def _submit_now(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
         accepted = self._accept(body, self.clock.seconds())
         # Acknowledged only once durable under the fsync policy (a resubmit of a
         # held message also waits: its first submit may not be durable yet).
@@ -171,7 +186,12 @@ class GossipNode(service.Service):
 
     def submit_many(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
         """Accept several messages; fires, once all are stored, with (id, new) for each
-        accepted body and the reason for each refused one, in order."""
+        accepted body and the reason for each refused one, in order (waits, or raises
+        SubmitBusy, as ``submit`` does)."""
+        size = sum(len(b) for b in bodies)
+        return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+
+    def _submit_many_now(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
         now = self.clock.seconds()
         results: list[tuple[bytes, bool] | str] = []
         for body in bodies:
@@ -248,26 +268,39 @@ class GossipNode(service.Service):
         self._apply(self.core.peer_down(peer, self.clock.seconds()))
 
     def _congestion(self, peer: int, full: bool) -> None:
-        was = bool(self._congested)
         if full:
-            self._congested.add(peer)
+            # A link reports "full" again only after its transport drained and filled
+            # up again (nothing is written to a full one): progress, so count afresh.
+            self._congested[peer] = self.clock.seconds()
+            self.submits.close()
         else:
-            self._congested.discard(peer)
-        if was != bool(self._congested):
-            for client in list(self.clients):
-                client.reading(not self._congested)
+            self._congested.pop(peer, None)
+            if not self._congested:
+                self.submits.open()
 
     @property
     def congested(self) -> bool:
         return bool(self._congested)
+
+    def _drop_stalled_links(self, now: float) -> None:
+        """Drop a link that stayed full ``LINK_STALL_SECONDS`` without draining: its
+        neighbour is not reading, and holding on would hold every new submit."""
+        for peer, since in list(self._congested.items()):
+            if now - since >= LINK_STALL_SECONDS:
+                self.links.drop(peer, f"link full for {LINK_STALL_SECONDS:g} s without draining")
+                self._congestion(peer, False)  # what is sent to it from now on is dropped
 
     def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
         self.traffic.received(frame, size)
         self._apply(self.core.receive(peer, frame, self.clock.seconds()))
 
     def tick(self) -> None:
-        """Let the core act on time (re-sync schedule, Plumtree timers): every TICK_SECONDS."""
-        self._apply(self.core.tick(self.clock.seconds()))
+        """Let the core act on time (re-sync schedule, Plumtree timers): every TICK_SECONDS;
+        drop links that stayed full without draining."""
+        now = self.clock.seconds()
+        if self._congested:
+            self._drop_stalled_links(now)
+        self._apply(self.core.tick(now))
 
     # -- effects out -------------------------------------------------------
 
@@ -344,9 +377,25 @@ class GossipNode(service.Service):
             self.notify_watchers()
 
     def notify_watchers(self) -> None:
-        """Push newly durable ids to watchers; wait for the store to make the rest durable."""
-        for w in list(self.watchers):
-            w.push_delivered()
+        """Push newly durable ids to watchers; wait for the store to make the rest durable.
+
+        Only watchers that can take more are in ``watchers``, and each was pushed up to
+        ``_watchers_told`` (a new or drained one catches up by itself), so a flush that
+        made nothing new durable costs nothing however many watchers there are."""
+        durable = self.store.durable_count()
+        if durable != self._watchers_told:
+            self._watchers_told = durable
+            for w in list(self.watchers):
+                w.push_delivered()
+        self._await_durability()
+
+    def watcher_ready(self, watcher: Any) -> None:
+        """A watching connection can take pushes (it just asked, or its socket drained)."""
+        self.watchers.add(watcher)
+        watcher.push_delivered()
+        self._await_durability()
+
+    def _await_durability(self) -> None:
         if not self._durability_wait and self.store.durable_count() < len(self.store):
             self._durability_wait = True
             self.store.when_durable().addBoth(self._durability_advanced)
