@@ -18,7 +18,7 @@ stops the process with exit status 1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -40,6 +40,7 @@ from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
 from gossip.store.interface import MessageStore, StoreError
 from gossip.submit_gate import SubmitGate
+from gossip.sync_streams import SyncStreams
 from gossip.traffic import Traffic
 from gossip.wire import codec
 
@@ -50,9 +51,6 @@ STRATEGIES: dict[str, Callable[[int, Graph], Dissemination]] = {
 }
 
 TICK_SECONDS = 0.1
-# Re-sync answers (SyncWant streams) in progress for one peer; a peer asking for
-# more at once is broken or hostile and is disconnected.
-MAX_STREAMS_PER_PEER = 16
 # Payload bytes per batched Gossip frame (well under the receiver's frame limit).
 GOSSIP_FRAME_BYTES = 256 * 1024
 # A neighbour's link that stays full this long without draining once is dropped; the
@@ -124,7 +122,6 @@ class GossipNode(service.Service):
         )
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
-        self._streams: dict[int, int] = {}  # re-sync answers being sent, per peer
         # Backpressure: while any neighbour's link is full, new submits wait (bounded)
         # so they add nothing to what cannot be sent; reads and relaying go on.
         # Per full link: since when it has not drained (a stalled one is dropped).
@@ -140,6 +137,13 @@ class GossipNode(service.Service):
         store.when_broken().addCallback(self._store_failed)
         self._flush_call: IDelayedCall | None = None
         self._cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
+        # Answers to neighbours' SyncWants: one at a time per neighbour, the rest queued.
+        self.sync_streams = SyncStreams(
+            lambda order: stream_frames(self.store, self.node_id, order, self.core.members),
+            self.links,
+            self.traffic,
+            self._cooperator,
+        )
         self.started_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------
@@ -265,6 +269,7 @@ class GossipNode(service.Service):
 
     def _peer_down(self, peer: int) -> None:
         self._congestion(peer, False)
+        self.sync_streams.peer_down(peer)
         self._apply(self.core.peer_down(peer, self.clock.seconds()))
 
     def _congestion(self, peer: int, full: bool) -> None:
@@ -330,13 +335,7 @@ class GossipNode(service.Service):
                 if self.links.send(effect.peer, data):
                     self.traffic.sent(effect.frame, len(data))
             elif isinstance(effect, StreamMessages):
-                active = self._streams.get(effect.peer, 0)
-                if active >= MAX_STREAMS_PER_PEER:
-                    self.links.drop(effect.peer, f"over {MAX_STREAMS_PER_PEER} re-sync requests")
-                    continue
-                self._streams[effect.peer] = active + 1
-                done = self._cooperator.cooperate(self._stream(effect)).whenDone()
-                done.addBoth(self._stream_ended, effect.peer)
+                self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
                 self.links.drop(effect.peer, effect.reason)
 
@@ -405,20 +404,3 @@ class GossipNode(service.Service):
         self._durability_wait = False
         if self.watchers and not isinstance(result, Failure):
             self.notify_watchers()
-
-    def _stream_ended(self, result: object, peer: int) -> None:
-        left = self._streams.get(peer, 1) - 1
-        if left > 0:
-            self._streams[peer] = left
-        else:
-            self._streams.pop(peer, None)
-
-    def _stream(self, order: StreamMessages) -> Iterator[Deferred[None] | None]:
-        """Send one SyncWant's messages frame by frame, waiting whenever the link is full."""
-        for frame in stream_frames(self.store, self.node_id, order, self.core.members):
-            if not self.links.is_up(order.peer):
-                return
-            data = codec.encode(frame)
-            self.links.send(order.peer, data)
-            self.traffic.sent(frame, len(data))
-            yield self.links.when_writable(order.peer)

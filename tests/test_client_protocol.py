@@ -609,23 +609,26 @@ def test_client_connections_are_limited_and_freed() -> None:
     assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.3", 5555)) is not None
 
 
-def test_too_many_resync_requests_from_one_peer_drop_it() -> None:
-    """A peer with more than MAX_STREAMS_PER_PEER re-sync answers in progress at once is
-    disconnected; finished answers free their places."""
+def test_resync_requests_are_queued_and_only_a_far_excess_drops_the_peer() -> None:
+    """A peer's re-sync requests (SyncWant answers) up to MAX_QUEUED_WANTS are queued, not
+    refused, however many come at once; one more disconnects that peer; once its link is
+    down the queue is gone."""
     from gossip.core.effects import StreamMessages
-    from gossip.node import MAX_STREAMS_PER_PEER
+    from gossip.sync_streams import MAX_QUEUED_WANTS
 
     h = Harness()
     dropped: list[tuple[int, str]] = []
     h.node.links.drop = lambda peer, reason: dropped.append((peer, reason))  # type: ignore[method-assign]
-    orders = [StreamMessages(2, n, (), (0,)) for n in range(MAX_STREAMS_PER_PEER + 1)]
-    h.node._apply(orders[:MAX_STREAMS_PER_PEER])  # type: ignore[arg-type]
+    h.node.links.is_up = lambda peer: True  # type: ignore[method-assign]
+    orders = [StreamMessages(2, n, (), (0,)) for n in range(MAX_QUEUED_WANTS + 1)]
+    h.node._apply(orders[:MAX_QUEUED_WANTS])  # type: ignore[arg-type]
     assert dropped == []
-    h.node._apply(orders[MAX_STREAMS_PER_PEER:])  # type: ignore[arg-type]
-    assert dropped and dropped[0][0] == 2 and "re-sync requests" in dropped[0][1]
-    for _ in range(10):  # let the streams run (the link is not up: each ends at once)
-        h.reactor.advance(0)
-    assert h.node._streams == {}
+    assert h.node.sync_streams.queued(2) == MAX_QUEUED_WANTS
+    h.node._apply(orders[MAX_QUEUED_WANTS:])  # type: ignore[arg-type]
+    assert len(dropped) == 1
+    assert dropped[0][0] == 2 and "re-sync requests" in dropped[0][1]
+    h.node._peer_down(2)
+    assert h.node.sync_streams.queued(2) == 0
 
 
 def test_status_counts_messages_refused_for_their_path(h: Harness) -> None:

@@ -42,6 +42,7 @@ from gossip.core.sync import (
     MAX_NODES_PER_QUERY,
     ROOT,
     SYNC_FRAME_BYTES,
+    WANT_WINDOW,
     FingerprintTree,
     key_range,
     make_key,
@@ -678,6 +679,89 @@ def test_periodic_anti_entropy_repairs_what_a_lossy_flood_missed() -> None:
     assert aborted > 0
     assert sim.persist_conflicts == 0
     assert sim.drops == []
+
+
+# -- flow control -------------------------------------------------------------
+
+
+def half_missing(total: int, seed: int) -> tuple[list[bytes], list[bytes]]:
+    """``total`` random bodies and the half of them (every other one) a node kept."""
+    rng = random.Random(seed)
+    bodies = [random_body(rng) for _ in range(total)]
+    return bodies, bodies[::2]
+
+
+def wants_in_flight(log: list[tuple[int, int, PeerFrame]], initiator: int) -> list[int]:
+    """After each frame of ``log``: SyncWants the initiator sent minus the done SyncData
+    frames it received."""
+    out, n = [], 0
+    for src, dst, frame in log:
+        if src == initiator and isinstance(frame, SyncWantFrame):
+            n += 1
+        elif dst == initiator and isinstance(frame, SyncDataFrame) and frame.done:
+            n -= 1
+        out.append(n)
+    return out
+
+
+def test_initiator_never_has_more_than_the_window_of_wants_in_flight() -> None:
+    """A node that lost half of 40,000 messages learns of ~20,000 missing ids across many
+    replies (one want each, before: far more at once than the responder allows). It
+    sends its wants so that at no point are more than WANT_WINDOW unanswered, sends more
+    than WANT_WINDOW in all (the window refills as answers end), and ends holding
+    every message, each persisted once."""
+    bodies, kept = half_missing(40_000, seed=21)
+    a, a_store = make_core(1, (2,), kept)
+    b, b_store = make_core(2, (1,), bodies)
+    wire = Wire((a, a_store), (b, b_store))
+    wire.apply(1, a.peer_up(2, 0.0))
+    b.peer_up(1, 0.0)  # only A's session matters here
+    wire.run(1.0)
+    in_flight = wants_in_flight(wire.log, 1)
+    wants = [f for src, _, f in wire.log if src == 1 and isinstance(f, SyncWantFrame)]
+    assert max(in_flight) == WANT_WINDOW
+    assert len(wants) > WANT_WINDOW
+    assert all(len(w.ids) <= MAX_IDS_PER_WANT for w in wants)
+    assert len(a_store) == 40_000
+    assert set(wire.persisted.values()) == {1}
+    assert a.sync.active is None
+    assert a.sync.counters.sessions_completed == 1
+
+
+def test_what_was_pulled_before_a_link_drop_is_kept_and_not_asked_for_again() -> None:
+    """The link drops in the middle of a large pull (after the initiator stored some of
+    what it lacked): the session is aborted, the pulled messages stay stored and in the
+    tree, and the session on the next link-up asks only for the ids still missing (none
+    of the ones already held) and completes the pull."""
+    bodies, kept = half_missing(20_000, seed=22)
+    a, a_store = make_core(1, (2,), kept)
+    b, b_store = make_core(2, (1,), bodies)
+    wire = Wire((a, a_store), (b, b_store))
+    wire.apply(1, a.peer_up(2, 0.0))
+    b.peer_up(1, 0.0)
+    while len(a_store) < 14_000:
+        wire.step(1.0)
+    wire.queue.clear()  # the link drops: what was in flight is lost
+    a.peer_down(2, 2.0)
+    b.peer_down(1, 2.0)
+    assert a.sync.counters.sessions_aborted == 1
+    held = set(a_store.ids())
+    assert a.tree.total == len(held) < 20_000
+    cut = len(wire.log)
+    wire.apply(1, a.peer_up(2, 3.0))
+    b.peer_up(1, 3.0)
+    wire.run(4.0)
+    asked = [
+        mid
+        for src, _, f in wire.log[cut:]
+        if src == 1 and isinstance(f, SyncWantFrame)
+        for mid in f.ids
+    ]
+    assert not held & set(asked)
+    assert len(asked) == 20_000 - len(held)
+    assert len(a_store) == 20_000
+    assert set(wire.persisted.values()) == {1}
+    assert a.sync.counters.sessions_completed == 1
 
 
 # -- aborts -------------------------------------------------------------------
