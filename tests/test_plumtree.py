@@ -425,7 +425,7 @@ def test_duplicate_from_a_non_parent_prunes_once_and_prune_ends_adoption() -> No
     node.receive(7, GraftFrame((message_id(a),)))
     assert node.plumtree.adopted == {1: {7}}
     node.receive(7, PruneFrame((1,)))
-    assert node.plumtree.adopted == {1: set()}
+    assert node.plumtree.adopted == {}
     assert sorted(pushed(node.gossip(2, b"origin 1, third", (1, 2)))) == [8]
 
 
@@ -464,11 +464,47 @@ def test_peer_down_drops_its_adoptions_and_pending_ihaves() -> None:
     node.gossip(2, b"queued", (1, 2))  # pushed to 7 (adopted) and 8, announced to 3
     node.gossip(3, b"origin 3", (3,))  # announced to 2 and 7
     node.peer_down(7)
-    assert node.plumtree.adopted == {1: set()}
+    assert node.plumtree.adopted == {}
     assert sorted(s.peer for s in node.tick(T0 + 0.2)) == [2, 3]
     node.peer_up(7)
     assert sorted(pushed(node.gossip(2, b"after", (1, 2)))) == [8]
     assert sorted(s.peer for s in node.tick(T0 + 0.3)) == [3, 7]
+
+
+def test_adopted_origins_are_forgotten_when_their_last_peer_prunes_or_goes_down() -> None:
+    """Grafts from 7 and 8 adopt them for origins 1 and 3; an origin leaves the adopted
+    map (not just its peer) once no neighbour is adopted for it: by Prune (the tree
+    healed for the grafter) or by the peer's link going down."""
+    node = Node()
+    one, three = b"of origin 1", b"of origin 3"
+    node.gossip(2, one, (1, 2))
+    node.gossip(3, three, (3,))
+    node.receive(7, GraftFrame((message_id(one), message_id(three))))
+    node.receive(8, GraftFrame((message_id(one),)))
+    assert node.plumtree.adopted == {1: {7, 8}, 3: {7}}
+    node.receive(7, PruneFrame((3,)))
+    assert node.plumtree.adopted == {1: {7, 8}}
+    node.receive(8, PruneFrame((1,)))
+    assert node.plumtree.adopted == {1: {7}}
+    node.peer_down(7)
+    assert node.plumtree.adopted == {}
+    assert sorted(pushed(node.gossip(2, b"origin 1 later", (1, 2)))) == [8]
+
+
+def test_grafts_for_origins_outside_the_graph_adopt_nobody() -> None:
+    """Records whose stored path starts at an origin that is not in the graph (as in an
+    old log; 1,000 distinct ones) are sent to the grafting peer, but the adopted map
+    gains no key for them (it stays bounded by the graph's nodes), and their duplicates
+    from a non-parent are not pruned (there is no adoption to end)."""
+    node = Node()
+    bodies = [f"stray {i}".encode() for i in range(1000)]
+    for i, body in enumerate(bodies):
+        node.store.add(Message(message_id(body), body, T0, (1000 + i, 2)))
+    replies = node.receive(7, GraftFrame(tuple(message_id(b) for b in bodies)))
+    assert len(pushed(replies)[7]) == 1000
+    assert node.plumtree.adopted == {}
+    stray = Envelope(message_id(bodies[0]), bodies[0], (1000, 3))
+    assert node.plumtree.on_duplicate(stray, 3) == []
 
 
 def test_missing_set_is_bounded_by_max_missing() -> None:
