@@ -90,9 +90,12 @@ The log is read once from start to end through a buffered reader in chunks
   of an append leaves. The bytes are truncated away with a warning giving
   their count and offset.
 * Damage in the middle: a record with a bad checksum, an impossible length or
-  a bad id, with valid records after it. The file is scanned forward byte by
-  byte for the next offset where a record parses with a valid checksum and id;
-  the bytes in between are skipped with a warning giving their offset and
+  a bad id, with valid records after it. The file is scanned forward for the
+  next offset where a record parses with a valid checksum and id; offsets
+  whose header is impossible are passed over without a checksum, and one that
+  only looks possible is checksummed once the scan has shown it can be the
+  next record (``_resync``: a body crafted to look like headers costs no
+  checksum per offset); the bytes in between are skipped with a warning giving their offset and
   count, and every valid record after them is kept. The damaged file is copied
   aside (``messages.log.damaged-<unix time>``) and a clean log is written (temp
   file, fsync, ``os.replace``, fsync of the directory). Bytes that cannot be
@@ -137,6 +140,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import heapq
 import os
 import shutil
 import struct
@@ -263,6 +267,17 @@ class _Window:
         self.base = start
         f.seek(start)
 
+    @classmethod
+    def read_at(cls, f: BinaryIO, start: int, n: int) -> _Window:
+        """A window holding just file bytes [start, start+n), read with ``os.pread``:
+        the reader's position, which the forward window relies on, is left alone."""
+        win = cls.__new__(cls)
+        win.f = f
+        win.buf = os.pread(f.fileno(), n, start)
+        win.base = start
+        win.size = start + len(win.buf)
+        return win
+
     def get(self, offset: int, n: int) -> int | None:
         """Make file bytes [offset, offset+n) available in ``buf``; return their index there.
 
@@ -307,12 +322,112 @@ def _parse(win: _Window, pos: int) -> tuple[int, bytes] | str:
     return total, mid
 
 
+# Bytes of a record before its path entries: what _plausible reads.
+_FIXED_SPAN = HEADER_BYTES + MIN_PAYLOAD
+# Bytes one skip over damage checksums for candidates that had to wait (see _resync)
+# before it stops checking those not followed by a plausible header.
+_WAITING_CHECK_BYTES = 16 << 20
+
+
+def _plausible(buf: bytes, i: int) -> int | None:
+    """The payload length of the record header at ``buf[i:]`` (``_FIXED_SPAN`` bytes
+    there) if its fields are possible -- length in bounds, kind 1, path entries within
+    the payload -- else None. A few unpacks: no checksum, no hash."""
+    length: int = _LEN.unpack_from(buf, i + 4)[0]
+    if length < MIN_PAYLOAD or length > MAX_RECORD_BYTES:
+        return None
+    kind, _mid, _received_at, count = _FIXED.unpack_from(buf, i + HEADER_BYTES)
+    if kind != KIND_MESSAGE or MIN_PAYLOAD + 4 * count > length:
+        return None
+    return length
+
+
 def _resync(win: _Window, start: int) -> int | None:
-    """The first offset from ``start`` where a valid record begins, if any."""
-    last = win.size - HEADER_BYTES - MIN_PAYLOAD
-    for q in range(start, last + 1):
-        if isinstance(_parse(win, q), tuple):
-            return q
+    """The first offset from ``start`` where a valid record begins, if any.
+
+    Any offset may begin a record, and checking one in full costs a checksum over
+    up to ``MAX_RECORD_BYTES``; bodies are what clients send, and a body crafted to
+    read as record headers at every offset made skipping one damaged record cost
+    seconds. So a candidate is checked in full only when cheaper checks leave no
+    other choice:
+
+    * its header must be plausible (``_plausible``) and its record fit in the file;
+    * a candidate is checked at once only if it ends where another plausible header
+      begins (or at, or within a header of, end of file), as a real record does,
+      and no candidate seen before it ends sooner. Otherwise it waits (a heap by
+      end offset) until the scan reaches its end, so that every candidate starting
+      inside it is known, and is checked then.
+
+    A valid record ends the scan, and every waiting candidate overlaps it: such a
+    candidate could only be valid by holding that record in its body, so none is
+    checked. A forged header claims a length that reaches past the damaged record,
+    so it waits and is dropped unchecked once the next real record is found; the
+    checksums computed are about one per real record plus those of forged headers
+    that end inside the damaged record. A body can hold many of those (short
+    forged records inside it), so waiting candidates get ``_WAITING_CHECK_BYTES``
+    of checksums per skip; past that, only those followed by a plausible header
+    are checked. Every intact record is found unless that budget ran out and the
+    record after it is damaged too (re-sync brings such a record back). (Of a
+    record whose body holds a complete valid record, the one held may be found
+    instead of the holder; both are correct messages.)
+    """
+    size = win.size
+    last = size - _FIXED_SPAN
+    waiting: list[tuple[int, int]] = []  # (end, offset) of candidates, a heap
+    spent = 0
+
+    def waited_valid(c: int, end: int) -> bool:
+        nonlocal spent
+        tail = _FIXED_SPAN if end + _FIXED_SPAN <= size else 0
+        record = _Window.read_at(win.f, c, end - c + tail)
+        if spent > _WAITING_CHECK_BYTES and tail and _plausible(record.buf, end - c) is None:
+            return False
+        spent += end - c
+        record.size = end  # the successor's bytes are not part of the record
+        return isinstance(_parse(record, c), tuple)
+
+    kind_byte = bytes([KIND_MESSAGE])
+    q = start
+    while q <= last:
+        # Only an offset whose kind byte is right can begin a record: find the next
+        # one in the window at C speed instead of trying every offset.
+        i = win.get(q, _FIXED_SPAN)
+        if i is None:
+            break
+        k = win.buf.find(kind_byte, i + HEADER_BYTES)
+        if k < 0:
+            q = win.base + len(win.buf) - HEADER_BYTES  # its kind byte is past the window
+            continue
+        q = win.base + k - HEADER_BYTES
+        if q > last:
+            break
+        while waiting and waiting[0][0] <= q:
+            end, c = heapq.heappop(waiting)
+            if waited_valid(c, end):
+                return c
+        i = win.get(q, _FIXED_SPAN)
+        length = None if i is None else _plausible(win.buf, i)
+        q += 1
+        if length is None:
+            continue
+        c = q - 1
+        end = c + HEADER_BYTES + length
+        if end > size:
+            continue
+        if not waiting or end <= waiting[0][0]:
+            followed = True  # end of file, or a torn header right before it
+            if end + _FIXED_SPAN <= size:
+                j = win.get(c, end + _FIXED_SPAN - c)  # from c: the window never goes back
+                followed = j is not None and _plausible(win.buf, j + end - c) is not None
+            if followed:
+                if isinstance(_parse(win, c), tuple):
+                    return c
+                continue
+        heapq.heappush(waiting, (end, c))
+    while waiting:
+        end, c = heapq.heappop(waiting)
+        if waited_valid(c, end):
+            return c
     return None
 
 
