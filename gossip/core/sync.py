@@ -65,9 +65,9 @@ IDS_THRESHOLD = 32
 MAX_NODES_PER_QUERY = 256
 MAX_IDS_PER_QUERY = 16_384
 MAX_IDS_PER_WANT = 16_384
-# Wants of one session in flight (sent, their done SyncData not yet received). Two
-# keep the responder's link busy while the next want travels; the responder queues
-# up to gossip.sync_streams.MAX_QUEUED_WANTS per peer, well above this.
+# Wants of one session in flight (sent, their done SyncData not yet received). More
+# than one keeps the responder's link busy while the next want travels; the
+# responder queues up to gossip.sync_streams.MAX_QUEUED_WANTS per peer, well above.
 WANT_WINDOW = 4
 
 
