@@ -156,9 +156,8 @@ class LocalCluster:
         await defer.gatherResults(ds)
 
     async def node_status(self, node_id: int) -> dict[str, Any] | None:
-        spec = self.config.node(node_id)
         try:
-            client = await GossipClient.connect(self.reactor, spec.host, spec.client_port, 2.0)
+            client = await GossipClient.connect_node(self.reactor, node_id, self.config, 2.0)
         except NodeUnreachable:
             return None
         try:

@@ -1,9 +1,10 @@
-"""One gossip node: the core wired to storage, peer links, the client port and a clock.
+"""One gossip node: the core wired to storage, peer links and the client port's commands.
 
 This is the only place where the core's effects meet I/O. Effects of one
 event are carried out in order before the next event reaches the core:
 ``Persist`` goes to the store, ``Send`` to the link table, ``DropPeer``
-closes a link.
+closes a link. Listening and the clock's ticks are services beside this one,
+composed in ``gossip.tap.node_services``.
 """
 
 from __future__ import annotations
@@ -14,19 +15,13 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import CannotListenError, ReactorNotRunning
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IListeningPort,
-    IReactorTCP,
-    IReactorTime,
-)
-from twisted.internet.task import Cooperator, LoopingCall
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 
 from gossip import logs
-from gossip.client.responder import ClientFactory
 from gossip.config import ClusterConfig
 from gossip.core.dissemination import Dissemination, Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
@@ -98,9 +93,7 @@ class GossipNode(service.Service):
         self.links = LinkTable(
             node_id=node_id,
             cluster=config.name,
-            neighbours={
-                n: (config.nodes[n].host, config.nodes[n].peer_port) for n in self.spec.neighbours
-            },
+            neighbours={n: config.nodes[n].peer_address for n in self.spec.neighbours},
             reactor=reactor,
             clock=reactor,
             events=LinkEvents(
@@ -113,7 +106,6 @@ class GossipNode(service.Service):
             incarnation=incarnation,
             send_delay=send_delay,
         )
-        self.ports: list[IListeningPort] = []
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
         self._streams: dict[int, int] = {}  # re-sync answers being sent, per peer
@@ -126,57 +118,34 @@ class GossipNode(service.Service):
         self._stopping_for: str | None = None  # why the node is stopping on a store failure
         self._flush_call: IDelayedCall | None = None
         self._cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
-        self._ticker = LoopingCall(self._tick)
-        self._ticker.clock = reactor
         self.started_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
     def startService(self) -> None:
+        """Start dialing neighbours. The ports already listen (``node_services`` listens
+        before this runs) and ``tick`` is called by a ``TimerService`` beside it."""
         self.started_at = self.clock.seconds()
         spec = self.spec
-        try:
-            self.ports.append(
-                self.reactor.listenTCP(
-                    spec.peer_port, self.links.server_factory(), interface=spec.host
-                )
-            )
-            self.ports.append(
-                self.reactor.listenTCP(spec.client_port, ClientFactory(self), interface=spec.host)
-            )
-        except CannotListenError as e:
-            for p in self.ports:
-                p.stopListening()
-            self.ports.clear()
-            raise StartupError(
-                f"node {self.node_id} cannot listen on {e.interface}:{e.port}: {e.socketError}"
-            ) from None
         super().startService()
         self.links.start()
-        self._ticker.start(TICK_SECONDS, now=False)
         self.log.info(
-            "node {node} of cluster {cluster} up: peers on {host}:{peer_port},"
-            " clients on {host}:{client_port}, {count} messages held",
+            "node {node} of cluster {cluster} up: peers on {peer_listen},"
+            " clients on {client_listen}, {count} messages held",
             node=self.node_id,
             cluster=self.config.name,
-            host=spec.host,
-            peer_port=spec.peer_port,
-            client_port=spec.client_port,
+            peer_listen=spec.peer_listen,
+            client_listen=spec.client_listen,
             count=len(self.store),
         )
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> None:
         super().stopService()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._cooperator.stop()
-        if self._ticker.running:
-            self._ticker.stop()
         self.links.stop()
-        ds = [d for d in (p.stopListening() for p in self.ports) if d is not None]
-        self.ports.clear()
         self.store.close()
-        return gatherResults(ds).addCallback(lambda _: None)
 
     # -- client operations -------------------------------------------------
 
@@ -275,7 +244,8 @@ class GossipNode(service.Service):
         self.traffic.received(frame, size)
         self._apply(self.core.receive(peer, frame, self.clock.seconds()))
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
+        """Let the core act on time (re-sync schedule, Plumtree timers): every TICK_SECONDS."""
         self._apply(self.core.tick(self.clock.seconds()))
 
     # -- effects out -------------------------------------------------------

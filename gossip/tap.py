@@ -3,18 +3,29 @@
 ``twistd -n gossip --id N`` finds this through ``twisted/plugins/gossip_plugin.py``;
 ``gossip-node --id N`` runs the same service without twistd's plugin discovery
 (its ``dropin.cache`` can be stale or unwritable), which is what systemd units use.
+
+The node is composed as Twisted services (``node_services``): a
+``StreamServerEndpointService`` for the peer port and one for the client port,
+each listening on its endpoint description in ``privilegedStartService``, the
+``GossipNode`` itself, and a ``TimerService`` for the core's ticks. A port
+that cannot be listened on stops the start with one line naming the node, the
+setting and the endpoint, and a non-zero exit status.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.python import usage
+from twisted.python.failure import Failure
 
-from gossip import logs
+from gossip import logs, settings
 from gossip.config import FSYNC_POLICIES, ConfigError, load_config
 from gossip.locations import default_config, default_data_dir
 
@@ -39,12 +50,7 @@ class Options(usage.Options):
             "Directory of this node's message log (default: node-N in"
             " the state directory, $GOSSIP_HOME or ~/.local/state/gossip).",
         ],
-        [
-            "fsync",
-            None,
-            None,
-            "fsync policy, overriding the cluster file's: always, batch or never.",
-        ],
+        ["fsync", None, None, settings.FSYNC.help()],
         ["log-level", "l", "info", f"One of: {', '.join(logs.LEVELS)}."],
         [
             "link-delay",
@@ -54,6 +60,11 @@ class Options(usage.Options):
             " (for benchmarks of wide-area latency).",
         ],
     ]
+
+    def opt_version(self) -> NoReturn:
+        """Print gossip's version and exit."""
+        print(f"gossip {version()}")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         if self["id"] is None:
@@ -93,19 +104,144 @@ class Options(usage.Options):
             self["data-dir"] = str(default_data_dir(self["id"]))
 
 
-def makeService(options: Options, reactor: Any = None) -> service.IService:
+def version() -> str:
+    """The installed project's version (importlib.metadata), or "unknown" from a bare tree."""
+    try:
+        return metadata.version("gossip")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     from gossip.node import StartupError
 
-    top = _TwistdRoot()
     try:
-        build_node(options, reactor).setServiceParent(top)
+        node = build_node(options, reactor)
     except StartupError as e:
         raise SystemExit(f"gossip: {e}") from None
+    return node_services(node, reactor, _TwistdRoot())
+
+
+class ListenService(StreamServerEndpointService):
+    """Listens on one endpoint; failing to is a ``StartupError`` naming what and where.
+
+    ``StreamServerEndpointService`` logs a failed listen and carries on without the
+    port; ``_raiseSynchronously`` makes a failure during ``privilegedStartService``
+    raise there instead (endpoints such as TCP's fail at once). A failure that comes
+    later (an endpoint that listens asynchronously) goes to ``on_fatal``.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(
+        self,
+        endpoint: Any,
+        factory: Any,
+        what: str,
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        super().__init__(endpoint, factory)
+        self.what = what
+        self.on_fatal = on_fatal
+        self.listening: Any = None  # the IListeningPort once listening
+
+    def privilegedStartService(self) -> None:
+        from gossip.node import StartupError
+
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            self._waitingForPort = None
+            raise StartupError(f"cannot listen on {self.what}: {_reason(e)}") from None
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: Any) -> Any:
+        self.listening = port
+        return port
+
+    def _failed(self, failure: Failure) -> None:
+        from twisted.internet.defer import CancelledError
+
+        if not failure.check(CancelledError):
+            reason = _reason(failure.value) if failure.value else failure.getErrorMessage()
+            self.on_fatal(f"cannot listen on {self.what}: {reason}")
+
+    def stopService(self) -> Any:
+        if self._waitingForPort is None:  # never listened
+            self.running = False
+            return None
+        return super().stopService()
+
+
+def _reason(e: BaseException) -> str:
+    """The operating system's words for a failed listen, without Twisted's prefix."""
+    socket_error = getattr(e, "socketError", None)
+    if socket_error is not None:
+        return str(getattr(socket_error, "strerror", None) or socket_error)
+    return str(e).strip() or type(e).__name__
+
+
+def node_services(
+    node: GossipNode,
+    reactor: Any,
+    parent: service.MultiService | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> service.MultiService:
+    """The services of one node, in ``parent`` (a new MultiService by default):
+    "node", "tick" (a TimerService), "peer-port" and "client-port" (listening on
+    the node's peer_listen and client_listen). Stopping runs in reverse: the ports
+    stop listening before the node closes its links and its store."""
+    from twisted.internet.endpoints import serverFromString
+
+    from gossip.client.responder import ClientFactory
+    from gossip.node import TICK_SECONDS
+
+    top = parent if parent is not None else _NodeRoot()
+
+    def fatal(line: str) -> None:
+        if on_fatal is not None:
+            on_fatal(f"node {node.node_id} {line}")
+        else:
+            node.log.critical("node {node} {line}", node=node.node_id, line=line)
+
+    node.setName("node")
+    node.setServiceParent(top)
+    ticker = TimerService(TICK_SECONDS, node.tick)
+    ticker.clock = reactor
+    ticker.setName("tick")
+    ticker.setServiceParent(top)
+    spec = node.spec
+    for name, key, description, factory in (
+        ("peer-port", "peer_listen", spec.peer_listen, node.links.server_factory()),
+        ("client-port", "client_listen", spec.client_listen, ClientFactory(node)),
+    ):
+        endpoint = serverFromString(reactor, description)
+        listen = ListenService(endpoint, factory, f"{key} {description}", fatal)
+        listen.setName(name)
+        listen.setServiceParent(top)
     return top
+
+
+class _NodeRoot(service.MultiService):
+    """The node's services; a failed listen stops the ports already listening, then
+    raises ``StartupError`` with the node's id."""
+
+    def privilegedStartService(self) -> None:
+        from gossip.node import StartupError
+
+        node = self.getServiceNamed("node")
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            for child in self:
+                if isinstance(child, ListenService):
+                    child.stopService()
+            raise StartupError(f"node {node.node_id} {e}") from None
 
 
 def build_node(options: Options, reactor: Any) -> GossipNode:
@@ -134,20 +270,24 @@ def build_node(options: Options, reactor: Any) -> GossipNode:
     )
 
 
-class _TwistdRoot(service.MultiService):
+class _TwistdRoot(_NodeRoot):
     """Turns a start-up failure into one line on stderr and exit status 1 under twistd."""
 
-    def startService(self) -> None:
+    def privilegedStartService(self) -> None:
         from gossip.node import StartupError
 
         try:
-            super().startService()
+            super().privilegedStartService()
         except StartupError as e:
             raise SystemExit(f"gossip: {e}") from None
 
 
 def run_node(argv: list[str] | None = None) -> int:
-    """``gossip-node``: one node in the foreground, logs to stderr; SIGTERM/SIGINT stop it."""
+    """``gossip-node``: one node in the foreground, logs to stderr; SIGTERM/SIGINT stop it.
+
+    Exit status: 0 after a stop by signal, 1 when the node cannot start (a port in
+    use, an unusable data directory) or stops on a fatal error, 2 for a usage error.
+    """
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
@@ -159,28 +299,30 @@ def run_node(argv: list[str] | None = None) -> int:
     except usage.UsageError as e:
         print(f"gossip-node: {e}", file=sys.stderr)
         return 2
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    except SystemExit as e:  # --version, --help
+        return e.code if isinstance(e.code, int) else 0
+    exit_code = [0]
+
+    def fatal(line: str) -> None:
+        print(f"gossip-node: {line}", file=sys.stderr)
+        exit_code[0] = 1
+        if reactor.running:
+            reactor.stop()
+
     try:
         node = build_node(options, reactor)
     except StartupError as e:
         print(f"gossip-node: {e}", file=sys.stderr)
         return 1
-    exit_code = [0]
-
-    def start() -> None:
-        try:
-            node.startService()
-        except StartupError as e:
-            print(f"gossip-node: {e}", file=sys.stderr)
-            exit_code[0] = 1
-            reactor.stop()
-
-    def stop() -> Any:
-        if node.running:
-            return node.stopService()
-        return None
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    top = node_services(node, reactor, on_fatal=fatal)
+    try:
+        top.privilegedStartService()
+    except StartupError as e:
+        node.store.close()
+        print(f"gossip-node: {e}", file=sys.stderr)
+        return 1
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     return exit_code[0]

@@ -539,7 +539,7 @@ def test_status_of_a_fresh_node(h: Harness) -> None:
     for link in s["links"]:
         peer = h.config.nodes[link["peer"]]
         assert link["state"] == "connecting"
-        assert link["address"] == f"{peer.host}:{peer.peer_port}"
+        assert link["address"] == peer.peer_address
         assert link["times_up"] == 0
         assert link["last_error"] == ""
     assert s["store"] == [

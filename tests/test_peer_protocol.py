@@ -121,7 +121,7 @@ class Node:
         self.id = node_id
         self.reactor = DialingReactor()
         self.rec = Recorder()
-        neighbours = {n: ("127.0.0.1", BASE_PORT + n) for n in NODES if n != node_id}
+        neighbours = {n: f"tcp:host=127.0.0.1:port={BASE_PORT + n}" for n in NODES if n != node_id}
         settings: dict[str, Any] = {
             "reconnect_max_delay": MAX_DELAY,
             "ping_interval": PING,
@@ -796,21 +796,26 @@ def test_start_dials_every_neighbour() -> None:
     node.table.stop()
 
 
+def newest_dial(node: Node, peer: int) -> FakeConnector:
+    """The TCP connector of the latest dial to ``peer`` (each dial of an endpoint makes one)."""
+    return [c for c in node.reactor.connectors if c.port == BASE_PORT + peer][-1]
+
+
 def test_failed_dial_is_retried(seeded_random: None) -> None:
     """A refused dial records last_error and the factory dials again within reconnect_max_delay."""
     node = Node(1)
     node.table.start()
-    connector = node.reactor.connectors[0]
+    connector = newest_dial(node, 2)
     assert connector.getDestination().port == BASE_PORT + 2
     connector.transport.failIfNotConnected(error.ConnectionRefusedError())
     assert node.dials_to(2) == 1
-    assert "dial 127.0.0.1:17002 failed" in node.table.links[2].last_error
+    assert "dial tcp:host=127.0.0.1:port=17002 failed" in node.table.links[2].last_error
     assert "refused" in node.table.links[2].last_error
     node.reactor.advance(0)
     assert node.dials_to(2) == 1, "not at once"
     node.reactor.advance(MAX_DELAY)
     assert node.dials_to(2) == 2
-    assert connector.state == "connecting"
+    assert newest_dial(node, 2).state == "connecting"
     node.table.stop()
 
 
@@ -819,7 +824,8 @@ def test_dial_timeout_is_retried(seeded_random: None) -> None:
     node = Node(1)
     node.table.start()
     node.reactor.advance(5)
-    assert "dial 127.0.0.1:17002 failed" in node.table.links[2].last_error
+    assert "dial tcp:host=127.0.0.1:port=17002 failed" in node.table.links[2].last_error
+    assert "no connection within 5 s" in node.table.links[2].last_error
     node.reactor.advance(MAX_DELAY)
     assert node.dials_to(2) == 2
     node.table.stop()
@@ -829,10 +835,9 @@ def test_backoff_grows_but_dialing_never_stops(seeded_random: None) -> None:
     """Repeated failures keep being retried, with growing delays."""
     node = Node(1)
     node.table.start()
-    connector = node.reactor.connectors[0]
     times = []
     for attempt in range(1, 12):
-        connector.transport.failIfNotConnected(error.ConnectionRefusedError())
+        newest_dial(node, 2).transport.failIfNotConnected(error.ConnectionRefusedError())
         start = node.reactor.seconds()
         while node.dials_to(2) == attempt:
             node.reactor.advance(0.01)
@@ -847,9 +852,8 @@ def test_retry_delay_never_exceeds_reconnect_max_delay(seeded_random: None) -> N
     """Every retry after a failure comes within reconnect_max_delay seconds."""
     node = Node(1)
     node.table.start()
-    connector = node.reactor.connectors[0]
     for attempt in range(1, 41):
-        connector.transport.failIfNotConnected(error.ConnectionRefusedError())
+        newest_dial(node, 2).transport.failIfNotConnected(error.ConnectionRefusedError())
         node.reactor.advance(MAX_DELAY)
         assert node.dials_to(2) == attempt + 1, f"retry {attempt} later than {MAX_DELAY} s"
 

@@ -2,7 +2,7 @@
 
 Twisted code::
 
-    client = await GossipClient.connect(reactor, "127.0.0.1", 17101)
+    client = await GossipClient.connect_endpoint(reactor, "tcp:host=127.0.0.1:port=17101")
     mid = await client.submit_message("Apple")
     bodies = await client.get_messages()
 
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.error import ConnectingCancelledError
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -41,7 +42,7 @@ from gossip.client.commands import (
     SubmitMany,
     Watch,
 )
-from gossip.config import ClusterConfig, load_config
+from gossip.config import ClusterConfig, address_description, load_config
 from gossip.core.message import ID_BYTES
 from gossip.locations import default_config
 from gossip.net.peer_protocol import set_no_delay
@@ -106,25 +107,42 @@ class GossipClient:
         self._batch_call: Any = None
 
     @classmethod
+    async def connect_endpoint(
+        cls, reactor: Any, description: str, timeout: float = CONNECT_TIMEOUT
+    ) -> GossipClient:
+        """Connect to the node at a client endpoint description (a ``client_address``)."""
+        try:
+            endpoint = clientFromString(reactor, description)
+            attempt = connectProtocol(endpoint, ClientAMP())
+            proto = await attempt.addTimeout(timeout, reactor)
+        except (ConnectingCancelledError, TimeoutError):
+            raise NodeUnreachable(
+                f"{description} is not reachable: no connection within {timeout:g} s"
+            ) from None
+        except Exception as e:
+            raise NodeUnreachable(f"{description} is not reachable: {_reason(e)}") from None
+        set_no_delay(proto.transport)
+        return cls(proto, description, reactor)
+
+    @classmethod
     async def connect(
         cls, reactor: Any, host: str, port: int, timeout: float = CONNECT_TIMEOUT
     ) -> GossipClient:
-        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=int(timeout))
-        try:
-            proto = await connectProtocol(endpoint, ClientAMP())
-        except Exception as e:
-            raise NodeUnreachable(f"{host}:{port} is not reachable: {_reason(e)}") from None
-        set_no_delay(proto.transport)
-        return cls(proto, f"{host}:{port}", reactor)
+        """Connect to ``host``:``port`` over TCP (host names are resolved now)."""
+        return await cls.connect_endpoint(reactor, address_description(host, port), timeout)
 
     @classmethod
     async def connect_node(
-        cls, reactor: Any, node: int, config: ClusterConfig | str | Path | None = None
+        cls,
+        reactor: Any,
+        node: int,
+        config: ClusterConfig | str | Path | None = None,
+        timeout: float = CONNECT_TIMEOUT,
     ) -> GossipClient:
-        cfg = _config(config)
-        spec = cfg.node(node)
+        """Connect to node ``node`` at its ``client_address`` in the cluster file."""
+        spec = _config(config).node(node)
         try:
-            return await cls.connect(reactor, spec.host, spec.client_port)
+            return await cls.connect_endpoint(reactor, spec.client_address, timeout)
         except NodeUnreachable as e:
             raise NodeUnreachable(f"node {node} at {e}") from None
 

@@ -79,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run(reactor: Any, config: Any, args: argparse.Namespace) -> None:
     spec = config.node(args.id)
-    where = f"node {args.id} at {spec.host}:{spec.client_port}"
+    where = f"node {args.id} at {spec.client_address}"
 
     async def timed(d: Any) -> Any:
         return await Deferred.fromCoroutine(_await(d)).addTimeout(args.timeout, reactor)
 
     try:
-        client = await timed(GossipClient.connect(reactor, spec.host, spec.client_port))
+        client = await timed(GossipClient.connect_endpoint(reactor, spec.client_address))
     except NodeUnreachable as e:
         raise CliError(f"node {args.id} at {e}") from None
     except TimeoutError:
@@ -131,12 +131,14 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
             f"node {s['node_id']} of cluster {s['cluster']}: {s['message_count']} messages,"
             f" {s['dissemination']}, up {s['uptime']:.0f} s"
         )
-        _out(f"  {'link':<9} {'address':<21} {'state':<10} {'since':>10}")
+        width = max([21, *(len(link["address"]) for link in s["links"])])
+        _out(f"  {'link':<9} {'address':<{width}} {'state':<10} {'since':>10}")
         now = time.time()
         for link in s["links"]:
             age = max(0.0, now - link["since"])
             line = (
-                f"  node {link['peer']:<4} {link['address']:<21} {link['state']:<10} {age:8.1f} s"
+                f"  node {link['peer']:<4} {link['address']:<{width}} {link['state']:<10}"
+                f" {age:8.1f} s"
             )
             if link["last_error"] and link["state"] != "up":
                 line += f"  ({link['last_error']})"

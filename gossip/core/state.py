@@ -13,6 +13,7 @@ from typing import Protocol
 
 import attrs
 
+from gossip import settings
 from gossip.core.dissemination import Dissemination
 from gossip.core.effects import DropPeer, Effect, Persist
 from gossip.core.frames import (
@@ -75,8 +76,8 @@ class GossipCore:
         max_body: int,
         max_path: int,
         *,
-        sync_interval: float = 10.0,
-        sync_timeout: float = 30.0,
+        sync_interval: float = settings.SYNC_INTERVAL.default,
+        sync_timeout: float = settings.SYNC_TIMEOUT.default,
     ) -> None:
         self.node_id = node_id
         self.neighbours = frozenset(neighbours)

@@ -1,6 +1,7 @@
 """The link table: one logical link per neighbour, whatever the TCP connections do.
 
-Both ends of a link dial each other with a ``ReconnectingClientFactory`` and
+Both ends of a link dial each other with a ``ReconnectingClientFactory`` (through
+an ``EndpointConnector``: a neighbour's address is an endpoint description) and
 accept the other's dial, so a restarted node is reconnected as soon as either
 side notices. The handshake (``Hello``) tells who is on a connection; rules
 that keep exactly one connection per neighbour pair:
@@ -22,13 +23,15 @@ from typing import Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IConnector, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ReconnectingClientFactory, ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from gossip import logs
+from gossip import logs, settings
 from gossip.core.frames import PeerFrame
+from gossip.net.dialing import EndpointConnector
 from gossip.net.peer_protocol import PeerProtocol
 from gossip.wire import codec
 
@@ -52,8 +55,7 @@ class LinkEvents:
 @attrs.define
 class Link:
     peer: int
-    host: str
-    port: int
+    address: str  # the neighbour's peer_address: a client endpoint description
     factory: PeerClientFactory
     state: str = CONNECTING
     since: float = 0.0
@@ -144,14 +146,14 @@ class LinkTable:
         *,
         node_id: int,
         cluster: str,
-        neighbours: dict[int, tuple[str, int]],
+        neighbours: dict[int, str],
         reactor: IReactorTCP,
         clock: IReactorTime,
         events: LinkEvents,
         max_frame: int,
-        reconnect_max_delay: float = 5.0,
-        ping_interval: float = 5.0,
-        idle_timeout: float = 15.0,
+        reconnect_max_delay: float = settings.RECONNECT_MAX_DELAY.default,
+        ping_interval: float = settings.PING_INTERVAL.default,
+        idle_timeout: float = settings.IDLE_TIMEOUT.default,
         handshake_timeout: float = 10.0,
         max_pending_bytes: int = 64 * 1024 * 1024,
         max_unidentified: int = 64,
@@ -173,8 +175,8 @@ class LinkTable:
         self.send_delay = send_delay
         self.incarnation = incarnation if incarnation is not None else random.getrandbits(63) + 1
         self.links = {
-            peer: Link(peer, host, port, PeerClientFactory(self, peer, reconnect_max_delay))
-            for peer, (host, port) in sorted(neighbours.items())
+            peer: Link(peer, address, PeerClientFactory(self, peer, reconnect_max_delay))
+            for peer, address in sorted(neighbours.items())
         }
         self.connections: set[PeerProtocol] = set()
         self._pinger = LoopingCall(self._ping)
@@ -187,7 +189,8 @@ class LinkTable:
         now = self.clock.seconds()
         for link in self.links.values():
             link.since = now
-            self.reactor.connectTCP(link.host, link.port, link.factory, timeout=5)
+            endpoint = clientFromString(self.reactor, link.address)
+            EndpointConnector(endpoint, link.factory, self.clock, link.address).connect()
         self._pinger.start(self.ping_interval, now=False)
 
     def stop(self) -> None:
@@ -266,7 +269,7 @@ class LinkTable:
         link = self.links[peer]
         if link.state == UP or self._stopping:
             return  # we stopped this dial ourselves: the link is up through the neighbour's
-        link.last_error = f"dial {link.host}:{link.port} failed: {reason.getErrorMessage()}"
+        link.last_error = f"dial {link.address} failed: {reason.getErrorMessage()}"
         self.log.debug("{error}", error=link.last_error)
 
     # -- used by the node --------------------------------------------------
@@ -298,7 +301,7 @@ class LinkTable:
         return [
             LinkStatus(
                 link.peer,
-                f"{link.host}:{link.port}",
+                link.address,
                 link.state,
                 link.since,
                 link.times_up,
