@@ -56,7 +56,10 @@ def read_box(sock: socket.socket, deadline: float) -> dict[bytes, bytes]:
         if left <= 0:
             raise TimeoutError(f"no answer within {TIMEOUT_SECONDS:.0f} s")
         sock.settimeout(left)
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise TimeoutError(f"no answer within {TIMEOUT_SECONDS:.0f} s") from None
         if not chunk:
             raise ConnectionError("the node closed the connection")
         buf += chunk
