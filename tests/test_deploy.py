@@ -33,8 +33,8 @@ UNIT = DEPLOY / "systemd" / "gossip@.service"
 HEALTHCHECK = DEPLOY / "container" / "healthcheck.py"
 BIN = Path(sys.executable).parent
 UNIT_EXEC = "/opt/gossip/bin/gossip-node"  # where the README installs it
-# The oldest Kubernetes release still maintained when the manifests were written, and
-# the newest that kubernetes-validate knows.
+# An older Kubernetes release (the manifests use nothing newer) and the newest one
+# kubernetes-validate knows.
 K8S_VERSIONS = ("1.31", None)
 
 
