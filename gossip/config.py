@@ -406,6 +406,7 @@ class _Checker:
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self._reactor: Any = None
 
     def fail(self, where: str | None, problem: str) -> NoReturn:
         if where:
@@ -614,8 +615,10 @@ class _Checker:
         from twisted.internet.testing import MemoryReactor
 
         parse = serverFromString if server else clientFromString
+        if self._reactor is None:
+            self._reactor = MemoryReactor()  # one for the file: nothing listens or dials
         try:
-            parse(MemoryReactor(), description)
+            parse(self._reactor, description)
             family, port, _ = listen_key(description) if server else address_key(description)
         except Exception as e:
             what = "server" if server else "client"

@@ -10,10 +10,17 @@ each listening on its endpoint description in ``privilegedStartService``, the
 ``GossipNode`` itself, and a ``TimerService`` for the core's ticks. A port
 that cannot be listened on stops the start with one line naming the node, the
 setting and the endpoint, and a non-zero exit status.
+
+A node that cannot go on (its store failed) stops the process with exit status
+1 under both, so that ``Restart=on-failure`` restarts it: the node reports it
+through ``on_fatal``; stopping the reactor is decided here, never inside it.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 from importlib import metadata
@@ -120,10 +127,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     from gossip.node import StartupError
 
     try:
-        node = build_node(options, reactor)
+        fatal = _exit_after_twistd(reactor)
+        node = build_node(options, reactor, on_fatal=fatal)
     except StartupError as e:
         raise SystemExit(f"gossip: {e}") from None
-    return node_services(node, reactor, _TwistdRoot())
+
+    def listen_failed(line: str) -> None:
+        node.log.critical("{line}", line=line)
+        fatal(line)
+
+    return node_services(node, reactor, _TwistdRoot(), on_fatal=listen_failed)
 
 
 class ListenService(StreamServerEndpointService):
@@ -147,29 +160,36 @@ class ListenService(StreamServerEndpointService):
         super().__init__(endpoint, factory)
         self.what = what
         self.on_fatal = on_fatal
-        self.listening: Any = None  # the IListeningPort once listening
+        self._starting = False
 
     def privilegedStartService(self) -> None:
         from gossip.node import StartupError
 
+        listen = self.endpoint.listen
+
+        def watched_listen(factory: Any) -> Any:
+            # Ahead of the base class's errback, which would log a late failure and go on.
+            return listen(factory).addErrback(self._late)
+
+        self.endpoint.listen = watched_listen
+        self._starting = True
         try:
             super().privilegedStartService()
         except Exception as e:
             self._waitingForPort = None
             raise StartupError(f"cannot listen on {self.what}: {_reason(e)}") from None
-        assert self._waitingForPort is not None
-        self._waitingForPort.addCallbacks(self._listening, self._failed)
+        finally:
+            self._starting = False
+            self.endpoint.listen = listen
 
-    def _listening(self, port: Any) -> Any:
-        self.listening = port
-        return port
-
-    def _failed(self, failure: Failure) -> None:
+    def _late(self, failure: Failure) -> Failure | None:
         from twisted.internet.defer import CancelledError
 
-        if not failure.check(CancelledError):
-            reason = _reason(failure.value) if failure.value else failure.getErrorMessage()
-            self.on_fatal(f"cannot listen on {self.what}: {reason}")
+        if self._starting or failure.check(CancelledError):
+            return failure  # raised by privilegedStartService / ignored by the base class
+        reason = _reason(failure.value) if failure.value else failure.getErrorMessage()
+        self.on_fatal(f"cannot listen on {self.what}: {reason}")
+        return None
 
     def stopService(self) -> Any:
         if self._waitingForPort is None:  # never listened
@@ -244,7 +264,38 @@ class _NodeRoot(service.MultiService):
             raise StartupError(f"node {node.node_id} {e}") from None
 
 
-def build_node(options: Options, reactor: Any) -> GossipNode:
+def _stop(reactor: Any) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
+
+
+def _exit_after_twistd(reactor: Any) -> Callable[[str], None]:
+    """``on_fatal`` under twistd: stop the reactor and leave with status 1.
+
+    twistd has no exit status of its own: once its reactor stops it removes its
+    pid file, stops logging and returns 0. So the status is set at interpreter
+    exit, after all of that (an exit handler registered now runs first).
+    """
+
+    def fatal(reason: str) -> None:
+        atexit.register(_exit_now, 1)
+        _stop(reactor)
+
+    return fatal
+
+
+def _exit_now(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def build_node(
+    options: Options, reactor: Any, on_fatal: Callable[[str], object] | None = None
+) -> GossipNode:
     """The node with its store open (log recovery runs here); StartupError if it can't."""
     from gossip.node import GossipNode, StartupError
     from gossip.store.log import LogStore, StoreError
@@ -267,6 +318,7 @@ def build_node(options: Options, reactor: Any) -> GossipNode:
         store,
         reactor,
         send_delay=options["link-delay"] / 1000.0,
+        on_fatal=on_fatal,
     )
 
 
@@ -306,11 +358,10 @@ def run_node(argv: list[str] | None = None) -> int:
     def fatal(line: str) -> None:
         print(f"gossip-node: {line}", file=sys.stderr)
         exit_code[0] = 1
-        if reactor.running:
-            reactor.stop()
+        _stop(reactor)
 
     try:
-        node = build_node(options, reactor)
+        node = build_node(options, reactor, on_fatal=fatal)
     except StartupError as e:
         print(f"gossip-node: {e}", file=sys.stderr)
         return 1

@@ -343,8 +343,9 @@ async def test_when_durable_writes_and_fsyncs_buffered_records(tmp_path: Path) -
 def test_failed_end_of_turn_write_breaks_the_store(tmp_path: Path) -> None:
     """If the end-of-turn write fails, the records in it are lost although add took
     them: the store refuses further appends with a one-line StoreError, the
-    when_durable waiters fail, reads of the lost records raise the same error, and
-    the log reopens with what was written before."""
+    when_durable waiters and when_broken fire with it, the lost records are no longer
+    held (reads find nothing, no error), and the log reopens with what was written
+    before."""
     clock = Clock()
     store, cap = open_store(tmp_path, reactor=clock, fsync="batch")
     written, lost = msg(1), msg(2)
@@ -353,6 +354,8 @@ def test_failed_end_of_turn_write_breaks_the_store(tmp_path: Path) -> None:
     waiter = store.when_durable()  # its fsync is not due before the next turn ends
     failures: list[BaseException] = []
     waiter.addErrback(lambda f: failures.append(f.value))
+    broken: list[StoreError] = []
+    store.when_broken().addCallback(broken.append)
     store.add(lost)
     full = os.open("/dev/full", os.O_RDWR)
     try:
@@ -370,9 +373,12 @@ def test_failed_end_of_turn_write_breaks_the_store(tmp_path: Path) -> None:
         store.add(msg(3))
     store.when_durable().addErrback(lambda f: failures.append(f.value))
     assert len(failures) == 2 and str(failures[1]) == text
-    with pytest.raises(StoreError) as e:
-        store.get(lost.id)
-    assert str(e.value) == text
+    assert [str(e) for e in broken] == [text]
+    assert store.get(lost.id) is None and lost.id not in store
+    assert (len(store), list(store.ids())) == (1, [written.id])
+    assert store.ids_between(b"", b"\xff" * 17, 10) == [written.id]
+    with pytest.raises(StoreError, match="refusing further appends"):
+        store.write_buffered()
     store.close()
     store, _ = open_store(tmp_path)
     assert contents(store) == [written]

@@ -25,7 +25,7 @@ from gossip.core.frames import (
     PeerFrame,
     PruneFrame,
 )
-from gossip.core.message import message_id
+from gossip.core.message import Message, message_id
 from gossip.core.plumtree import OriginTrees, Plumtree, ShortestPathTrees
 from gossip.core.state import GossipCore
 from gossip.sim import Simulation
@@ -178,7 +178,7 @@ class Node:
         )
         # Periodic re-sync is pushed out of the way; link-up sessions are filtered.
         self.core = GossipCore(
-            ME, GRAPH[ME], self.store, self.plumtree, MAX_BODY, 16, sync_interval=1e9
+            ME, GRAPH[ME], self.store, self.plumtree, MAX_BODY, GRAPH, sync_interval=1e9
         )
         self.now = T0
         for p in up:
@@ -678,3 +678,21 @@ def test_report_command_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]
     assert report_main(["--crash", "1.5"]) == 2
     assert report_main(["--nodes", "41"]) == 2
     assert "n * degree must be even" in capsys.readouterr().err
+
+
+def test_graft_reply_of_an_old_record_sends_a_path_the_grafter_accepts() -> None:
+    """A record from an old log whose stored path names the grafting node, a node not
+    in the graph, a repeat and is as long as the cluster is sent in answer to a Graft
+    with those entries left out, so the grafter stores it instead of refusing it."""
+    node = Node(up=(2, 3, 7, 8))
+    body = b"from an old log"
+    old_path = (1, 3, 99, 2, 1, 7)  # 6 entries: as many as GRAPH has nodes
+    node.store.add(Message(message_id(body), body, T0, old_path))
+    sends = node.receive(3, GraftFrame((message_id(body),)))
+    assert pushed(sends) == {3: [Envelope(message_id(body), body, (1, 2, 7, ME))]}
+    grafter = GossipCore(3, GRAPH[3], MemoryStore(), Flood(3), MAX_BODY, GRAPH)
+    grafter.peer_up(ME, T0)
+    (sent,) = sends
+    effects = grafter.receive(ME, sent.frame, T0)
+    assert [type(e) for e in effects][:1] == [Persist]
+    assert sum(grafter.refused.values()) == 0

@@ -6,7 +6,8 @@
     gclient --id 4 --status              prints the node's links and counts
 
 Every failure is one line on stderr and a non-zero exit status: 1 when the
-node refuses or cannot be reached, 2 for a usage or config mistake.
+node refuses, is busy, closes the connection (too many client connections) or
+cannot be reached, 2 for a usage or config mistake.
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ from twisted.internet.error import TimeoutError
 from twisted.internet.task import react
 from twisted.protocols import amp
 
-from gossip.client.api import GossipClient, NodeUnreachable
-from gossip.client.commands import AmbiguousId, BadId, MessageRejected, NotFound
+from gossip.client.api import GossipClient, NodeClosedConnection, NodeUnreachable
+from gossip.client.commands import (
+    AmbiguousId,
+    BadId,
+    BadRequest,
+    MessageRejected,
+    NodeBusy,
+    NotFound,
+)
 from gossip.config import ConfigError, load_config
 from gossip.core.message import SHORT_ID_CHARS
 from gossip.locations import default_config
@@ -85,7 +93,9 @@ async def _run(reactor: Any, config: Any, args: argparse.Namespace) -> None:
         return await Deferred.fromCoroutine(_await(d)).addTimeout(args.timeout, reactor)
 
     try:
-        client = await timed(GossipClient.connect_endpoint(reactor, spec.client_address))
+        client = await timed(
+            GossipClient.connect_endpoint(reactor, spec.client_address, name=where)
+        )
     except NodeUnreachable as e:
         raise CliError(f"node {args.id} at {e}") from None
     except TimeoutError:
@@ -94,7 +104,9 @@ async def _run(reactor: Any, config: Any, args: argparse.Namespace) -> None:
         await _command(client, args, timed)
     except TimeoutError:
         raise CliError(f"{where} did not answer within {args.timeout:g} s") from None
-    except (MessageRejected, NotFound, AmbiguousId, BadId) as e:
+    except (MessageRejected, NodeBusy, NotFound, AmbiguousId, BadId, BadRequest) as e:
+        raise CliError(str(e)) from None
+    except NodeClosedConnection as e:
         raise CliError(str(e)) from None
     except amp.RemoteAmpError as e:
         raise CliError(f"{where} failed: {e.description}") from None
@@ -160,6 +172,10 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
                 f"  re-sync sessions: {sync['sessions_completed']} done,"
                 f" {sync['sessions_aborted']} aborted, {sync['messages_pulled']} messages pulled"
             )
+        refused = [r for r in s.get("refused", []) if r["count"]]
+        if refused:
+            reasons = ", ".join(f"{r['reason']} {r['count']}" for r in refused)
+            _out(f"  messages refused: {sum(r['count'] for r in refused)} ({reasons})")
 
 
 def _out(line: str) -> None:

@@ -50,6 +50,7 @@ from gossip.core.frames import (
     PeerFrame,
     PruneFrame,
 )
+from gossip.core.paths import relay_path
 
 # Ids per IHave or Graft frame; a full batch is sent without waiting for the tick.
 IDS_PER_FRAME = 4096
@@ -89,6 +90,7 @@ class ShortestPathTrees:
 
     def __init__(self, graph: Mapping[int, Iterable[int]], *, share: bool = False) -> None:
         self.graph = {n: tuple(sorted(nbs)) for n, nbs in graph.items()}
+        self.members = frozenset(self.graph)
         self.share = share
         self._parents: dict[int, dict[int, int]] = {}
 
@@ -117,6 +119,7 @@ class OriginTrees:
     def __init__(self, node_id: int, trees: ShortestPathTrees) -> None:
         self.node_id = node_id
         self.trees = trees
+        self.members = trees.members
         self._children: dict[int, tuple[int, ...]] = {}
         self._parent: dict[int, int | None] = {}
         self._path: dict[int, tuple[int, ...]] = {}
@@ -390,7 +393,8 @@ class Plumtree:
                 adopted.add(peer)
                 self._plans.clear()
             self._pruned.discard((peer, origin))
-            batch.append(Envelope(m.id, m.body, (*m.path, self.node_id)))
+            path = relay_path(m.path, self.node_id, peer, self.trees.members)
+            batch.append(Envelope(m.id, m.body, path))
             size += len(m.body) + 64
             if size >= GRAFT_REPLY_BYTES:
                 yield GossipFrame(tuple(batch))

@@ -23,7 +23,7 @@ which reconcile with it and pull only what they lack.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Set
 from typing import Protocol
 
 import attrs
@@ -39,6 +39,7 @@ from gossip.core.frames import (
     SyncWantFrame,
 )
 from gossip.core.message import ID_BYTES, Message
+from gossip.core.paths import relay_path
 
 FANOUT_BITS = 4
 FANOUT = 1 << FANOUT_BITS
@@ -153,12 +154,13 @@ SYNC_FRAME_BYTES = 64 * 1024
 
 
 def stream_frames(
-    store: MessageSource, node_id: int, order: StreamMessages
+    store: MessageSource, node_id: int, order: StreamMessages, members: Set[int]
 ) -> Iterator[SyncDataFrame]:
     """The SyncData frames answering one SyncWant, lazily: the caller paces them.
 
     Envelopes carry no id (the receiver hashes the body anyway) and the stored
-    path with this node appended, as a gossip forward would.
+    path with this node appended, as a gossip forward would, less what the
+    receiver would refuse (``relay_path``: a record from an old log).
     """
     batch: list[Envelope] = []
     size = 0
@@ -173,7 +175,7 @@ def stream_frames(
         m = store.get(mid)
         if m is None:
             continue
-        batch.append(Envelope(b"", m.body, (*m.path, node_id)))
+        batch.append(Envelope(b"", m.body, relay_path(m.path, node_id, order.peer, members)))
         size += len(m.body) + 4 * len(m.path) + 16
         if size >= SYNC_FRAME_BYTES:
             yield SyncDataFrame(order.session, tuple(batch), False)

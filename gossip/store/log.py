@@ -157,7 +157,7 @@ from twisted.python.failure import Failure
 
 from gossip import logs
 from gossip.core.message import ID_BYTES, Message
-from gossip.store.interface import ids_between
+from gossip.store.interface import StoreError, ids_between
 
 MAGIC = b"GSPLOG1\n"
 LOG_NAME = "messages.log"
@@ -183,8 +183,7 @@ POLICIES: tuple[str, ...] = ("always", "batch", "never")
 INLINE_FSYNC_SECONDS = 0.002
 
 
-class StoreError(Exception):
-    """The store cannot be used; the text is one line for the operator."""
+__all__ = ["LogStore", "StoreError"]
 
 
 # length | kind | id | received_at | path count | path entries: a record after its
@@ -471,6 +470,7 @@ class LogStore:
         self._in_flight = False
         self._waiters: deque[tuple[int, Deferred[None]]] = deque()
         self._broken: str | None = None
+        self._on_broken: list[Deferred[StoreError]] = []
         self._closed = False
         self._fsyncs = 0
         self._last_fsync = 0.0
@@ -578,7 +578,11 @@ class LogStore:
         record = encode_record(message)
         offset = self._end
         if self.policy == "always":
-            self._write(record)
+            try:
+                self._write(record)
+            except StoreError as e:
+                self._break(str(e))  # nothing was lost: the record was not taken
+                raise StoreError(self._broken) from None
         else:
             if self._write_call is None:
                 self._write_call = self._reactor.callLater(0, self._write_later)
@@ -606,11 +610,12 @@ class LogStore:
         return bisect.bisect_left(self._offsets, self._durable)
 
     def get(self, mid: bytes) -> Message | None:
+        """The message, or None if not held (a record lost with a failed write is not)."""
+        if self._pending and mid in self._by_id:
+            self._write_out_for_read()
         n = self._by_id.get(mid)
         if n is None:
             return None
-        if self._pending:
-            self._write_out()
         offset = self._offsets[n]
         buf = os.pread(self._fd, _GET_GUESS, offset)
         if len(buf) < HEADER_BYTES:
@@ -632,7 +637,7 @@ class LogStore:
     def scan(self, start: int) -> Iterator[Message]:
         """Messages in arrival order from position ``start`` (those held when iteration starts)."""
         if self._pending:
-            self._write_out()
+            self._write_out_for_read()
         offsets = self._offsets
         buf = b""
         base = 0
@@ -691,6 +696,22 @@ class LogStore:
         d: Deferred[None] = Deferred()
         self._waiters.append((self._end, d))
         self._schedule()
+        return d
+
+    def write_buffered(self) -> None:
+        """Write the buffered records now; ``StoreError`` if the store has failed (then
+        nothing added since the last good write is held any more)."""
+        if self._pending:
+            self._write_out()
+        if self._broken is not None:
+            raise StoreError(self._broken)
+
+    def when_broken(self) -> Deferred[StoreError]:
+        """Fires with the error once the store fails (at once if it has)."""
+        if self._broken is not None:
+            return succeed(StoreError(self._broken))
+        d: Deferred[StoreError] = Deferred()
+        self._on_broken.append(d)
         return d
 
     def close(self) -> None:
@@ -771,9 +792,31 @@ class LogStore:
         try:
             self._write(data)
         except StoreError as e:
+            self._forget_unwritten()
             self._break(f"{e}; records lost: {count}")
             self._fire_waiters(StoreError(self._broken))
             raise StoreError(self._broken) from None
+
+    def _write_out_for_read(self) -> None:
+        """Write before a read; a failure (the store broke, the lost records are no
+        longer held) is the store's to report, not the reader's."""
+        with contextlib.suppress(StoreError):
+            self._write_out()
+
+    def _forget_unwritten(self) -> None:
+        """Drop the records past the end of the file from the index: what a failed
+        write lost is not held, so nobody is told it is, nor finds a hole in the file."""
+        k = bisect.bisect_left(self._offsets, self._written)
+        lost = self._order[k:]
+        del self._offsets[k:]
+        del self._order[k:]
+        for mid in lost:
+            del self._by_id[mid]
+        gone = set(lost)
+        self._unsorted[:] = [m for m in self._unsorted if m not in gone]
+        for mid in lost:
+            self._sorted.discard(mid)
+        self._end = self._written
 
     def _write_later(self) -> None:
         """The end-of-turn write of what ``add`` buffered."""
@@ -843,8 +886,13 @@ class LogStore:
         self._fire_waiters(StoreError(self._broken))
 
     def _break(self, why: str) -> None:
+        if self._broken is not None:
+            return
         self._broken = why + "; refusing further appends"
         self.log.critical("{why}", why=self._broken)
+        waiting, self._on_broken = self._on_broken, []
+        for d in waiting:
+            d.callback(StoreError(self._broken))
 
     def _fire_waiters(self, error: StoreError | None) -> None:
         waiters = self._waiters
