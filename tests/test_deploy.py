@@ -338,20 +338,20 @@ def run_healthcheck(port: int) -> tuple[int, str, float]:
     return r.returncode, r.stdout + r.stderr, time.monotonic() - t
 
 
+def _status_answer(**values: Any) -> dict[str, Any]:
+    """Every field of the Status command's answer: ``values``, else an empty one."""
+    empty = {amp.AmpList: [], amp.Integer: 0, amp.Float: 0.0, amp.Unicode: "", amp.Boolean: False}
+    out = {}
+    for name, argument in Status.response:
+        key = name.decode()
+        out[key] = values.get(key, empty[type(argument)])
+    return out
+
+
 class _StatusOnly(amp.AMP):
     @Status.responder
     def status(self) -> dict[str, Any]:
-        return {
-            "node_id": 7,
-            "cluster": "test",
-            "dissemination": "plumtree",
-            "message_count": 42,
-            "uptime": 1.0,
-            "traffic": [],
-            "sync": [],
-            "store": [],
-            "links": [],
-        }
+        return _status_answer(node_id=7, cluster="test", message_count=42)
 
 
 @pytest_twisted.ensureDeferred
