@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.python.failure import Failure
 
 from gossip import pidfile
@@ -202,9 +204,8 @@ class LocalCluster:
         return found
 
     async def node_status(self, node_id: int) -> dict[str, Any] | None:
-        spec = self.config.node(node_id)
         try:
-            client = await GossipClient.connect(self.reactor, spec.host, spec.client_port, 2.0)
+            client = await GossipClient.connect_node(self.reactor, node_id, self.config, 2.0)
         except NodeUnreachable:
             return None
         try:
@@ -283,22 +284,23 @@ async def stop_pid(reactor: Any, pid: int, timeout: float = 10.0) -> bool:
     return not pidfile.is_running(pid)
 
 
-def ports_in_use(config: ClusterConfig) -> list[str]:
-    """The cluster's ports that something already listens on, each as
-    ``"127.0.0.1:17001 (node 1's peer port)"``; binding as a node would
-    (SO_REUSEADDR), so ports in TIME_WAIT do not count."""
+async def ports_in_use(reactor: Any, config: ClusterConfig) -> list[str]:
+    """The cluster's listening addresses that something already holds, each as
+    ``"127.0.0.1:17001 (node 1's peer port)"``. Each ``*_listen`` endpoint is tried
+    the way the node will listen (so ports in TIME_WAIT do not count) and released
+    at once; an endpoint that fails for another reason is left for the node to report."""
     busy = []
     for spec in config.nodes.values():
-        for what, port in (("peer", spec.peer_port), ("client", spec.client_port)):
-            s = socket.socket(socket.AF_INET6 if ":" in spec.host else socket.AF_INET)
+        for what, description in (("peer", spec.peer_listen), ("client", spec.client_listen)):
             try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((spec.host, port))
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    busy.append(f"{spec.host}:{port} (node {spec.id}'s {what} port)")
-            finally:
-                s.close()
+                port = await serverFromString(reactor, description).listen(Factory())
+            except CannotListenError as e:
+                if getattr(e.socketError, "errno", None) == errno.EADDRINUSE:
+                    busy.append(f"{e.interface or '*'}:{e.port} (node {spec.id}'s {what} port)")
+                continue
+            except Exception:
+                continue
+            await port.stopListening()
     return busy
 
 
@@ -413,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fresh:
             for n in config.nodes:
                 shutil.rmtree(cluster.node_dir(n), ignore_errors=True)
-        busy = ports_in_use(config)
+        busy = await ports_in_use(reactor, config)
         if busy:
             more = f" (and {len(busy) - 1} more of its ports)" if len(busy) > 1 else ""
             result[0] = fail(

@@ -20,6 +20,15 @@ Format::
     peer_port = 17001              # 1..65535
     client_port = 17101            # 1..65535; no (host, port) is used twice
     neighbours = [2, 5, 9]         # node ids; required unless [graph].edges is given
+    # Optional Twisted endpoint descriptions; each one left out is derived from
+    # host and the port (listen on host's interface, dial host):
+    peer_listen = "tcp:17001:interface=0.0.0.0"           # serverFromString
+    peer_address = "tcp:host=gossip-0.gossip:port=17001"  # clientFromString
+    client_listen = "tcp:17101:interface=0.0.0.0"
+    client_address = "tcp:host=gossip-0.gossip:port=17101"
+
+host, peer_port and client_port are needed only for the endpoints they derive.
+The [cluster] keys, their defaults and bounds are declared in ``gossip.settings``.
 
     [graph]                        # optional: the links as an edge list instead
     edges = [[1, 2], [1, 5]]       # of per-node neighbours lists (never both)
@@ -34,44 +43,60 @@ the line (TOML syntax) or the field at fault, e.g.
 ``cluster.toml: node[3].peer_port: port 17001 is already used by node[1].peer_port``.
 ``node[k]`` is the k-th ``[[node]]`` table of the file, counting from 1, and
 ``graph.edges[k]`` the k-th edge; a bare "node 7" is the node whose id is 7.
-Unknown keys are errors, so that a typo cannot pass silently.
+Unknown keys are errors, so that a typo cannot pass silently. Endpoint
+descriptions are checked with Twisted's own parsers (against a ``MemoryReactor``,
+so nothing listens or dials), and two nodes may not listen on one address of a
+machine (the machine being the node's host) nor share an address.
 """
 
 from __future__ import annotations
 
 import datetime
 import difflib
+import ipaddress
 import math
 import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 
+from gossip import settings
+from gossip.settings import (
+    DISSEMINATIONS,
+    FSYNC_POLICIES,
+    MAX_MESSAGE_BYTES_LIMIT,
+    MAX_NODE_ID,
+    Setting,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEGREE",
+    "DISSEMINATIONS",
+    "FSYNC_POLICIES",
+    "MAX_MESSAGE_BYTES_LIMIT",
+    "MAX_NODE_ID",
+    "ClusterConfig",
+    "ConfigError",
+    "NodeSpec",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
+
 DEGREE = 3
-DEFAULT_MAX_MESSAGE_BYTES = 32768
-MAX_MESSAGE_BYTES_LIMIT = 60000  # AMP values are limited to 64 KiB, with room for framing
-DISSEMINATIONS = ("plumtree", "flood")
-FSYNC_POLICIES = ("always", "batch", "never")
-MAX_NODE_ID = 2**31 - 1
+DEFAULT_MAX_MESSAGE_BYTES = settings.MAX_MESSAGE_BYTES.default
 
 _TOP_KEYS = ("cluster", "node", "graph")
-_CLUSTER_KEYS = (
-    "name",
-    "max_message_bytes",
-    "allow_any_degree",
-    "dissemination",
-    "reconnect_max_delay",
-    "ping_interval",
-    "idle_timeout",
-    "sync_interval",
-    "sync_timeout",
-    "fsync",
-)
-_NODE_KEYS = ("id", "host", "peer_port", "client_port", "neighbours")
+_CLUSTER_KEYS = tuple(s.name for s in settings.CLUSTER_SETTINGS)
+_NODE_KEYS = tuple(s.name for s in settings.NODE_KEYS)
 _GRAPH_KEYS = ("edges",)
+ENDPOINT_KEYS = ("peer_listen", "peer_address", "client_listen", "client_address")
+_WILDCARDS = ("", "0.0.0.0", "::")
 
 
 class ConfigError(Exception):
@@ -81,13 +106,102 @@ class ConfigError(Exception):
         super().__init__(" ".join(message.splitlines()))
 
 
+def quote(argument: str) -> str:
+    """Escape ``:`` and ``\\`` for an endpoint description, as Twisted's
+    ``endpoints.quoteStringArgument`` does (kept here so that reading a cluster
+    file imports no Twisted)."""
+    return argument.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def listen_description(host: str, port: int) -> str:
+    """The server endpoint for ``port`` on ``host``'s interface (``tcp6`` for an IPv6 literal)."""
+    try:
+        ipv6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        ipv6 = False
+    return f"{'tcp6' if ipv6 else 'tcp'}:{port}:interface={quote(host)}"
+
+
+def address_description(host: str, port: int) -> str:
+    """The client endpoint that dials ``host`` (resolved at each dial) on ``port``."""
+    return f"tcp:host={quote(host)}:port={port}"
+
+
+def _derived(spec: NodeSpec, key: str) -> str | None:
+    """What ``key`` is when the file leaves it out, or None if host or port are missing."""
+    port = spec.peer_port if key.startswith("peer") else spec.client_port
+    if spec.host is None or port is None:
+        return None
+    if key.endswith("listen"):
+        return listen_description(spec.host, port)
+    return address_description(spec.host, port)
+
+
+_TCP_KINDS = ("tcp", "tcp6", "ssl", "tls")
+
+
+def _parsed(description: str) -> tuple[list[str], dict[str, str]]:
+    from twisted.internet.endpoints import _parse  # Twisted's own tokenizer (escapes, ':' '=')
+
+    args, kw = _parse(description)
+    return [str(a) for a in args], {str(k): str(v) for k, v in kw.items()}
+
+
+def listen_key(description: str) -> tuple[str, str, str]:
+    """(family, port, interface) of a server description, to find overlapping listens.
+    Every TCP-based kind is family "tcp"; other kinds compare by their whole text."""
+    args, kw = _parsed(description)
+    kind = args[0].lower() if args else ""
+    if kind not in _TCP_KINDS:
+        return kind, description.strip(), ""
+    port = kw.get("port", args[1] if len(args) > 1 else "")
+    default_interface = "::" if kind == "tcp6" else ""
+    return "tcp", port, kw.get("interface", default_interface).lower()
+
+
+def address_key(description: str) -> tuple[str, str, str]:
+    """(family, port, host) of a client description."""
+    args, kw = _parsed(description)
+    kind = args[0].lower() if args else ""
+    if kind not in _TCP_KINDS:
+        return kind, description.strip(), ""
+    rest = args[1:]
+    host = kw.get("host", rest.pop(0) if rest else "")
+    return "tcp", kw.get("port", rest[0] if rest else ""), host
+
+
+def _machine(spec: NodeSpec) -> str:
+    """Which host a node runs on, as far as the file tells: its host, else its peer address's."""
+    if spec.host is not None:
+        return spec.host.strip().lower()
+    family, _, host = address_key(spec.peer_address)
+    return host.lower() if family == "tcp" and host else spec.peer_address
+
+
+def _default_endpoint(key: str) -> Any:
+    def derive(spec: NodeSpec) -> str:
+        value = _derived(spec, key)
+        if value is None:
+            raise ValueError(f"node {spec.id}: {key} needs host and a port to derive it from")
+        return value
+
+    return attrs.Factory(derive, takes_self=True)
+
+
 @attrs.frozen
 class NodeSpec:
+    """One node. The four endpoint descriptions are always set: given, or derived from
+    host and the ports (which are None when the file gives every endpoint they feed)."""
+
     id: int
-    host: str
-    peer_port: int
-    client_port: int
+    host: str | None
+    peer_port: int | None
+    client_port: int | None
     neighbours: tuple[int, ...]  # sorted
+    peer_listen: str = _default_endpoint("peer_listen")
+    peer_address: str = _default_endpoint("peer_address")
+    client_listen: str = _default_endpoint("client_listen")
+    client_address: str = _default_endpoint("client_address")
 
 
 @attrs.frozen
@@ -96,15 +210,16 @@ class ClusterConfig:
     # Keyed by node id, in file order. Left out of the hash (a dict has none);
     # equality still compares it.
     nodes: dict[int, NodeSpec] = attrs.field(hash=False)
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    allow_any_degree: bool = False
-    dissemination: str = "plumtree"
-    reconnect_max_delay: float = 5.0
-    ping_interval: float = 5.0
-    idle_timeout: float = 15.0
-    sync_interval: float = 10.0
-    sync_timeout: float = 30.0
-    fsync: str = "batch"
+    # Defaults come from the settings table (gossip.settings).
+    max_message_bytes: int = settings.MAX_MESSAGE_BYTES.default
+    allow_any_degree: bool = settings.ALLOW_ANY_DEGREE.default
+    dissemination: str = settings.DISSEMINATION.default
+    reconnect_max_delay: float = settings.RECONNECT_MAX_DELAY.default
+    ping_interval: float = settings.PING_INTERVAL.default
+    idle_timeout: float = settings.IDLE_TIMEOUT.default
+    sync_interval: float = settings.SYNC_INTERVAL.default
+    sync_timeout: float = settings.SYNC_TIMEOUT.default
+    fsync: str = settings.FSYNC.default
     # Where the config came from (a path or "<string>"); not part of equality.
     source: str = attrs.field(default="<string>", eq=False)
 
@@ -194,31 +309,31 @@ def config_from_dict(data: Mapping[str, object], source: str = "<string>") -> Cl
 
 def dump_config(config: ClusterConfig) -> str:
     """TOML text for ``config``, with per-node neighbours lists."""
-    lines = [
-        f"# gossip cluster {config.name!r}: {len(config.nodes)} nodes",
-        "[cluster]",
-        f"name = {_toml_str(config.name)}",
-        f"max_message_bytes = {config.max_message_bytes}",
-        f"allow_any_degree = {'true' if config.allow_any_degree else 'false'}",
-        f"dissemination = {_toml_str(config.dissemination)}",
-        f"reconnect_max_delay = {_toml_float(config.reconnect_max_delay)}",
-        f"ping_interval = {_toml_float(config.ping_interval)}",
-        f"idle_timeout = {_toml_float(config.idle_timeout)}",
-        f"sync_interval = {_toml_float(config.sync_interval)}",
-        f"sync_timeout = {_toml_float(config.sync_timeout)}",
-        f"fsync = {_toml_str(config.fsync)}",
-    ]
+    lines = [f"# gossip cluster {config.name!r}: {len(config.nodes)} nodes", "[cluster]"]
+    for s in settings.CLUSTER_SETTINGS:
+        lines.append(f"{s.name} = {_toml_value(getattr(config, s.name))}")
     for spec in config.nodes.values():
-        lines += [
-            "",
-            "[[node]]",
-            f"id = {spec.id}",
-            f"host = {_toml_str(spec.host)}",
-            f"peer_port = {spec.peer_port}",
-            f"client_port = {spec.client_port}",
-            f"neighbours = [{', '.join(str(nb) for nb in spec.neighbours)}]",
-        ]
+        lines += ["", "[[node]]", f"id = {spec.id}"]
+        for key in ("host", "peer_port", "client_port"):
+            value = getattr(spec, key)
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key in ENDPOINT_KEYS:
+            value = getattr(spec, key)
+            if value != _derived(spec, key):
+                lines.append(f"{key} = {_toml_str(value)}")
+        lines.append(f"neighbours = [{', '.join(str(nb) for nb in spec.neighbours)}]")
     return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _toml_float(value)
+    if isinstance(value, str):
+        return _toml_str(value)
+    return str(value)
 
 
 _TOML_ESCAPES = {
@@ -291,6 +406,7 @@ class _Checker:
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self._reactor: Any = None
 
     def fail(self, where: str | None, problem: str) -> NoReturn:
         if where:
@@ -353,16 +469,36 @@ class _Checker:
             self.fail(f"{where}.{key}", f"expected true or false, got {_describe(value)}")
         return value
 
-    def get_seconds(
-        self, table: Mapping[str, object], key: str, where: str, default: float
-    ) -> float:
-        value = table.get(key, default)
-        field = f"{where}.{key}"
+    def setting(
+        self, table: Mapping[str, object], s: Setting[object], earlier: Mapping[str, Any]
+    ) -> Any:
+        """The value of one [cluster] setting, checked as the settings table declares it."""
+        where = "cluster"
+        field = f"{where}.{s.name}"
+        if s.kind == settings.INTEGER:
+            assert s.low is not None and s.high is not None
+            default = None if s.required else int(s.default)  # type: ignore[call-overload]
+            return self.get_int(table, s.name, where, s.low, s.high, default, s.why)
+        if s.kind == settings.BOOLEAN:
+            return self.get_bool(table, s.name, where, bool(s.default))
+        if s.kind in (settings.STRING, settings.CHOICE):
+            text = self.get_str(table, s.name, where, None if s.required else str(s.default))
+            if s.choices and text not in s.choices:
+                self.fail(field, f"unknown {s.noun} {text!r} (allowed: {', '.join(s.choices)})")
+            return text
+        assert s.kind == settings.SECONDS, s.kind
+        value = table.get(s.name, s.default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(field, f"expected a number of seconds, got {_describe(value)}")
         seconds = float(value)
         if not math.isfinite(seconds) or seconds <= 0:
             self.fail(field, f"must be a positive number of seconds, got {_show(value)}")
+        if s.greater_than is not None and seconds <= earlier[s.greater_than]:
+            self.fail(
+                field,
+                f"{seconds:g} must be greater than cluster.{s.greater_than}"
+                f" ({earlier[s.greater_than]:g})",
+            )
         return seconds
 
     # -- the file --------------------------------------------------------
@@ -373,40 +509,9 @@ class _Checker:
             self.fail(None, "missing [cluster] table")
         cluster = self.table(data["cluster"], "cluster")
         self.check_keys(cluster, _CLUSTER_KEYS, "cluster")
-        name = self.get_str(cluster, "name", "cluster")
-        max_bytes = self.get_int(
-            cluster,
-            "max_message_bytes",
-            "cluster",
-            1,
-            MAX_MESSAGE_BYTES_LIMIT,
-            DEFAULT_MAX_MESSAGE_BYTES,
-            " (AMP values are limited to 64 KiB)",
-        )
-        any_degree = self.get_bool(cluster, "allow_any_degree", "cluster", False)
-        dissemination = self.get_str(cluster, "dissemination", "cluster", "plumtree")
-        if dissemination not in DISSEMINATIONS:
-            self.fail(
-                "cluster.dissemination",
-                f"unknown strategy {dissemination!r} (allowed: {', '.join(DISSEMINATIONS)})",
-            )
-        reconnect = self.get_seconds(cluster, "reconnect_max_delay", "cluster", 5.0)
-        ping = self.get_seconds(cluster, "ping_interval", "cluster", 5.0)
-        idle = self.get_seconds(cluster, "idle_timeout", "cluster", 15.0)
-        if idle <= ping:
-            self.fail(
-                "cluster.idle_timeout",
-                f"{idle:g} must be greater than cluster.ping_interval ({ping:g})",
-            )
-
-        sync_interval = self.get_seconds(cluster, "sync_interval", "cluster", 10.0)
-        sync_timeout = self.get_seconds(cluster, "sync_timeout", "cluster", 30.0)
-        fsync = self.get_str(cluster, "fsync", "cluster", "batch")
-        if fsync not in FSYNC_POLICIES:
-            self.fail(
-                "cluster.fsync",
-                f"unknown fsync policy {fsync!r} (allowed: {', '.join(FSYNC_POLICIES)})",
-            )
+        values: dict[str, Any] = {}
+        for setting in settings.CLUSTER_SETTINGS:
+            values[setting.name] = self.setting(cluster, setting, values)
 
         raw_nodes = data.get("node", [])
         if not isinstance(raw_nodes, list):
@@ -434,7 +539,7 @@ class _Checker:
             links = ""
 
         index = {node_id: k for k, node_id in enumerate(nodes, 1)}
-        if not any_degree:
+        if not values["allow_any_degree"]:
             for node_id, nbs in adj.items():
                 if len(nbs) != DEGREE:
                     where = f"node[{index[node_id]}]" + ("" if links else ".neighbours")
@@ -463,27 +568,14 @@ class _Checker:
             )
 
         specs = {
-            node_id: NodeSpec(node_id, host, peer, client, tuple(sorted(adj[node_id])))
-            for node_id, (host, peer, client) in nodes.items()
+            node_id: attrs.evolve(spec, neighbours=tuple(sorted(adj[node_id])))
+            for node_id, spec in nodes.items()
         }
-        return ClusterConfig(
-            name=name,
-            nodes=specs,
-            max_message_bytes=max_bytes,
-            allow_any_degree=any_degree,
-            dissemination=dissemination,
-            reconnect_max_delay=reconnect,
-            ping_interval=ping,
-            idle_timeout=idle,
-            sync_interval=sync_interval,
-            sync_timeout=sync_timeout,
-            fsync=fsync,
-            source=self.source,
-        )
+        return ClusterConfig(nodes=specs, source=self.source, **values)
 
-    def node_fields(self, tables: list[Mapping[str, object]]) -> dict[int, tuple[str, int, int]]:
-        """id -> (host, peer_port, client_port), in file order."""
-        nodes: dict[int, tuple[str, int, int]] = {}
+    def node_fields(self, tables: list[Mapping[str, object]]) -> dict[int, NodeSpec]:
+        """id -> NodeSpec without neighbours yet, in file order."""
+        nodes: dict[int, NodeSpec] = {}
         where_id: dict[int, str] = {}
         ports: dict[tuple[str, int], str] = {}
         for k, t in enumerate(tables, 1):
@@ -493,16 +585,95 @@ class _Checker:
             if node_id in where_id:
                 self.fail(f"{where}.id", f"id {node_id} is already used by {where_id[node_id]}")
             where_id[node_id] = where
-            host = self.get_str(t, "host", where)
-            peer = self.get_int(t, "peer_port", where, 1, 65535)
-            client = self.get_int(t, "client_port", where, 1, 65535)
-            for key, port in (("peer_port", peer), ("client_port", client)):
-                addr = (host.strip().lower(), port)
-                if addr in ports:
-                    self.fail(f"{where}.{key}", f"port {port} is already used by {ports[addr]}")
-                ports[addr] = f"{where}.{key}"
-            nodes[node_id] = (host, peer, client)
+            given = {key: self.get_str(t, key, where) for key in ENDPOINT_KEYS if key in t}
+            needs = [key for key in ENDPOINT_KEYS if key not in given]
+            host = self.optional(t, "host", where, needs, self.get_str, ENDPOINT_KEYS)
+            peer = self.optional(
+                t, "peer_port", where, needs, self.get_port, ("peer_listen", "peer_address")
+            )
+            client = self.optional(
+                t, "client_port", where, needs, self.get_port, ("client_listen", "client_address")
+            )
+            if host is not None:
+                for key, port in (("peer_port", peer), ("client_port", client)):
+                    if port is None:
+                        continue
+                    addr = (host.strip().lower(), port)
+                    if addr in ports:
+                        self.fail(f"{where}.{key}", f"port {port} is already used by {ports[addr]}")
+                    ports[addr] = f"{where}.{key}"
+            spec = NodeSpec(node_id, host, peer, client, (), **given)
+            for key in ENDPOINT_KEYS:
+                self.endpoint(getattr(spec, key), key.endswith("listen"), f"{where}.{key}")
+            nodes[node_id] = spec
+        self.unique_endpoints(nodes, where_id)
         return nodes
+
+    def endpoint(self, description: str, server: bool, field: str) -> None:
+        """Check a description with Twisted's own parser, against a MemoryReactor."""
+        from twisted.internet.endpoints import clientFromString, serverFromString
+        from twisted.internet.testing import MemoryReactor
+
+        parse = serverFromString if server else clientFromString
+        if self._reactor is None:
+            self._reactor = MemoryReactor()  # one for the file: nothing listens or dials
+        try:
+            parse(self._reactor, description)
+            family, port, _ = listen_key(description) if server else address_key(description)
+        except Exception as e:
+            what = "server" if server else "client"
+            problem = str(e).strip() or type(e).__name__
+            self.fail(field, f"not a {what} endpoint description ({description!r}): {problem}")
+        if family == "tcp" and not (port.isdigit() and 1 <= int(port) <= 65535):
+            self.fail(field, f"port {port!r} in {description!r} is out of range: must be 1..65535")
+
+    def get_port(self, table: Mapping[str, object], key: str, where: str) -> int:
+        return self.get_int(table, key, where, 1, 65535)
+
+    def optional(
+        self,
+        table: Mapping[str, object],
+        key: str,
+        where: str,
+        needs: list[str],
+        get: Any,
+        feeds: tuple[str, ...],
+    ) -> Any:
+        """A shorthand key: read if present; missing is an error only if an endpoint needs it."""
+        if key in table:
+            return get(table, key, where)
+        wanted = [k for k in feeds if k in needs]
+        if not wanted:
+            return None
+        if len(needs) == len(ENDPOINT_KEYS):
+            self.fail(where, f"missing key {key!r}")
+        self.fail(where, f"missing key {key!r} (needed to derive {' and '.join(wanted)})")
+
+    def unique_endpoints(self, nodes: Mapping[int, NodeSpec], where_id: Mapping[int, str]) -> None:
+        """No two listen endpoints of one machine overlap; no two nodes share an address."""
+        listens: dict[tuple[str, str], list[tuple[tuple[str, str, str], str]]] = {}
+        addresses: dict[str, str] = {}
+        for node_id, spec in nodes.items():
+            where = where_id[node_id]
+            machine = _machine(spec)
+            for key in ("peer_listen", "client_listen"):
+                field = f"{where}.{key}"
+                kind, port, interface = listen_key(getattr(spec, key))
+                for (okind, _, ointerface), other in listens.get((machine, port), []):
+                    wildcard = interface in _WILDCARDS or ointerface in _WILDCARDS
+                    if okind == kind and (interface == ointerface or wildcard):
+                        self.fail(
+                            field,
+                            f"{getattr(spec, key)!r} listens on port {port} like {other}"
+                            f" on host {machine!r}",
+                        )
+                listens.setdefault((machine, port), []).append(((kind, port, interface), field))
+            for key in ("peer_address", "client_address"):
+                field = f"{where}.{key}"
+                value = getattr(spec, key).strip()
+                if value in addresses:
+                    self.fail(field, f"{value!r} is already used by {addresses[value]}")
+                addresses[value] = field
 
     def neighbour_lists(
         self, tables: list[Mapping[str, object]], nodes: Mapping[int, object]

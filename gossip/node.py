@@ -1,33 +1,35 @@
-"""One gossip node: the core wired to storage, peer links, the client port and a clock.
+"""One gossip node: the core wired to storage, peer links and the client port's commands.
 
 This is the only place where the core's effects meet I/O. Effects of one
 event are carried out in order before the next event reaches the core:
 ``Persist`` goes to the store, ``Send`` to the link table, ``DropPeer``
-closes a link.
+closes a link. Listening and the clock's ticks are services beside this one,
+composed in ``gossip.tap.node_services``.
+
+Persist before send, as raft does: payloads wait in a per-peer outbox and go
+out in ``flush`` (once per read and at the end of each reactor turn) right
+after the store has written what it buffered, so a message reaches a
+neighbour only once it is in this node's file (and, with fsync "always",
+durable). A store failure takes one path (``_store_failed``): the outbox is
+dropped, every pending and later submit is refused with the store's one-line
+reason, and the node's owner is told through ``on_fatal`` (``gossip.tap``
+stops the process with exit status 1).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import CannotListenError, ReactorNotRunning
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IListeningPort,
-    IReactorTCP,
-    IReactorTime,
-)
-from twisted.internet.task import Cooperator, LoopingCall
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 
 from gossip import logs
-from gossip.client.responder import ClientFactory
 from gossip.config import ClusterConfig
 from gossip.core.dissemination import Dissemination, Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
@@ -37,8 +39,9 @@ from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
-from gossip.store.interface import MessageStore
-from gossip.store.log import StoreError
+from gossip.store.interface import MessageStore, StoreError
+from gossip.submit_gate import SubmitGate
+from gossip.sync_streams import SyncStreams
 from gossip.traffic import Traffic
 from gossip.wire import codec
 
@@ -49,11 +52,14 @@ STRATEGIES: dict[str, Callable[[int, Graph], Dissemination]] = {
 }
 
 TICK_SECONDS = 0.1
-# Re-sync answers (SyncWant streams) in progress for one peer; a peer asking for
-# more at once is broken or hostile and is disconnected.
-MAX_STREAMS_PER_PEER = 16
 # Payload bytes per batched Gossip frame (well under the receiver's frame limit).
 GOSSIP_FRAME_BYTES = 256 * 1024
+# A neighbour's link that stays full this long without draining once is dropped; the
+# neighbour catches up by re-sync when it is back. A link that drains even slowly is kept.
+LINK_STALL_SECONDS = 30.0
+# Body bytes of submits that may wait while a neighbour's link is full; beyond it a
+# submit is refused at once as "busy" (retryable).
+MAX_WAITING_SUBMIT_BYTES = 4 * 1024 * 1024
 
 
 def frame_limit(max_body: int) -> int:
@@ -77,7 +83,10 @@ class GossipNode(service.Service):
         *,
         incarnation: int | None = None,
         send_delay: float = 0.0,
+        on_fatal: Callable[[str], object] | None = None,
     ) -> None:
+        """``on_fatal`` is called once, with the reason, when the node cannot go on (its
+        store failed); the caller decides how to stop (never the node itself)."""
         self.config = config
         self.spec = config.node(node_id)
         self.node_id = node_id
@@ -92,16 +101,14 @@ class GossipNode(service.Service):
                 node_id, {n: spec.neighbours for n, spec in config.nodes.items()}
             ),
             config.max_message_bytes,
-            len(config.nodes),
+            config.nodes,
             sync_interval=config.sync_interval,
             sync_timeout=config.sync_timeout,
         )
         self.links = LinkTable(
             node_id=node_id,
             cluster=config.name,
-            neighbours={
-                n: (config.nodes[n].host, config.nodes[n].peer_port) for n in self.spec.neighbours
-            },
+            neighbours={n: config.nodes[n].peer_address for n in self.spec.neighbours},
             reactor=reactor,
             clock=reactor,
             events=LinkEvents(
@@ -114,75 +121,69 @@ class GossipNode(service.Service):
             incarnation=incarnation,
             send_delay=send_delay,
         )
-        self.ports: list[IListeningPort] = []
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
-        self._streams: dict[int, int] = {}  # re-sync answers being sent, per peer
-        # Backpressure: while any neighbour's link is full, client connections are
-        # not read, so no new submits add to what cannot be sent.
-        self._congested: set[int] = set()
-        self.clients: set[Any] = set()
-        self.watchers: set[Any] = set()  # client connections following deliveries (Watch)
+        # Backpressure: while any neighbour's link is full, new submits wait (bounded)
+        # so they add nothing to what cannot be sent; reads and relaying go on.
+        # Per full link: since when it has not drained (a stalled one is dropped).
+        self._congested: dict[int, float] = {}
+        self.submits = SubmitGate(MAX_WAITING_SUBMIT_BYTES, lambda f: self.clock.callLater(0, f))
+        # Client connections following deliveries (Watch) that can take more pushes
+        # now: one whose socket is full leaves this set until it drains.
+        self.watchers: set[Any] = set()
+        self._watchers_told = 0  # durable count every watcher in the set was pushed up to
         self._durability_wait = False
-        self._stopping_for: str | None = None  # why the node is stopping on a store failure
+        self.failed: str | None = None  # why the store failed: every submit is refused
+        self.on_fatal = on_fatal
+        store.when_broken().addCallback(self._store_failed)
         self._flush_call: IDelayedCall | None = None
         self._cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
-        self._ticker = LoopingCall(self._tick)
-        self._ticker.clock = reactor
+        # Answers to neighbours' SyncWants: one at a time per neighbour, the rest queued.
+        self.sync_streams = SyncStreams(
+            lambda order: stream_frames(self.store, self.node_id, order, self.core.members),
+            self.links,
+            self.traffic,
+            self._cooperator,
+        )
         self.started_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
     def startService(self) -> None:
+        """Start dialing neighbours. The ports already listen (``node_services`` listens
+        before this runs) and ``tick`` is called by a ``TimerService`` beside it."""
         self.started_at = self.clock.seconds()
         spec = self.spec
-        try:
-            self.ports.append(
-                self.reactor.listenTCP(
-                    spec.peer_port, self.links.server_factory(), interface=spec.host
-                )
-            )
-            self.ports.append(
-                self.reactor.listenTCP(spec.client_port, ClientFactory(self), interface=spec.host)
-            )
-        except CannotListenError as e:
-            for p in self.ports:
-                p.stopListening()
-            self.ports.clear()
-            raise StartupError(
-                f"node {self.node_id} cannot listen on {e.interface}:{e.port}: {e.socketError}"
-            ) from None
         super().startService()
         self.links.start()
-        self._ticker.start(TICK_SECONDS, now=False)
         self.log.info(
-            "node {node} of cluster {cluster} up: peers on {host}:{peer_port},"
-            " clients on {host}:{client_port}, {count} messages held",
+            "node {node} of cluster {cluster} up: peers on {peer_listen},"
+            " clients on {client_listen}, {count} messages held",
             node=self.node_id,
             cluster=self.config.name,
-            host=spec.host,
-            peer_port=spec.peer_port,
-            client_port=spec.client_port,
+            peer_listen=spec.peer_listen,
+            client_listen=spec.client_listen,
             count=len(self.store),
         )
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> None:
         super().stopService()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._cooperator.stop()
-        if self._ticker.running:
-            self._ticker.stop()
         self.links.stop()
-        ds = [d for d in (p.stopListening() for p in self.ports) if d is not None]
-        self.ports.clear()
         self.store.close()
-        return gatherResults(ds).addCallback(lambda _: None)
 
     # -- client operations -------------------------------------------------
 
     def submit(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
-        """Accept a message; fires with (id, new) once it is stored (raises SubmitRejected)."""
+        """Accept a message; fires with (id, new) once it is stored (raises SubmitRejected,
+        or StoreError once the store has failed, or SubmitBusy while a neighbour's link is
+        full and enough submits wait; the Deferred fails with StoreError if the store
+        fails before the record is durable)."""
+        return self.submits.admit(len(body), lambda: self._submit_now(body))
+
+    def _submit_now(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
         accepted = self._accept(body, self.clock.seconds())
         # Acknowledged only once durable under the fsync policy (a resubmit of a
         # held message also waits: its first submit may not be durable yet).
@@ -190,7 +191,12 @@ class GossipNode(service.Service):
 
     def submit_many(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
         """Accept several messages; fires, once all are stored, with (id, new) for each
-        accepted body and the reason for each refused one, in order."""
+        accepted body and the reason for each refused one, in order (waits, or raises
+        SubmitBusy, as ``submit`` does)."""
+        size = sum(len(b) for b in bodies)
+        return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+
+    def _submit_many_now(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
         now = self.clock.seconds()
         results: list[tuple[bytes, bool] | str] = []
         for body in bodies:
@@ -198,12 +204,18 @@ class GossipNode(service.Service):
                 results.append(self._accept(body, now))
             except SubmitRejected as e:
                 results.append(str(e))
+            except StoreError as e:
+                results.append(f"not stored: {e}")
         return self.store.when_durable().addCallback(lambda _: results)
 
     def _accept(self, body: bytes, now: float) -> tuple[bytes, bool]:
         """One submit into the core, its effects carried out: (id, new)."""
+        if self.failed is not None:
+            raise StoreError(self.failed)
         result = self.core.submit(body, now)
         self._apply(result.effects)
+        if self.failed is not None:
+            raise StoreError(self.failed)
         return result.id, result.new
 
     def find(self, prefix: str, limit: int) -> list[Message]:
@@ -229,6 +241,8 @@ class GossipNode(service.Service):
             "pid": os.getpid(),
             "traffic": self.traffic.rows(),
             "sync": [attrs.asdict(self.core.sync.counters)],
+            # Messages dropped (links kept) for a path or size this node must refuse.
+            "refused": [{"reason": r, "count": n} for r, n in self.core.refused.items()],
             "store": [
                 {
                     "policy": stats["policy"],
@@ -257,28 +271,43 @@ class GossipNode(service.Service):
 
     def _peer_down(self, peer: int) -> None:
         self._congestion(peer, False)
+        self.sync_streams.peer_down(peer)
         self._apply(self.core.peer_down(peer, self.clock.seconds()))
 
     def _congestion(self, peer: int, full: bool) -> None:
-        was = bool(self._congested)
         if full:
-            self._congested.add(peer)
+            # A link reports "full" again only after its transport drained and filled
+            # up again (nothing is written to a full one): progress, so count afresh.
+            self._congested[peer] = self.clock.seconds()
+            self.submits.close()
         else:
-            self._congested.discard(peer)
-        if was != bool(self._congested):
-            for client in list(self.clients):
-                client.reading(not self._congested)
+            self._congested.pop(peer, None)
+            if not self._congested:
+                self.submits.open()
 
     @property
     def congested(self) -> bool:
         return bool(self._congested)
 
+    def _drop_stalled_links(self, now: float) -> None:
+        """Drop a link that stayed full ``LINK_STALL_SECONDS`` without draining: its
+        neighbour is not reading, and holding on would hold every new submit."""
+        for peer, since in list(self._congested.items()):
+            if now - since >= LINK_STALL_SECONDS:
+                self.links.drop(peer, f"link full for {LINK_STALL_SECONDS:g} s without draining")
+                self._congestion(peer, False)  # what is sent to it from now on is dropped
+
     def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
         self.traffic.received(frame, size)
         self._apply(self.core.receive(peer, frame, self.clock.seconds()))
 
-    def _tick(self) -> None:
-        self._apply(self.core.tick(self.clock.seconds()))
+    def tick(self) -> None:
+        """Let the core act on time (re-sync schedule, Plumtree timers): every TICK_SECONDS;
+        drop links that stayed full without draining."""
+        now = self.clock.seconds()
+        if self._congested:
+            self._drop_stalled_links(now)
+        self._apply(self.core.tick(now))
 
     # -- effects out -------------------------------------------------------
 
@@ -290,7 +319,7 @@ class GossipNode(service.Service):
                     self.store.add(effect.message)
                 except StoreError as e:
                     self._store_failed(e)
-                    return  # a submit learns it from when_durable, which fails too
+                    return  # nothing after a failed Persist: its sends least of all
             elif isinstance(effect, Send) and isinstance(effect.frame, GossipFrame):
                 # Batched: every payload for a peer within one reactor turn goes out
                 # as one frame, so per-frame costs are paid once under load.
@@ -308,37 +337,38 @@ class GossipNode(service.Service):
                 if self.links.send(effect.peer, data):
                     self.traffic.sent(effect.frame, len(data))
             elif isinstance(effect, StreamMessages):
-                active = self._streams.get(effect.peer, 0)
-                if active >= MAX_STREAMS_PER_PEER:
-                    self.links.drop(effect.peer, f"over {MAX_STREAMS_PER_PEER} re-sync requests")
-                    continue
-                self._streams[effect.peer] = active + 1
-                done = self._cooperator.cooperate(self._stream(effect)).whenDone()
-                done.addBoth(self._stream_ended, effect.peer)
+                self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
                 self.links.drop(effect.peer, effect.reason)
 
     def _store_failed(self, error: StoreError) -> None:
-        """The log cannot take records (disk full, failed fsync): stop the node, as a
-        database stops on a failed fsync; a restart recovers the log and re-sync
-        fetches what it missed. Serving on would acknowledge nothing and drop every
-        message it relays."""
-        if self._stopping_for is not None:
+        """The log cannot take records (disk full, failed fsync): the node must stop, as
+        a database stops on a failed fsync; a restart recovers the log and re-sync
+        fetches what it missed. Until it stops it sends no payload and refuses every
+        submit; what a failed write lost, the store no longer holds."""
+        if self.failed is not None:
             return
-        self._stopping_for = str(error)
-        self.log.critical("node {node} stops: {reason}", node=self.node_id, reason=str(error))
-        with contextlib.suppress(ReactorNotRunning):
-            self.reactor.stop()  # type: ignore[attr-defined]
+        self.failed = str(error)
+        self._outbox.clear()
+        self.log.critical("node {node} stops: {reason}", node=self.node_id, reason=self.failed)
+        if self.on_fatal is not None:
+            self.on_fatal(self.failed)
 
     def flush(self) -> None:
-        """Send the batched payloads now (also scheduled for the end of each reactor turn),
-        then tell watchers what became durable (after: forwarding comes first)."""
+        """Write what the store buffered, then send the batched payloads (also scheduled
+        for the end of each reactor turn), then tell watchers what became durable
+        (after: forwarding comes first)."""
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
         if self._outbox:
             outbox, self._outbox = self._outbox, {}
+            try:
+                self.store.write_buffered()  # persist before send
+            except StoreError as e:
+                self._store_failed(e)
+                return
             cache: dict[int, bytes] = {}
             for peer, envelopes in outbox.items():
                 for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
@@ -348,9 +378,25 @@ class GossipNode(service.Service):
             self.notify_watchers()
 
     def notify_watchers(self) -> None:
-        """Push newly durable ids to watchers; wait for the store to make the rest durable."""
-        for w in list(self.watchers):
-            w.push_delivered()
+        """Push newly durable ids to watchers; wait for the store to make the rest durable.
+
+        Only watchers that can take more are in ``watchers``, and each was pushed up to
+        ``_watchers_told`` (a new or drained one catches up by itself), so a flush that
+        made nothing new durable costs nothing however many watchers there are."""
+        durable = self.store.durable_count()
+        if durable != self._watchers_told:
+            self._watchers_told = durable
+            for w in list(self.watchers):
+                w.push_delivered()
+        self._await_durability()
+
+    def watcher_ready(self, watcher: Any) -> None:
+        """A watching connection can take pushes (it just asked, or its socket drained)."""
+        self.watchers.add(watcher)
+        watcher.push_delivered()
+        self._await_durability()
+
+    def _await_durability(self) -> None:
         if not self._durability_wait and self.store.durable_count() < len(self.store):
             self._durability_wait = True
             self.store.when_durable().addBoth(self._durability_advanced)
@@ -360,20 +406,3 @@ class GossipNode(service.Service):
         self._durability_wait = False
         if self.watchers and not isinstance(result, Failure):
             self.notify_watchers()
-
-    def _stream_ended(self, result: object, peer: int) -> None:
-        left = self._streams.get(peer, 1) - 1
-        if left > 0:
-            self._streams[peer] = left
-        else:
-            self._streams.pop(peer, None)
-
-    def _stream(self, order: StreamMessages) -> Iterator[Deferred[None] | None]:
-        """Send one SyncWant's messages frame by frame, waiting whenever the link is full."""
-        for frame in stream_frames(self.store, self.node_id, order):
-            if not self.links.is_up(order.peer):
-                return
-            data = codec.encode(frame)
-            self.links.send(order.peer, data)
-            self.traffic.sent(frame, len(data))
-            yield self.links.when_writable(order.peer)

@@ -129,7 +129,8 @@ async def start(cluster: LocalCluster, node_id: int, timeout: float, memory: boo
     d = cluster.node_dir(node_id)
     d.mkdir(parents=True, exist_ok=True)
     pidfile.clear_stale(cluster.pid_path(node_id))
-    busy = ports_in_use(attrs.evolve(cluster.config, nodes={node_id: cluster.config.node(node_id)}))
+    one = attrs.evolve(cluster.config, nodes={node_id: cluster.config.node(node_id)})
+    busy = await ports_in_use(reactor, one)
     if busy:
         return fail(f"node {node_id} cannot start: port {busy[0]} is in use", 1)
     command = cluster.node_command(node_id)
@@ -166,9 +167,15 @@ def with_new_node(config: ClusterConfig) -> tuple[ClusterConfig, NodeSpec]:
     a, b = config.edges()[-1]
     new_id = max(config.nodes) + 1
     host = config.nodes[a].host
-    used = {(s.host, p) for s in config.nodes.values() for p in (s.peer_port, s.client_port)}
-    peer = max(s.peer_port for s in config.nodes.values()) + 1
-    client = max(s.client_port for s in config.nodes.values()) + 1
+    ports = [(s.host, s.peer_port, s.client_port) for s in config.nodes.values()]
+    if host is None or any(p is None or c is None for _, p, c in ports):
+        raise ValueError(
+            "add-node derives the new node's addresses from host, peer_port and client_port;"
+            " this file gives endpoints instead: add the node to it by hand"
+        )
+    used = {(h, p) for h, peer, client in ports for p in (peer, client)}
+    peer = max(p for _, p, _ in ports if p is not None) + 1
+    client = max(c for _, _, c in ports if c is not None) + 1
     while (host, peer) in used or peer == client:
         peer += 1
     while (host, client) in used:
@@ -195,7 +202,7 @@ async def add_node(cluster: LocalCluster, args: argparse.Namespace) -> int:
         )
         cluster.config_path.write_text(text)
         cluster.config = load_config(cluster.config_path)
-    except (ConfigError, OSError, IndexError) as e:
+    except (ConfigError, OSError, IndexError, ValueError) as e:
         return fail(f"cannot add a node: {e}", 1)
     a, b = spec.neighbours
     print(

@@ -3,18 +3,36 @@
 ``twistd -n gossip --id N`` finds this through ``twisted/plugins/gossip_plugin.py``;
 ``gossip-node --id N`` runs the same service without twistd's plugin discovery
 (its ``dropin.cache`` can be stale or unwritable), which is what systemd units use.
+
+The node is composed as Twisted services (``node_services``): a
+``StreamServerEndpointService`` for the peer port and one for the client port,
+each listening on its endpoint description in ``privilegedStartService``, the
+``GossipNode`` itself, and a ``TimerService`` for the core's ticks. A port
+that cannot be listened on stops the start with one line naming the node, the
+setting and the endpoint, and a non-zero exit status.
+
+A node that cannot go on (its store failed) stops the process with exit status
+1 under both, so that ``Restart=on-failure`` restarts it: the node reports it
+through ``on_fatal``; stopping the reactor is decided here, never inside it.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.python import usage
+from twisted.python.failure import Failure
 
-from gossip import logs, pidfile
+from gossip import logs, pidfile, settings
 from gossip.config import FSYNC_POLICIES, ConfigError, load_config
 from gossip.locations import default_config, default_data_dir
 
@@ -39,12 +57,7 @@ class Options(usage.Options):
             "Directory of this node's message log (default: node-N in"
             " the state directory, $GOSSIP_HOME or ~/.local/state/gossip).",
         ],
-        [
-            "fsync",
-            None,
-            None,
-            "fsync policy, overriding the cluster file's: always, batch or never.",
-        ],
+        ["fsync", None, None, settings.FSYNC.help()],
         ["log-level", "l", "info", f"One of: {', '.join(logs.LEVELS)}."],
         [
             "link-delay",
@@ -54,6 +67,11 @@ class Options(usage.Options):
             " (for benchmarks of wide-area latency).",
         ],
     ]
+
+    def opt_version(self) -> NoReturn:
+        """Print gossip's version and exit."""
+        print(f"gossip {version()}")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         if self["id"] is None:
@@ -111,22 +129,191 @@ def _own_pidfile(options: Options) -> None:
     parent["pidfile"] = str(path)
 
 
-def makeService(options: Options, reactor: Any = None) -> service.IService:
+def version() -> str:
+    """The installed project's version (importlib.metadata), or "unknown" from a bare tree."""
+    try:
+        return metadata.version("gossip")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     from gossip.node import StartupError
 
-    top = _TwistdRoot()
     try:
-        build_node(options, reactor).setServiceParent(top)
+        fatal = _exit_after_twistd(reactor)
+        node = build_node(options, reactor, on_fatal=fatal)
     except StartupError as e:
         raise SystemExit(f"gossip: {e}") from None
+
+    def listen_failed(line: str) -> None:
+        node.log.critical("{line}", line=line)
+        fatal(line)
+
+    return node_services(node, reactor, _TwistdRoot(), on_fatal=listen_failed)
+
+
+class ListenService(StreamServerEndpointService):
+    """Listens on one endpoint; failing to is a ``StartupError`` naming what and where.
+
+    ``StreamServerEndpointService`` logs a failed listen and carries on without the
+    port; ``_raiseSynchronously`` makes a failure during ``privilegedStartService``
+    raise there instead (endpoints such as TCP's fail at once). A failure that comes
+    later (an endpoint that listens asynchronously) goes to ``on_fatal``.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(
+        self,
+        endpoint: Any,
+        factory: Any,
+        what: str,
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        super().__init__(endpoint, factory)
+        self.what = what
+        self.on_fatal = on_fatal
+        self._starting = False
+
+    def privilegedStartService(self) -> None:
+        from gossip.node import StartupError
+
+        listen = self.endpoint.listen
+
+        def watched_listen(factory: Any) -> Any:
+            # Ahead of the base class's errback, which would log a late failure and go on.
+            return listen(factory).addErrback(self._late)
+
+        self.endpoint.listen = watched_listen
+        self._starting = True
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            self._waitingForPort = None
+            raise StartupError(f"cannot listen on {self.what}: {_reason(e)}") from None
+        finally:
+            self._starting = False
+            self.endpoint.listen = listen
+
+    def _late(self, failure: Failure) -> Failure | None:
+        from twisted.internet.defer import CancelledError
+
+        if self._starting or failure.check(CancelledError):
+            return failure  # raised by privilegedStartService / ignored by the base class
+        reason = _reason(failure.value) if failure.value else failure.getErrorMessage()
+        self.on_fatal(f"cannot listen on {self.what}: {reason}")
+        return None
+
+    def stopService(self) -> Any:
+        if self._waitingForPort is None:  # never listened
+            self.running = False
+            return None
+        return super().stopService()
+
+
+def _reason(e: BaseException) -> str:
+    """The operating system's words for a failed listen, without Twisted's prefix."""
+    socket_error = getattr(e, "socketError", None)
+    if socket_error is not None:
+        return str(getattr(socket_error, "strerror", None) or socket_error)
+    return str(e).strip() or type(e).__name__
+
+
+def node_services(
+    node: GossipNode,
+    reactor: Any,
+    parent: service.MultiService | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> service.MultiService:
+    """The services of one node, in ``parent`` (a new MultiService by default):
+    "node", "tick" (a TimerService), "peer-port" and "client-port" (listening on
+    the node's peer_listen and client_listen). Stopping runs in reverse: the ports
+    stop listening before the node closes its links and its store."""
+    from twisted.internet.endpoints import serverFromString
+
+    from gossip.client.responder import ClientFactory
+    from gossip.node import TICK_SECONDS
+
+    top = parent if parent is not None else _NodeRoot()
+
+    def fatal(line: str) -> None:
+        if on_fatal is not None:
+            on_fatal(f"node {node.node_id} {line}")
+        else:
+            node.log.critical("node {node} {line}", node=node.node_id, line=line)
+
+    node.setName("node")
+    node.setServiceParent(top)
+    ticker = TimerService(TICK_SECONDS, node.tick)
+    ticker.clock = reactor
+    ticker.setName("tick")
+    ticker.setServiceParent(top)
+    spec = node.spec
+    for name, key, description, factory in (
+        ("peer-port", "peer_listen", spec.peer_listen, node.links.server_factory()),
+        ("client-port", "client_listen", spec.client_listen, ClientFactory(node)),
+    ):
+        endpoint = serverFromString(reactor, description)
+        listen = ListenService(endpoint, factory, f"{key} {description}", fatal)
+        listen.setName(name)
+        listen.setServiceParent(top)
     return top
 
 
-def build_node(options: Options, reactor: Any) -> GossipNode:
+class _NodeRoot(service.MultiService):
+    """The node's services; a failed listen stops the ports already listening, then
+    raises ``StartupError`` with the node's id."""
+
+    def privilegedStartService(self) -> None:
+        from gossip.node import StartupError
+
+        node = self.getServiceNamed("node")
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            for child in self:
+                if isinstance(child, ListenService):
+                    child.stopService()
+            raise StartupError(f"node {node.node_id} {e}") from None
+
+
+def _stop(reactor: Any) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
+
+
+def _exit_after_twistd(reactor: Any) -> Callable[[str], None]:
+    """``on_fatal`` under twistd: stop the reactor and leave with status 1.
+
+    twistd has no exit status of its own: once its reactor stops it removes its
+    pid file, stops logging and returns 0. So the status is set at interpreter
+    exit, after all of that (an exit handler registered now runs first).
+    """
+
+    def fatal(reason: str) -> None:
+        atexit.register(_exit_now, 1)
+        _stop(reactor)
+
+    return fatal
+
+
+def _exit_now(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def build_node(
+    options: Options, reactor: Any, on_fatal: Callable[[str], object] | None = None
+) -> GossipNode:
     """The node with its store open (log recovery runs here); StartupError if it can't."""
     from gossip.node import GossipNode, StartupError
     from gossip.store import identity
@@ -158,23 +345,28 @@ def build_node(options: Options, reactor: Any) -> GossipNode:
         store,
         reactor,
         send_delay=options["link-delay"] / 1000.0,
+        on_fatal=on_fatal,
     )
 
 
-class _TwistdRoot(service.MultiService):
+class _TwistdRoot(_NodeRoot):
     """Turns a start-up failure into one line on stderr and exit status 1 under twistd."""
 
-    def startService(self) -> None:
+    def privilegedStartService(self) -> None:
         from gossip.node import StartupError
 
         try:
-            super().startService()
+            super().privilegedStartService()
         except StartupError as e:
             raise SystemExit(f"gossip: {e}") from None
 
 
 def run_node(argv: list[str] | None = None) -> int:
-    """``gossip-node``: one node in the foreground, logs to stderr; SIGTERM/SIGINT stop it."""
+    """``gossip-node``: one node in the foreground, logs to stderr; SIGTERM/SIGINT stop it.
+
+    Exit status: 0 after a stop by signal, 1 when the node cannot start (a port in
+    use, an unusable data directory) or stops on a fatal error, 2 for a usage error.
+    """
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
@@ -186,28 +378,29 @@ def run_node(argv: list[str] | None = None) -> int:
     except usage.UsageError as e:
         print(f"gossip-node: {e}", file=sys.stderr)
         return 2
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    except SystemExit as e:  # --version, --help
+        return e.code if isinstance(e.code, int) else 0
+    exit_code = [0]
+
+    def fatal(line: str) -> None:
+        print(f"gossip-node: {line}", file=sys.stderr)
+        exit_code[0] = 1
+        _stop(reactor)
+
     try:
-        node = build_node(options, reactor)
+        node = build_node(options, reactor, on_fatal=fatal)
     except StartupError as e:
         print(f"gossip-node: {e}", file=sys.stderr)
         return 1
-    exit_code = [0]
-
-    def start() -> None:
-        try:
-            node.startService()
-        except StartupError as e:
-            print(f"gossip-node: {e}", file=sys.stderr)
-            exit_code[0] = 1
-            reactor.stop()
-
-    def stop() -> Any:
-        if node.running:
-            return node.stopService()
-        return None
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    top = node_services(node, reactor, on_fatal=fatal)
+    try:
+        top.privilegedStartService()
+    except StartupError as e:
+        node.store.close()
+        print(f"gossip-node: {e}", file=sys.stderr)
+        return 1
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     return exit_code[0]

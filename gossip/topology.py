@@ -10,15 +10,21 @@ so it shrinks as n grows: n = 1000 gets one random graph in well under a
 second.
 
 ``gossip-config --nodes 16 [-o cluster.toml]`` writes a cluster file;
-``gossip-config --check cluster.toml`` validates one.
+``gossip-config --check cluster.toml`` validates one;
+``gossip-config --settings-markdown`` prints the README's configuration reference.
+For nodes on several hosts, ``--host-template "gossip-{index}.gossip"`` gives
+each node its own host name, every node the same two ports, and a wildcard
+listen interface.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
 import sys
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from gossip.argtypes import OneLineParser, whole
 from gossip.config import (
@@ -27,8 +33,10 @@ from gossip.config import (
     ConfigError,
     config_from_dict,
     dump_config,
+    listen_description,
     load_config,
 )
+from gossip.settings import settings_markdown
 
 Edge = tuple[int, int]
 
@@ -259,47 +267,102 @@ def mean_shortest_path(edges: Iterable[Edge]) -> float:
     return _distances(edges)[1]
 
 
+LOOPBACK = "127.0.0.1"
+BASE_PORT = 17000  # one host for all: node i listens on 17000 + i (peers), 17100 + i (clients)
+PEER_PORT = 17001  # a host per node: every node listens on these two
+CLIENT_PORT = 17101
+
+
+def host_names(template: str, n: int) -> list[str]:
+    """The host of nodes 1..n: ``{id}`` is the node id, ``{index}`` is id - 1 (a pod ordinal)."""
+    try:
+        hosts = [template.format(id=i, index=i - 1) for i in range(1, n + 1)]
+    except KeyError as e:
+        problem = f"unknown placeholder {{{e.args[0]}}}"
+    except (IndexError, ValueError) as e:
+        problem = str(e)
+    else:
+        return hosts
+    raise ValueError(f"bad host template {template!r}: {problem} (placeholders: {{id}}, {{index}})")
+
+
+def default_interface(host: str) -> str:
+    """Where a node listens when not told: its host if that is an IP literal, else every
+    interface (a host name may not resolve, or not to this machine's address, at start)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "0.0.0.0"
+    return host
+
+
 def generate_config(
     n: int,
     *,
     name: str = "local",
-    host: str = "127.0.0.1",
-    base_peer_port: int = 17000,
+    host: str = LOOPBACK,
+    base_peer_port: int = BASE_PORT,
     base_client_port: int | None = None,
     seed: int = 0,
+    peer_port: int | None = None,
+    client_port: int | None = None,
+    listen_interface: str | None = None,
 ) -> ClusterConfig:
-    """A cluster of n degree-3 nodes: node i listens on base + i for peers and clients.
+    """A cluster of n degree-3 nodes.
 
+    ``host`` is a template (``{id}``, ``{index}``). When it gives every node the
+    same host, node i listens on base + i for peers and clients:
     ``base_client_port`` defaults to base_peer_port + 100 (17100), or to
     base_peer_port + n rounded up to a hundred when n > 100, so that the two
-    port ranges never overlap.
+    port ranges never overlap. When it gives each node its own host, every node
+    uses ``peer_port`` and ``client_port`` (17001, 17101). Nodes listen on
+    ``listen_interface``, by default ``default_interface(host)``.
     """
-    if base_client_port is None:
-        base_client_port = base_peer_port + 100 * max(1, math.ceil(n / 100))
-    top = max(base_peer_port, base_client_port) + n
-    if min(base_peer_port, base_client_port) < 0 or top > 65535:
+    hosts = host_names(host, n)
+    shared = len(set(hosts)) == 1 and n > 1
+    if shared and (peer_port is not None or client_port is not None):
         raise ValueError(
-            f"ports {base_peer_port + 1}.. and {base_client_port + 1}.. for {n} nodes"
-            " do not fit in 1..65535"
+            "with one host for every node, node i listens on --base-port + i;"
+            " --peer-port and --client-port need a --host-template with {id} or {index}"
         )
+    ports: list[tuple[int, int]]
+    if shared or (n == 1 and peer_port is None and client_port is None):
+        if base_client_port is None:
+            base_client_port = base_peer_port + 100 * max(1, math.ceil(n / 100))
+        top = max(base_peer_port, base_client_port) + n
+        if min(base_peer_port, base_client_port) < 0 or top > 65535:
+            raise ValueError(
+                f"ports {base_peer_port + 1}.. and {base_client_port + 1}.. for {n} nodes"
+                " do not fit in 1..65535"
+            )
+        ports = [(base_peer_port + i, base_client_port + i) for i in range(1, n + 1)]
+    else:
+        peer = PEER_PORT if peer_port is None else peer_port
+        client = CLIENT_PORT if client_port is None else client_port
+        if peer == client:
+            raise ValueError(f"--peer-port and --client-port are both {peer}")
+        ports = [(peer, client)] * n
     adj: dict[int, list[int]] = {i: [] for i in range(1, n + 1)}
     for a, b in generate_graph(n, DEGREE, seed):
         adj[a].append(b)
         adj[b].append(a)
-    data = {
-        "cluster": {"name": name},
-        "node": [
-            {
-                "id": i,
-                "host": host,
-                "peer_port": base_peer_port + i,
-                "client_port": base_client_port + i,
-                "neighbours": sorted(nbs),
-            }
-            for i, nbs in adj.items()
-        ],
-    }
-    return config_from_dict(data, "<generated>")
+    nodes: list[dict[str, Any]] = []
+    for i, nbs in adj.items():
+        node_host = hosts[i - 1]
+        peer, client = ports[i - 1]
+        node: dict[str, Any] = {
+            "id": i,
+            "host": node_host,
+            "peer_port": peer,
+            "client_port": client,
+        }
+        interface = default_interface(node_host) if listen_interface is None else listen_interface
+        if interface != node_host:
+            node["peer_listen"] = listen_description(interface, peer)
+            node["client_listen"] = listen_description(interface, client)
+        node["neighbours"] = sorted(nbs)
+        nodes.append(node)
+    return config_from_dict({"cluster": {"name": name}, "node": nodes}, "<generated>")
 
 
 def summary(config: ClusterConfig) -> str:
@@ -318,14 +381,44 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--nodes", type=whole(low=1), metavar="N", help="number of nodes")
     mode.add_argument("--check", metavar="FILE", help="validate FILE and print its summary")
+    mode.add_argument(
+        "--settings-markdown",
+        action="store_true",
+        help="print the configuration reference (the README's tables) and exit",
+    )
     parser.add_argument("--seed", type=whole(), default=0, help="random seed (default 0)")
-    parser.add_argument("--host", default="127.0.0.1", help="host of every node")
+    parser.add_argument(
+        "--host-template",
+        "--host",
+        default=LOOPBACK,
+        metavar="TEMPLATE",
+        help="host of each node; {id} is its id, {index} is id - 1, e.g."
+        f" 'gossip-{{index}}.gossip.default.svc.cluster.local' (default {LOOPBACK})",
+    )
+    parser.add_argument(
+        "--listen-interface",
+        metavar="ADDR",
+        help="interface nodes listen on (default: the host itself when it is an IP"
+        " literal, else 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--peer-port",
+        type=whole(1, 65535),
+        metavar="P",
+        help=f"with a host per node: every node's peer port (default {PEER_PORT})",
+    )
+    parser.add_argument(
+        "--client-port",
+        type=whole(1, 65535),
+        metavar="P",
+        help=f"with a host per node: every node's client port (default {CLIENT_PORT})",
+    )
     parser.add_argument(
         "--base-port",
         type=whole(0, 65535),
-        default=17000,
+        default=BASE_PORT,
         metavar="P",
-        help="node i listens for peers on P + i (default 17000)",
+        help=f"with one host for all: node i listens for peers on P + i (default {BASE_PORT})",
     )
     parser.add_argument("--name", default="local", help="cluster name (default local)")
     parser.add_argument("-o", "--output", metavar="FILE", help="write here, not to stdout")
@@ -334,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
 
+    if args.settings_markdown:
+        sys.stdout.write(settings_markdown() + "\n")
+        return 0
     if args.check is not None:
         try:
             config = load_config(args.check)
@@ -347,9 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         config = generate_config(
             args.nodes,
             name=args.name,
-            host=args.host,
+            host=args.host_template,
             base_peer_port=args.base_port,
             seed=args.seed,
+            peer_port=args.peer_port,
+            client_port=args.client_port,
+            listen_interface=args.listen_interface,
         )
     except (ValueError, ConfigError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -36,7 +36,9 @@ from gossip.client.commands import (
 )
 from gossip.client.responder import ClientProtocol
 from gossip.config import ClusterConfig, dump_config, parse_config
+from gossip.core.frames import Envelope, GossipFrame
 from gossip.core.message import ID_BYTES, ID_CHARS, Message, id_text, message_id
+from gossip.core.paths import REFUSALS
 from gossip.node import GossipNode
 from gossip.store.log import LogStore, StoreError
 from gossip.store.memory import MemoryStore
@@ -446,12 +448,13 @@ def test_watch_pauses_while_the_client_does_not_read(h: Harness) -> None:
     """Pushes stop while the transport says its buffer is full and resume from the
     cursor, so a slow watcher costs the node no memory."""
     _, got = watch(h)
-    h.server.pauseProducing()
+    producer = h.server.transport.producer  # what the transport calls when its buffer fills
+    producer.pauseProducing()
     h.store_bodies([b"x", b"y"])
     h.node.flush()
     h.pump.flush()
     assert got == []
-    h.server.resumeProducing()
+    producer.resumeProducing()
     h.pump.flush()
     assert got == [(0, [message_id(b"x"), message_id(b"y")])]
 
@@ -466,17 +469,20 @@ class BrokenStore(MemoryStore):
         return fail(StoreError("cannot append to /data/messages.log: No space left on device"))
 
 
-def test_a_store_failure_rejects_the_submit_in_one_line_and_stops_the_node() -> None:
+def test_a_store_failure_rejects_the_submit_in_one_line_and_reports_it_once() -> None:
     """Once the log cannot take records, a submit is refused with the store's one-line
-    reason (never acknowledged) and the node stops its reactor, as a database stops on
-    a failed fsync; a restart recovers the log."""
+    reason (never acknowledged), so is every later one, and the node reports the failure
+    once through on_fatal; it never stops the reactor itself (gossip.tap does)."""
     h = Harness()
+    fatal: list[str] = []
+    h.node.on_fatal = fatal.append
     h.store = h.node.store = h.node.core.store = BrokenStore()
     h.reactor.running = True
-    with pytest.raises(MessageRejected, match=r"^not stored: cannot append .* No space left"):
-        h.call(Submit, body="lost")
-    assert h.reactor.hasStopped
-    assert h.node._stopping_for is not None and "No space left" in h.node._stopping_for
+    for body in ("lost", "later"):
+        with pytest.raises(MessageRejected, match=r"^not stored: cannot append .* No space left"):
+            h.call(Submit, body=body)
+    assert not h.reactor.hasStopped
+    assert len(fatal) == 1 and "No space left" in fatal[0]
 
 
 def test_list_past_the_end_is_empty(h: Harness) -> None:
@@ -539,7 +545,7 @@ def test_status_of_a_fresh_node(h: Harness) -> None:
     for link in s["links"]:
         peer = h.config.nodes[link["peer"]]
         assert link["state"] == "connecting"
-        assert link["address"] == f"{peer.host}:{peer.peer_port}"
+        assert link["address"] == peer.peer_address
         assert link["times_up"] == 0
         assert link["last_error"] == ""
     assert s["store"] == [
@@ -584,64 +590,53 @@ def test_status_of_another_node_of_a_16_node_cluster() -> None:
 
 
 def test_client_connections_are_limited_and_freed() -> None:
-    """The client port serves at most connectionLimit connections at once (Twisted's
-    LimitTotalConnectionsFactory): one more is refused, and a closed one frees a place."""
+    """The client port serves at most ``connections`` connections at once: one more is
+    refused (buildProtocol gives None: closed at once), and a closed one frees a place."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
-    from gossip.client.responder import MAX_CLIENT_CONNECTIONS, ClientFactory
+    from gossip.client.responder import ClientFactory, ClientLimits
 
     h = Harness()
-    factory = ClientFactory(h.node)
-    assert factory.connectionLimit == MAX_CLIENT_CONNECTIONS
-    factory.connectionLimit = 2  # type: ignore[assignment]
-    addr = IPv4Address("TCP", "127.0.0.1", 5555)
-    first = factory.buildProtocol(addr)
-    second = factory.buildProtocol(addr)
+    assert ClientFactory(h.node).limits.connections == 1024
+    factory = ClientFactory(h.node, ClientLimits(connections=2))
+    first = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 5555))
+    second = factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 5555))
     assert first is not None and second is not None
-    assert factory.buildProtocol(addr) is None
+    assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.3", 5555)) is None
     first.makeConnection(StringTransport())
     first.connectionLost(Failure(ConnectionError()))
-    assert factory.buildProtocol(addr) is not None
+    assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.3", 5555)) is not None
 
 
-def test_too_many_resync_requests_from_one_peer_drop_it() -> None:
-    """A peer with more than MAX_STREAMS_PER_PEER re-sync answers in progress at once is
-    disconnected; finished answers free their places."""
+def test_resync_requests_are_queued_and_only_a_far_excess_drops_the_peer() -> None:
+    """A peer's re-sync requests (SyncWant answers) up to MAX_QUEUED_WANTS are queued, not
+    refused, however many come at once; one more disconnects that peer; once its link is
+    down the queue is gone."""
     from gossip.core.effects import StreamMessages
-    from gossip.node import MAX_STREAMS_PER_PEER
+    from gossip.sync_streams import MAX_QUEUED_WANTS
 
     h = Harness()
     dropped: list[tuple[int, str]] = []
     h.node.links.drop = lambda peer, reason: dropped.append((peer, reason))  # type: ignore[method-assign]
-    orders = [StreamMessages(2, n, (), (0,)) for n in range(MAX_STREAMS_PER_PEER + 1)]
-    h.node._apply(orders[:MAX_STREAMS_PER_PEER])  # type: ignore[arg-type]
+    h.node.links.is_up = lambda peer: True  # type: ignore[method-assign]
+    orders = [StreamMessages(2, n, (), (0,)) for n in range(MAX_QUEUED_WANTS + 1)]
+    h.node._apply(orders[:MAX_QUEUED_WANTS])  # type: ignore[arg-type]
     assert dropped == []
-    h.node._apply(orders[MAX_STREAMS_PER_PEER:])  # type: ignore[arg-type]
-    assert dropped and dropped[0][0] == 2 and "re-sync requests" in dropped[0][1]
-    for _ in range(10):  # let the streams run (the link is not up: each ends at once)
-        h.reactor.advance(0)
-    assert h.node._streams == {}
+    assert h.node.sync_streams.queued(2) == MAX_QUEUED_WANTS
+    h.node._apply(orders[MAX_QUEUED_WANTS:])  # type: ignore[arg-type]
+    assert len(dropped) == 1
+    assert dropped[0][0] == 2 and "re-sync requests" in dropped[0][1]
+    h.node._peer_down(2)
+    assert h.node.sync_streams.queued(2) == 0
 
 
-def test_full_peer_link_stops_reading_clients_until_it_drains() -> None:
-    """Backpressure: while a neighbour's link cannot take more, the node stops reading
-    its client connections (no new submits), including ones that connect meanwhile,
-    and reads them again once every link drained or went down."""
-    from twisted.internet.testing import StringTransport
-
-    h = Harness()
-    other = ClientProtocol(h.node)
-    transport = StringTransport()
-    other.makeConnection(transport)
-    assert transport.producerState == "producing"
-    h.node._congestion(2, True)
-    assert transport.producerState == "paused"
-    late = StringTransport()
-    ClientProtocol(h.node).makeConnection(late)
-    assert late.producerState == "paused"
-    h.node._congestion(3, True)
-    h.node._congestion(2, False)
-    assert transport.producerState == "paused"  # link 3 is still full
-    h.node._peer_down(3)
-    assert transport.producerState == "producing" and late.producerState == "producing"
+def test_status_counts_messages_refused_for_their_path(h: Harness) -> None:
+    """A message from a neighbour whose path names this node is dropped without closing
+    the link and counted in Status under its reason (every reason listed, zeros too)."""
+    h.node._peer_up(2)
+    looped = Envelope(message_id(b"loop"), b"loop", (1, 2))
+    h.node._frame(2, GossipFrame((looped,)), 100)
+    assert message_id(b"loop") not in h.store
+    rows = {r["reason"]: r["count"] for r in h.call(Status)["refused"]}
+    assert rows == {r: int(r == "path_has_receiver") for r in REFUSALS}

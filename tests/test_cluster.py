@@ -105,7 +105,7 @@ async def test_gclient_submit_query_list_and_errors(cluster16: LocalCluster) -> 
     code, out, err = await gclient(cfg, "--id", "7", "--status")
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "node 7" in err and f"{spec.host}:{spec.client_port}" in err
+    assert f"node 7 at {spec.client_address}" in err
 
 
 @pytest_twisted.ensureDeferred

@@ -499,3 +499,171 @@ def test_dump_of_parsed_file_round_trips() -> None:
     again = parse_config(dump_config(config))
     assert again == config
     assert again.source == "<string>"
+
+
+# -- endpoint descriptions (peer_listen, peer_address, client_listen, client_address) --
+
+
+def two_nodes(one: str, two: str = 'host = "b"\npeer_port = 1\nclient_port = 2\n') -> str:
+    """A two-node cluster (any degree) whose nodes' keys besides id and neighbours are given."""
+    return (
+        CLUSTER
+        + "allow_any_degree = true\n"
+        + f"\n[[node]]\nid = 1\n{one}neighbours = [2]\n"
+        + f"\n[[node]]\nid = 2\n{two}neighbours = [1]\n"
+    )
+
+
+def test_endpoints_are_derived_from_host_and_ports() -> None:
+    """Without endpoint keys a node listens on its host's interface and is dialled at its host."""
+    spec = parse_config(k4()).node(2)
+    assert spec.peer_listen == "tcp:17002:interface=127.0.0.1"
+    assert spec.peer_address == "tcp:host=127.0.0.1:port=17002"
+    assert spec.client_listen == "tcp:17102:interface=127.0.0.1"
+    assert spec.client_address == "tcp:host=127.0.0.1:port=17102"
+
+
+def test_ipv6_host_derives_tcp6_listen_and_escaped_address() -> None:
+    """An IPv6 literal host listens with tcp6; its colons are escaped as Twisted's
+    quoteStringArgument escapes them, and Twisted's parser reads the host back."""
+    from twisted.internet.endpoints import _parse, quoteStringArgument
+
+    text = two_nodes('host = "::1"\npeer_port = 17001\nclient_port = 17101\n')
+    spec = parse_config(text).node(1)
+    assert spec.peer_listen == f"tcp6:17001:interface={quoteStringArgument('::1')}"
+    assert spec.peer_listen == "tcp6:17001:interface=\\:\\:1"
+    assert _parse(spec.peer_address) == (["tcp"], {"host": "::1", "port": "17001"})
+
+
+def test_explicit_endpoints_need_no_host_or_ports() -> None:
+    """A node that gives all four descriptions needs neither host nor ports; the
+    descriptions are kept as written and survive a dump and parse."""
+    one = (
+        'peer_listen = "tcp:17001:interface=0.0.0.0"\n'
+        'peer_address = "tcp:host=gossip-0.gossip:port=17001"\n'
+        'client_listen = "tcp6:17101:interface=\\\\:\\\\:"\n'
+        'client_address = "tcp:host=gossip-0.gossip:port=17101"\n'
+    )
+    config = parse_config(two_nodes(one))
+    spec = config.node(1)
+    assert (spec.host, spec.peer_port, spec.client_port) == (None, None, None)
+    assert spec.client_listen == "tcp6:17101:interface=\\:\\:"
+    assert spec.peer_address == "tcp:host=gossip-0.gossip:port=17001"
+    assert parse_config(dump_config(config)) == config
+
+
+def test_dump_writes_only_endpoints_that_differ_from_the_derived_ones() -> None:
+    """dump_config leaves out an endpoint that host and port would give anyway."""
+    text = two_nodes('host = "a"\npeer_port = 1\nclient_port = 2\npeer_listen = "tcp:1"\n')
+    dumped = dump_config(parse_config(text))
+    assert 'peer_listen = "tcp:1"' in dumped
+    assert "peer_address" not in dumped
+    assert "client_listen" not in dumped
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (
+            'peer_listen = "tcp:abc"\n',
+            "node[1].peer_listen: not a server endpoint description ('tcp:abc'): invalid literal",
+        ),
+        (
+            'peer_listen = "bogus:1"\n',
+            "node[1].peer_listen: not a server endpoint description ('bogus:1'): Unknown endpoint",
+        ),
+        (
+            'peer_address = "tcp:host=a:port=1:colour=red"\n',
+            "node[1].peer_address: not a client endpoint description",
+        ),
+        ('client_address = "tcp:host=a"\n', "node[1].client_address: not a client endpoint"),
+        (
+            'peer_listen = "tcp:70000"\n',
+            "node[1].peer_listen: port '70000' in 'tcp:70000' is out of range: must be 1..65535",
+        ),
+        ('client_listen = ""\n', "node[1].client_listen: must not be empty"),
+        ("peer_address = 5\n", "node[1].peer_address: expected a string, got an integer (5)"),
+    ],
+)
+def test_bad_endpoint_description_names_the_field(keys: str, expected: str) -> None:
+    """A description Twisted's parser refuses is one line naming node[k].<key> and why."""
+    text = two_nodes('host = "a"\npeer_port = 1\nclient_port = 2\n' + keys)
+    assert error(text).startswith(f"{SRC}: {expected}")
+
+
+def test_two_listens_on_one_port_of_a_host_are_an_error() -> None:
+    """Two listen descriptions on one port of one machine clash, a wildcard interface
+    included; the error names both fields."""
+    keys = 'client_listen = "tcp:1:interface=0.0.0.0"\n'
+    text = two_nodes('host = "a"\npeer_port = 1\nclient_port = 2\n' + keys)
+    assert error(text) == (
+        f"{SRC}: node[1].client_listen: 'tcp:1:interface=0.0.0.0' listens on port 1"
+        " like node[1].peer_listen on host 'a'"
+    )
+
+
+def test_same_listen_on_different_hosts_is_fine() -> None:
+    """Every pod of a StatefulSet listens on tcp:17001:interface=0.0.0.0: one per host."""
+    listen = 'peer_listen = "tcp:17001:interface=0.0.0.0"\n'
+    text = two_nodes(
+        'host = "a"\npeer_port = 17001\nclient_port = 17101\n' + listen,
+        'host = "b"\npeer_port = 17001\nclient_port = 17101\n' + listen,
+    )
+    assert parse_config(text).node(2).peer_listen == "tcp:17001:interface=0.0.0.0"
+
+
+def test_two_nodes_with_one_address_are_an_error() -> None:
+    """Dialling one address cannot reach two nodes."""
+    text = two_nodes('host = "a"\npeer_port = 1\nclient_port = 2\npeer_address = "tcp:b:1"\n')
+    text = text.replace(
+        'host = "b"\npeer_port = 1', 'peer_address = "tcp:b:1"\nhost = "b"\npeer_port = 9'
+    )
+    assert error(text) == (
+        f"{SRC}: node[2].peer_address: 'tcp:b:1' is already used by node[1].peer_address"
+    )
+
+
+def test_missing_shorthand_names_what_it_would_derive() -> None:
+    """With some endpoint keys given, a missing host or port says which endpoint needs it."""
+    keys = 'peer_listen = "tcp:5"\npeer_address = "tcp:host=a:port=5"\nclient_port = 2\n'
+    assert error(two_nodes(keys)) == (
+        f"{SRC}: node[1]: missing key 'host' (needed to derive client_listen and client_address)"
+    )
+
+
+# -- the settings table ----------------------------------------------------------
+
+
+def test_cluster_config_defaults_are_the_settings_table() -> None:
+    """Every [cluster] default of a parsed file and of ClusterConfig is the table's."""
+    from gossip import settings
+
+    config = parse_config(k4())
+    bare = ClusterConfig(name="x", nodes={})
+    for s in settings.CLUSTER_SETTINGS:
+        if not s.required:
+            assert getattr(config, s.name) == s.default, s.name
+            assert getattr(bare, s.name) == s.default, s.name
+
+
+def test_every_cluster_key_is_a_setting_and_dumped() -> None:
+    """The allowed [cluster] keys are the table's names, and dump_config writes each."""
+    from gossip import settings
+
+    dumped = dump_config(parse_config(k4()))
+    for s in settings.CLUSTER_SETTINGS:
+        assert f"\n{s.name} = " in dumped
+
+
+def test_readme_configuration_reference_is_the_generated_one() -> None:
+    """The README's settings tables are exactly what `gossip-config --settings-markdown`
+    prints; regenerate them with that command when a setting changes."""
+    from gossip.settings import settings_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    begin, end = "<!-- settings: begin -->\n", "\n<!-- settings: end -->"
+    assert begin in readme and end in readme, "README lacks the settings markers"
+    current = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert current.strip() == settings_markdown().strip(), (
+        "README's configuration reference is stale: run gossip-config --settings-markdown"
+    )

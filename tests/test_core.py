@@ -8,11 +8,13 @@ from gossip.core.dissemination import Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send
 from gossip.core.frames import Envelope, GossipFrame, IHaveFrame, PeerFrame
 from gossip.core.message import ID_BYTES, Message, message_id
+from gossip.core.paths import REFUSALS
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.store.memory import MemoryStore
 
 MAX_BODY = 64
-MAX_PATH = 1024  # the cluster size the core is told
+MEMBERS = range(1, 1025)  # the configured node ids the core is told
+MAX_PATH = len(MEMBERS) - 1  # the longest path a receiver can accept
 NOW = 7.5
 
 
@@ -20,7 +22,7 @@ def make_core(
     node: int = 1, neighbours: tuple[int, ...] = (2, 3, 4), up: tuple[int, ...] = (2, 3, 4)
 ) -> tuple[GossipCore, MemoryStore]:
     store = MemoryStore()
-    core = GossipCore(node, neighbours, store, Flood(node), MAX_BODY, MAX_PATH)
+    core = GossipCore(node, neighbours, store, Flood(node), MAX_BODY, MEMBERS)
     for p in up:
         # A link coming up starts re-sync sessions (tested in test_sync.py); only
         # dissemination effects matter here.
@@ -172,22 +174,17 @@ def test_several_messages_in_one_frame_each_persist_before_their_sends() -> None
 
 BAD_ENVELOPES = {
     "id-mismatch": Envelope(message_id(b"real"), b"fake", (2,)),
-    "oversized": env(b"z" * (MAX_BODY + 1), (2,)),
     "not-utf8": env(b"\xff\xfe\xfd", (2,)),
     "empty-body": env(b"", (2,)),
     "short-id": Envelope(message_id(b"cut")[: ID_BYTES - 1], b"cut", (2,)),
     "long-id": Envelope(message_id(b"cut") + b"\x00", b"cut", (2,)),
-    "long-path": env(b"far", (*range(100, 100 + MAX_PATH), 2)),
-    "empty-path": env(b"nowhere", ()),
-    "path-not-ending-at-sender": env(b"spoofed", (2, 3)),
 }
 
 
 @pytest.mark.parametrize("bad", BAD_ENVELOPES.values(), ids=BAD_ENVELOPES.keys())
 def test_bad_envelope_gives_exactly_drop_peer(bad: Envelope) -> None:
-    """A bad envelope (id not the hash of the body, oversized/empty/non-UTF-8 body,
-    id of wrong length, path longer than the cluster, a path that does not end
-    with the sender) yields exactly one DropPeer for the
+    """An envelope only a broken or hostile sender makes (id not the hash of the body,
+    empty/non-UTF-8 body, id of wrong length) yields exactly one DropPeer for the
     sender, and nothing from the rest of the frame."""
     core, _ = make_core(node=1, neighbours=(2, 3))
     effects = core.receive(2, frame(bad, env(b"good", (2,))), NOW)
@@ -208,12 +205,45 @@ def test_bad_envelope_mid_frame_stops_the_frame(bad: Envelope) -> None:
     assert [type(e) for e in effects] == [Persist, Send, DropPeer]
 
 
-def test_path_of_exactly_max_path_is_accepted() -> None:
-    """The path bound is inclusive: a path as long as the cluster is stored."""
+REFUSED_ENVELOPES = {
+    "path_too_long": env(b"far", (*range(100, 100 + MAX_PATH), 2)),
+    "path_not_from_sender": env(b"spoofed", (2, 3)),
+    "path_has_receiver": env(b"loop", (1, 2)),
+    "path_unknown_node": env(b"stranger", (5000, 2)),
+    "path_repeats_node": env(b"circle", (3, 4, 3, 2)),
+    "body_too_large": env(b"z" * (MAX_BODY + 1), (2,)),
+}
+
+
+@pytest.mark.parametrize("reason", REFUSED_ENVELOPES.keys())
+def test_refused_envelope_drops_the_message_not_the_link(reason: str) -> None:
+    """A message with a path the receiver must refuse (too long, not ending with the
+    sender, naming the receiver, an id not configured, a node twice; also an empty
+    path) or a body over this node's limit -- what a node with an older log or another
+    cluster file may send -- is dropped and counted under its reason; the rest of the
+    frame is handled as usual and the link is kept."""
+    core, _ = make_core(node=1, neighbours=(2, 3))
+    effects = core.receive(
+        2, frame(env(b"first", (2,)), REFUSED_ENVELOPES[reason], env(b"after", (2,))), NOW
+    )
+    assert [p.message.body for p in persists(effects)] == [b"first", b"after"]
+    assert [type(e) for e in effects] == [Persist, Send, Persist, Send]
+    assert core.refused == {r: int(r == reason) for r in REFUSALS}
+    assert core.receive(2, frame(env(b"nowhere", ())), NOW) == []
+    assert core.refused["path_not_from_sender"] == 1 + (reason == "path_not_from_sender")
+
+
+def test_path_naming_every_other_node_is_accepted_and_forwardable() -> None:
+    """The longest acceptable path names every configured node but the receiver once:
+    stored, and a path as long as the cluster (which must name the receiver or a node
+    twice) is refused; neither gives a DropPeer."""
     core, _ = make_core(node=1, neighbours=(2,))
-    path = (*range(100, 100 + MAX_PATH - 1), 2)
+    path = (*range(3, 1025), 2)
     effects = core.receive(2, frame(env(b"edge", path)), NOW)
     assert effects == [Persist(Message(message_id(b"edge"), b"edge", NOW, path))]
+    assert core.receive(2, frame(env(b"over", (*range(3, 1025), 1, 2))), NOW) == []
+    assert core.receive(2, frame(env(b"rep", (*range(3, 1025), 3, 2))), NOW) == []
+    assert core.refused["path_too_long"] == 2
 
 
 def test_frame_from_peer_whose_link_is_not_up_gives_drop_peer() -> None:

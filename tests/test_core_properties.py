@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 
 from gossip.core.dissemination import Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
-from gossip.core.frames import PeerFrame
+from gossip.core.frames import Envelope, GossipFrame, PeerFrame
+from gossip.core.message import Message, message_id
+from gossip.core.paths import path_problem
 from gossip.core.state import GossipCore
 from gossip.core.sync import stream_frames
 from gossip.store.memory import MemoryStore
@@ -50,15 +52,22 @@ BODIES = st.one_of(
 class ShuffledNetwork:
     """GossipCores joined by links that deliver pending frames in any order."""
 
-    def __init__(self, ids: list[int], edges: list[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        ids: list[int],
+        edges: list[tuple[int, int]],
+        held: dict[int, list[Message]] | None = None,
+    ) -> None:
         self.adjacency: dict[int, set[int]] = {n: set() for n in ids}
         for a, b in edges:
             self.adjacency[a].add(b)
             self.adjacency[b].add(a)
         self.stores = {n: MemoryStore() for n in ids}
+        for n, messages in (held or {}).items():  # records in a node's log at start
+            for m in messages:
+                self.stores[n].add(m)
         self.cores = {
-            n: GossipCore(n, self.adjacency[n], self.stores[n], Flood(n), 4096, len(ids))
-            for n in ids
+            n: GossipCore(n, self.adjacency[n], self.stores[n], Flood(n), 4096, ids) for n in ids
         }
         self.pending: list[tuple[int, int, PeerFrame]] = []
         self.persisted: Counter[tuple[int, bytes]] = Counter()
@@ -80,7 +89,7 @@ class ShuffledNetwork:
                 assert e.peer in self.adjacency[node]
                 self.pending.append((node, e.peer, e.frame))
             elif isinstance(e, StreamMessages):
-                for f in stream_frames(self.stores[node], node, e):
+                for f in stream_frames(self.stores[node], node, e, self.cores[node].members):
                     self.pending.append((node, e.peer, f))
             else:
                 self.drops.append((node, e))
@@ -163,3 +172,71 @@ def test_flood_delivers_every_message_exactly_once_along_real_walks(
             sender = net.stores[path[-1]].get(m.id)
             assert sender is not None
             assert (*sender.path, path[-1]) == path
+
+
+def run_out(net: ShuffledNetwork, rng: random.Random) -> None:
+    while net.pending:
+        net.deliver(rng.randrange(len(net.pending)))
+
+
+PATH_IDS = st.one_of(st.integers(0, 10_000), st.sampled_from([-1, 2**31]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(graph=connected_graphs(), data=st.data(), rng=st.randoms(use_true_random=True))
+def test_a_path_is_accepted_or_refused_once_and_never_costs_a_link(
+    graph: Graph, data: st.DataObject, rng: random.Random
+) -> None:
+    """A message with any path (configured ids or not, repeats, the receiver, as long
+    as the cluster or longer) sent by a neighbour: the receiver either stores it or
+    refuses it (counted); what it stores it forwards, and no other node refuses a
+    forward; no DropPeer anywhere."""
+    ids, edges = graph
+    if len(ids) < 2:
+        return
+    a, b = edges[data.draw(st.integers(0, len(edges) - 1), label="link")]
+    members = st.sampled_from(ids)
+    path = data.draw(st.lists(st.one_of(members, PATH_IDS), max_size=len(ids) + 1), label="path")
+    path = (*path, a)
+    net = ShuffledNetwork(ids, edges)
+    run_out(net, rng)
+    body = b"far travelled"
+    net.pending.append((a, b, GossipFrame((Envelope(message_id(body), body, path),))))
+    run_out(net, rng)
+    assert net.drops == []
+    stored = message_id(body) in net.stores[b]
+    refused = sum(net.cores[b].refused.values())
+    assert refused == (0 if stored else 1)
+    assert stored == (path_problem(path, a, b, frozenset(ids)) is None)
+    assert all(sum(net.cores[n].refused.values()) == 0 for n in ids if n != b)
+    assert all(c == 1 for c in net.persisted.values())
+
+
+@settings(max_examples=100, deadline=None)
+@given(graph=connected_graphs(), data=st.data(), rng=st.randoms(use_true_random=True))
+def test_old_records_with_any_path_reach_every_node_by_resync(
+    graph: Graph, data: st.DataObject, rng: random.Random
+) -> None:
+    """Records already in a node's log with any stored path (from an old version or
+    another cluster file: too long, naming strangers, repeats, the holder or its
+    neighbours) reach every node by re-sync, with no refusal and no DropPeer."""
+    ids, edges = graph
+    holder = data.draw(st.sampled_from(ids), label="holder")
+    paths = data.draw(
+        st.lists(
+            st.lists(st.one_of(st.sampled_from(ids), PATH_IDS), max_size=len(ids) + 2),
+            min_size=1,
+            max_size=3,
+        ),
+        label="stored paths",
+    )
+    old = [
+        Message(message_id(f"old {k}".encode()), f"old {k}".encode(), 0.0, tuple(p))
+        for k, p in enumerate(paths)
+    ]
+    net = ShuffledNetwork(ids, edges, {holder: old})
+    run_out(net, rng)
+    assert net.drops == []
+    for n in ids:
+        assert all(m.id in net.stores[n] for m in old), n
+        assert sum(net.cores[n].refused.values()) == 0

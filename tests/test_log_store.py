@@ -33,6 +33,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger, LogLevel, formatEvent
 
 from gossip.core.message import Message, message_id
+from gossip.store import log as log_module
 from gossip.store.log import (
     LOG_NAME,
     MAGIC,
@@ -343,8 +344,9 @@ async def test_when_durable_writes_and_fsyncs_buffered_records(tmp_path: Path) -
 def test_failed_end_of_turn_write_breaks_the_store(tmp_path: Path) -> None:
     """If the end-of-turn write fails, the records in it are lost although add took
     them: the store refuses further appends with a one-line StoreError, the
-    when_durable waiters fail, reads of the lost records raise the same error, and
-    the log reopens with what was written before."""
+    when_durable waiters and when_broken fire with it, the lost records are no longer
+    held (reads find nothing, no error), and the log reopens with what was written
+    before."""
     clock = Clock()
     store, cap = open_store(tmp_path, reactor=clock, fsync="batch")
     written, lost = msg(1), msg(2)
@@ -353,6 +355,8 @@ def test_failed_end_of_turn_write_breaks_the_store(tmp_path: Path) -> None:
     waiter = store.when_durable()  # its fsync is not due before the next turn ends
     failures: list[BaseException] = []
     waiter.addErrback(lambda f: failures.append(f.value))
+    broken: list[StoreError] = []
+    store.when_broken().addCallback(broken.append)
     store.add(lost)
     full = os.open("/dev/full", os.O_RDWR)
     try:
@@ -370,9 +374,12 @@ def test_failed_end_of_turn_write_breaks_the_store(tmp_path: Path) -> None:
         store.add(msg(3))
     store.when_durable().addErrback(lambda f: failures.append(f.value))
     assert len(failures) == 2 and str(failures[1]) == text
-    with pytest.raises(StoreError) as e:
-        store.get(lost.id)
-    assert str(e.value) == text
+    assert [str(e) for e in broken] == [text]
+    assert store.get(lost.id) is None and lost.id not in store
+    assert (len(store), list(store.ids())) == (1, [written.id])
+    assert store.ids_between(b"", b"\xff" * 17, 10) == [written.id]
+    with pytest.raises(StoreError, match="refusing further appends"):
+        store.write_buffered()
     store.close()
     store, _ = open_store(tmp_path)
     assert contents(store) == [written]
@@ -676,6 +683,96 @@ def test_damage_across_read_chunk_boundaries(tmp_path: Path) -> None:
     store.close()
 
 
+class CountingCrc:
+    """Stands in for the log module's ``zlib``: counts the calls and bytes of crc32."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.bytes = 0
+
+    def crc32(self, data: bytes, value: int = 0) -> int:
+        self.calls += 1
+        self.bytes += len(data)
+        return zlib.crc32(data, value)
+
+
+CRAFTED = {
+    # Every other offset reads as a header of a 65,537-byte record: past the body.
+    "long": b"\x01\x00" * (16 * 1024),
+    # Every 4th offset reads as a header of a 16,385-byte record: many inside the body.
+    "short": b"\x01@\x00\x00" * (8 * 1024),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CRAFTED))
+def test_skipping_damage_through_crafted_bodies_computes_no_checksum_per_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A record whose header is damaged and whose 32 KiB body is crafted so that at
+    thousands of its offsets a possible record header begins (length, kind 1 and a path
+    that fit) is skipped without a checksum over each of those would-be records. With
+    forged lengths reaching past the body ("long"), recovery computes one checksum per
+    record and two more, over less than twice the file in all (before: one 64 KiB
+    checksum per other offset, 1 GiB); with forged records inside the body ("short"),
+    the checksums of waiting candidates stop at their budget (before: 128 MiB). Every
+    other record is kept and the skipped bytes are reported at the damaged record."""
+    crafted = CRAFTED[kind]
+    evil = Message(message_id(crafted), crafted, 1.0, (2,))
+    messages = [msg(0), evil, *(msg(i, size=900) for i in range(1, 120))]
+    offsets = write_log(tmp_path, messages)
+    header = offsets[1] + 8 + 1 + 16 + 8 + 2 + 4  # where the body starts
+    assert _forged_headers(tmp_path / LOG_NAME, header, len(crafted)) >= 8_000
+    flip(tmp_path / LOG_NAME, offsets[1])  # the crc: the record no longer checks out
+    size = (tmp_path / LOG_NAME).stat().st_size
+    counter = CountingCrc()
+    monkeypatch.setattr(log_module, "zlib", counter)
+    store, cap = open_store(tmp_path)
+    monkeypatch.undo()
+    print(f"\ncrafted damage ({kind}): {counter.calls} checksums over {counter.bytes} bytes")
+    if kind == "long":
+        assert counter.calls <= len(messages) + 2
+        assert counter.bytes < 2 * size
+    else:
+        assert counter.bytes < 2 * size + log_module._WAITING_CHECK_BYTES + (64 << 10)
+    assert contents(store) == [m for m in messages if m is not evil]
+    (warning,) = [w for w in cap.warnings() if "skipped" in w]
+    assert f"{offsets[2] - offsets[1]} bytes at offset {offsets[1]} skipped" in warning
+    store.close()
+
+
+def _forged_headers(path: Path, start: int, n: int) -> int:
+    """How many offsets in file bytes [start, start+n) begin a record header whose length,
+    kind and path count are all possible and whose record fits in the file."""
+    data = path.read_bytes()
+    count = 0
+    for q in range(start, start + n):
+        length = struct.unpack_from("<I", data, q + 4)[0]
+        kind, count_path = data[q + 8], struct.unpack_from("<H", data, q + 33)[0]
+        fits = q + 8 + length <= len(data)
+        if 27 <= length <= MAX_RECORD_BYTES and kind == 1 and 27 + 4 * count_path <= length:
+            count += fits
+    return count
+
+
+@pytest.mark.parametrize("count", [6, 4], ids=["records-after", "last-damaged"])
+def test_intact_record_followed_by_damage_is_kept_when_found_by_a_skip(
+    tmp_path: Path, count: int
+) -> None:
+    """Records 1 and 3 have a damaged header (record 3: its kind byte, so record 2 is
+    not followed by a possible header, as a forged record would not be): the skip past
+    record 1 still finds record 2 and keeps it, and every record after record 3 too
+    (with 4 records, record 3 is the last and is cut as a torn tail)."""
+    messages = [msg(i) for i in range(count)]
+    offsets = write_log(tmp_path, messages)
+    flip(tmp_path / LOG_NAME, offsets[1])
+    flip(tmp_path / LOG_NAME, offsets[3] + 8)
+    store, cap = open_store(tmp_path)
+    assert contents(store) == [m for k, m in enumerate(messages) if k not in (1, 3)]
+    skipped = [w for w in cap.warnings() if "skipped" in w]
+    assert f"{offsets[2] - offsets[1]} bytes at offset {offsets[1]} skipped" in skipped[0]
+    store.close()
+
+
 def test_add_refuses_a_record_over_the_size_bound(tmp_path: Path) -> None:
     """A message whose record would exceed MAX_RECORD_BYTES is refused, not written."""
     store, _ = open_store(tmp_path)
@@ -825,6 +922,7 @@ import sys
 from pathlib import Path
 
 from gossip.core.message import Message, message_id
+from gossip.store import log as log_module
 from gossip.store.log import LogStore
 
 directory, policy, rnd = sys.argv[1], sys.argv[2], int(sys.argv[3])

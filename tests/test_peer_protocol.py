@@ -21,17 +21,33 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import error
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.base import BaseConnector
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from gossip import logs
 from gossip.core.frames import Envelope, GossipFrame, IHaveFrame, PeerFrame
 from gossip.core.message import message_id
-from gossip.net.links import CONNECTING, DOWN, UP, LinkEvents, LinkTable
+from gossip.log_guard import PEER_TEXT_LIMIT, LogRateLimit, shorten
+from gossip.net.links import (
+    CLOSE_GRACE,
+    CONNECTING,
+    DOWN,
+    HANDSHAKE_LOG_BURST,
+    HELLO_TIMEOUT,
+    MAX_HANDSHAKES,
+    MAX_HANDSHAKES_PER_SOURCE,
+    REFUSED,
+    UP,
+    LinkEvents,
+    LinkTable,
+)
 from gossip.net.peer_protocol import PeerProtocol
 from gossip.node import frame_limit
 from gossip.wire import codec
@@ -121,7 +137,7 @@ class Node:
         self.id = node_id
         self.reactor = DialingReactor()
         self.rec = Recorder()
-        neighbours = {n: ("127.0.0.1", BASE_PORT + n) for n in NODES if n != node_id}
+        neighbours = {n: f"tcp:host=127.0.0.1:port={BASE_PORT + n}" for n in NODES if n != node_id}
         settings: dict[str, Any] = {
             "reconnect_max_delay": MAX_DELAY,
             "ping_interval": PING,
@@ -144,9 +160,9 @@ class Node:
     def dials_to(self, peer: int) -> int:
         return sum(1 for c in self.reactor.tcpClients if c[1] == BASE_PORT + peer)
 
-    def inbound(self) -> tuple[PeerProtocol, StringTransport]:
-        """An accepted connection whose other end the test scripts."""
-        addr = IPv4Address("TCP", "127.0.0.1", 40000)
+    def inbound(self, host: str = "127.0.0.1") -> tuple[PeerProtocol, StringTransport]:
+        """An accepted connection from ``host`` whose other end the test scripts."""
+        addr = IPv4Address("TCP", host, 40000)
         proto = self.table.server_factory().buildProtocol(addr)
         assert proto is not None
         transport = StringTransport(peerAddress=addr)
@@ -332,33 +348,44 @@ def test_frames_flow_both_ways_after_the_handshake() -> None:
     assert n1.rec.events == [("up", 2), ("frame", 2, IHaveFrame((b"i" * 16,)))]
 
 
+# (Hello, the reason in the listener's log, the reason the peer is told): a
+# refused peer learns nothing about the cluster (its name, who is a neighbour).
 REFUSED_HELLOS = [
     pytest.param(
         hello(1, version=2),
         "protocol version 2 is not supported (node 2 speaks 1)",
+        "protocol version 2 is not supported (this node speaks 1)",
         id="protocol-version",
     ),
     pytest.param(
         codec.Hello(codec.PROTOCOL_VERSION, "other", 1, 7),
         "cluster 'other' is not this node's cluster 'test'",
+        REFUSED,
         id="cluster-name",
     ),
     pytest.param(
-        hello(OUTSIDER), f"node {OUTSIDER} is not a neighbour of node 2", id="not-a-neighbour"
+        hello(OUTSIDER),
+        f"node {OUTSIDER} is not a neighbour of node 2",
+        REFUSED,
+        id="not-a-neighbour",
     ),
-    pytest.param(hello(1, incarnation=0), "incarnation 0 is not allowed", id="incarnation-0"),
+    pytest.param(
+        hello(1, incarnation=0), "incarnation 0 is not allowed", REFUSED, id="incarnation-0"
+    ),
 ]
 
 
-@pytest.mark.parametrize(("bad_hello", "reason"), REFUSED_HELLOS)
+@pytest.mark.parametrize(("bad_hello", "reason", "told"), REFUSED_HELLOS)
 def test_listener_rejects_a_bad_hello(
-    bad_hello: codec.Hello, reason: str, log_events: list[dict[str, Any]]
+    bad_hello: codec.Hello, reason: str, told: str, log_events: list[dict[str, Any]]
 ) -> None:
-    """A refused Hello gets a Reject naming the reason, the connection closes, up never fires."""
+    """A refused Hello gets a Reject with a reason that discloses nothing about the
+    cluster, the detailed reason goes to the log, the connection closes, up never fires."""
     node = Node(2)
     proto, transport = node.inbound()
     proto.dataReceived(framed(bad_hello))
-    assert frames_in(transport.value()) == [codec.Reject(reason)]
+    assert frames_in(transport.value()) == [codec.Reject(told)]
+    assert CLUSTER not in told
     assert transport.disconnecting
     assert not proto.established
     assert any(f"handshake refused: {reason}" in w for w in warnings(log_events))
@@ -368,8 +395,8 @@ def test_listener_rejects_a_bad_hello(
     assert all(s.state == CONNECTING for s in node.table.status())
 
 
-@pytest.mark.parametrize(("bad_hello", "reason"), REFUSED_HELLOS)
-def test_dialer_records_the_reject_it_gets(bad_hello: codec.Hello, reason: str) -> None:
+@pytest.mark.parametrize(("bad_hello", "reason", "told"), REFUSED_HELLOS)
+def test_dialer_records_the_reject_it_gets(bad_hello: codec.Hello, reason: str, told: str) -> None:
     """End to end: the listener's Reject closes the dial and shows in the dialer's status."""
     n1, n2 = Node(1), Node(2)
     client, _, pump = pair(n1, n2)
@@ -381,7 +408,7 @@ def test_dialer_records_the_reject_it_gets(bad_hello: codec.Hello, reason: str) 
     assert client.transport.disconnected
     status = {s.peer: s for s in n1.table.status()}
     assert status[2].state == CONNECTING
-    assert status[2].last_error == f"node 2 rejected our handshake: {reason}"
+    assert status[2].last_error == f"node 2 rejected our handshake: {told}"
 
 
 def test_reject_received_by_dialer_is_recorded(log_events: list[dict[str, Any]]) -> None:
@@ -597,14 +624,14 @@ def test_two_tables_keep_an_idle_link_up_with_their_pings() -> None:
 
 
 def test_unfinished_handshake_is_aborted(log_events: list[dict[str, Any]]) -> None:
-    """A connection that sends no Hello within handshake_timeout is aborted."""
+    """An inbound connection that sends no Hello within hello_timeout is aborted."""
     node = Node(2)
     proto, transport = node.inbound()
-    node.reactor.advance(HANDSHAKE - 0.01)
+    node.reactor.advance(HELLO_TIMEOUT - 0.01)
     assert not transport.disconnecting
     node.reactor.advance(0.02)
     assert transport.disconnected
-    assert any(f"handshake not finished for {HANDSHAKE} s" in w for w in warnings(log_events))
+    assert any(f"handshake not finished for {HELLO_TIMEOUT} s" in w for w in warnings(log_events))
     lose(proto, error.ConnectionAborted())
     assert node.rec.events == []
     assert node.table.connections == set()
@@ -764,7 +791,8 @@ def test_send_bound_aborts_a_peer_that_does_not_read(log_events: list[dict[str, 
     """Over max_pending_bytes queued, the connection is aborted with a log line."""
     node = Node(2, max_pending_bytes=1000)
     proto, transport = handshake_inbound(node, 1)
-    transport.producer.pauseProducing()
+    gate = transport.producer
+    gate.pauseProducing()
     body = b"x" * 380
     data = codec.encode(GossipFrame((Envelope(message_id(body), body, ()),)))
     assert 1000 / 3 < len(data) <= 500
@@ -775,7 +803,8 @@ def test_send_bound_aborts_a_peer_that_does_not_read(log_events: list[dict[str, 
     assert transport.disconnected, "aborted"
     assert any("peer is not reading: over 1000 bytes queued" in w for w in warnings(log_events))
     node.table.send(1, data)  # dropped: the connection is closing
-    transport.producer.resumeProducing()
+    assert transport.producer is None, "the write gate is unregistered on close"
+    gate.resumeProducing()  # a late resume from the transport writes nothing
     assert transport.value() == b"", "the queue was dropped, not written"
     lose(proto, error.ConnectionAborted())
     assert node.rec.events == [("up", 1), ("down", 1)]
@@ -796,21 +825,26 @@ def test_start_dials_every_neighbour() -> None:
     node.table.stop()
 
 
+def newest_dial(node: Node, peer: int) -> FakeConnector:
+    """The TCP connector of the latest dial to ``peer`` (each dial of an endpoint makes one)."""
+    return [c for c in node.reactor.connectors if c.port == BASE_PORT + peer][-1]
+
+
 def test_failed_dial_is_retried(seeded_random: None) -> None:
     """A refused dial records last_error and the factory dials again within reconnect_max_delay."""
     node = Node(1)
     node.table.start()
-    connector = node.reactor.connectors[0]
+    connector = newest_dial(node, 2)
     assert connector.getDestination().port == BASE_PORT + 2
     connector.transport.failIfNotConnected(error.ConnectionRefusedError())
     assert node.dials_to(2) == 1
-    assert "dial 127.0.0.1:17002 failed" in node.table.links[2].last_error
+    assert "dial tcp:host=127.0.0.1:port=17002 failed" in node.table.links[2].last_error
     assert "refused" in node.table.links[2].last_error
     node.reactor.advance(0)
     assert node.dials_to(2) == 1, "not at once"
     node.reactor.advance(MAX_DELAY)
     assert node.dials_to(2) == 2
-    assert connector.state == "connecting"
+    assert newest_dial(node, 2).state == "connecting"
     node.table.stop()
 
 
@@ -819,7 +853,8 @@ def test_dial_timeout_is_retried(seeded_random: None) -> None:
     node = Node(1)
     node.table.start()
     node.reactor.advance(5)
-    assert "dial 127.0.0.1:17002 failed" in node.table.links[2].last_error
+    assert "dial tcp:host=127.0.0.1:port=17002 failed" in node.table.links[2].last_error
+    assert "no connection within 5 s" in node.table.links[2].last_error
     node.reactor.advance(MAX_DELAY)
     assert node.dials_to(2) == 2
     node.table.stop()
@@ -829,10 +864,9 @@ def test_backoff_grows_but_dialing_never_stops(seeded_random: None) -> None:
     """Repeated failures keep being retried, with growing delays."""
     node = Node(1)
     node.table.start()
-    connector = node.reactor.connectors[0]
     times = []
     for attempt in range(1, 12):
-        connector.transport.failIfNotConnected(error.ConnectionRefusedError())
+        newest_dial(node, 2).transport.failIfNotConnected(error.ConnectionRefusedError())
         start = node.reactor.seconds()
         while node.dials_to(2) == attempt:
             node.reactor.advance(0.01)
@@ -847,9 +881,8 @@ def test_retry_delay_never_exceeds_reconnect_max_delay(seeded_random: None) -> N
     """Every retry after a failure comes within reconnect_max_delay seconds."""
     node = Node(1)
     node.table.start()
-    connector = node.reactor.connectors[0]
     for attempt in range(1, 41):
-        connector.transport.failIfNotConnected(error.ConnectionRefusedError())
+        newest_dial(node, 2).transport.failIfNotConnected(error.ConnectionRefusedError())
         node.reactor.advance(MAX_DELAY)
         assert node.dials_to(2) == attempt + 1, f"retry {attempt} later than {MAX_DELAY} s"
 
@@ -996,3 +1029,421 @@ def test_full_transport_reports_congestion_for_the_current_link() -> None:
     assert st.producer is not None
     st.producer.pauseProducing()
     assert seen == [(1, True), (1, False)]
+
+
+# -- reading goes on while our writes wait (issue 12, defect 1) ----------------
+
+
+def test_frames_are_handled_while_our_writes_are_paused() -> None:
+    """While the transport has paused our writes, the peer's frames are still parsed
+    and delivered, and its Pings keep the link from timing out as idle."""
+    node = Node(2)
+    proto, transport = handshake_inbound(node, 1)
+    transport.producer.pauseProducing()
+    assert node.table.when_writable(1) is not None, "the link reports it is full"
+    proto.dataReceived(framed(codec.Ping()) + framed(GOSSIP))
+    assert node.rec.events == [("up", 1), ("frame", 1, GOSSIP)]
+    for _ in range(4):
+        node.reactor.advance(PING)
+        proto.dataReceived(framed(codec.Ping()))
+    assert node.reactor.seconds() > IDLE
+    assert not transport.disconnecting, "pings were handled: the link is not idle"
+    proto.dataReceived(framed(IHaveFrame((b"h" * 16,))))
+    assert node.rec.events[-1] == ("frame", 1, IHaveFrame((b"h" * 16,)))
+
+
+def test_oversized_frame_is_refused_while_our_writes_are_paused() -> None:
+    """MAX_LENGTH still applies while our writes wait: an oversized length prefix
+    closes the connection at once instead of piling up unparsed bytes."""
+    node = Node(2)
+    proto, transport = handshake_inbound(node, 1)
+    transport.producer.pauseProducing()
+    proto.dataReceived(struct.pack("!I", MAX_FRAME + 1) + b"x" * 1000)
+    assert transport.disconnecting
+
+
+def test_protocol_reuses_no_base_class_attribute() -> None:
+    """PeerProtocol sets no attribute that its Twisted base classes already give a
+    meaning (as ``paused`` once did), except MAX_LENGTH, which is meant to be set."""
+    proto = PeerProtocol(Node(2).table, None)
+    inherited = set(dir(Int32StringReceiver)) | set(dir(TimeoutMixin))
+    assert set(vars(proto)) & inherited == {"MAX_LENGTH"}
+
+
+# -- closes that complete, handshake slots (issue 12, defect 7) ----------------
+
+
+class StalledTCP(FileDescriptor):
+    """Twisted's own write buffering and producer handling (``FileDescriptor``)
+    towards a peer that reads only once the test says so. ``drain`` does what the
+    reactor does when the socket becomes writable."""
+
+    bufferSize = 16
+
+    def __init__(self, protocol: PeerProtocol) -> None:
+        super().__init__(MemoryReactor())  # type: ignore[arg-type]
+        self.protocol = protocol
+        self.connected = 1
+        self.peer_reads = False
+
+    def writeSomeData(self, data: bytes) -> int:
+        return len(data) if self.peer_reads else 0
+
+    def drain(self) -> None:
+        result = self.doWrite()
+        if result is not None:
+            self.connectionLost(Failure(result))
+
+    def abortConnection(self) -> None:
+        """As ``tcp.Connection`` does: drop what is buffered, the connection is lost."""
+        if not self.disconnected:
+            self.connectionLost(Failure(error.ConnectionAborted()))
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.protocol.connectionLost(reason)
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 40001)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", BASE_PORT + 2)
+
+
+def stalled_inbound(node: Node) -> tuple[PeerProtocol, StalledTCP]:
+    proto = node.table.server_factory().buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    assert proto is not None
+    tcp = StalledTCP(proto)
+    proto.makeConnection(tcp)
+    return proto, tcp
+
+
+def test_closing_a_backed_up_link_completes_once_the_peer_reads() -> None:
+    """A link closed while the transport has paused our writes is really closed when
+    the buffer drains (Twisted would resume a registered producer instead)."""
+    node = Node(2)
+    proto, tcp = stalled_inbound(node)
+    proto.dataReceived(framed(hello(1)))
+    assert tcp.producerPaused, "our Hello alone filled the small buffer"
+    proto.dataReceived(raw_frame(b"\xff\xff"))  # a bad frame: the link is closed
+    assert not node.table.is_up(1) and not node.table.send(1, codec.encode(GOSSIP))
+    tcp.peer_reads = True
+    tcp.drain()
+    assert node.rec.events == [("up", 1), ("down", 1)]
+    assert node.table.connections == set()
+
+
+def test_closing_a_link_whose_peer_never_reads_aborts_it_after_close_grace() -> None:
+    """A refused handshake whose peer never reads our Reject is aborted close_grace
+    seconds later, and its handshake slot is free again."""
+    node = Node(2, max_unidentified=1)
+    proto, tcp = stalled_inbound(node)
+    assert node.table.server_factory().buildProtocol(None) is None, "the only slot is taken"
+    proto.dataReceived(framed(codec.Hello(codec.PROTOCOL_VERSION, "other", 1, 7)))
+    assert tcp.producerPaused and tcp.disconnecting
+    node.reactor.advance(CLOSE_GRACE - 0.01)
+    assert not tcp.disconnected
+    node.reactor.advance(0.02)
+    assert tcp.disconnected
+    assert node.table.connections == set()
+    assert node.table.server_factory().buildProtocol(None) is not None
+
+
+def test_one_source_cannot_take_every_handshake_slot(log_events: list[dict[str, Any]]) -> None:
+    """With the default limits, one address holds at most MAX_HANDSHAKES_PER_SOURCE
+    handshakes in progress; the rest are refused with a log line and other addresses
+    still get in; a finished handshake frees its slot."""
+    assert MAX_HANDSHAKES_PER_SOURCE < MAX_HANDSHAKES
+    node = Node(2)
+    factory = node.table.server_factory()
+    hostile = IPv4Address("TCP", "10.0.0.66", 40000)
+    held = []
+    for _ in range(MAX_HANDSHAKES):
+        proto = factory.buildProtocol(hostile)
+        if proto is not None:
+            proto.makeConnection(StringTransport(peerAddress=hostile))
+            held.append(proto)
+    assert len(held) == MAX_HANDSHAKES_PER_SOURCE
+    assert any("refusing a peer connection from 10.0.0.66" in w for w in warnings(log_events))
+    honest, _ = node.inbound("10.0.0.1")
+    honest.dataReceived(framed(hello(1)))
+    assert node.rec.events == [("up", 1)]
+    lose(held[0])
+    assert factory.buildProtocol(hostile) is not None
+
+
+def test_a_slow_hello_is_cut_at_hello_timeout() -> None:
+    """An inbound Hello trickled a byte at a time is not finished within hello_timeout:
+    the connection is aborted then, though bytes kept arriving."""
+    node = Node(2)
+    proto, transport = node.inbound()
+    data = framed(hello(1))
+    step = 2 * HELLO_TIMEOUT / len(data)
+    for i in range(len(data) // 2 + 2):
+        proto.dataReceived(data[i : i + 1])
+        node.reactor.advance(step)
+    assert node.reactor.seconds() > HELLO_TIMEOUT
+    assert transport.disconnected
+    assert not proto.established
+
+
+# -- what strangers send, in our logs and replies (issues 12 and 13) -----------
+
+
+def test_long_peer_strings_are_capped_in_replies_logs_and_status(
+    log_events: list[dict[str, Any]],
+) -> None:
+    """A megabyte cluster name is not echoed in the Reject and is cut in the log; a
+    megabyte Reject reason is cut in the dialer's log and status; newlines in either
+    cannot start a forged log line."""
+    node = Node(2)
+    proto, transport = node.inbound()
+    name = "A" * 1_000_000 + "\nFORGED"
+    proto.dataReceived(framed(codec.Hello(codec.PROTOCOL_VERSION, name, 1, 7)))
+    assert frames_in(transport.value()) == [codec.Reject(REFUSED)]
+    (line,) = [w for w in warnings(log_events) if "handshake refused" in w]
+    assert len(line) < 3 * PEER_TEXT_LIMIT and "more characters" in line and "\n" not in line
+    dialer = Node(1)
+    out, _ = dialer.outbound(2)
+    out.dataReceived(framed(codec.Reject("B" * 1_000_000 + "\nFORGED")))
+    error_text = dialer.table.links[2].last_error
+    assert len(error_text) < 3 * PEER_TEXT_LIMIT and "\n" not in error_text
+    assert all(len(w) < 3 * PEER_TEXT_LIMIT for w in warnings(log_events))
+
+
+def test_shorten_escapes_and_marks_what_it_cuts() -> None:
+    """Short printable text is kept as it is; control characters are escaped; a long
+    text keeps its first PEER_TEXT_LIMIT characters and says how many were left out."""
+    assert shorten("node 3") == "node 3"
+    assert shorten("a\nb\x1b") == "a\\nb\\x1b"
+    assert shorten("x" * 150) == "x" * PEER_TEXT_LIMIT + "...[50 more characters]"
+
+
+def test_refused_handshake_warnings_are_rate_limited(log_events: list[dict[str, Any]]) -> None:
+    """A loop of refused handshakes writes at most a burst of warnings; once the rate
+    allows again, the next line says how many were left out."""
+    node = Node(2)
+    for i in range(200):
+        proto, _ = node.inbound(f"10.0.{i // 250}.{i % 250}")
+        proto.dataReceived(framed(hello(OUTSIDER)))
+        lose(proto)
+    refused = [w for w in warnings(log_events) if "handshake refused" in w]
+    assert len(refused) == HANDSHAKE_LOG_BURST
+    node.reactor.advance(5)
+    proto, _ = node.inbound()
+    proto.dataReceived(framed(hello(OUTSIDER)))
+    last = warnings(log_events)[-1]
+    assert "handshake refused" in last
+    assert f"({200 - HANDSHAKE_LOG_BURST} similar lines left out)" in last
+
+
+def test_log_rate_limit_refills_at_its_rate() -> None:
+    """The bucket gives ``burst`` lines at once, then one per 1/per_second seconds."""
+    now = [0.0]
+    limit = LogRateLimit(lambda: now[0], per_second=2.0, burst=3)
+    assert [limit.allow() for _ in range(5)] == [0, 0, 0, None, None]
+    now[0] += 0.5
+    assert limit.allow() == 2
+    assert limit.allow() is None
+
+
+# -- healing after one side timed the link out (issue 9) -----------------------
+
+
+@pytest.mark.parametrize("silent", [True, False], ids=["silent", "alive"])
+def test_a_silent_connection_loses_to_a_new_one_from_the_same_process(silent: bool) -> None:
+    """A new connection of the same incarnation replaces a current one that has heard
+    nothing for silent_after (2 ping intervals), whoever dialed it: the peer already
+    dropped that one. A current connection that is alive keeps the lower-id rule."""
+    node = Node(1)
+    old, old_transport = node.outbound(2)  # dialed by node 1, the lower id
+    old.dataReceived(framed(hello(2)))
+    node.reactor.advance(2 * PING - 1)
+    if not silent:
+        old.dataReceived(framed(codec.Ping()))
+    node.reactor.advance(1.5)
+    new, new_transport = node.inbound()
+    new.dataReceived(framed(hello(2)))
+    if silent:
+        assert node.table.links[2].proto is new
+        assert old_transport.disconnected, "aborted"
+        assert node.rec.events == [("up", 2), ("down", 2), ("up", 2)]
+        assert "nothing heard on it for 10.5 s" in (old.closing_reason or "")
+    else:
+        assert node.table.links[2].proto is old
+        assert new_transport.disconnecting
+        assert node.rec.events == [("up", 2)]
+
+
+def dial_times(node: Node, peer: int, links: list[float]) -> list[float]:
+    """Let ``node`` dial ``peer`` once per entry of ``links``: each dial connects, the
+    handshake succeeds, and the connection is closed that many seconds later.
+    Returns the waits between one close and the next dial."""
+    waits = []
+    for lasts in links:
+        dials = node.dials_to(peer)
+        start = node.reactor.seconds()
+        while node.dials_to(peer) == dials:
+            node.reactor.advance(0.01)
+            assert node.reactor.seconds() - start < 2 * MAX_DELAY, "no redial"
+        waits.append(node.reactor.seconds() - start)
+        proto, _, connector = complete_dial(node, peer)
+        proto.dataReceived(framed(hello(peer)))
+        assert node.table.is_up(peer)
+        node.reactor.advance(lasts)
+        reason = Failure(error.ConnectionDone())
+        proto.connectionLost(reason)
+        connector.connectionLost(reason)
+    return waits
+
+
+def test_handshakes_closed_at_once_back_off(seeded_random: None) -> None:
+    """A dialed link closed right after its handshake (as a duplicate, say) does not
+    reset the backoff: redials come later and later, not several times a second. A
+    link that stayed up stable_after seconds does reset it."""
+    node = Node(2)
+    node.table.start()
+    connector = next(c for c in node.reactor.connectors if c.port == BASE_PORT + 1)
+    connector.transport.failIfNotConnected(error.ConnectionRefusedError())
+    waits = dial_times(node, 1, [0.05] * 6 + [3.0, 0.05])
+    assert waits[0] < 0.3
+    assert waits[5] > 1.0, waits
+    assert sum(waits[1:7]) > 5.0, waits
+    assert waits[7] < 0.3, "the link that lasted 3 s reset the backoff"
+    node.table.stop()
+
+
+class DialedTransport(iosim.FakeTransport):
+    """The dialing end of an in-memory connection: tells its connector when it ends,
+    as a TCP client transport does."""
+
+    def __init__(self, protocol: PeerProtocol, connector: FakeConnector) -> None:
+        super().__init__(protocol, isServer=False, peerAddress=connector.getDestination())
+        self.connector = connector
+
+    def reportDisconnect(self) -> None:
+        super().reportDisconnect()
+        self.connector.connectionLost(Failure(self.disconnectReason))
+
+
+def _unwrapped(proto: Any) -> Any:
+    """The PeerProtocol inside an endpoint's wrapping protocol (dials go through endpoints)."""
+    while True:
+        inner = getattr(proto, "_wrappedProtocol", None) or getattr(proto, "wrapped", None)
+        if inner is None:
+            return proto
+        proto = inner
+
+
+class Network:
+    """Nodes whose dials reach each other over iosim, their clocks moved together.
+
+    A node not started yet refuses dials. ``cut`` is a partition: connections
+    between the two nodes never deliver another byte (each end learns only of its
+    own closes) and new dials hang until they time out; ``heal`` lets new
+    connections through again. Dials to nodes outside the network hang.
+    """
+
+    def __init__(self, *nodes: Node) -> None:
+        self.nodes = {n.id: n for n in nodes}
+        self.listening: set[int] = set()
+        self.cut_pairs: set[frozenset[int]] = set()
+        self.live: list[tuple[frozenset[int], iosim.IOPump]] = []
+        self.dead: list[iosim.IOPump] = []
+        self.now = 0.0
+
+    def start(self, node_id: int) -> None:
+        self.listening.add(node_id)
+        self.nodes[node_id].table.start()
+
+    def cut(self, a: int, b: int) -> None:
+        pair_ = frozenset((a, b))
+        self.cut_pairs.add(pair_)
+        self.dead += [pump for p, pump in self.live if p == pair_]
+        self.live = [(p, pump) for p, pump in self.live if p != pair_]
+
+    def heal(self, a: int, b: int) -> None:
+        self.cut_pairs.discard(frozenset((a, b)))
+
+    def run_until(self, t: float, step: float = 0.01) -> None:
+        while self.now < t - 1e-9:
+            dt = min(step, t - self.now)
+            self.now += dt
+            for n in self.nodes.values():
+                n.reactor.advance(dt)
+            self._settle()
+
+    def same_connection(self, a: int, b: int) -> bool:
+        """Whether ``a`` and ``b`` both use the two ends of one live connection."""
+        pa, pb = self.nodes[a].table.links[b].proto, self.nodes[b].table.links[a].proto
+        return any({_unwrapped(pump.client), pump.server} == {pa, pb} for _, pump in self.live)
+
+    def _settle(self) -> None:
+        for _ in range(100):
+            moved = self._connect_dials()
+            for _, pump in self.live:
+                moved = pump.flush() or moved
+            for pump in self.dead:
+                for io in (pump.clientIO, pump.serverIO):
+                    if io.disconnecting and not io.disconnected:
+                        io.disconnected = True
+                        io.reportDisconnect()
+                        moved = True
+            if not moved:
+                return
+        raise AssertionError("the network did not settle")
+
+    def _connect_dials(self) -> bool:
+        moved = False
+        for node in self.nodes.values():
+            for c in node.reactor.connectors:
+                peer = c.port - BASE_PORT
+                if c.state != "connecting" or c.transport.done or peer not in self.nodes:
+                    continue
+                if frozenset((node.id, peer)) in self.cut_pairs:
+                    continue  # the SYN is lost: the dial times out
+                moved = True
+                if peer not in self.listening:
+                    c.transport.failIfNotConnected(error.ConnectionRefusedError())
+                    continue
+                c.transport.done = True
+                client = c.buildProtocol(c.getDestination())
+                source = IPv4Address("TCP", "127.0.0.1", 40000 + len(self.live) + len(self.dead))
+                server = self.nodes[peer].table.server_factory().buildProtocol(source)
+                assert server is not None
+                pump = iosim.connect(
+                    server,
+                    iosim.FakeTransport(server, isServer=True, peerAddress=source),
+                    client,
+                    DialedTransport(client, c),
+                    greet=False,
+                )
+                self.live.append((frozenset((node.id, peer)), pump))
+        return moved
+
+
+def test_link_heals_at_once_after_one_side_timed_it_out(seeded_random: None) -> None:
+    """Issue 9's reconnect storm: node 2 times an idle link out (at 25 s) while node 1
+    still holds the dead connection (it would time out only at 29 s). After the
+    partition heals, node 2's first redial brings the link up on both sides for good:
+    one redial, one down and one up on each side, no flapping."""
+    n1, n2 = Node(1), Node(2)
+    net = Network(n1, n2)
+    net.start(1)  # pings at 5, 10, 15...; its dials to node 2 are refused until 4 s
+    net.run_until(4)
+    net.start(2)  # dials node 1 at once; pings at 9, 14, 19...
+    net.run_until(4.1)
+    assert n1.rec.events == [("up", 2)] and n2.rec.events == [("up", 1)]
+    net.run_until(14.5)  # node 2 last heard node 1 at 10 s, node 1 heard node 2 at 14 s
+    net.cut(1, 2)
+    net.run_until(24.5)
+    net.heal(1, 2)
+    dials = n2.dials_to(1)
+    net.run_until(25.0 + 1.0)  # node 2's idle timeout, then its redial (0.2 s backoff)
+    assert net.same_connection(1, 2), "up again on both sides, over the new connection"
+    assert n2.dials_to(1) == dials + 1
+    net.run_until(60)
+    assert net.same_connection(1, 2)
+    assert n1.rec.events == [("up", 2), ("down", 2), ("up", 2)]
+    assert n2.rec.events == [("up", 1), ("down", 1), ("up", 1)]
+    assert n2.dials_to(1) == dials + 1 and n1.dials_to(2) < 10, "no more dials once up"

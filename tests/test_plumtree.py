@@ -25,7 +25,7 @@ from gossip.core.frames import (
     PeerFrame,
     PruneFrame,
 )
-from gossip.core.message import message_id
+from gossip.core.message import Message, message_id
 from gossip.core.plumtree import OriginTrees, Plumtree, ShortestPathTrees
 from gossip.core.state import GossipCore
 from gossip.sim import Simulation
@@ -178,7 +178,7 @@ class Node:
         )
         # Periodic re-sync is pushed out of the way; link-up sessions are filtered.
         self.core = GossipCore(
-            ME, GRAPH[ME], self.store, self.plumtree, MAX_BODY, 16, sync_interval=1e9
+            ME, GRAPH[ME], self.store, self.plumtree, MAX_BODY, GRAPH, sync_interval=1e9
         )
         self.now = T0
         for p in up:
@@ -425,7 +425,7 @@ def test_duplicate_from_a_non_parent_prunes_once_and_prune_ends_adoption() -> No
     node.receive(7, GraftFrame((message_id(a),)))
     assert node.plumtree.adopted == {1: {7}}
     node.receive(7, PruneFrame((1,)))
-    assert node.plumtree.adopted == {1: set()}
+    assert node.plumtree.adopted == {}
     assert sorted(pushed(node.gossip(2, b"origin 1, third", (1, 2)))) == [8]
 
 
@@ -464,11 +464,47 @@ def test_peer_down_drops_its_adoptions_and_pending_ihaves() -> None:
     node.gossip(2, b"queued", (1, 2))  # pushed to 7 (adopted) and 8, announced to 3
     node.gossip(3, b"origin 3", (3,))  # announced to 2 and 7
     node.peer_down(7)
-    assert node.plumtree.adopted == {1: set()}
+    assert node.plumtree.adopted == {}
     assert sorted(s.peer for s in node.tick(T0 + 0.2)) == [2, 3]
     node.peer_up(7)
     assert sorted(pushed(node.gossip(2, b"after", (1, 2)))) == [8]
     assert sorted(s.peer for s in node.tick(T0 + 0.3)) == [3, 7]
+
+
+def test_adopted_origins_are_forgotten_when_their_last_peer_prunes_or_goes_down() -> None:
+    """Grafts from 7 and 8 adopt them for origins 1 and 3; an origin leaves the adopted
+    map (not just its peer) once no neighbour is adopted for it: by Prune (the tree
+    healed for the grafter) or by the peer's link going down."""
+    node = Node()
+    one, three = b"of origin 1", b"of origin 3"
+    node.gossip(2, one, (1, 2))
+    node.gossip(3, three, (3,))
+    node.receive(7, GraftFrame((message_id(one), message_id(three))))
+    node.receive(8, GraftFrame((message_id(one),)))
+    assert node.plumtree.adopted == {1: {7, 8}, 3: {7}}
+    node.receive(7, PruneFrame((3,)))
+    assert node.plumtree.adopted == {1: {7, 8}}
+    node.receive(8, PruneFrame((1,)))
+    assert node.plumtree.adopted == {1: {7}}
+    node.peer_down(7)
+    assert node.plumtree.adopted == {}
+    assert sorted(pushed(node.gossip(2, b"origin 1 later", (1, 2)))) == [8]
+
+
+def test_grafts_for_origins_outside_the_graph_adopt_nobody() -> None:
+    """Records whose stored path starts at an origin that is not in the graph (as in an
+    old log; 1,000 distinct ones) are sent to the grafting peer, but the adopted map
+    gains no key for them (it stays bounded by the graph's nodes), and their duplicates
+    from a non-parent are not pruned (there is no adoption to end)."""
+    node = Node()
+    bodies = [f"stray {i}".encode() for i in range(1000)]
+    for i, body in enumerate(bodies):
+        node.store.add(Message(message_id(body), body, T0, (1000 + i, 2)))
+    replies = node.receive(7, GraftFrame(tuple(message_id(b) for b in bodies)))
+    assert len(pushed(replies)[7]) == 1000
+    assert node.plumtree.adopted == {}
+    stray = Envelope(message_id(bodies[0]), bodies[0], (1000, 3))
+    assert node.plumtree.on_duplicate(stray, 3) == []
 
 
 def test_missing_set_is_bounded_by_max_missing() -> None:
@@ -678,3 +714,21 @@ def test_report_command_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]
     assert report_main(["--crash", "1.5"]) == 2
     assert report_main(["--nodes", "41"]) == 2
     assert "n * degree must be even" in capsys.readouterr().err
+
+
+def test_graft_reply_of_an_old_record_sends_a_path_the_grafter_accepts() -> None:
+    """A record from an old log whose stored path names the grafting node, a node not
+    in the graph, a repeat and is as long as the cluster is sent in answer to a Graft
+    with those entries left out, so the grafter stores it instead of refusing it."""
+    node = Node(up=(2, 3, 7, 8))
+    body = b"from an old log"
+    old_path = (1, 3, 99, 2, 1, 7)  # 6 entries: as many as GRAPH has nodes
+    node.store.add(Message(message_id(body), body, T0, old_path))
+    sends = node.receive(3, GraftFrame((message_id(body),)))
+    assert pushed(sends) == {3: [Envelope(message_id(body), body, (1, 2, 7, ME))]}
+    grafter = GossipCore(3, GRAPH[3], MemoryStore(), Flood(3), MAX_BODY, GRAPH)
+    grafter.peer_up(ME, T0)
+    (sent,) = sends
+    effects = grafter.receive(ME, sent.frame, T0)
+    assert [type(e) for e in effects][:1] == [Persist]
+    assert sum(grafter.refused.values()) == 0

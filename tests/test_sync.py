@@ -42,6 +42,7 @@ from gossip.core.sync import (
     MAX_NODES_PER_QUERY,
     ROOT,
     SYNC_FRAME_BYTES,
+    WANT_WINDOW,
     FingerprintTree,
     key_range,
     make_key,
@@ -55,6 +56,7 @@ from gossip.wire.codec import encode
 TOP = b"\xff" * ID_BYTES + b"\x00"  # key_range's hi at the top of the id space
 CONTROL = ("SyncQueryFrame", "SyncReplyFrame", "SyncWantFrame")
 BODY_BYTES = 100
+MEMBERS = frozenset(range(64))  # the configured node ids the cores are told
 _ALPHABET = (string.ascii_letters + string.digits).encode()
 
 
@@ -169,7 +171,7 @@ def make_core(
     store = MemoryStore()
     for body in bodies:
         store.add(Message(message_id(body), body, 0.0, ()))
-    core = GossipCore(node, neighbours, store, Flood(node), 32768, 64, **options)
+    core = GossipCore(node, neighbours, store, Flood(node), 32768, MEMBERS, **options)
     return core, store
 
 
@@ -193,7 +195,7 @@ class Wire:
             elif isinstance(e, Send):
                 self.queue.append((node, e.peer, e.frame))
             elif isinstance(e, StreamMessages):
-                for frame in stream_frames(store, node, e):
+                for frame in stream_frames(store, node, e, MEMBERS):
                     self.queue.append((node, e.peer, frame))
             else:
                 raise AssertionError(f"unexpected {e}")
@@ -398,8 +400,8 @@ def test_stream_frames_splits_by_size_and_marks_only_the_last_done() -> None:
     store = MemoryStore()
     for i in range(2000):
         body = random_body(rng)
-        store.add(Message(message_id(body), body, 0.0, (i % 5,)))
-    frames = list(stream_frames(store, 9, StreamMessages(3, 42, (), (ROOT,))))
+        store.add(Message(message_id(body), body, 0.0, (i % 3,)))  # never the receiver, 3
+    frames = list(stream_frames(store, 9, StreamMessages(3, 42, (), (ROOT,)), MEMBERS))
     assert len(frames) > 2
     assert [f.done for f in frames] == [False] * (len(frames) - 1) + [True]
     assert {f.session for f in frames} == {42}
@@ -412,7 +414,7 @@ def test_stream_frames_splits_by_size_and_marks_only_the_last_done() -> None:
         assert env.path == (*stored.path, 9)
     for f in frames:
         assert len(encode(f)) < SYNC_FRAME_BYTES + 2 * (BODY_BYTES + 20)
-    assert list(stream_frames(store, 9, StreamMessages(3, 1, (), ()))) == [
+    assert list(stream_frames(store, 9, StreamMessages(3, 1, (), ()), MEMBERS)) == [
         SyncDataFrame(1, (), True)
     ]
 
@@ -427,7 +429,7 @@ def test_stream_frames_sends_listed_ids_then_ranges() -> None:
     mids = [message_id(b) for b in bodies]
     leaf = make_key(LEAF_LEVEL, int.from_bytes(mids[0][:2], "big"))
     asked = (mids[3], b"\x01" * ID_BYTES, mids[1])
-    (frame,) = stream_frames(store, 0, StreamMessages(1, 7, asked, (leaf,)))
+    (frame,) = stream_frames(store, 0, StreamMessages(1, 7, asked, (leaf,)), MEMBERS)
     got = [message_id(e.body) for e in frame.messages]
     lo, hi = key_range(leaf)
     assert got == [mids[3], mids[1], *sorted(m for m in mids if lo <= m < hi)]
@@ -679,6 +681,89 @@ def test_periodic_anti_entropy_repairs_what_a_lossy_flood_missed() -> None:
     assert sim.drops == []
 
 
+# -- flow control -------------------------------------------------------------
+
+
+def half_missing(total: int, seed: int) -> tuple[list[bytes], list[bytes]]:
+    """``total`` random bodies and the half of them (every other one) a node kept."""
+    rng = random.Random(seed)
+    bodies = [random_body(rng) for _ in range(total)]
+    return bodies, bodies[::2]
+
+
+def wants_in_flight(log: list[tuple[int, int, PeerFrame]], initiator: int) -> list[int]:
+    """After each frame of ``log``: SyncWants the initiator sent minus the done SyncData
+    frames it received."""
+    out, n = [], 0
+    for src, dst, frame in log:
+        if src == initiator and isinstance(frame, SyncWantFrame):
+            n += 1
+        elif dst == initiator and isinstance(frame, SyncDataFrame) and frame.done:
+            n -= 1
+        out.append(n)
+    return out
+
+
+def test_initiator_never_has_more_than_the_window_of_wants_in_flight() -> None:
+    """A node that lost half of 40,000 messages learns of ~20,000 missing ids across many
+    replies (one want each, before: far more at once than the responder allows). It
+    sends its wants so that at no point are more than WANT_WINDOW unanswered, sends more
+    than WANT_WINDOW in all (the window refills as answers end), and ends holding
+    every message, each persisted once."""
+    bodies, kept = half_missing(40_000, seed=21)
+    a, a_store = make_core(1, (2,), kept)
+    b, b_store = make_core(2, (1,), bodies)
+    wire = Wire((a, a_store), (b, b_store))
+    wire.apply(1, a.peer_up(2, 0.0))
+    b.peer_up(1, 0.0)  # only A's session matters here
+    wire.run(1.0)
+    in_flight = wants_in_flight(wire.log, 1)
+    wants = [f for src, _, f in wire.log if src == 1 and isinstance(f, SyncWantFrame)]
+    assert max(in_flight) == WANT_WINDOW
+    assert len(wants) > WANT_WINDOW
+    assert all(len(w.ids) <= MAX_IDS_PER_WANT for w in wants)
+    assert len(a_store) == 40_000
+    assert set(wire.persisted.values()) == {1}
+    assert a.sync.active is None
+    assert a.sync.counters.sessions_completed == 1
+
+
+def test_what_was_pulled_before_a_link_drop_is_kept_and_not_asked_for_again() -> None:
+    """The link drops in the middle of a large pull (after the initiator stored some of
+    what it lacked): the session is aborted, the pulled messages stay stored and in the
+    tree, and the session on the next link-up asks only for the ids still missing (none
+    of the ones already held) and completes the pull."""
+    bodies, kept = half_missing(20_000, seed=22)
+    a, a_store = make_core(1, (2,), kept)
+    b, b_store = make_core(2, (1,), bodies)
+    wire = Wire((a, a_store), (b, b_store))
+    wire.apply(1, a.peer_up(2, 0.0))
+    b.peer_up(1, 0.0)
+    while len(a_store) < 14_000:
+        wire.step(1.0)
+    wire.queue.clear()  # the link drops: what was in flight is lost
+    a.peer_down(2, 2.0)
+    b.peer_down(1, 2.0)
+    assert a.sync.counters.sessions_aborted == 1
+    held = set(a_store.ids())
+    assert a.tree.total == len(held) < 20_000
+    cut = len(wire.log)
+    wire.apply(1, a.peer_up(2, 3.0))
+    b.peer_up(1, 3.0)
+    wire.run(4.0)
+    asked = [
+        mid
+        for src, _, f in wire.log[cut:]
+        if src == 1 and isinstance(f, SyncWantFrame)
+        for mid in f.ids
+    ]
+    assert not held & set(asked)
+    assert len(asked) == 20_000 - len(held)
+    assert len(a_store) == 20_000
+    assert set(wire.persisted.values()) == {1}
+    assert a.sync.counters.sessions_completed == 1
+
+
 # -- aborts -------------------------------------------------------------------
 
 
@@ -764,7 +849,6 @@ BAD_FRAMES: list[tuple[str, PeerFrame]] = [
         "data-id-not-body",
         SyncDataFrame(1, (Envelope(message_id(b"right"), b"wrong", (2,)),), True),
     ),
-    ("data-path-not-sender", SyncDataFrame(1, (Envelope(b"", b"hello", (3,)),), True)),
     ("data-not-utf8", SyncDataFrame(1, (Envelope(b"", b"\xff\xfe", (2,)),), True)),
 ]
 
@@ -783,6 +867,49 @@ def test_bad_sync_frames_drop_the_peer(frame: PeerFrame) -> None:
     assert isinstance(effects[0], DropPeer)
     assert effects[0].peer == 2
     assert len(store) == 1
+
+
+def test_sync_data_with_a_refused_path_drops_the_message_not_the_link() -> None:
+    """SyncData whose envelope has a path the receiver refuses (not ending with the
+    sender, naming the receiver, as long as the cluster) loses that message only: it is
+    counted, not stored, the others are, and no DropPeer comes."""
+    core, _ = make_core(1, (2, 3), [b"held"])
+    core.peer_up(2, 0.0)
+    messages = (
+        Envelope(b"", b"not from 2", (3,)),
+        Envelope(b"", b"fine", (4, 2)),
+        Envelope(b"", b"loop", (1, 2)),
+        Envelope(b"", b"long", (*range(5, 5 + len(MEMBERS) - 1), 2)),
+    )
+    effects = core.receive(2, SyncDataFrame(1, messages, True), 1.0)
+    assert not any(isinstance(e, DropPeer) for e in effects)
+    assert [e.message.body for e in effects if isinstance(e, Persist)] == [b"fine"]
+    assert core.refused["path_not_from_sender"] == 1
+    assert core.refused["path_has_receiver"] == 1
+    assert core.refused["path_too_long"] == 1
+
+
+def test_resync_of_an_old_record_with_a_path_the_receiver_refuses_keeps_the_link() -> None:
+    """A record from an old log whose stored path is as long as the cluster, names the
+    receiver, repeats a node and names an id no longer configured is still pulled by
+    re-sync: the responder sends it with a path the receiver accepts (its own entries,
+    less those), the receiver stores it, nothing is refused and no link is dropped."""
+    a, a_store = make_core(1, (2,))
+    b, b_store = make_core(2, (1,))
+    old_path = (7, 1, 9999, *range(3, 3 + len(MEMBERS) - 4), 7)
+    assert len(old_path) == len(MEMBERS)
+    b_store.add(Message(message_id(b"old"), b"old", 0.0, old_path))
+    b_store.add(Message(message_id(b"new"), b"new", 0.0, (5, 6)))
+    wire = Wire((a, a_store), (b, b_store))  # a DropPeer fails the test in Wire.apply
+    wire.apply(1, a.peer_up(2, 0.0))
+    b.peer_up(1, 0.0)
+    wire.run(1.0)
+    got = a_store.get(message_id(b"old"))
+    assert got is not None
+    assert got.path == (7, *(n for n in range(3, 3 + len(MEMBERS) - 4) if n != 7), 2)
+    new = a_store.get(message_id(b"new"))
+    assert new is not None and new.path == (5, 6, 2)
+    assert sum(a.refused.values()) == 0
 
 
 def test_query_at_the_limits_is_answered() -> None:

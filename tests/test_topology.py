@@ -212,3 +212,86 @@ def test_main_check_missing_file_exits_1(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "cannot read" in err
+
+
+# -- hosts, ports and listen interfaces (gossip-config for several hosts) -------
+
+
+def test_host_template_gives_each_node_its_host_and_the_same_ports() -> None:
+    """{index} is id - 1 (a StatefulSet ordinal); with a host per node every node uses
+    17001 and 17101, listens on every interface and is dialled at its host name."""
+    config = generate_config(4, host="gossip-{index}.gossip.default.svc.cluster.local")
+    spec = config.node(3)
+    assert spec.host == "gossip-2.gossip.default.svc.cluster.local"
+    assert (spec.peer_port, spec.client_port) == (17001, 17101)
+    assert spec.peer_listen == "tcp:17001:interface=0.0.0.0"
+    assert spec.client_listen == "tcp:17101:interface=0.0.0.0"
+    assert spec.peer_address == "tcp:host=gossip-2.gossip.default.svc.cluster.local:port=17001"
+    assert generate_config(4, host="n{id}").node(4).host == "n4"
+
+
+def test_ip_literal_hosts_listen_on_themselves_unless_told() -> None:
+    """A host that is an IP literal is its own listen interface; --listen-interface
+    overrides it (an IPv6 interface listens with tcp6)."""
+    spec = generate_config(4, host="10.0.0.{id}").node(2)
+    assert spec.peer_listen == "tcp:17001:interface=10.0.0.2"
+    spec = generate_config(4, host="10.0.0.{id}", listen_interface="::").node(2)
+    assert spec.peer_listen == "tcp6:17001:interface=\\:\\:"
+    assert spec.peer_address == "tcp:host=10.0.0.2:port=17001"
+
+
+def test_main_host_template_options_write_a_valid_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--host-template, --peer-port, --client-port, --listen-interface and --name end up
+    in a file that --check accepts."""
+    out = tmp_path / "k8s.toml"
+    argv = [
+        "--nodes", "16", "--name", "prod", "--host-template", "gossip-{index}.gossip",
+        "--peer-port", "7000", "--client-port", "7100", "--listen-interface", "0.0.0.0",
+        "-o", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    config = load_config(out)
+    assert config.name == "prod"
+    spec = config.node(16)
+    assert spec.peer_address == "tcp:host=gossip-15.gossip:port=7000"
+    assert spec.client_listen == "tcp:7100:interface=0.0.0.0"
+    assert main(["--check", str(out)]) == 0
+    assert "ok: 16 nodes" in capsys.readouterr().out
+
+
+def test_main_loopback_keeps_per_node_ports(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a template every node is on 127.0.0.1 at 17000 + id and 17100 + id, and
+    the file has no endpoint keys (they are derived)."""
+    assert main(["--nodes", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "_listen" not in text and "_address" not in text
+    spec = parse_config(text).node(4)
+    assert (spec.host, spec.peer_port, spec.client_port) == ("127.0.0.1", 17004, 17104)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--host-template", "gossip-{idx}"], "unknown placeholder {idx}"),
+        (["--peer-port", "7000"], "--peer-port and --client-port need a --host-template"),
+        (["--host-template", "n{id}", "--peer-port", "7", "--client-port", "7"], "both 7"),
+        (["--host-template", "n{id}", "--peer-port", "0"], "must be 1..65535"),
+    ],
+)
+def test_main_bad_host_options_exit_2_with_one_line(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad template or port option is one line naming the problem, exit status 2."""
+    assert main(["--nodes", "4", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+
+
+def test_main_settings_markdown_prints_the_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    """--settings-markdown prints the generated configuration tables."""
+    from gossip.settings import settings_markdown
+
+    assert main(["--settings-markdown"]) == 0
+    assert capsys.readouterr().out == settings_markdown() + "\n"

@@ -571,7 +571,7 @@ class Run:
     async def connect(self, node: int) -> GossipClient:
         spec = self.cluster.config.node(node)
         try:
-            c = await GossipClient.connect(self.reactor, spec.host, spec.client_port, 5.0)
+            c = await GossipClient.connect_endpoint(self.reactor, spec.client_address, 5.0)
         except NodeUnreachable as e:
             raise BenchError(f"node {node}: {e}") from None
         self.connections.append(c)

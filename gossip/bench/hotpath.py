@@ -45,6 +45,7 @@ from gossip.node import STRATEGIES, GossipNode
 from gossip.store.interface import MessageStore
 from gossip.store.log import POLICIES, LogStore
 from gossip.store.memory import MemoryStore
+from gossip.tap import node_services
 from gossip.topology import generate_config
 
 BODY_BYTES = 100
@@ -110,14 +111,17 @@ async def run_once(
         dissemination=strategy,
     )
     nodes: list[GossipNode] = []
+    services = []
     for i in sorted(config.nodes):
         node = GossipNode(config, i, open_store(args, directory / f"node-{i}", reactor), reactor)
-        node.startService()
+        services.append(node_services(node, reactor))
+        services[-1].privilegedStartService()
+        services[-1].startService()
         nodes.append(node)
     try:
         return await _measure(reactor, args, nodes, seed, strategy)
     finally:
-        await defer.gatherResults([n.stopService() for n in nodes])
+        await defer.gatherResults([defer.maybeDeferred(s.stopService) for s in services])
 
 
 async def _wait(reactor: Any, until: Any, deadline: float, what: str) -> None:

@@ -2,7 +2,7 @@
 
 Twisted code::
 
-    client = await GossipClient.connect(reactor, "127.0.0.1", 17101)
+    client = await GossipClient.connect_endpoint(reactor, "tcp:host=127.0.0.1:port=17101")
     mid = await client.submit_message("Apple")
     bodies = await client.get_messages()
 
@@ -15,6 +15,13 @@ Scripts::
 The blocking functions run Twisted's reactor in a daemon thread and wait on it
 with ``blockingCallFromThread`` (Twisted's own tool for this), so do not call
 them from code that already runs a reactor.
+
+Errors: ``NodeUnreachable`` (cannot connect), ``NodeClosedConnection`` (the node
+closed the connection before answering: it serves too many client connections,
+this one was idle too long, or it stopped; connect again later), ``NodeBusy``
+from a submit (the node takes no new submits for now; retry later),
+``MessageRejected``, ``NotFound``, ``AmbiguousId``, ``BadId`` and ``BadRequest``
+(from ``gossip.client.commands``), each with a one-line text.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.error import ConnectingCancelledError, ConnectionClosed
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -41,7 +49,7 @@ from gossip.client.commands import (
     SubmitMany,
     Watch,
 )
-from gossip.config import ClusterConfig, load_config
+from gossip.config import ClusterConfig, address_description, load_config
 from gossip.core.message import ID_BYTES
 from gossip.locations import default_config
 from gossip.net.peer_protocol import set_no_delay
@@ -91,12 +99,21 @@ class NodeUnreachable(ConnectionError):
     """The node could not be reached; ``str()`` names it and its address."""
 
 
-class GossipClient:
-    """One AMP connection to one node."""
+class NodeClosedConnection(ConnectionError):
+    """The node closed the connection before answering: it serves as many client
+    connections as it allows (in total or from this address), the connection was
+    idle too long, or the node stopped. ``str()`` names the node; connect again later."""
 
-    def __init__(self, proto: ClientAMP, address: str, reactor: Any = None) -> None:
+
+class GossipClient:
+    """One AMP connection to one node (``name`` says which in error texts)."""
+
+    def __init__(
+        self, proto: ClientAMP, address: str, reactor: Any = None, name: str | None = None
+    ) -> None:
         self.proto = proto
         self.address = address
+        self.name = name or f"the node at {address}"
         # With a reactor, the submits made in one reactor turn go out as one
         # SubmitMany: a round trip per message costs the node (and us) more than
         # storing and relaying it. Without one, each is its own Submit.
@@ -106,31 +123,71 @@ class GossipClient:
         self._batch_call: Any = None
 
     @classmethod
-    async def connect(
-        cls, reactor: Any, host: str, port: int, timeout: float = CONNECT_TIMEOUT
+    async def connect_endpoint(
+        cls,
+        reactor: Any,
+        description: str,
+        timeout: float = CONNECT_TIMEOUT,
+        name: str | None = None,
     ) -> GossipClient:
-        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=int(timeout))
+        """Connect to the node at a client endpoint description (a ``client_address``)."""
         try:
-            proto = await connectProtocol(endpoint, ClientAMP())
+            endpoint = clientFromString(reactor, description)
+            attempt = connectProtocol(endpoint, ClientAMP())
+            proto = await attempt.addTimeout(timeout, reactor)
+        except (ConnectingCancelledError, TimeoutError):
+            raise NodeUnreachable(
+                f"{description} is not reachable: no connection within {timeout:g} s"
+            ) from None
         except Exception as e:
-            raise NodeUnreachable(f"{host}:{port} is not reachable: {_reason(e)}") from None
+            raise NodeUnreachable(f"{description} is not reachable: {_reason(e)}") from None
         set_no_delay(proto.transport)
-        return cls(proto, f"{host}:{port}", reactor)
+        return cls(proto, description, reactor, name)
+
+    @classmethod
+    async def connect(
+        cls,
+        reactor: Any,
+        host: str,
+        port: int,
+        timeout: float = CONNECT_TIMEOUT,
+        name: str | None = None,
+    ) -> GossipClient:
+        """Connect to ``host``:``port`` over TCP (host names are resolved now)."""
+        return await cls.connect_endpoint(
+            reactor, address_description(host, port), timeout, name=name
+        )
 
     @classmethod
     async def connect_node(
-        cls, reactor: Any, node: int, config: ClusterConfig | str | Path | None = None
+        cls,
+        reactor: Any,
+        node: int,
+        config: ClusterConfig | str | Path | None = None,
+        timeout: float = CONNECT_TIMEOUT,
     ) -> GossipClient:
-        cfg = _config(config)
-        spec = cfg.node(node)
+        """Connect to node ``node`` at its ``client_address`` in the cluster file."""
+        spec = _config(config).node(node)
+        where = f"node {node} at {spec.client_address}"
         try:
-            return await cls.connect(reactor, spec.host, spec.client_port)
+            return await cls.connect_endpoint(reactor, spec.client_address, timeout, name=where)
         except NodeUnreachable as e:
             raise NodeUnreachable(f"node {node} at {e}") from None
 
     def close(self) -> None:
         if self.proto.transport is not None:
             self.proto.transport.loseConnection()
+
+    def _call(self, command: type[amp.Command], **arguments: Any) -> Deferred[dict[str, Any]]:
+        sent: Deferred[dict[str, Any]] = self.proto.callRemote(command, **arguments)
+        return sent.addErrback(self._closed_early)
+
+    def _closed_early(self, failure: Failure) -> Failure:
+        failure.trap(ConnectionClosed)  # ConnectionDone, ConnectionLost
+        raise NodeClosedConnection(
+            f"{self.name} closed the connection before answering (too many client"
+            " connections, this one idle too long, or the node stopped)"
+        )
 
     async def submit_message(self, message: str) -> str:
         """Submit ``message``; returns its full id once the node has stored it."""
@@ -147,8 +204,7 @@ class GossipClient:
         return await d
 
     def _submit_one(self, message: str) -> Deferred[str]:
-        sent: Deferred[dict[str, Any]] = self.proto.callRemote(Submit, body=message)
-        return sent.addCallback(lambda r: str(r["id"]))
+        return self._call(Submit, body=message).addCallback(lambda r: str(r["id"]))
 
     def _send_batch(self) -> None:
         if self._batch_call is not None and self._batch_call.active():
@@ -161,19 +217,19 @@ class GossipClient:
             message, d = batch[0]
             self._submit_one(message).chainDeferred(d)
             return
-        many = self.proto.callRemote(SubmitMany, bodies=[m for m, _ in batch])
+        many = self._call(SubmitMany, bodies=[m for m, _ in batch])
         many.addCallbacks(_answer_batch, _fail_batch, callbackArgs=(batch,), errbackArgs=(batch,))
 
     async def get_message(self, msg_id: str) -> StoredMessage:
         """The message with this id or unique id prefix (raises NotFound, AmbiguousId, BadId)."""
-        r = await self.proto.callRemote(Get, id=msg_id)
+        r = await self._call(Get, id=msg_id)
         return StoredMessage(r["id"], r["body"], r["received_at"], tuple(r["path"]))
 
     async def iter_pages(self) -> AsyncIterator[list[tuple[str, str]]]:
         """Every (id, body) the node holds, a page at a time, in the node's arrival order."""
         start = 0
         while True:
-            r = await self.proto.callRemote(ListMessages, start=start, limit=PAGE_LIMIT)
+            r = await self._call(ListMessages, start=start, limit=PAGE_LIMIT)
             page = [(m["id"], m["body"]) for m in r["messages"]]
             if page:
                 yield page
@@ -192,11 +248,11 @@ class GossipClient:
         holds durably from ``start`` on, at once for those held and then as they
         come, until the connection closes. Returns the count held durably now."""
         self.proto.on_delivered = on_delivered
-        r = await self.proto.callRemote(Watch, start=start)
+        r = await self._call(Watch, start=start)
         return int(r["durable"])
 
     async def status(self) -> dict[str, Any]:
-        return dict(await self.proto.callRemote(Status))
+        return dict(await self._call(Status))
 
 
 def _reason(e: BaseException) -> str:

@@ -6,7 +6,8 @@
     gclient --id 4 --status              prints the node's links and counts
 
 Every failure is one line on stderr and a non-zero exit status: 1 when the
-node refuses or cannot be reached, 2 for a usage or config mistake.
+node refuses, is busy, closes the connection (too many client connections) or
+cannot be reached, 2 for a usage or config mistake.
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ from twisted.internet.error import TimeoutError
 from twisted.internet.task import react
 from twisted.protocols import amp
 
-from gossip.client.api import GossipClient, NodeUnreachable
-from gossip.client.commands import AmbiguousId, BadId, MessageRejected, NotFound
+from gossip.client.api import GossipClient, NodeClosedConnection, NodeUnreachable
+from gossip.client.commands import (
+    AmbiguousId,
+    BadId,
+    BadRequest,
+    MessageRejected,
+    NodeBusy,
+    NotFound,
+)
 from gossip.config import ConfigError, load_config
 from gossip.core.message import SHORT_ID_CHARS
 from gossip.locations import default_config
@@ -79,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run(reactor: Any, config: Any, args: argparse.Namespace) -> None:
     spec = config.node(args.id)
-    where = f"node {args.id} at {spec.host}:{spec.client_port}"
+    where = f"node {args.id} at {spec.client_address}"
 
     async def timed(d: Any) -> Any:
         return await Deferred.fromCoroutine(_await(d)).addTimeout(args.timeout, reactor)
 
     try:
-        client = await timed(GossipClient.connect(reactor, spec.host, spec.client_port))
+        client = await timed(
+            GossipClient.connect_endpoint(reactor, spec.client_address, name=where)
+        )
     except NodeUnreachable as e:
         raise CliError(f"node {args.id} at {e}") from None
     except TimeoutError:
@@ -94,7 +104,9 @@ async def _run(reactor: Any, config: Any, args: argparse.Namespace) -> None:
         await _command(client, args, timed)
     except TimeoutError:
         raise CliError(f"{where} did not answer within {args.timeout:g} s") from None
-    except (MessageRejected, NotFound, AmbiguousId, BadId) as e:
+    except (MessageRejected, NodeBusy, NotFound, AmbiguousId, BadId, BadRequest) as e:
+        raise CliError(str(e)) from None
+    except NodeClosedConnection as e:
         raise CliError(str(e)) from None
     except amp.RemoteAmpError as e:
         raise CliError(f"{where} failed: {e.description}") from None
@@ -131,12 +143,14 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
             f"node {s['node_id']} of cluster {s['cluster']}: {s['message_count']} messages,"
             f" {s['dissemination']}, up {s['uptime']:.0f} s"
         )
-        _out(f"  {'link':<9} {'address':<21} {'state':<10} {'since':>10}")
+        width = max([21, *(len(link["address"]) for link in s["links"])])
+        _out(f"  {'link':<9} {'address':<{width}} {'state':<10} {'since':>10}")
         now = time.time()
         for link in s["links"]:
             age = max(0.0, now - link["since"])
             line = (
-                f"  node {link['peer']:<4} {link['address']:<21} {link['state']:<10} {age:8.1f} s"
+                f"  node {link['peer']:<4} {link['address']:<{width}} {link['state']:<10}"
+                f" {age:8.1f} s"
             )
             if link["last_error"] and link["state"] != "up":
                 line += f"  ({link['last_error']})"
@@ -158,6 +172,10 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
                 f"  re-sync sessions: {sync['sessions_completed']} done,"
                 f" {sync['sessions_aborted']} aborted, {sync['messages_pulled']} messages pulled"
             )
+        refused = [r for r in s.get("refused", []) if r["count"]]
+        if refused:
+            reasons = ", ".join(f"{r['reason']} {r['count']}" for r in refused)
+            _out(f"  messages refused: {sum(r['count'] for r in refused)} ({reasons})")
 
 
 def _out(line: str) -> None:

@@ -3,6 +3,10 @@
 AMP limits every value to 65,535 bytes, so a listing is paged: the node fills
 each ``ListMessages`` page up to ``PAGE_BYTES`` and the client asks again from
 the cursor it got back until ``next`` reaches ``total``.
+
+Any command with missing or malformed arguments is answered with ``BadRequest``
+(the connection stays open). ``Submit`` and ``SubmitMany`` are answered with
+``NodeBusy`` when the node takes no new submits for now: retry later.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ class MessageRejected(Exception):
     """The node will not take this message (size, encoding)."""
 
 
+class NodeBusy(Exception):
+    """The node takes no new submits for now (a neighbour's link is full and enough
+    submits already wait for it to drain). Nothing was stored: retry later."""
+
+
+class BadRequest(Exception):
+    """The request's arguments are missing or malformed (a client bug, not a node fault)."""
+
+
 class NotFound(Exception):
     pass
 
@@ -35,10 +48,15 @@ class BadId(Exception):
     pass
 
 
+# Every command can be answered with BadRequest; submits also with NodeBusy.
+COMMON_ERRORS: dict[type[Exception], bytes] = {BadRequest: b"BAD_REQUEST"}
+SUBMIT_ERRORS = {**COMMON_ERRORS, MessageRejected: b"REJECTED", NodeBusy: b"BUSY"}
+
+
 class Submit(amp.Command):
     arguments = [(b"body", amp.Unicode())]
     response = [(b"id", amp.Unicode()), (b"new", amp.Boolean())]
-    errors = {MessageRejected: b"REJECTED"}
+    errors = SUBMIT_ERRORS
 
 
 class SubmitMany(amp.Command):
@@ -49,7 +67,7 @@ class SubmitMany(amp.Command):
 
     arguments = [(b"bodies", amp.ListOf(amp.Unicode()))]
     response = [(b"ids", amp.ListOf(amp.Unicode())), (b"errors", amp.ListOf(amp.Unicode()))]
-    errors = {MessageRejected: b"REJECTED"}
+    errors = SUBMIT_ERRORS
 
 
 class Get(amp.Command):
@@ -62,7 +80,12 @@ class Get(amp.Command):
         (b"received_at", amp.Float()),
         (b"path", amp.ListOf(amp.Integer())),
     ]
-    errors = {NotFound: b"NOT_FOUND", AmbiguousId: b"AMBIGUOUS", BadId: b"BAD_ID"}
+    errors = {
+        **COMMON_ERRORS,
+        NotFound: b"NOT_FOUND",
+        AmbiguousId: b"AMBIGUOUS",
+        BadId: b"BAD_ID",
+    }
 
 
 class ListIds(amp.Command):
@@ -72,6 +95,7 @@ class ListIds(amp.Command):
 
     arguments = [(b"start", amp.Integer()), (b"limit", amp.Integer())]
     response = [(b"ids", amp.String()), (b"next", amp.Integer()), (b"total", amp.Integer())]
+    errors = COMMON_ERRORS
 
 
 class Watch(amp.Command):
@@ -82,6 +106,7 @@ class Watch(amp.Command):
 
     arguments = [(b"start", amp.Integer())]
     response = [(b"durable", amp.Integer())]
+    errors = COMMON_ERRORS
 
 
 class Delivered(amp.Command):
@@ -98,6 +123,7 @@ class ListMessages(amp.Command):
         (b"next", amp.Integer()),
         (b"total", amp.Integer()),
     ]
+    errors = COMMON_ERRORS
 
 
 class Status(amp.Command):
@@ -135,6 +161,7 @@ class Status(amp.Command):
                 ]
             ),
         ),
+        (b"refused", amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())])),
         (
             b"store",
             amp.AmpList(
@@ -160,3 +187,4 @@ class Status(amp.Command):
             ),
         ),
     ]
+    errors = COMMON_ERRORS

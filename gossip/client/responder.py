@@ -1,15 +1,24 @@
-"""The node's side of the client AMP protocol: each command is one node call."""
+"""The node's side of the client AMP protocol: each command is one node call.
+
+The client port is bounded so that no client can take it from the others: a
+cap on connections in total and per source address, an idle timeout, a cap on
+requests in progress per connection, and no reading from a connection whose
+answers are not being read (see ``ClientLimits``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import connectionDone
+import attrs
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.protocols import amp
-from twisted.protocols.policies import LimitTotalConnectionsFactory
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gossip import logs
 from gossip.client.commands import (
@@ -22,6 +31,7 @@ from gossip.client.commands import (
     ListIds,
     ListMessages,
     MessageRejected,
+    NodeBusy,
     NotFound,
     Status,
     Submit,
@@ -30,59 +40,222 @@ from gossip.client.commands import (
 )
 from gossip.core.message import BadIdText, id_text
 from gossip.core.state import SubmitRejected
+from gossip.log_throttle import LogThrottle, shown
 from gossip.net.peer_protocol import set_no_delay
 from gossip.store.log import StoreError
+from gossip.submit_gate import SubmitBusy
 
 if TYPE_CHECKING:
     from gossip.node import GossipNode
 
-# Client connections a node serves at once.
-MAX_CLIENT_CONNECTIONS = 1024
+
+@attrs.frozen
+class ClientLimits:
+    """Bounds of the client port (each a named default; tests pass smaller ones)."""
+
+    # Client connections served at once, and from one source address (fewer, so one
+    # host cannot take every place; clients on the node's own host share one address).
+    connections: int = 1024
+    per_source: int = 64
+    # A connection with no request in progress and no Watch is closed after this long.
+    idle_timeout: float = 120.0
+    # Requests one connection may have in progress; over it the node reads no more from
+    # that connection until answers went out (AMP answers each as it completes).
+    outstanding: int = 64
+    # At most one log line per this many seconds for refused connections and bad requests.
+    log_interval: float = 10.0
+
+
 # Each page entry costs its id and body plus AMP's per-key framing.
 _ENTRY_OVERHEAD = 40
+# Why reading a connection is held: its socket's send buffer is full, or too many of
+# its requests are in progress.
+_WRITE_FULL = "write-full"
+_TOO_MANY_REQUESTS = "requests"
 
 
-class ClientProtocol(amp.AMP):
+@implementer(IPushProducer)
+class _ConnectionFlow:
+    """The one producer a client connection registers with its transport. While the
+    socket's send buffer is full the node reads no more requests from it (their answers
+    would only queue here) and pauses its Watch pushes; both go on when it drains."""
+
+    def __init__(self, proto: ClientProtocol) -> None:
+        self.proto = proto
+
+    def pauseProducing(self) -> None:
+        self.proto.write_full(True)
+
+    def resumeProducing(self) -> None:
+        self.proto.write_full(False)
+
+    def stopProducing(self) -> None:
+        self.proto.write_full(True)
+
+
+class ClientProtocol(amp.AMP, TimeoutMixin):
     log = logs.logger()
 
-    def __init__(self, node: GossipNode) -> None:
+    def __init__(
+        self,
+        node: GossipNode,
+        limits: ClientLimits = ClientLimits(),  # frozen: one shared default
+        on_close: Callable[[], None] | None = None,
+        bad_requests: LogThrottle | None = None,
+    ) -> None:
         super().__init__()
         self.node = node
+        self.limits = limits
+        self._on_close = on_close
+        self._bad_requests = bad_requests or LogThrottle(node.clock, limits.log_interval)
         self._watching = False
         self._watch_at = 0  # next position to push to a watcher
-        self._push_paused = False
+        self._write_full = False
+        self._holds: set[str] = set()  # why reading is stopped (empty: reading)
+        self._resume_call: IDelayedCall | None = None
+        self._outstanding = 0  # requests received and not yet answered
 
     # AMP logs every connection at info level; a client per command makes that noise.
     def makeConnection(self, transport: Any) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
         set_no_delay(transport)
-        self.node.clients.add(self)
-        if self.node.congested:
-            self.reading(False)
+        transport.registerProducer(_ConnectionFlow(self), True)
+        self._idle_check()
 
-    def reading(self, on: bool) -> None:
-        """Backpressure from the node: stop or restart reading this client's requests."""
-        t: Any = self.transport
-        # Under the connection limit our transport is a ProtocolWrapper around TCP's.
-        while t is not None and IPushProducer(t, None) is None:
-            t = getattr(t, "transport", None)
-        producer = IPushProducer(t, None)
-        if producer is not None:
-            if on:
-                producer.resumeProducing()
-            else:
-                producer.pauseProducing()
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's default schedules on the global reactor; use the node's clock.
+        return self.node.clock.callLater(period, func)
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
         self.node.flush()  # what the submits in this read produced goes out now
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.node.clients.discard(self)
+        self.setTimeout(None)
+        if self._resume_call is not None and self._resume_call.active():
+            self._resume_call.cancel()
+        self._resume_call = None
         self.node.watchers.discard(self)
         self._watching = False
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    # -- flow control --------------------------------------------------------
+
+    def write_full(self, full: bool) -> None:
+        """The transport's send buffer filled up (True) or drained (False)."""
+        if full == self._write_full:
+            return
+        self._write_full = full
+        if full:
+            self._hold(_WRITE_FULL)
+            self.node.watchers.discard(self)
+        else:
+            self._release(_WRITE_FULL)
+            if self._watching and self.transport is not None:
+                self.node.watcher_ready(self)
+
+    def _hold(self, reason: str) -> None:
+        if not self._holds and self.transport is not None:
+            # ``paused`` is IntNStringReceiver's own flag: parse no further box of what
+            # was already read; pausing the transport reads nothing more from the socket.
+            self.paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._holds.add(reason)
+
+    def _release(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds.discard(reason)
+        if not self._holds and self._resume_call is None and self.transport is not None:
+            # On a later turn: this may run inside the parsing that must not re-enter.
+            self._resume_call = self.node.clock.callLater(0, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        self._resume_call = None
+        if self._holds or self.transport is None:
+            return
+        self.paused = False
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.dataReceived(b"")  # the boxes read before the hold
+
+    def _idle_check(self) -> None:
+        """Run the idle countdown only while nothing is in progress and nothing watched."""
+        if self._watching or self._outstanding:
+            self.setTimeout(None)
+        else:
+            self.setTimeout(self.limits.idle_timeout)  # (re)starts the countdown
+
+    def timeoutConnection(self) -> None:
+        self.log.debug(
+            "closing a client connection idle for {seconds:g} s", seconds=self.limits.idle_timeout
+        )
+        if self.transport is not None:
+            # Nothing is owed to it: do not wait for it to read what is buffered.
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- requests and answers --------------------------------------------------
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        if amp.COMMAND not in box:
+            # Clients only ask: the node never asks them anything that wants an answer.
+            self._bad_request("(none)", "a box that is not a command")
+            return
+        if amp.ASK in box:
+            self._outstanding += 1
+            if self._outstanding >= self.limits.outstanding:
+                self._hold(_TOO_MANY_REQUESTS)
+        self._idle_check()
+        super().ampBoxReceived(box)
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        if self.transport is not None and (amp.ANSWER in box or amp.ERROR in box):
+            self._outstanding -= 1
+            if self._outstanding < self.limits.outstanding:
+                self._release(_TOO_MANY_REQUESTS)
+            self._idle_check()
+        super().sendBox(box)
+
+    def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Deferred[Any]] | None:
+        responder = super().locateResponder(name)
+        if responder is None:
+            return None
+
+        def parse_then_answer(box: amp.AmpBox) -> Deferred[Any]:
+            try:
+                return responder(box)  # type: ignore[no-any-return]
+            except Exception as e:
+                # Only parsing the arguments raises here: the responder's own errors
+                # come back in its Deferred.
+                command, why = shown(name.decode("ascii", "replace"), 40), _argument_error(e)
+                self._bad_request(command, why)
+                return fail(amp.RemoteAmpError(b"BAD_REQUEST", f"bad {command} request: {why}"))
+
+        return parse_then_answer
+
+    def unhandledError(self, failure: Failure) -> None:
+        # A declared error (BadRequest, a refused submit) for a request sent without
+        # asking for an answer: the client chose not to hear it. Anything else is a
+        # bug here, for AMP to log and close the connection on.
+        if failure.check(amp.RemoteAmpError):
+            return
+        super().unhandledError(failure)
+
+    def _bad_request(self, command: str, why: str) -> None:
+        skipped = self._bad_requests.due()
+        if skipped is None:
+            return
+        peer = getattr(self.transport.getPeer(), "host", "?") if self.transport else "?"
+        self.log.warn(
+            "bad client request {command} from {peer}: {why}{more}",
+            command=command,
+            peer=peer,
+            why=why,
+            more=f" ({skipped} more bad requests not logged)" if skipped else "",
+        )
 
     @Submit.responder
     def submit(self, body: str) -> Deferred[dict[str, Any]]:
@@ -94,11 +267,9 @@ class ClientProtocol(amp.AMP):
             raise MessageRejected("message is not valid Unicode text") from None
         try:
             stored = self.node.submit(encoded)
-        except SubmitRejected as e:
-            raise MessageRejected(str(e)) from None
-        except StoreError as e:
-            raise MessageRejected(f"not stored: {e}") from None
-        return stored.addCallbacks(_submitted, _store_failed)
+        except (SubmitRejected, StoreError, SubmitBusy) as e:
+            raise self._refusal(e) from None
+        return stored.addCallbacks(_submitted, self._submit_failed)
 
     @SubmitMany.responder
     def submit_many(self, bodies: list[str]) -> Deferred[dict[str, Any]]:
@@ -112,15 +283,28 @@ class ClientProtocol(amp.AMP):
                 unencodable.append(i)
         try:
             stored = self.node.submit_many(encoded)
-        except StoreError as e:
-            raise MessageRejected(f"not stored: {e}") from None
+        except (StoreError, SubmitBusy) as e:
+            raise self._refusal(e) from None
 
         def answer(results: list[tuple[bytes, bool] | str]) -> dict[str, Any]:
             for i in unencodable:
                 results.insert(i, "message is not valid Unicode text")
             return _submitted_many(results)
 
-        return stored.addCallbacks(answer, _store_failed)
+        return stored.addCallbacks(answer, self._submit_failed)
+
+    def _refusal(self, e: Exception) -> Exception:
+        """The client's one-line error for a submit the node did not take."""
+        if isinstance(e, SubmitBusy):
+            return NodeBusy(f"node {self.node.node_id} is {e}")
+        if isinstance(e, StoreError):
+            return MessageRejected(f"not stored: {e}")
+        return MessageRejected(str(e))
+
+    def _submit_failed(self, failure: Failure) -> Failure:
+        """A submit that waited (busy node) or whose record could not be made durable."""
+        failure.trap(SubmitRejected, StoreError, SubmitBusy)
+        raise self._refusal(failure.value)  # type: ignore[arg-type]
 
     @Get.responder
     def get(self, id: str) -> dict[str, Any]:
@@ -167,37 +351,29 @@ class ClientProtocol(amp.AMP):
 
     @Watch.responder
     def watch(self, start: int) -> dict[str, Any]:
+        # Pushes stop while the client's socket is full and go on from the cursor
+        # when it drains (``write_full``): a slow watcher costs no memory here. A
+        # watched connection is never idle.
         self._watch_at = max(0, start)
-        if not self._watching:
-            self._watching = True
-            # Pushes stop while the client's socket is full and go on from the
-            # cursor when it drains: a slow watcher costs no memory here.
-            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-            self.node.watchers.add(self)
-        self.node.clock.callLater(0, self.push_delivered)  # after this answer
+        self._watching = True
+        self._idle_check()
+        self.node.clock.callLater(0, self._start_pushing)  # after this answer
         return {"durable": self.node.store.durable_count()}
 
+    def _start_pushing(self) -> None:
+        if self._watching and not self._write_full and self.transport is not None:
+            self.node.watcher_ready(self)
+
     def push_delivered(self) -> None:
-        """Send ``Delivered`` for every durable id past the cursor (unless paused)."""
-        if not self._watching or self._push_paused or self.transport is None:
+        """Send ``Delivered`` for every durable id past the cursor (until the socket is full)."""
+        if not self._watching or self._write_full or self.transport is None:
             return
         store = self.node.store
         durable = store.durable_count()
-        while self._watch_at < durable and not self._push_paused:
+        while self._watch_at < durable and not self._write_full:
             ids = store.ids_from(self._watch_at, min(IDS_PER_PAGE, durable - self._watch_at))
             self.callRemote(Delivered, start=self._watch_at, ids=b"".join(ids))
             self._watch_at += len(ids)
-
-    # IPushProducer for the watch pushes (called by the transport).
-    def pauseProducing(self) -> None:
-        self._push_paused = True
-
-    def resumeProducing(self) -> None:
-        self._push_paused = False
-        self.push_delivered()
-
-    def stopProducing(self) -> None:
-        self._push_paused = True
 
     @Status.responder
     def status(self) -> dict[str, Any]:
@@ -222,19 +398,59 @@ def _submitted_many(results: list[tuple[bytes, bool] | str]) -> dict[str, Any]:
     return {"ids": ids, "errors": errors}
 
 
-def _store_failed(failure: Failure) -> Failure:
-    """A submit whose record could not be made durable: one line back to the client."""
-    failure.trap(StoreError)
-    raise MessageRejected(f"not stored: {failure.value}")
+def _argument_error(e: Exception) -> str:
+    if isinstance(e, KeyError):
+        key = e.args[0] if e.args else b"?"
+        name = key.decode("ascii", "replace") if isinstance(key, bytes) else str(key)
+        return f"missing argument {shown(repr(name), 40)}"
+    return f"malformed argument ({shown(f'{type(e).__name__}: {e}', 160)})"
 
 
-class ClientFactory(LimitTotalConnectionsFactory):
-    """Client connections, at most ``MAX_CLIENT_CONNECTIONS`` at once (Twisted's own
-    limit: connections over it are closed at once)."""
+class ClientFactory(ServerFactory):
+    """The client port: a connection over the total or its source's limit is closed at
+    once (one log line per ``log_interval`` says so and how many)."""
 
     noisy = False
+    log = logs.logger()
 
-    def __init__(self, node: GossipNode) -> None:
+    def __init__(self, node: GossipNode, limits: ClientLimits = ClientLimits()) -> None:
         self.node = node
-        self.connectionLimit = MAX_CLIENT_CONNECTIONS  # type: ignore[assignment]  # stubs: None
-        self.protocol = lambda: ClientProtocol(node)
+        self.limits = limits
+        self.open = 0
+        self.per_source: dict[str, int] = {}
+        self._refusals = LogThrottle(node.clock, limits.log_interval)
+        self._bad_requests = LogThrottle(node.clock, limits.log_interval)
+
+    def buildProtocol(self, addr: IAddress) -> ClientProtocol | None:  # type: ignore[override]
+        source = str(getattr(addr, "host", "?"))
+        held = self.per_source.get(source, 0)
+        if self.open >= self.limits.connections:
+            self._refused(source, f"{self.open} client connections open, the limit")
+            return None
+        if held >= self.limits.per_source:
+            self._refused(source, f"{held} connections from it open, the per-source limit")
+            return None
+        self.open += 1
+        self.per_source[source] = held + 1
+        return ClientProtocol(
+            self.node, self.limits, lambda: self._closed(source), self._bad_requests
+        )
+
+    def _closed(self, source: str) -> None:
+        self.open -= 1
+        left = self.per_source[source] - 1
+        if left:
+            self.per_source[source] = left
+        else:
+            del self.per_source[source]
+
+    def _refused(self, source: str, why: str) -> None:
+        skipped = self._refusals.due()
+        if skipped is None:
+            return
+        self.log.warn(
+            "refusing a client connection from {source}: {why}{more}",
+            source=source,
+            why=why,
+            more=f" ({skipped} more refused since the last report)" if skipped else "",
+        )

@@ -50,6 +50,7 @@ from gossip.core.frames import (
     PeerFrame,
     PruneFrame,
 )
+from gossip.core.paths import relay_path
 
 # Ids per IHave or Graft frame; a full batch is sent without waiting for the tick.
 IDS_PER_FRAME = 4096
@@ -89,6 +90,7 @@ class ShortestPathTrees:
 
     def __init__(self, graph: Mapping[int, Iterable[int]], *, share: bool = False) -> None:
         self.graph = {n: tuple(sorted(nbs)) for n, nbs in graph.items()}
+        self.members = frozenset(self.graph)
         self.share = share
         self._parents: dict[int, dict[int, int]] = {}
 
@@ -117,6 +119,7 @@ class OriginTrees:
     def __init__(self, node_id: int, trees: ShortestPathTrees) -> None:
         self.node_id = node_id
         self.trees = trees
+        self.members = trees.members
         self._children: dict[int, tuple[int, ...]] = {}
         self._parent: dict[int, int | None] = {}
         self._path: dict[int, tuple[int, ...]] = {}
@@ -188,7 +191,9 @@ class Plumtree:
         self.graft_retry = graft_retry
         self.max_missing = max_missing
         self.up: set[int] = set()
-        # origin -> neighbours we push that origin's messages to besides the tree.
+        # origin -> neighbours we push that origin's messages to besides the tree (they
+        # grafted one). Origins of the graph only, and an origin whose last adopted
+        # neighbour pruned it or went down is removed: at most one entry per node.
         self.adopted: dict[int, set[int]] = {}
         self.now = 0.0
         self._ihave: dict[int, list[tuple[bytes, int]]] = {}
@@ -231,8 +236,8 @@ class Plumtree:
         self.up.discard(peer)
         self._plans.clear()
         self._ihave.pop(peer, None)
-        for peers in self.adopted.values():
-            peers.discard(peer)
+        for origin in [o for o, peers in self.adopted.items() if peer in peers]:
+            self._unadopt(origin, peer)
         self._pruned = {(p, o) for p, o in self._pruned if p != peer}
         return []
 
@@ -319,8 +324,8 @@ class Plumtree:
             if feeder is not None and feeder != sender and feeder in self.up:
                 return [Send(feeder, PruneFrame((origin,)))]
             return []
-        if (sender, origin) in self._pruned:
-            return []
+        if (sender, origin) in self._pruned or origin not in self.trees.members:
+            return []  # pruned already, or an origin nobody adopts (see _graft_reply)
         parent = self.trees.parent(origin)
         if parent is not None and parent not in self.up:
             return []  # our tree parent is away: the adoptive one is still needed
@@ -333,14 +338,20 @@ class Plumtree:
             return [Send(peer, GraftFrame(tuple(now)))] if now else []
         if isinstance(frame, PruneFrame):
             for origin in frame.origins:
-                peers = self.adopted.get(origin)
-                if peers is not None and peer in peers:
-                    peers.discard(peer)
-                    self._plans.clear()
+                if peer in self.adopted.get(origin, ()):
+                    self._unadopt(origin, peer)
             return []
         if isinstance(frame, GraftFrame):
             return [Send(peer, f) for f in self._graft_reply(peer, frame.ids)]
         return []
+
+    def _unadopt(self, origin: int, peer: int) -> None:
+        """Stop pushing ``origin``'s messages to ``peer`` (it pruned us or went down)."""
+        peers = self.adopted[origin]
+        peers.discard(peer)
+        if not peers:
+            del self.adopted[origin]
+        self._plans.clear()
 
     def _ihave_frame(self, peer: int, batch: list[tuple[bytes, int]]) -> Send:
         return Send(peer, IHaveFrame(tuple(i for i, _ in batch), tuple(o for _, o in batch)))
@@ -385,12 +396,16 @@ class Plumtree:
             if m is None:
                 continue
             origin = origin_of(m.path, self.node_id)
-            adopted = self.adopted.setdefault(origin, set())
-            if peer not in adopted:
-                adopted.add(peer)
-                self._plans.clear()
-            self._pruned.discard((peer, origin))
-            batch.append(Envelope(m.id, m.body, (*m.path, self.node_id)))
+            # A stored path may name an origin outside the graph (an old log): answer
+            # the graft, adopt nobody (no tree to stand in for, and no unbounded map).
+            if origin in self.trees.members:
+                adopted = self.adopted.setdefault(origin, set())
+                if peer not in adopted:
+                    adopted.add(peer)
+                    self._plans.clear()
+                self._pruned.discard((peer, origin))
+            path = relay_path(m.path, self.node_id, peer, self.trees.members)
+            batch.append(Envelope(m.id, m.body, path))
             size += len(m.body) + 64
             if size >= GRAFT_REPLY_BYTES:
                 yield GossipFrame(tuple(batch))

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import attrs
 
+from gossip import settings
 from gossip.core.dissemination import Dissemination
 from gossip.core.effects import DropPeer, Effect, Persist
 from gossip.core.frames import (
@@ -26,6 +27,7 @@ from gossip.core.frames import (
     SyncWantFrame,
 )
 from gossip.core.message import ID_BYTES, Message, message_id
+from gossip.core.paths import BODY_TOO_LARGE, REFUSALS, path_problem
 from gossip.core.sync import FingerprintTree, SyncEngine
 
 
@@ -73,10 +75,10 @@ class GossipCore:
         store: HeldIds,
         strategy: Dissemination,
         max_body: int,
-        max_path: int,
+        members: Iterable[int],
         *,
-        sync_interval: float = 10.0,
-        sync_timeout: float = 30.0,
+        sync_interval: float = settings.SYNC_INTERVAL.default,
+        sync_timeout: float = settings.SYNC_TIMEOUT.default,
     ) -> None:
         self.node_id = node_id
         self.neighbours = frozenset(neighbours)
@@ -84,9 +86,10 @@ class GossipCore:
         self.strategy = strategy
         strategy.bind(store)
         self.max_body = max_body
-        # A path that visits every node of the cluster and more must repeat one;
-        # the bound caps what a faulty peer can make every node store.
-        self.max_path = max_path
+        # The configured node ids: the only ones a path may name (gossip.core.paths).
+        self.members = frozenset(members)
+        # Messages refused (dropped, the link kept), by reason: shown in status.
+        self.refused: dict[str, int] = dict.fromkeys(REFUSALS, 0)
         self.up: frozenset[int] = frozenset()
         self.tree = FingerprintTree(store.ids())
         self.sync = SyncEngine(
@@ -141,6 +144,8 @@ class GossipCore:
         fresh: set[bytes] = set()
         for sent in frame.messages:
             env = self._checked(sent, peer)
+            if env is None:
+                continue
             if isinstance(env, str):
                 effects.append(DropPeer(peer, env))
                 return effects
@@ -160,6 +165,8 @@ class GossipCore:
         for sent in frame.messages:
             # Re-sync leaves ids out: the receiver hashes the body anyway.
             env = self._checked(sent, peer, id_optional=True)
+            if env is None:
+                continue
             if isinstance(env, str):
                 return [*effects, DropPeer(peer, env)]
             if env.id in fresh or env.id in self.store:
@@ -173,18 +180,25 @@ class GossipCore:
         self.tree.add(message.id)
         return Persist(message)
 
-    def _checked(self, env: Envelope, sender: int, *, id_optional: bool = False) -> Envelope | str:
-        """``env`` with its id (hashed from the body when left out), or why it is bad."""
+    def _checked(
+        self, env: Envelope, sender: int, *, id_optional: bool = False
+    ) -> Envelope | str | None:
+        """``env`` with its id (hashed from the body when left out); None for a message
+        refused and counted (a path or size an honest node with another cluster file
+        or an old log could send: the link stays); else why the link must be dropped
+        (what only a broken or hostile sender produces)."""
         if len(env.id) != ID_BYTES and not (id_optional and not env.id):
             return f"message id of {len(env.id)} bytes"
+        problem = path_problem(env.path, sender, self.node_id, self.members)
+        if problem is None and len(env.body) > self.max_body:
+            problem = BODY_TOO_LARGE
+        if problem is not None:
+            self.refused[problem] += 1
+            return None
         problem = check_body(env.body, self.max_body)
         if problem:
             return problem
         digest = message_id(env.body)
         if env.id and digest != env.id:
             return "message id does not match its body"
-        if len(env.path) > self.max_path:
-            return f"message path of {len(env.path)} hops in a cluster of {self.max_path} nodes"
-        if not env.path or env.path[-1] != sender:
-            return "message path does not end with the sender"
         return env if env.id else Envelope(digest, env.body, env.path)

@@ -18,12 +18,23 @@ comes up, every ``interval`` seconds with the next neighbour in turn, and when
 a neighbour hints that it just learned messages by re-sync. Messages learned
 by re-sync are stored but not forwarded: the node hints its other neighbours,
 which reconcile with it and pull only what they lack.
+
+Flow control: a node that lost much of its log learns of tens of thousands of
+missing ids at once, and every reply of the walk adds wants. The initiator
+keeps what it wants in a per-session backlog and has at most ``WANT_WINDOW``
+wants in flight; the answer to a want ends with a ``SyncData`` frame marked
+``done``, and each one lets the next want go out (filled up to
+``MAX_IDS_PER_WANT`` ids from the backlog). The responder answers a peer's
+wants one at a time, in order, and queues the rest (``gossip.sync_streams``),
+so an honest initiator never has its link dropped for asking. Everything
+pulled is stored frame by frame, so a session cut short by a link drop keeps
+what it got: the next one walks the tree again and asks only for the rest.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Set
 from typing import Protocol
 
 import attrs
@@ -39,6 +50,7 @@ from gossip.core.frames import (
     SyncWantFrame,
 )
 from gossip.core.message import ID_BYTES, Message
+from gossip.core.paths import relay_path
 
 FANOUT_BITS = 4
 FANOUT = 1 << FANOUT_BITS
@@ -53,6 +65,10 @@ IDS_THRESHOLD = 32
 MAX_NODES_PER_QUERY = 256
 MAX_IDS_PER_QUERY = 16_384
 MAX_IDS_PER_WANT = 16_384
+# Wants of one session in flight (sent, their done SyncData not yet received). More
+# than one keeps the responder's link busy while the next want travels; the
+# responder queues up to gossip.sync_streams.MAX_QUEUED_WANTS per peer, well above.
+WANT_WINDOW = 4
 
 
 def make_key(level: int, index: int) -> int:
@@ -153,12 +169,13 @@ SYNC_FRAME_BYTES = 64 * 1024
 
 
 def stream_frames(
-    store: MessageSource, node_id: int, order: StreamMessages
+    store: MessageSource, node_id: int, order: StreamMessages, members: Set[int]
 ) -> Iterator[SyncDataFrame]:
     """The SyncData frames answering one SyncWant, lazily: the caller paces them.
 
     Envelopes carry no id (the receiver hashes the body anyway) and the stored
-    path with this node appended, as a gossip forward would.
+    path with this node appended, as a gossip forward would, less what the
+    receiver would refuse (``relay_path``: a record from an old log).
     """
     batch: list[Envelope] = []
     size = 0
@@ -173,7 +190,7 @@ def stream_frames(
         m = store.get(mid)
         if m is None:
             continue
-        batch.append(Envelope(b"", m.body, (*m.path, node_id)))
+        batch.append(Envelope(b"", m.body, relay_path(m.path, node_id, order.peer, members)))
         size += len(m.body) + 4 * len(m.path) + 16
         if size >= SYNC_FRAME_BYTES:
             yield SyncDataFrame(order.session, tuple(batch), False)
@@ -188,9 +205,12 @@ class Session:
     started: float
     last_progress: float
     queries: int = 0
-    wants: int = 0
+    wants: int = 0  # in flight: at most WANT_WINDOW
     learned: int = 0
     wanted: set[bytes] = attrs.field(factory=set)
+    # Found missing but not yet asked for (the window was full), oldest first.
+    backlog_ids: deque[bytes] = attrs.field(factory=deque)
+    backlog_ranges: deque[int] = attrs.field(factory=deque)
     # Asked for again while running (a hint that came after our queries went
     # out): run another session with the same peer when this one ends.
     again: bool = False
@@ -365,15 +385,9 @@ class SyncEngine:
         if batch:
             effects.append(Send(peer, SyncQueryFrame(s.id, (), tuple(batch))))
         s.queries += len(effects)
-        for i in range(0, len(missing), MAX_IDS_PER_WANT):
-            chunk = tuple(missing[i : i + MAX_IDS_PER_WANT])
-            effects.append(Send(peer, SyncWantFrame(s.id, chunk, ())))
-            s.wants += 1
-        for i in range(0, len(ranges), MAX_NODES_PER_QUERY):
-            chunk_ranges = tuple(ranges[i : i + MAX_NODES_PER_QUERY])
-            effects.append(Send(peer, SyncWantFrame(s.id, (), chunk_ranges)))
-            s.wants += 1
-        return effects + self._maybe_finish(s, up, now)
+        s.backlog_ids.extend(missing)
+        s.backlog_ranges.extend(ranges)
+        return effects + self._send_wants(s) + self._maybe_finish(s, up, now)
 
     def on_data(
         self, peer: int, d: SyncDataFrame, learned: int, up: frozenset[int], now: float
@@ -386,12 +400,29 @@ class SyncEngine:
             return [Send(p, SyncHintFrame()) for p in sorted(up) if p != peer] if learned else []
         s.learned += learned
         s.last_progress = now
-        if d.done:
-            s.wants -= 1
-        return self._maybe_finish(s, up, now)
+        if not d.done:
+            return []
+        s.wants = max(s.wants - 1, 0)  # a peer's extra done frame cannot open the window
+        return self._send_wants(s) + self._maybe_finish(s, up, now)
+
+    def _send_wants(self, s: Session) -> list[Effect]:
+        """Fill the window from the backlog: ids first (up to MAX_IDS_PER_WANT per want),
+        then whole ranges (up to MAX_NODES_PER_QUERY per want)."""
+        effects: list[Effect] = []
+        ids, ranges = s.backlog_ids, s.backlog_ranges
+        while s.wants < WANT_WINDOW and (ids or ranges):
+            if ids:
+                n = min(len(ids), MAX_IDS_PER_WANT)
+                frame = SyncWantFrame(s.id, tuple(ids.popleft() for _ in range(n)), ())
+            else:
+                n = min(len(ranges), MAX_NODES_PER_QUERY)
+                frame = SyncWantFrame(s.id, (), tuple(ranges.popleft() for _ in range(n)))
+            effects.append(Send(s.peer, frame))
+            s.wants += 1
+        return effects
 
     def _maybe_finish(self, s: Session, up: frozenset[int], now: float) -> list[Effect]:
-        if s.queries > 0 or s.wants > 0:
+        if s.queries > 0 or s.wants > 0 or s.backlog_ids or s.backlog_ranges:
             return []
         self.active = None
         self.counters.sessions_completed += 1

@@ -1,17 +1,32 @@
 """The link table: one logical link per neighbour, whatever the TCP connections do.
 
-Both ends of a link dial each other with a ``ReconnectingClientFactory`` and
+Both ends of a link dial each other with a ``ReconnectingClientFactory`` (through
+an ``EndpointConnector``: a neighbour's address is an endpoint description) and
 accept the other's dial, so a restarted node is reconnected as soon as either
 side notices. The handshake (``Hello``) tells who is on a connection; rules
 that keep exactly one connection per neighbour pair:
 
 - a Hello with a new *incarnation* (a number each process picks at start)
   means the peer restarted: the old connection is stale and is replaced;
-- two live connections of the same incarnation (both sides dialed at once):
-  both ends keep the one dialed by the lower node id and close the other.
+- a new connection of the same incarnation replaces a current one that has
+  heard nothing for ``silent_after`` seconds: the neighbour dialed or answered
+  again because it already dropped that connection (it timed the link out
+  first, say across a healed partition), so the old one is dead;
+- otherwise two live connections of the same incarnation mean both sides
+  dialed at once: both ends keep the one dialed by the lower node id and
+  close the other.
 
 While a link is up through the connection the neighbour dialed, our own
-dialing pauses; when the link goes down it resumes with a short delay.
+dialing pauses; when the link goes down it resumes. The dialing backoff is
+reset only by a link that stayed up ``stable_after`` seconds, so handshakes
+that are closed at once (duplicates, a peer that refuses us) back off instead
+of redialing several times a second.
+
+Inbound connections that have not said who they are hold handshake slots:
+at most ``max_unidentified`` in all and ``max_handshakes_per_source`` per
+source address, each for at most ``hello_timeout`` seconds. Nothing a peer
+sent is echoed in a ``Reject`` (it gets a generic reason, our log the detail),
+and log lines about failed handshakes are capped in length and rate.
 """
 
 from __future__ import annotations
@@ -22,17 +37,40 @@ from typing import Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IConnector, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ReconnectingClientFactory, ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from gossip import logs
+from gossip import logs, settings
 from gossip.core.frames import PeerFrame
+from gossip.log_guard import LogRateLimit, shorten
+from gossip.net.dialing import EndpointConnector
 from gossip.net.peer_protocol import PeerProtocol
 from gossip.wire import codec
 
 CONNECTING, UP, DOWN = "connecting", "up", "down"
+
+# Defaults of the LinkTable settings that bound what strangers can hold.
+# Inbound connections still in their handshake, in all and per source address.
+MAX_HANDSHAKES = 64
+MAX_HANDSHAKES_PER_SOURCE = 8
+# Seconds an inbound connection has to deliver its whole Hello (it is sent at once).
+HELLO_TIMEOUT = 3.0
+# Seconds a dialed connection waits for the neighbour's Hello in answer.
+HANDSHAKE_TIMEOUT = 10.0
+# Seconds a closed connection may take to send what it has queued before it is aborted.
+CLOSE_GRACE = 2.0
+# A current connection silent this many ping intervals loses to a new one (see above).
+SILENT_PINGS = 2
+# Seconds a link must stay up before its loss resets the dialing backoff.
+STABLE_AFTER = 2.0
+# Warning lines about failed handshakes and refused connections: a burst, then per second.
+HANDSHAKE_LOG_BURST = 20
+HANDSHAKE_LOG_PER_SECOND = 1.0
+# What a refused peer is told: nothing about this cluster or its neighbours.
+REFUSED = "handshake refused (the reason is in the refusing node's log)"
 
 
 @attrs.frozen
@@ -52,8 +90,7 @@ class LinkEvents:
 @attrs.define
 class Link:
     peer: int
-    host: str
-    port: int
+    address: str  # the neighbour's peer_address: a client endpoint description
     factory: PeerClientFactory
     state: str = CONNECTING
     since: float = 0.0
@@ -111,11 +148,15 @@ class PeerClientFactory(ReconnectingClientFactory):
         if call is not None and call.active() and wait > self.maxDelay:
             call.reset(self.maxDelay)
 
-    def resume(self) -> None:
-        """Dial again soon, after a pause while the neighbour's own dial carried the link."""
+    def resume(self, reset_backoff: bool) -> None:
+        """Dial again, after a pause while the neighbour's own dial carried the link:
+        soon if that link was stable, else after the next (longer) backoff delay."""
         if self.continueTrying:
             return
-        self.resetDelay()
+        if reset_backoff:
+            self.resetDelay()
+        else:
+            self.continueTrying = True
         if self.connector is not None and self.connector.state == "disconnected":
             self.retry()
         # else: the dial in progress ends in clientConnectionLost/Failed, which retries.
@@ -131,9 +172,12 @@ class PeerServerFactory(ServerFactory):
         self.table = table
 
     def buildProtocol(self, addr: IAddress | None) -> PeerProtocol | None:
-        if self.table.unidentified_inbound >= self.table.max_unidentified:
-            return None  # refuses the connection: too many handshakes in progress
-        return PeerProtocol(self.table, None)
+        source = str(getattr(addr, "host", "?"))
+        problem = self.table.handshake_slot_problem(source)
+        if problem is not None:
+            self.table.refused(source, problem)
+            return None  # refuses the connection
+        return PeerProtocol(self.table, None, source)
 
 
 class LinkTable:
@@ -144,17 +188,22 @@ class LinkTable:
         *,
         node_id: int,
         cluster: str,
-        neighbours: dict[int, tuple[str, int]],
+        neighbours: dict[int, str],
         reactor: IReactorTCP,
         clock: IReactorTime,
         events: LinkEvents,
         max_frame: int,
-        reconnect_max_delay: float = 5.0,
-        ping_interval: float = 5.0,
-        idle_timeout: float = 15.0,
-        handshake_timeout: float = 10.0,
+        reconnect_max_delay: float = settings.RECONNECT_MAX_DELAY.default,
+        ping_interval: float = settings.PING_INTERVAL.default,
+        idle_timeout: float = settings.IDLE_TIMEOUT.default,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        hello_timeout: float = HELLO_TIMEOUT,
         max_pending_bytes: int = 64 * 1024 * 1024,
-        max_unidentified: int = 64,
+        max_unidentified: int = MAX_HANDSHAKES,
+        max_handshakes_per_source: int = MAX_HANDSHAKES_PER_SOURCE,
+        close_grace: float = CLOSE_GRACE,
+        silent_after: float | None = None,
+        stable_after: float = STABLE_AFTER,
         incarnation: int | None = None,
         send_delay: float = 0.0,
     ) -> None:
@@ -167,14 +216,25 @@ class LinkTable:
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.hello_timeout = hello_timeout
         self.max_pending_bytes = max_pending_bytes
         self.max_unidentified = max_unidentified
+        self.max_handshakes_per_source = max_handshakes_per_source
+        self.close_grace = close_grace
+        # A healthy neighbour sends at least a Ping every ping_interval.
+        self.silent_after = (
+            silent_after if silent_after is not None else SILENT_PINGS * ping_interval
+        )
+        self.stable_after = stable_after
+        self._handshake_log = LogRateLimit(
+            clock.seconds, HANDSHAKE_LOG_PER_SECOND, HANDSHAKE_LOG_BURST
+        )
         # Added to every frame sent (benchmarks of wide-area latency; 0 in production).
         self.send_delay = send_delay
         self.incarnation = incarnation if incarnation is not None else random.getrandbits(63) + 1
         self.links = {
-            peer: Link(peer, host, port, PeerClientFactory(self, peer, reconnect_max_delay))
-            for peer, (host, port) in sorted(neighbours.items())
+            peer: Link(peer, address, PeerClientFactory(self, peer, reconnect_max_delay))
+            for peer, address in sorted(neighbours.items())
         }
         self.connections: set[PeerProtocol] = set()
         self._pinger = LoopingCall(self._ping)
@@ -187,7 +247,8 @@ class LinkTable:
         now = self.clock.seconds()
         for link in self.links.values():
             link.since = now
-            self.reactor.connectTCP(link.host, link.port, link.factory, timeout=5)
+            endpoint = clientFromString(self.reactor, link.address)
+            EndpointConnector(endpoint, link.factory, self.clock, link.address).connect()
         self._pinger.start(self.ping_interval, now=False)
 
     def stop(self) -> None:
@@ -197,8 +258,7 @@ class LinkTable:
         for link in self.links.values():
             link.factory.stopTrying()
         for proto in list(self.connections):
-            proto.closing_reason = "node stopping"
-            proto.tcp.loseConnection()
+            proto.close("node stopping")
 
     def server_factory(self) -> PeerServerFactory:
         return PeerServerFactory(self)
@@ -206,6 +266,33 @@ class LinkTable:
     @property
     def unidentified_inbound(self) -> int:
         return sum(1 for p in self.connections if not p.established and not p.outbound)
+
+    def handshake_slot_problem(self, source: str) -> str | None:
+        """Why a new inbound connection from ``source`` cannot have a handshake slot."""
+        if self.unidentified_inbound >= self.max_unidentified:
+            return f"{self.max_unidentified} handshakes in progress"
+        mine = sum(
+            1
+            for p in self.connections
+            if not p.established and not p.outbound and p.source == source
+        )
+        if mine >= self.max_handshakes_per_source:
+            return f"{mine} handshakes in progress from that address"
+        return None
+
+    def refused(self, source: str, problem: str) -> None:
+        self._warn_handshake(
+            "refusing a peer connection from {source}: {problem}", source=source, problem=problem
+        )
+
+    def _warn_handshake(self, fmt: str, **fields: object) -> None:
+        """A warning about a stranger's connection, within the handshake log rate."""
+        dropped = self._handshake_log.allow()
+        if dropped is None:
+            return
+        if dropped:
+            fmt += " ({dropped} similar lines left out)"
+        self.log.warn(fmt, dropped=dropped, **fields)
 
     def hello(self) -> codec.Hello:
         return codec.Hello(codec.PROTOCOL_VERSION, self.cluster, self.node_id, self.incarnation)
@@ -215,9 +302,18 @@ class LinkTable:
     def connection_made(self, proto: PeerProtocol) -> None:
         self.connections.add(proto)
 
+    def report_failure(self, proto: PeerProtocol, reason: str) -> None:
+        """Log why ``proto`` is being closed; strangers' failures within a rate."""
+        if proto.established:
+            self.log.warn("closing link to {who}: {reason}", who=proto.describe(), reason=reason)
+        else:
+            self._warn_handshake(
+                "closing link to {who}: {reason}", who=proto.describe(), reason=reason
+            )
+
     def handshake_frame(self, proto: PeerProtocol, frame: codec.AnyFrame) -> None:
         if isinstance(frame, codec.Reject) and proto.outbound:
-            reason = f"node {proto.dialed} rejected our handshake: {frame.reason}"
+            reason = f"node {proto.dialed} rejected our handshake: {shorten(frame.reason)}"
             if proto.dialed is not None:
                 self.links[proto.dialed].last_error = reason
             proto.fail(reason)
@@ -228,7 +324,7 @@ class LinkTable:
         problem = self._check_hello(proto, frame)
         if problem:
             if not proto.outbound:
-                proto.send_frame(codec.Reject(problem))
+                proto.send_frame(codec.Reject(self._reject_reason(frame)))
             proto.fail(f"handshake refused: {problem}")
             return
         if not proto.outbound:
@@ -243,7 +339,7 @@ class LinkTable:
     def write_state(self, proto: PeerProtocol) -> None:
         peer = proto.peer
         if peer is not None and self.links[peer].proto is proto:
-            self.events.congested(peer, proto.paused)
+            self.events.congested(peer, proto.write_paused)
 
     def connection_lost(self, proto: PeerProtocol, reason: Failure) -> None:
         self.connections.discard(proto)
@@ -255,37 +351,45 @@ class LinkTable:
             return
         link.proto = None
         link.state = DOWN
-        link.since = self.clock.seconds()
+        now = self.clock.seconds()
+        link.since = now
         link.last_error = proto.closing_reason or reason.getErrorMessage()
         self.log.info("link to node {peer} down: {why}", peer=peer, why=link.last_error)
         self.events.down(peer)
-        if not self._stopping and not proto.outbound:
-            link.factory.resume()
+        if self._stopping:
+            return
+        stable = now - proto.established_at >= self.stable_after
+        if not proto.outbound:
+            link.factory.resume(reset_backoff=stable)
+        elif stable:
+            link.factory.resetDelay()  # before the factory's retry, which comes next
 
     def dial_failed(self, peer: int, reason: Failure) -> None:
         link = self.links[peer]
         if link.state == UP or self._stopping:
             return  # we stopped this dial ourselves: the link is up through the neighbour's
-        link.last_error = f"dial {link.host}:{link.port} failed: {reason.getErrorMessage()}"
+        link.last_error = f"dial {link.address} failed: {reason.getErrorMessage()}"
         self.log.debug("{error}", error=link.last_error)
 
     # -- used by the node --------------------------------------------------
 
     def send(self, peer: int, data: bytes) -> bool:
-        link = self.links.get(peer)
-        if link is None or link.proto is None:
+        if not self.is_up(peer):
             return False
-        link.proto.send_bytes(data)
+        proto = self.links[peer].proto
+        assert proto is not None
+        proto.send_bytes(data)
         return True
 
     def is_up(self, peer: int) -> bool:
+        """Whether the link to ``peer`` takes frames: up, and not being closed."""
         link = self.links.get(peer)
-        return link is not None and link.proto is not None
+        return link is not None and link.proto is not None and link.proto.closing_reason is None
 
     def when_writable(self, peer: int) -> Deferred[None] | None:
         """None if the link to ``peer`` can take more now; else a Deferred for when it can."""
         link = self.links.get(peer)
-        if link is None or link.proto is None or not link.proto.paused:
+        if link is None or link.proto is None or not link.proto.write_paused:
             return None
         return link.proto.when_writable()
 
@@ -298,7 +402,7 @@ class LinkTable:
         return [
             LinkStatus(
                 link.peer,
-                f"{link.host}:{link.port}",
+                link.address,
                 link.state,
                 link.since,
                 link.times_up,
@@ -309,14 +413,25 @@ class LinkTable:
 
     # -- internals ---------------------------------------------------------
 
+    def _reject_reason(self, hello: codec.Hello) -> str:
+        """What a refused peer is told: the version we speak (nothing about this
+        cluster), or nothing at all."""
+        if hello.protocol_version != codec.PROTOCOL_VERSION:
+            return (
+                f"protocol version {hello.protocol_version} is not supported"
+                f" (this node speaks {codec.PROTOCOL_VERSION})"
+            )
+        return REFUSED
+
     def _check_hello(self, proto: PeerProtocol, hello: codec.Hello) -> str | None:
+        """What is wrong with ``hello``, for our log (the peer sees ``_reject_reason``)."""
         if hello.protocol_version != codec.PROTOCOL_VERSION:
             return (
                 f"protocol version {hello.protocol_version} is not supported"
                 f" (node {self.node_id} speaks {codec.PROTOCOL_VERSION})"
             )
         if hello.cluster != self.cluster:
-            return f"cluster {hello.cluster!r} is not this node's cluster {self.cluster!r}"
+            return f"cluster {shorten(hello.cluster)!r} is not this node's cluster {self.cluster!r}"
         if proto.outbound and hello.node_id != proto.dialed:
             return f"dialed node {proto.dialed} but node {hello.node_id} answered"
         if hello.node_id not in self.links:
@@ -331,17 +446,26 @@ class LinkTable:
         proto.peer = peer
         proto.incarnation = hello.incarnation
         proto.established = True
+        now = self.clock.seconds()
+        proto.established_at = now
         proto.setTimeout(self.idle_timeout)
         current = link.proto
         if current is None:
             self._make_current(link, proto)
             self.events.up(peer)
             return
-        if current.incarnation != hello.incarnation:
-            # The peer restarted; the old connection has not noticed yet.
+        silent = now - current.last_heard
+        if current.incarnation != hello.incarnation or silent > self.silent_after:
+            # The peer restarted, or it dropped the old connection already (it
+            # would not have dialed or answered again otherwise, and a live link
+            # hears a Ping every ping_interval); this side has not noticed yet.
             link.proto = None
-            current.closing_reason = "replaced: the peer restarted"
-            current.tcp.abortConnection()
+            current.close(
+                "replaced: the peer restarted"
+                if current.incarnation != hello.incarnation
+                else f"replaced: nothing heard on it for {silent:.1f} s",
+                abort=True,
+            )
             self.events.down(peer)
             self._make_current(link, proto)
             self.events.up(peer)
@@ -354,8 +478,7 @@ class LinkTable:
             loser = current
         else:
             loser = proto
-        loser.closing_reason = "duplicate connection"
-        loser.tcp.loseConnection()
+        loser.close("duplicate connection")
 
     def _make_current(self, link: Link, proto: PeerProtocol) -> None:
         link.proto = proto
@@ -372,8 +495,11 @@ class LinkTable:
         )
 
     def _set_dialing(self, link: Link, proto: PeerProtocol) -> None:
+        # An outbound link keeps its factory's backoff until it proves stable
+        # (connection_lost resets it then): a link closed at once must not make
+        # the next dial come sooner.
         if proto.outbound:
-            link.factory.resetDelay()
+            link.factory.continueTrying = True  # it may have been paused meanwhile
         else:
             link.factory.pause()
 

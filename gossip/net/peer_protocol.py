@@ -17,7 +17,6 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gossip import logs
 from gossip.wire import codec
 
 if TYPE_CHECKING:
@@ -30,6 +29,7 @@ class _TCP(Protocol):
     def loseConnection(self) -> None: ...
     def abortConnection(self) -> None: ...
     def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
     def getPeer(self) -> IAddress: ...
 
 
@@ -43,37 +43,47 @@ def set_no_delay(transport: object) -> None:
 
 @implementer(IPushProducer)
 class _WriteGate:
-    """Tells its protocol when the transport's write buffer is full or drained."""
+    """Tells its protocol when the transport's write buffer is full or drained.
+
+    It only gates what we write: reading goes on, so a peer's frames (pings
+    included) are handled while our writes to it wait.
+    """
 
     def __init__(self, proto: PeerProtocol) -> None:
         self.proto = proto
 
     def pauseProducing(self) -> None:
-        self.proto.paused = True
+        self.proto.write_paused = True
         self.proto.table.write_state(self.proto)
 
     def resumeProducing(self) -> None:
-        self.proto.paused = False
+        self.proto.write_paused = False
         self.proto.flush_pending()
         self.proto.wake_writers()
         self.proto.table.write_state(self.proto)
 
     def stopProducing(self) -> None:
-        self.proto.paused = True
+        self.proto.write_paused = True
 
 
 class PeerProtocol(Int32StringReceiver, TimeoutMixin):
-    log = logs.logger()
+    """No attribute here reuses a name the base classes give a meaning: Twisted's
+    ``IntNStringReceiver`` reads ``paused`` as "stop delivering frames", which is
+    why our write backpressure flag is ``write_paused``."""
 
-    def __init__(self, table: LinkTable, dialed: int | None) -> None:
+    def __init__(self, table: LinkTable, dialed: int | None, source: str | None = None) -> None:
         self.table = table
         # The neighbour this side dialed; None for an inbound connection.
         self.dialed = dialed
+        # The address an inbound connection came from (per-source handshake limit).
+        self.source = source
         self.MAX_LENGTH = table.max_frame
         self.peer: int | None = None
         self.incarnation = 0
         self.established = False
-        self.paused = False
+        self.established_at = 0.0
+        self.last_heard = 0.0  # when the last complete frame arrived (or the connection)
+        self.write_paused = False
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
         self.closing_reason: str | None = None
@@ -81,6 +91,8 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         self._writable: list[Deferred[None]] = []
         self._delayed: deque[tuple[float, bytes]] = deque()
         self._delay_call: IDelayedCall | None = None
+        self._gate: _WriteGate | None = None
+        self._close_call: IDelayedCall | None = None
 
     @property
     def outbound(self) -> bool:
@@ -97,10 +109,14 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         return f"{who} ({'outbound' if self.outbound else 'inbound'} {addr})"
 
     def connectionMade(self) -> None:
+        self.last_heard = self.table.clock.seconds()
         self.table.connection_made(self)
         set_no_delay(self.transport)
-        self.tcp.registerProducer(_WriteGate(self), True)
-        self.setTimeout(self.table.handshake_timeout)
+        self._gate = _WriteGate(self)
+        self.tcp.registerProducer(self._gate, True)
+        # An inbound connection holds a shared handshake slot: its Hello must arrive
+        # whole within hello_timeout; partial data does not extend that.
+        self.setTimeout(self.table.handshake_timeout if self.outbound else self.table.hello_timeout)
         if self.outbound:
             self.send_frame(self.table.hello())
 
@@ -115,6 +131,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
     def stringReceived(self, data: bytes) -> None:
         if self._failed:
             return  # the rest of a read that ended with a fatal frame
+        self.last_heard = self.table.clock.seconds()
         self.resetTimeout()
         try:
             frame = codec.decode(data)
@@ -142,13 +159,32 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         """Close this connection because of what the peer did; the node carries on."""
         self._failed = True
         if self.closing_reason is None:
+            self.table.report_failure(self, reason)
+        self.close(reason, abort)
+
+    def close(self, reason: str, abort: bool = False) -> None:
+        """Close this connection, sending what is queued first unless ``abort``.
+
+        The close always completes: the write gate is unregistered first (a TCP
+        transport with a paused producer would wait for it forever instead of
+        closing once drained), and a peer that does not read what is left gets
+        ``close_grace`` seconds before the connection is aborted.
+        """
+        if self.closing_reason is None:
             self.closing_reason = reason
-            self.log.warn("closing link to {who}: {reason}", who=self.describe(), reason=reason)
         self.setTimeout(None)
+        if self._gate is not None:
+            self._gate = None
+            self.tcp.unregisterProducer()
         if abort:
             self.tcp.abortConnection()
-        else:
+        elif self._close_call is None:
             self.tcp.loseConnection()
+            self._close_call = self.callLater(self.table.close_grace, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        self._close_call = None
+        self.tcp.abortConnection()
 
     def send_frame(self, frame: codec.AnyFrame) -> None:
         self.send_bytes(codec.encode(frame))
@@ -178,7 +214,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
     def _write(self, data: bytes) -> None:
         if self.closing_reason is not None:
             return
-        if not self.paused:
+        if not self.write_paused:
             self.sendString(data)
             return
         self._pending.append(data)
@@ -203,7 +239,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
             d.callback(None)
 
     def flush_pending(self) -> None:
-        while self._pending and not self.paused:
+        while self._pending and not self.write_paused:
             data = self._pending.popleft()
             self._pending_bytes -= len(data)
             self.sendString(data)
@@ -215,6 +251,9 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         if self._delay_call is not None and self._delay_call.active():
             self._delay_call.cancel()
         self._delay_call = None
-        self.paused = True
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
+        self.write_paused = True
         self.table.connection_lost(self, reason)
         self.wake_writers()

@@ -160,7 +160,7 @@ class Simulation:
                 store,
                 strategy_factory(n),
                 max_body,
-                len(self.nodes),
+                self.nodes,
                 **(core_options or {}),
             )
         self.crashed: set[int] = set()
@@ -382,7 +382,8 @@ class Simulation:
             elif isinstance(effect, Send):
                 self._send(node, effect.peer, effect.frame)
             elif isinstance(effect, StreamMessages):
-                for frame in stream_frames(self.stores[node], node, effect):
+                members = self.cores[node].members
+                for frame in stream_frames(self.stores[node], node, effect, members):
                     self._send(node, effect.peer, frame)
             elif isinstance(effect, DropPeer):
                 self.drops.append(DropRecord(self.now, node, effect.peer, effect.reason))

@@ -17,6 +17,10 @@ from twisted.internet.defer import Deferred
 from gossip.core.message import Message
 
 
+class StoreError(Exception):
+    """The store cannot be used; the text is one line for the operator."""
+
+
 class MessageStore(Protocol):
     def __contains__(self, mid: bytes) -> bool: ...
 
@@ -55,6 +59,16 @@ class MessageStore(Protocol):
 
     def when_durable(self) -> Deferred[None]:
         """Fires once every message added so far survives a crash (per fsync policy)."""
+        ...
+
+    def write_buffered(self) -> None:
+        """Hand every message added so far to the OS now (the node calls this before it
+        sends them on: persist before send). ``StoreError`` once the store has failed."""
+        ...
+
+    def when_broken(self) -> Deferred[StoreError]:
+        """Fires, with the error, when the store fails for good (a write or an fsync):
+        it then refuses appends, and what a failed write lost is no longer held."""
         ...
 
     def close(self) -> None: ...

@@ -96,9 +96,12 @@ The log is read once from start to end through a buffered reader in chunks
   of an append leaves. The bytes are truncated away with a warning giving
   their count and offset.
 * Damage in the middle: a record with a bad checksum, an impossible length or
-  a bad id, with valid records after it. The file is scanned forward byte by
-  byte for the next offset where a record parses with a valid checksum and id;
-  the bytes in between are skipped with a warning giving their offset and
+  a bad id, with valid records after it. The file is scanned forward for the
+  next offset where a record parses with a valid checksum and id; offsets
+  whose header is impossible are passed over without a checksum, and one that
+  only looks possible is checksummed once the scan has shown it can be the
+  next record (``_resync``: a body crafted to look like headers costs no
+  checksum per offset); the bytes in between are skipped with a warning giving their offset and
   count, and every valid record after them is kept. The damaged file is copied
   aside (``messages.log.damaged-<unix time>``) and a clean log is written (temp
   file, fsync, ``os.replace``, fsync of the directory). Bytes that cannot be
@@ -143,6 +146,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import heapq
 import os
 import shutil
 import struct
@@ -163,7 +167,7 @@ from twisted.python.failure import Failure
 
 from gossip import logs
 from gossip.core.message import ID_BYTES, Message
-from gossip.store.interface import ids_between
+from gossip.store.interface import StoreError, ids_between
 
 MAGIC = b"GSPLOG1\n"
 LOG_NAME = "messages.log"
@@ -189,8 +193,7 @@ POLICIES: tuple[str, ...] = ("always", "batch", "never")
 INLINE_FSYNC_SECONDS = 0.002
 
 
-class StoreError(Exception):
-    """The store cannot be used; the text is one line for the operator."""
+__all__ = ["LogStore", "StoreError"]
 
 
 # length | kind | id | received_at | path count | path entries: a record after its
@@ -270,6 +273,17 @@ class _Window:
         self.base = start
         f.seek(start)
 
+    @classmethod
+    def read_at(cls, f: BinaryIO, start: int, n: int) -> _Window:
+        """A window holding just file bytes [start, start+n), read with ``os.pread``:
+        the reader's position, which the forward window relies on, is left alone."""
+        win = cls.__new__(cls)
+        win.f = f
+        win.buf = os.pread(f.fileno(), n, start)
+        win.base = start
+        win.size = start + len(win.buf)
+        return win
+
     def get(self, offset: int, n: int) -> int | None:
         """Make file bytes [offset, offset+n) available in ``buf``; return their index there.
 
@@ -314,12 +328,112 @@ def _parse(win: _Window, pos: int) -> tuple[int, bytes] | str:
     return total, mid
 
 
+# Bytes of a record before its path entries: what _plausible reads.
+_FIXED_SPAN = HEADER_BYTES + MIN_PAYLOAD
+# Bytes one skip over damage checksums for candidates that had to wait (see _resync)
+# before it stops checking those not followed by a plausible header.
+_WAITING_CHECK_BYTES = 16 << 20
+
+
+def _plausible(buf: bytes, i: int) -> int | None:
+    """The payload length of the record header at ``buf[i:]`` (``_FIXED_SPAN`` bytes
+    there) if its fields are possible -- length in bounds, kind 1, path entries within
+    the payload -- else None. A few unpacks: no checksum, no hash."""
+    length: int = _LEN.unpack_from(buf, i + 4)[0]
+    if length < MIN_PAYLOAD or length > MAX_RECORD_BYTES:
+        return None
+    kind, _mid, _received_at, count = _FIXED.unpack_from(buf, i + HEADER_BYTES)
+    if kind != KIND_MESSAGE or MIN_PAYLOAD + 4 * count > length:
+        return None
+    return length
+
+
 def _resync(win: _Window, start: int) -> int | None:
-    """The first offset from ``start`` where a valid record begins, if any."""
-    last = win.size - HEADER_BYTES - MIN_PAYLOAD
-    for q in range(start, last + 1):
-        if isinstance(_parse(win, q), tuple):
-            return q
+    """The first offset from ``start`` where a valid record begins, if any.
+
+    Any offset may begin a record, and checking one in full costs a checksum over
+    up to ``MAX_RECORD_BYTES``; bodies are what clients send, and a body crafted to
+    read as record headers at every offset made skipping one damaged record cost
+    seconds. So a candidate is checked in full only when cheaper checks leave no
+    other choice:
+
+    * its header must be plausible (``_plausible``) and its record fit in the file;
+    * a candidate is checked at once only if it ends where another plausible header
+      begins (or at, or within a header of, end of file), as a real record does,
+      and no candidate seen before it ends sooner. Otherwise it waits (a heap by
+      end offset) until the scan reaches its end, so that every candidate starting
+      inside it is known, and is checked then.
+
+    A valid record ends the scan, and every waiting candidate overlaps it: such a
+    candidate could only be valid by holding that record in its body, so none is
+    checked. A forged header claims a length that reaches past the damaged record,
+    so it waits and is dropped unchecked once the next real record is found; the
+    checksums computed are about one per real record plus those of forged headers
+    that end inside the damaged record. A body can hold many of those (short
+    forged records inside it), so waiting candidates get ``_WAITING_CHECK_BYTES``
+    of checksums per skip; past that, only those followed by a plausible header
+    are checked. Every intact record is found unless that budget ran out and the
+    record after it is damaged too (re-sync brings such a record back). (Of a
+    record whose body holds a complete valid record, the one held may be found
+    instead of the holder; both are correct messages.)
+    """
+    size = win.size
+    last = size - _FIXED_SPAN
+    waiting: list[tuple[int, int]] = []  # (end, offset) of candidates, a heap
+    spent = 0
+
+    def waited_valid(c: int, end: int) -> bool:
+        nonlocal spent
+        tail = _FIXED_SPAN if end + _FIXED_SPAN <= size else 0
+        record = _Window.read_at(win.f, c, end - c + tail)
+        if spent > _WAITING_CHECK_BYTES and tail and _plausible(record.buf, end - c) is None:
+            return False
+        spent += end - c
+        record.size = end  # the successor's bytes are not part of the record
+        return isinstance(_parse(record, c), tuple)
+
+    kind_byte = bytes([KIND_MESSAGE])
+    q = start
+    while q <= last:
+        # Only an offset whose kind byte is right can begin a record: find the next
+        # one in the window at C speed instead of trying every offset.
+        i = win.get(q, _FIXED_SPAN)
+        if i is None:
+            break
+        k = win.buf.find(kind_byte, i + HEADER_BYTES)
+        if k < 0:
+            q = win.base + len(win.buf) - HEADER_BYTES  # its kind byte is past the window
+            continue
+        q = win.base + k - HEADER_BYTES
+        if q > last:
+            break
+        while waiting and waiting[0][0] <= q:
+            end, c = heapq.heappop(waiting)
+            if waited_valid(c, end):
+                return c
+        i = win.get(q, _FIXED_SPAN)
+        length = None if i is None else _plausible(win.buf, i)
+        q += 1
+        if length is None:
+            continue
+        c = q - 1
+        end = c + HEADER_BYTES + length
+        if end > size:
+            continue
+        if not waiting or end <= waiting[0][0]:
+            followed = True  # end of file, or a torn header right before it
+            if end + _FIXED_SPAN <= size:
+                j = win.get(c, end + _FIXED_SPAN - c)  # from c: the window never goes back
+                followed = j is not None and _plausible(win.buf, j + end - c) is not None
+            if followed:
+                if isinstance(_parse(win, c), tuple):
+                    return c
+                continue
+        heapq.heappush(waiting, (end, c))
+    while waiting:
+        end, c = heapq.heappop(waiting)
+        if waited_valid(c, end):
+            return c
     return None
 
 
@@ -477,6 +591,7 @@ class LogStore:
         self._in_flight = False
         self._waiters: deque[tuple[int, Deferred[None]]] = deque()
         self._broken: str | None = None
+        self._on_broken: list[Deferred[StoreError]] = []
         self._closed = False
         self._fsyncs = 0
         self._last_fsync = 0.0
@@ -584,7 +699,11 @@ class LogStore:
         record = encode_record(message)
         offset = self._end
         if self.policy == "always":
-            self._write(record)
+            try:
+                self._write(record)
+            except StoreError as e:
+                self._break(str(e))  # nothing was lost: the record was not taken
+                raise StoreError(self._broken) from None
         else:
             if self._write_call is None:
                 self._write_call = self._reactor.callLater(0, self._write_later)
@@ -612,11 +731,12 @@ class LogStore:
         return bisect.bisect_left(self._offsets, self._durable)
 
     def get(self, mid: bytes) -> Message | None:
+        """The message, or None if not held (a record lost with a failed write is not)."""
+        if self._pending and mid in self._by_id:
+            self._write_out_for_read()
         n = self._by_id.get(mid)
         if n is None:
             return None
-        if self._pending:
-            self._write_out()
         offset = self._offsets[n]
         buf = os.pread(self._fd, _GET_GUESS, offset)
         if len(buf) < HEADER_BYTES:
@@ -638,7 +758,7 @@ class LogStore:
     def scan(self, start: int) -> Iterator[Message]:
         """Messages in arrival order from position ``start`` (those held when iteration starts)."""
         if self._pending:
-            self._write_out()
+            self._write_out_for_read()
         offsets = self._offsets
         buf = b""
         base = 0
@@ -697,6 +817,22 @@ class LogStore:
         d: Deferred[None] = Deferred()
         self._waiters.append((self._end, d))
         self._schedule()
+        return d
+
+    def write_buffered(self) -> None:
+        """Write the buffered records now; ``StoreError`` if the store has failed (then
+        nothing added since the last good write is held any more)."""
+        if self._pending:
+            self._write_out()
+        if self._broken is not None:
+            raise StoreError(self._broken)
+
+    def when_broken(self) -> Deferred[StoreError]:
+        """Fires with the error once the store fails (at once if it has)."""
+        if self._broken is not None:
+            return succeed(StoreError(self._broken))
+        d: Deferred[StoreError] = Deferred()
+        self._on_broken.append(d)
         return d
 
     def close(self) -> None:
@@ -777,9 +913,31 @@ class LogStore:
         try:
             self._write(data)
         except StoreError as e:
+            self._forget_unwritten()
             self._break(f"{e}; records lost: {count}")
             self._fire_waiters(StoreError(self._broken))
             raise StoreError(self._broken) from None
+
+    def _write_out_for_read(self) -> None:
+        """Write before a read; a failure (the store broke, the lost records are no
+        longer held) is the store's to report, not the reader's."""
+        with contextlib.suppress(StoreError):
+            self._write_out()
+
+    def _forget_unwritten(self) -> None:
+        """Drop the records past the end of the file from the index: what a failed
+        write lost is not held, so nobody is told it is, nor finds a hole in the file."""
+        k = bisect.bisect_left(self._offsets, self._written)
+        lost = self._order[k:]
+        del self._offsets[k:]
+        del self._order[k:]
+        for mid in lost:
+            del self._by_id[mid]
+        gone = set(lost)
+        self._unsorted[:] = [m for m in self._unsorted if m not in gone]
+        for mid in lost:
+            self._sorted.discard(mid)
+        self._end = self._written
 
     def _write_later(self) -> None:
         """The end-of-turn write of what ``add`` buffered."""
@@ -849,8 +1007,13 @@ class LogStore:
         self._fire_waiters(StoreError(self._broken))
 
     def _break(self, why: str) -> None:
+        if self._broken is not None:
+            return
         self._broken = why + "; refusing further appends"
         self.log.critical("{why}", why=self._broken)
+        waiting, self._on_broken = self._on_broken, []
+        for d in waiting:
+            d.callback(StoreError(self._broken))
 
     def _fire_waiters(self, error: StoreError | None) -> None:
         waiters = self._waiters

@@ -9,7 +9,7 @@ from sortedcontainers import SortedList
 from twisted.internet.defer import Deferred, succeed
 
 from gossip.core.message import Message
-from gossip.store.interface import ids_between
+from gossip.store.interface import StoreError, ids_between
 
 
 class MemoryStore:
@@ -64,6 +64,12 @@ class MemoryStore:
 
     def when_durable(self) -> Deferred[None]:
         return succeed(None)  # nothing is ever durable here; acks need not wait
+
+    def write_buffered(self) -> None:
+        pass
+
+    def when_broken(self) -> Deferred[StoreError]:
+        return Deferred()  # memory does not fail
 
     def close(self) -> None:
         pass

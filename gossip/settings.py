@@ -1,0 +1,219 @@
+"""Every key of the cluster file, declared once: name, type, default, bounds, one-line doc.
+
+This table drives the validation of ``[cluster]`` in ``gossip.config``, the
+defaults of ``ClusterConfig`` and of the classes that take these settings
+(``LinkTable``, ``GossipCore``), the help of a command-line flag that
+overrides a setting (``--fsync``), and the configuration reference in the
+README (``gossip-config --settings-markdown`` prints it; a test fails when the
+README's copy differs).
+
+Pure: no I/O and no Twisted, so the protocol core may import it.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+import attrs
+
+T = TypeVar("T", covariant=True)
+
+STRING, INTEGER, BOOLEAN, SECONDS, CHOICE, ENDPOINT, NODE_IDS = (
+    "string",
+    "integer",
+    "boolean",
+    "seconds",
+    "choice",
+    "endpoint",
+    "node ids",
+)
+
+
+@attrs.frozen
+class Setting(Generic[T]):
+    """One key: how it is checked, what it defaults to, and its one-line doc."""
+
+    name: str
+    kind: str
+    default: T
+    doc: str
+    required: bool = False
+    low: int | None = None  # integers: inclusive bounds
+    high: int | None = None
+    why: str = ""  # appended to an out-of-range error
+    choices: tuple[str, ...] = ()
+    noun: str = ""  # choices: "unknown <noun> 'x'"
+    greater_than: str | None = None  # seconds: must exceed this other setting
+    flag: str | None = None  # a command-line flag that overrides the setting per node
+
+    def allowed(self) -> str:
+        """The allowed values, in words, for the reference table."""
+        if self.kind == INTEGER and self.low is not None and self.high is not None:
+            return f"{self.low}..{self.high}"
+        if self.kind == CHOICE:
+            return ", ".join(f'"{c}"' for c in self.choices)
+        if self.kind == SECONDS:
+            return f"> {self.greater_than}" if self.greater_than else "> 0"
+        if self.kind == BOOLEAN:
+            return "true, false"
+        if self.kind == STRING:
+            return "non-empty"
+        if self.kind == ENDPOINT:
+            return "`serverFromString`" if self.name.endswith("listen") else "`clientFromString`"
+        return "ids of other nodes"
+
+    def help(self) -> str:
+        """Help text for the setting's command-line flag."""
+        choices = f" ({', '.join(self.choices)})" if self.choices else ""
+        return f"{self.doc}{choices}; overrides the cluster file's {self.name}."
+
+
+MAX_MESSAGE_BYTES_LIMIT = 60000  # AMP values are limited to 64 KiB, with room for framing
+DISSEMINATIONS = ("plumtree", "flood")
+FSYNC_POLICIES = ("always", "batch", "never")
+MAX_NODE_ID = 2**31 - 1
+
+NAME: Setting[str] = Setting(
+    "name", STRING, "", "cluster name, checked in the peer handshake", required=True
+)
+MAX_MESSAGE_BYTES: Setting[int] = Setting(
+    "max_message_bytes",
+    INTEGER,
+    32768,
+    "largest message accepted, in bytes (AMP values are limited to 64 KiB)",
+    low=1,
+    high=MAX_MESSAGE_BYTES_LIMIT,
+    why=" (AMP values are limited to 64 KiB)",
+)
+ALLOW_ANY_DEGREE: Setting[bool] = Setting(
+    "allow_any_degree", BOOLEAN, False, "true allows nodes with other than 3 neighbours"
+)
+DISSEMINATION: Setting[str] = Setting(
+    "dissemination",
+    CHOICE,
+    "plumtree",
+    'how a new message spreads: "flood" is the original design\'s rule',
+    choices=DISSEMINATIONS,
+    noun="strategy",
+)
+RECONNECT_MAX_DELAY: Setting[float] = Setting(
+    "reconnect_max_delay", SECONDS, 5.0, "cap of the jittered exponential backoff of a redial"
+)
+PING_INTERVAL: Setting[float] = Setting(
+    "ping_interval", SECONDS, 5.0, "keep-alive interval on idle links"
+)
+IDLE_TIMEOUT: Setting[float] = Setting(
+    "idle_timeout",
+    SECONDS,
+    15.0,
+    "a link silent this long is dropped and redialed",
+    greater_than="ping_interval",
+)
+SYNC_INTERVAL: Setting[float] = Setting(
+    "sync_interval", SECONDS, 10.0, "seconds between anti-entropy sessions with a neighbour"
+)
+SYNC_TIMEOUT: Setting[float] = Setting(
+    "sync_timeout", SECONDS, 30.0, "a re-sync session that stalls this long is given up"
+)
+FSYNC: Setting[str] = Setting(
+    "fsync",
+    CHOICE,
+    "batch",
+    "when the message log is fsynced: before each acknowledgement, group commit, or never",
+    choices=FSYNC_POLICIES,
+    noun="fsync policy",
+    flag="--fsync",
+)
+
+# The [cluster] table, in the order the file and the reference list them.
+CLUSTER_SETTINGS: tuple[Setting[object], ...] = (
+    NAME,
+    MAX_MESSAGE_BYTES,
+    ALLOW_ANY_DEGREE,
+    DISSEMINATION,
+    RECONNECT_MAX_DELAY,
+    PING_INTERVAL,
+    IDLE_TIMEOUT,
+    SYNC_INTERVAL,
+    SYNC_TIMEOUT,
+    FSYNC,
+)
+
+# The keys of a [[node]] table (validated in gossip.config, where they depend on each other).
+NODE_KEYS: tuple[Setting[object], ...] = (
+    Setting("id", INTEGER, 0, "the node's id, unique", required=True, low=0, high=MAX_NODE_ID),
+    Setting("host", STRING, "", "shorthand: the address every derived endpoint uses"),
+    Setting("peer_port", INTEGER, 0, "shorthand: the peer port", low=1, high=65535),
+    Setting("client_port", INTEGER, 0, "shorthand: the client (AMP) port", low=1, high=65535),
+    Setting(
+        "peer_listen",
+        ENDPOINT,
+        "tcp:PEER_PORT:interface=HOST",
+        "server endpoint the node listens on for peers (tcp6 when HOST is an IPv6 literal)",
+    ),
+    Setting(
+        "peer_address",
+        ENDPOINT,
+        "tcp:host=HOST:port=PEER_PORT",
+        "client endpoint neighbours dial (host names are resolved at each dial)",
+    ),
+    Setting(
+        "client_listen",
+        ENDPOINT,
+        "tcp:CLIENT_PORT:interface=HOST",
+        "server endpoint the node listens on for clients",
+    ),
+    Setting(
+        "client_address",
+        ENDPOINT,
+        "tcp:host=HOST:port=CLIENT_PORT",
+        "client endpoint gclient and the Python API dial",
+    ),
+    Setting(
+        "neighbours",
+        NODE_IDS,
+        (),
+        "ids of the node's neighbours (or give [graph] edges instead)",
+    ),
+)
+
+
+def _show_default(s: Setting[object]) -> str:
+    if s.required:
+        return "required"
+    if s.kind == BOOLEAN:
+        return "`true`" if s.default else "`false`"
+    if s.kind == NODE_IDS:
+        return "required"
+    if s.kind == ENDPOINT:
+        return f"`{s.default}`"
+    if s.kind == INTEGER and s.default == 0:
+        return "—"
+    if s.kind == STRING and s.default == "":
+        return "—"
+    if isinstance(s.default, str):
+        return f'`"{s.default}"`'
+    return f"`{s.default}`"
+
+
+def _table(settings: tuple[Setting[object], ...]) -> list[str]:
+    lines = ["| key | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
+    for s in settings:
+        doc = s.doc + (f" (`{s.flag}` overrides it for one node)" if s.flag else "")
+        lines.append(f"| `{s.name}` | {s.kind} | {_show_default(s)} | {s.allowed()} | {doc} |")
+    return lines
+
+
+def settings_markdown() -> str:
+    """The README's configuration reference: one table for [cluster], one for [[node]]."""
+    return "\n".join(
+        [
+            "`[cluster]`:",
+            "",
+            *_table(CLUSTER_SETTINGS),
+            "",
+            "`[[node]]` (each endpoint key left out is derived from `host` and the port):",
+            "",
+            *_table(NODE_KEYS),
+        ]
+    )
