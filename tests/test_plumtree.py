@@ -256,13 +256,15 @@ def test_message_from_the_tree_parent_goes_to_children_and_is_announced_to_the_r
 
 def test_message_from_a_non_parent_is_also_passed_up_the_tree() -> None:
     """A message of origin 1 that arrives from 3 (not the tree parent 2) goes down to
-    the child 8 and up to the parent 2 at once; only 7 is left to announce it to."""
+    the child 8 and up to the parent 2 at once; only 7 is left to announce it to, and
+    it is announced at once, not at the tick: the tree around us is broken for that
+    origin, so 7 may be cut off with us."""
     node = Node()
     body = b"around the tree"
-    assert sorted(pushed(node.gossip(3, body, (1, 3)))) == [2, 8]
-    assert [(s.peer, s.frame) for s in node.tick(T0 + 0.1)] == [
-        (7, IHaveFrame((message_id(body),), (1,)))
-    ]
+    sends = node.gossip(3, body, (1, 3))
+    assert sorted(pushed(sends)) == [2, 8]
+    assert controls(sends) == [Send(7, IHaveFrame((message_id(body),), (1,)))]
+    assert node.tick(T0 + 0.1) == []
 
 
 def test_no_push_or_announcement_to_the_sender_or_nodes_on_the_path() -> None:
@@ -361,12 +363,16 @@ def test_a_grafted_message_is_pushed_to_every_neighbour() -> None:
     assert node.tick(T0 + 0.3) == []
 
 
-def test_unknown_id_is_grafted_at_once_when_the_tree_parent_is_down() -> None:
-    """With the tree parent (2) of the id's origin down, nothing can come down the
-    tree, so the IHave is answered with a Graft at once, not at a tick; a later
-    announcer is asked graft_retry later if the message has not come."""
+def test_unknown_id_is_grafted_at_once_when_cut_off() -> None:
+    """With the tree parent (2) of the id's origin down and every neighbour that could
+    stand in for it cut off too, nothing can come, so the IHave is answered with a
+    Graft at once, not at a tick; a later announcer is asked graft_retry later if the
+    message has not come."""
     node = Node()
     node.peer_down(2)
+    node.receive(3, PruneFrame((), (1,)))  # 3 was asked to stand in: it is cut off
+    node.receive(7, PruneFrame((), (1,)))  # so was 7
+    assert 1 in node.plumtree.cut
     mid = message_id(b"orphan")
     assert node.receive(3, ihave(b"orphan")) == [Send(3, GraftFrame((mid,)))]
     assert node.tick(T0 + 0.1) == []
@@ -444,12 +450,84 @@ def test_tree_copy_after_a_faster_adopter_prunes_the_adopter() -> None:
     assert node.gossip(3, b, (1, 3)) == [Send(3, PruneFrame((1,)))]
 
 
-def test_duplicate_is_not_pruned_while_the_tree_parent_is_down() -> None:
-    """With the tree parent down, the adoptive sender is still needed: no Prune."""
+def test_duplicate_is_not_pruned_while_nobody_stands_in_for_the_tree_parent() -> None:
+    """With the tree parent down and no stand-in (both candidates cut off), the
+    adoptive sender is still needed: no Prune. With a stand-in (3), a copy from
+    anyone else is pruned, and the stand-in's own copies are not."""
     node = Node()
     node.gossip(3, b"kept", (1, 3))
     node.peer_down(2)
-    assert node.gossip(7, b"kept", (1, 3, 7)) == []
+    assert node.plumtree.standins[1] == 3
+    assert node.gossip(7, b"kept", (1, 3, 7)) == [Send(7, PruneFrame((1,)))]
+    assert node.gossip(3, b"kept", (1, 3)) == []
+    node.receive(3, PruneFrame((), (1,)))
+    node.receive(7, PruneFrame((), (1,)))
+    assert 1 not in node.plumtree.standins
+    assert node.gossip(8, b"kept", (1, 8)) == []
+
+
+# Node 5's origins whose tree reaches it through 2 (origin 1: 1 -> 2 -> 5; and 2).
+UNDER_2 = (1, 2)
+
+
+def test_tree_parent_down_asks_the_nearest_neighbour_to_stand_in_at_once() -> None:
+    """When the tree parent (2) goes down, node 5 at once asks, for every origin whose
+    tree reached it through 2, the neighbour nearest that origin (for origin 1: 3, one
+    hop from it; not 8, its child) to push it that origin's messages: a Graft naming
+    origins and no ids. The stand-in's pushes then go to the child 8 and are not passed
+    up again; when 2 comes back, 3 is told to stop (Prune) and 2's tree feeds again."""
+    node = Node()
+    assert node.plumtree.trees.origins_under(2) == list(UNDER_2)
+    sends = node.peer_down(2)
+    assert sends == [Send(3, GraftFrame((), UNDER_2))]
+    assert node.plumtree.standins == {1: 3, 2: 3}
+    assert sorted(pushed(node.gossip(3, b"via the stand-in", (1, 3)))) == [8]
+    assert node.peer_up(2) == [Send(3, PruneFrame(UNDER_2))]
+    assert node.plumtree.standins == {}
+    assert node.plumtree.orphaned == set()
+
+
+def test_cut_off_news_moves_down_until_a_neighbour_can_stand_in() -> None:
+    """A stand-in that is cut off itself says so (Prune with cut); node 5 then asks
+    the next candidate (7, after it in the tree order, as no node before it is left),
+    and when that one is cut off too, tells the nodes it feeds (its child 8) that it
+    is cut off, so that they look for another way in. A later message from a cut-off
+    neighbour shows it is fed again."""
+    node = Node()
+    node.peer_down(2)
+    assert node.receive(3, PruneFrame((), (1,))) == [Send(7, GraftFrame((), (1,)))]
+    assert node.receive(7, PruneFrame((), (1,))) == [Send(8, PruneFrame((), (1,)))]
+    assert node.plumtree.cut == {1}
+    # 3 is fed again: its message shows it; 5 asks it to stand in once more.
+    sends = node.gossip(3, b"fed again", (1, 3))
+    assert Send(3, GraftFrame((), (1,))) in sends
+    assert node.plumtree.standins[1] == 3
+    assert node.plumtree.cut == set()
+
+
+def test_graft_naming_origins_adopts_and_a_cut_off_node_says_so() -> None:
+    """A Graft naming origins (no ids) makes node 5 push those origins' messages to
+    the sender from now on; if 5 is cut off from one of them it answers with a Prune
+    marking it cut, so the sender looks elsewhere."""
+    node = Node()
+    assert node.receive(7, GraftFrame((), (1,))) == []
+    assert node.plumtree.adopted == {1: {7}}
+    assert sorted(pushed(node.gossip(2, b"to the adoptee", (1, 2)))) == [7, 8]
+    node.peer_down(2)
+    node.receive(3, PruneFrame((), (1,)))  # 3 cut off; 7 is our adoptee: not a candidate
+    assert node.plumtree.cut == {1}
+    assert node.receive(7, GraftFrame((), (1,))) == [Send(7, PruneFrame((), (1,)))]
+
+
+def test_stand_ins_never_ask_each_other() -> None:
+    """Two nodes asking each other to stand in for the same origin would feed each
+    other nothing: the one that asked a node before it in the tree order keeps its
+    request and answers the other's with cut, so the other looks elsewhere."""
+    node = Node()
+    node.peer_down(2)
+    assert node.plumtree.standins[1] == 3  # 3 is before 5 for origin 1
+    assert node.receive(3, GraftFrame((), (1,))) == [Send(3, PruneFrame((), (1,)))]
+    assert 3 not in node.plumtree.adopted.get(1, set())
 
 
 def test_peer_down_drops_its_adoptions_and_pending_ihaves() -> None:
@@ -614,8 +692,9 @@ def test_plumtree_reaches_every_live_node_with_20_percent_crashed() -> None:
     """With 40 of 200 nodes crashed before the first submit (the rest connected) and
     periodic re-sync off, grafts, adoption and passing up the tree get every message
     to every live node, without DropPeer, and quickly: the run is deterministic, and
-    its median time to the last live node is 0.64 s and its maximum 1.55 s (1.30 and
-    2.44 s with a fixed 0.5 s graft wait and no push after a graft), at 0.14 RMR."""
+    its median time to the last live node is 0.16 s and its maximum 0.56 s, at 0.09 RMR
+    (0.64 and 1.55 s at 0.14 RMR before stand-ins and cut-off news, 1.30 and 2.44 s
+    with a fixed 0.5 s graft wait and no push after a graft)."""
     graph = adjacency(cluster_edges())
     sim, mids = run_workload(plumtree_factory(graph), crash=N // 5, settle=30.0)
     stats = sim.stats()
@@ -627,9 +706,9 @@ def test_plumtree_reaches_every_live_node_with_20_percent_crashed() -> None:
     assert stats.reliability == 1.0
     assert stats.drops == 0
     assert sum(sim.sync_received.values()) == 0  # no help from re-sync
-    assert last[len(last) // 2] < 0.8
-    assert stats.max_latency < 2.0
-    assert stats.redundancy < 0.2
+    assert last[len(last) // 2] < 0.3
+    assert stats.max_latency < 0.8
+    assert stats.redundancy < 0.15
 
 
 def test_plumtree_with_5_percent_frame_loss_and_periodic_sync_reaches_everyone() -> None:
@@ -732,3 +811,17 @@ def test_graft_reply_of_an_old_record_sends_a_path_the_grafter_accepts() -> None
     effects = grafter.receive(ME, sent.frame, T0)
     assert [type(e) for e in effects][:1] == [Persist]
     assert sum(grafter.refused.values()) == 0
+
+
+def test_graft_and_prune_with_origins_only_cross_the_wire() -> None:
+    """A Graft naming origins and no ids, and a Prune marking origins cut, survive the
+    wire codec (an empty Graft is still a Graft, not a frame of no kind)."""
+    from gossip.wire import codec
+
+    for frame in (
+        GraftFrame((), (1, 2)),
+        GraftFrame((b"i" * 16,), ()),
+        PruneFrame((), (3,)),
+        PruneFrame((4,), (5, 6)),
+    ):
+        assert codec.decode(codec.encode(frame)) == frame

@@ -32,11 +32,15 @@ class IHaveFrame:
 @attrs.frozen(slots=True)
 class GraftFrame:
     ids: tuple[bytes, ...]
+    # Push these origins' messages to me from now on (no message asked for).
+    origins: tuple[int, ...] = ()
 
 
 @attrs.frozen(slots=True)
 class PruneFrame:
     origins: tuple[int, ...] = ()
+    # These origins' messages no longer reach me: look for another feed.
+    cut: tuple[int, ...] = ()
 
 
 # ---- re-sync frames (see gossip/core/sync.py) ----

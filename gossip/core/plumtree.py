@@ -61,6 +61,12 @@ GRAFT_REPLY_BYTES = 256 * 1024
 MIN_GRAFT_TIMEOUT = 0.15
 # Grafted ids remembered to notice their tree copy coming after all.
 MAX_GRAFTED = 4096
+# A neighbour not up this long after the node started is treated as down, as one
+# whose link dropped is at once (see ``Plumtree._orphan``).
+ABSENT_GRACE = 3.0
+# Which stand-in to prefer, by (before us in the tree order, tree path clear of
+# neighbours known down): lower first.
+RANKS = {(True, True): 0, (False, True): 1, (True, False): 2, (False, False): 3}
 
 
 @attrs.define
@@ -123,6 +129,7 @@ class OriginTrees:
         self._children: dict[int, tuple[int, ...]] = {}
         self._parent: dict[int, int | None] = {}
         self._path: dict[int, tuple[int, ...]] = {}
+        self._alternatives: dict[int, tuple[tuple[int, bool, frozenset[int]], ...]] = {}
 
     def _compute(self, origin: int) -> None:
         parent = self.trees.parents(origin)
@@ -153,8 +160,55 @@ class OriginTrees:
         if origin not in self._parent:
             if origin not in self.trees.graph:
                 return None
+            if self.trees.share:
+                # Shared parent maps are kept: no need to cache children and path
+                # for an origin that is only asked about (see ``origins_under``).
+                return None if origin == self.node_id else self.trees.parents(origin)[self.node_id]
             self._compute(origin)
         return self._parent[origin]
+
+    def origins_under(self, peer: int) -> list[int]:
+        """The origins whose tree reaches us through ``peer`` (our parent in them)."""
+        return [o for o in sorted(self.members) if o != self.node_id and self.parent(o) == peer]
+
+    def alternatives(self, origin: int) -> tuple[tuple[int, bool, frozenset[int]], ...]:
+        """The neighbours that could feed us ``origin``'s messages instead of our tree
+        parent: all but our children in its tree, nearest to the origin first (fewer
+        hops, then lower id). Each comes with whether it is *before* us in that order,
+        and the neighbours of ours on its tree path up to the origin.
+
+        If every node whose parent is down asked only a neighbour before it, the
+        stand-ins of all nodes could never form a cycle (following them would always
+        end at the origin); see ``Plumtree._find_standins`` for when others are asked."""
+        cached = self._alternatives.get(origin)
+        if cached is not None:
+            return cached
+        me = self.node_id
+        parent = self.trees.parents(origin) if origin in self.trees.graph else {}
+        if me not in parent or me == origin:
+            return ()
+        mine = self.trees.graph.get(me, ())
+        neighbours = frozenset(mine)
+
+        def walk(v: int) -> tuple[int, frozenset[int]]:
+            depth, via = 0, []
+            while v != origin:
+                v = parent[v]
+                depth += 1
+                if v in neighbours:
+                    via.append(v)
+            return depth, frozenset(via)
+
+        mine_key = (walk(me)[0], me)
+        ranked = []
+        for w in mine:
+            if w in parent and parent[w] != me:
+                depth, via = walk(w)
+                ranked.append(((depth, w), w, via))
+        ranked.sort(key=lambda r: r[0])
+        out = tuple((w, key < mine_key, via) for key, w, via in ranked)
+        self._alternatives[origin] = out
+        return out
 
     def path(self, origin: int) -> tuple[int, ...]:
         """The path a message of ``origin`` carries when it comes down the tree to us
@@ -208,6 +262,20 @@ class Plumtree:
         self._store: MessageReader | None = None
         # (origin, sender) -> (eager, lazy) neighbours; cleared when links or adoptions change.
         self._plans: dict[tuple[int, int | None], _Plan] = {}
+        # Origins whose tree parent is down, and for some of them the neighbour we asked
+        # to feed us their messages meanwhile (a stand-in parent, always up; see
+        # ``_find_standins``). Origins of the graph only: at most one entry per node.
+        self.orphaned: set[int] = set()
+        self.standins: dict[int, int] = {}
+        # origin -> neighbours that told us they are cut off from it; and the origins we
+        # told our dependants we are cut off from (see ``_refeed``).
+        self.cut_off: dict[int, set[int]] = {}
+        self.cut: set[int] = set()
+        # Origins to look at again once the current input is handled (see ``_adopt``).
+        self._refeeds: list[int] = []
+        # Neighbours seen up, or given up on (see ``on_tick``), and when we started.
+        self._known: set[int] = set()
+        self._started: float | None = None
 
     def bind(self, store: MessageReader) -> None:
         self._store = store
@@ -229,8 +297,18 @@ class Plumtree:
 
     def on_peer_up(self, peer: int) -> list[Effect]:
         self.up.add(peer)
+        self._known.add(peer)
         self._plans.clear()
-        return []
+        for marks in self.cut_off.values():
+            marks.discard(peer)  # a new link: what it said on the old one is stale
+        if not self.orphaned:
+            return []
+        # Our tree parent may be back, and orphans that found no stand-in may find one.
+        return self._refeed(
+            o
+            for o in sorted(self.orphaned)
+            if o not in self.standins or self.trees.parent(o) == peer
+        )
 
     def on_peer_down(self, peer: int) -> list[Effect]:
         self.up.discard(peer)
@@ -239,7 +317,114 @@ class Plumtree:
         for origin in [o for o, peers in self.adopted.items() if peer in peers]:
             self._unadopt(origin, peer)
         self._pruned = {(p, o) for p, o in self._pruned if p != peer}
-        return []
+        return self._orphan(peer)
+
+    def _orphan(self, peer: int) -> list[Effect]:
+        """``peer`` is down: find stand-ins for the origins it fed us, and new ones for
+        the origins it stood in for."""
+        under = self.trees.origins_under(peer)
+        lost = {o for o, s in self.standins.items() if s == peer}
+        return self._refeed(sorted(lost.union(under)))
+
+    def _usable(self, peer: int | None, origin: int) -> bool:
+        """Whether ``peer`` can feed us ``origin``'s messages: it is up, has not told us
+        it is cut off from them, and does not depend on us for them (it is not one of
+        our adoptees: taking it would make a cycle that nothing feeds)."""
+        return (
+            peer in self.up
+            and peer not in self.cut_off.get(origin, ())
+            and peer not in self.adopted.get(origin, ())
+        )
+
+    def _refeed(self, origins: Iterable[int]) -> list[Effect]:
+        """Make sure someone feeds us each of ``origins``' messages at once: the tree
+        parent while it is up and not cut off itself, else a stand-in we ask (a Graft
+        naming origins), else tell the nodes we feed that we are cut off.
+
+        The messages come with no IHave or graft wait, so a region cut off by a
+        failure is served again as soon as its edge nodes learn of it. The stand-in
+        is the neighbour nearest to the origin (``OriginTrees.alternatives``),
+        preferring one before us in the tree order (stand-ins chosen so can never form
+        a cycle) and one whose tree path avoids the neighbours we know are down. A node
+        that finds none is cut off: it says so to its children and adoptees (a Prune
+        with ``cut``), which then look for another feed in turn, so the news spreads
+        down a cut-off region until it reaches nodes with another way in. A cut-off
+        node still grafts at once on an IHave; the peer it grafts from stands in."""
+        up = self.up
+        down = {n for n in self.trees.trees.graph.get(self.node_id, ()) if n not in up}
+        asks: dict[int, list[int]] = {}
+        prunes: dict[int, list[int]] = {}
+        cuts: dict[int, list[int]] = {}
+        for origin in origins:
+            parent = self.trees.parent(origin)
+            if parent is None:
+                continue
+            if self._usable(parent, origin):
+                self.orphaned.discard(origin)
+                self.cut.discard(origin)
+                old = self.standins.pop(origin, None)
+                if old is not None and old in up:
+                    prunes.setdefault(old, []).append(origin)
+                    self._pruned.add((old, origin))
+                continue
+            self.orphaned.add(origin)
+            old = self.standins.get(origin)
+            if old is not None:
+                if self._usable(old, origin):
+                    continue
+                del self.standins[origin]  # not pruned: it pushes again once fed
+            best: tuple[int, int] | None = None
+            for w, before, via in self.trees.alternatives(origin):
+                if self._usable(w, origin):
+                    rank = RANKS[before, not via & down]
+                    if best is None or rank < best[0]:
+                        best = (rank, w)
+            if best is not None:
+                self.standins[origin] = best[1]
+                self.cut.discard(origin)
+                asks.setdefault(best[1], []).append(origin)
+            elif origin not in self.cut:
+                self.cut.add(origin)
+                for d in self._dependants(origin):
+                    cuts.setdefault(d, []).append(origin)
+        self._plans.clear()
+        effects: list[Effect] = []
+        for peer, os in sorted(prunes.items()):
+            effects.append(Send(peer, PruneFrame(tuple(os))))
+        for peer, os in sorted(asks.items()):
+            for i in range(0, len(os), IDS_PER_FRAME):
+                effects.append(Send(peer, GraftFrame((), tuple(os[i : i + IDS_PER_FRAME]))))
+        for peer, os in sorted(cuts.items()):
+            effects.append(Send(peer, PruneFrame((), tuple(os))))
+        return effects
+
+    def _fed_by(self, origin: int, peer: int) -> bool:
+        """Whether ``peer`` is, or was to be, our feed for ``origin``."""
+        return self.trees.parent(origin) == peer or self.standins.get(origin) == peer
+
+    def _dependants(self, origin: int) -> list[int]:
+        """The neighbours we feed ``origin``'s messages to: tree children and adoptees."""
+        kids = [c for c in self.trees.children(origin) if c in self.up]
+        return kids + sorted(self.adopted.get(origin, set()).difference(kids))
+
+    def _upstream_of(self, origin: int) -> int | None:
+        """Who is to feed us ``origin``'s messages: the tree parent while it is up and
+        not cut off, else the stand-in asked for it (None when nobody is, or at the
+        origin)."""
+        parent = self.trees.parent(origin)
+        if parent is None or self._usable(parent, origin):
+            return parent
+        return self.standins.get(origin)
+
+    def _heard_from(self, peer: int, origin: int) -> list[Effect]:
+        """``peer`` sent us one of ``origin``'s messages: it is not cut off any more."""
+        marks = self.cut_off.get(origin)
+        if marks is None or peer not in marks:
+            return []
+        marks.discard(peer)
+        if not marks:
+            del self.cut_off[origin]
+        return self._refeed((origin,))
 
     # -- messages ----------------------------------------------------------
 
@@ -251,8 +436,13 @@ class Plumtree:
         if plan is None:
             plan = self._plan(origin, sender)
         eager, lazy, feeds = plan
+        effects: list[Effect] = []
         if feeds and sender is not None:
             self._feeders[origin] = sender  # see on_duplicate
+            if self.cut_off:
+                effects = self._heard_from(sender, origin)
+                if effects:
+                    eager, lazy, _ = self._plan(origin, sender)
         entry = self.missing.pop(env.id, None) if self.missing else None
         if entry is not None:
             if path == self.trees.path(origin):
@@ -266,7 +456,6 @@ class Plumtree:
                 grafted[env.id] = entry.announced
                 if len(grafted) > MAX_GRAFTED:
                     del grafted[next(iter(grafted))]
-        effects: list[Effect] = []
         frame: GossipFrame | None = None
         for p in eager:
             if p not in path:
@@ -279,7 +468,9 @@ class Plumtree:
                 if batch is None:
                     batch = self._ihave[p] = []
                 batch.append((env.id, origin))
-                if len(batch) >= IDS_PER_FRAME:
+                if feeds or len(batch) >= IDS_PER_FRAME:
+                    # Off the tree: the tree around us is broken for this origin, and
+                    # a neighbour cut off with us should hear of it now, not next tick.
                     effects.append(self._ihave_frame(p, batch))
                     self._ihave[p] = []
         return effects
@@ -293,10 +484,10 @@ class Plumtree:
         extra = self.adopted.get(origin)
         if extra:
             eager += [p for p in sorted(extra) if p not in eager]
-        parent = self.trees.parent(origin)
-        # It did not come down the tree: the tree above us is broken (or slow), so
-        # pass it up as well as down; this repairs a cut-off region in a few hops
-        # instead of one graft timeout per level.
+        parent = self._upstream_of(origin)
+        # It did not come down the tree (or from the stand-in): the tree above us is
+        # broken (or slow), so pass it up as well as down; this repairs a cut-off
+        # region in a few hops instead of one graft timeout per level.
         if sender not in (None, parent) and parent in links and parent not in eager:
             eager.append(parent)
         in_graph = origin in self.trees.trees.graph
@@ -310,12 +501,18 @@ class Plumtree:
         return plan
 
     def on_duplicate(self, env: Envelope, sender: int) -> list[Effect]:
-        """A copy from outside our tree parent means an adoption is no longer needed."""
+        """A copy from outside our tree parent (or its stand-in) means an adoption is
+        no longer needed."""
         mid = env.id
         origin = origin_of(env.path, self.node_id)  # a received copy's path is never empty
-        if sender == self.trees.parent(origin):
+        if self.cut_off:
+            refed = self._heard_from(sender, origin)
+            if refed:
+                return refed
+        parent = self._upstream_of(origin)
+        if sender == parent:
             announced = self._grafted.pop(mid, None)
-            if announced is not None:  # we grafted too early
+            if announced is not None and origin not in self.orphaned:  # grafted too early
                 self._late(self.now - announced)
             # The tree delivers again, after someone else fed us this origin (an
             # adopter faster than the tree, which no copy from outside the tree
@@ -326,9 +523,8 @@ class Plumtree:
             return []
         if (sender, origin) in self._pruned or origin not in self.trees.members:
             return []  # pruned already, or an origin nobody adopts (see _graft_reply)
-        parent = self.trees.parent(origin)
-        if parent is not None and parent not in self.up:
-            return []  # our tree parent is away: the adoptive one is still needed
+        if parent is None:
+            return []  # our tree parent is away and no stand-in: the adoptive one is needed
         self._pruned.add((sender, origin))
         return [Send(sender, PruneFrame((origin,)))]
 
@@ -337,13 +533,51 @@ class Plumtree:
             now = self._announced(peer, frame.ids, frame.origins)
             return [Send(peer, GraftFrame(tuple(now)))] if now else []
         if isinstance(frame, PruneFrame):
+            unadopted = []
             for origin in frame.origins:
                 if peer in self.adopted.get(origin, ()):
                     self._unadopt(origin, peer)
-            return []
+                    unadopted.append(origin)
+            cut = [o for o in frame.cut if o in self.trees.members]
+            for origin in cut:
+                self.cut_off.setdefault(origin, set()).add(peer)
+            # It may feed us again (no longer our adoptee), or may not (cut off).
+            return self._refeed(o for o in [*unadopted, *cut] if self._fed_by(o, peer))
         if isinstance(frame, GraftFrame):
-            return [Send(peer, f) for f in self._graft_reply(peer, frame.ids)]
+            effects: list[Effect] = []
+            origins = []
+            for origin in frame.origins:
+                if self.standins.get(origin) == peer and any(
+                    w == peer and before for w, before, _ in self.trees.alternatives(origin)
+                ):
+                    # We asked it first, and it is before us in the tree order: it must
+                    # look elsewhere (no 2-cycle); the one that asked a peer after it yields.
+                    effects.append(Send(peer, PruneFrame((), (origin,))))
+                else:
+                    origins.append(origin)
+            self._adopt(peer, origins)
+            effects += [Send(peer, f) for f in self._graft_reply(peer, frame.ids)]
+            lost = tuple(o for o in origins if o in self.cut)
+            if lost:  # we cannot feed it these: it should look elsewhere
+                effects.append(Send(peer, PruneFrame((), lost)))
+            if self._refeeds:
+                refeeds, self._refeeds = self._refeeds, []
+                effects += self._refeed(refeeds)
+            return effects
         return []
+
+    def _adopt(self, peer: int, origins: Iterable[int]) -> None:
+        """Push these origins' messages to ``peer`` from now on (origins of the graph
+        only: no tree to stand in for otherwise, and no unbounded map)."""
+        for origin in origins:
+            if origin in self.trees.members and origin != peer:
+                adopted = self.adopted.setdefault(origin, set())
+                if peer not in adopted:
+                    adopted.add(peer)
+                    self._plans.clear()
+                    if self._fed_by(origin, peer):
+                        self._refeeds.append(origin)  # it depends on us now
+                self._pruned.discard((peer, origin))
 
     def _unadopt(self, origin: int, peer: int) -> None:
         """Stop pushing ``origin``'s messages to ``peer`` (it pruned us or went down)."""
@@ -373,12 +607,18 @@ class Plumtree:
             if len(self.missing) >= self.max_missing:
                 del self.missing[next(iter(self.missing))]  # re-sync will still bring it
             origin = origins[k] if k < len(origins) else None
-            parent = self.trees.parent(origin) if origin is not None else None
-            if parent is not None and parent not in self.up:
-                # Our tree parent is away: nothing will come by the tree, ask now
-                # (and ask the next announcer if this one does not answer).
+            if origin is not None and origin in self.orphaned and origin not in self.standins:
+                # Our tree parent is away and no stand-in: nothing will come, ask now
+                # (and ask the next announcer if this one does not answer). The graft
+                # adopts us there, so the announcer stands in from now on.
                 self.missing[mid] = _Missing(self.now, self.now + self.graft_retry, [], True)
                 now.append(mid)
+                # Even a tree child: it has the message, so it is fed from elsewhere,
+                # and our graft makes us its adoptee, which it then never takes back
+                # as its feed (``_usable``) until we prune it.
+                self.standins[origin] = peer
+                self.cut.discard(origin)
+                self._plans.clear()
                 if len(now) >= IDS_PER_FRAME:
                     break
             else:
@@ -395,15 +635,9 @@ class Plumtree:
             m = store.get(mid)
             if m is None:
                 continue
-            origin = origin_of(m.path, self.node_id)
             # A stored path may name an origin outside the graph (an old log): answer
-            # the graft, adopt nobody (no tree to stand in for, and no unbounded map).
-            if origin in self.trees.members:
-                adopted = self.adopted.setdefault(origin, set())
-                if peer not in adopted:
-                    adopted.add(peer)
-                    self._plans.clear()
-                self._pruned.discard((peer, origin))
+            # the graft, adopt nobody.
+            self._adopt(peer, (origin_of(m.path, self.node_id),))
             path = relay_path(m.path, self.node_id, peer, self.trees.members)
             batch.append(Envelope(m.id, m.body, path))
             size += len(m.body) + 64
@@ -418,6 +652,14 @@ class Plumtree:
     def on_tick(self, now: float) -> list[Effect]:
         self.now = now
         effects: list[Effect] = []
+        if self._started is None:
+            self._started = now
+        elif now - self._started >= ABSENT_GRACE:
+            # A neighbour down since we started never had a peer_down: treat it as one.
+            for peer in self.trees.trees.graph.get(self.node_id, ()):
+                if peer not in self._known:
+                    self._known.add(peer)
+                    effects += self._orphan(peer)
         for peer, batch in self._ihave.items():
             if batch:
                 effects.append(self._ihave_frame(peer, batch))

@@ -120,8 +120,11 @@ def encode(frame: AnyFrame) -> bytes:
         f.ihave.SetInParent()
     elif isinstance(frame, GraftFrame):
         f.graft.ids.extend(frame.ids)
+        f.graft.origins.extend(frame.origins)
+        f.graft.SetInParent()
     elif isinstance(frame, PruneFrame):
         f.prune.origins.extend(frame.origins)
+        f.prune.cut.extend(frame.cut)
         f.prune.SetInParent()
     elif isinstance(frame, Ping):
         f.ping.SetInParent()
@@ -213,9 +216,9 @@ def decode(data: bytes) -> AnyFrame:
     if kind == "ihave":
         return IHaveFrame(tuple(f.ihave.ids), tuple(f.ihave.origins))
     if kind == "graft":
-        return GraftFrame(tuple(f.graft.ids))
+        return GraftFrame(tuple(f.graft.ids), tuple(f.graft.origins))
     if kind == "prune":
-        return PruneFrame(tuple(f.prune.origins))
+        return PruneFrame(tuple(f.prune.origins), tuple(f.prune.cut))
     if kind == "ping":
         return Ping()
     if kind == "hello":

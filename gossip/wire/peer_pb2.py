@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\tgossip.v1\"X\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\r\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\"\x18\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\"2\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x0c\n\x04path\x18\x03 \x03(\r\"/\n\x06Gossip\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.gossip.v1.Envelope\"%\n\x05IHave\x12\x0b\n\x03ids\x18\x01 \x03(\x0c\x12\x0f\n\x07origins\x18\x02 \x03(\r\"\x14\n\x05Graft\x12\x0b\n\x03ids\x18\x01 \x03(\x0c\"\x18\n\x05Prune\x12\x0f\n\x07origins\x18\x01 \x03(\r\"\x06\n\x04Ping\"3\n\x08SyncNode\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0b\n\x03sum\x18\x03 \x01(\x06\"e\n\tSyncQuery\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12%\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x13.gossip.v1.SyncNode\x12 \n\x03ids\x18\x03 \x03(\x0b\x32\x13.gossip.v1.SyncNode\"#\n\x07SyncIds\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\"a\n\tSyncReply\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\"\n\x05nodes\x18\x02 \x03(\x0b\x32\x13.gossip.v1.SyncNode\x12\x1f\n\x03ids\x18\x03 \x03(\x0b\x32\x12.gossip.v1.SyncIds\"8\n\x08SyncWant\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x0e\n\x06ranges\x18\x03 \x03(\r\"P\n\x08SyncData\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.gossip.v1.Envelope\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\n\n\x08SyncHint\"\xdc\x03\n\x05\x46rame\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.gossip.v1.HelloH\x00\x12#\n\x06reject\x18\x02 \x01(\x0b\x32\x11.gossip.v1.RejectH\x00\x12#\n\x06gossip\x18\x03 \x01(\x0b\x32\x11.gossip.v1.GossipH\x00\x12!\n\x05ihave\x18\x04 \x01(\x0b\x32\x10.gossip.v1.IHaveH\x00\x12!\n\x05graft\x18\x05 \x01(\x0b\x32\x10.gossip.v1.GraftH\x00\x12!\n\x05prune\x18\x06 \x01(\x0b\x32\x10.gossip.v1.PruneH\x00\x12\x1f\n\x04ping\x18\x07 \x01(\x0b\x32\x0f.gossip.v1.PingH\x00\x12*\n\nsync_query\x18\x08 \x01(\x0b\x32\x14.gossip.v1.SyncQueryH\x00\x12*\n\nsync_reply\x18\t \x01(\x0b\x32\x14.gossip.v1.SyncReplyH\x00\x12(\n\tsync_want\x18\n \x01(\x0b\x32\x13.gossip.v1.SyncWantH\x00\x12(\n\tsync_data\x18\x0b \x01(\x0b\x32\x13.gossip.v1.SyncDataH\x00\x12(\n\tsync_hint\x18\x0c \x01(\x0b\x32\x13.gossip.v1.SyncHintH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\tgossip.v1\"X\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\r\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\"\x18\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\"2\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x0c\n\x04path\x18\x03 \x03(\r\"/\n\x06Gossip\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.gossip.v1.Envelope\"%\n\x05IHave\x12\x0b\n\x03ids\x18\x01 \x03(\x0c\x12\x0f\n\x07origins\x18\x02 \x03(\r\"%\n\x05Graft\x12\x0b\n\x03ids\x18\x01 \x03(\x0c\x12\x0f\n\x07origins\x18\x02 \x03(\r\"%\n\x05Prune\x12\x0f\n\x07origins\x18\x01 \x03(\r\x12\x0b\n\x03\x63ut\x18\x02 \x03(\r\"\x06\n\x04Ping\"3\n\x08SyncNode\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0b\n\x03sum\x18\x03 \x01(\x06\"e\n\tSyncQuery\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12%\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x13.gossip.v1.SyncNode\x12 \n\x03ids\x18\x03 \x03(\x0b\x32\x13.gossip.v1.SyncNode\"#\n\x07SyncIds\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\"a\n\tSyncReply\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\"\n\x05nodes\x18\x02 \x03(\x0b\x32\x13.gossip.v1.SyncNode\x12\x1f\n\x03ids\x18\x03 \x03(\x0b\x32\x12.gossip.v1.SyncIds\"8\n\x08SyncWant\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x0e\n\x06ranges\x18\x03 \x03(\r\"P\n\x08SyncData\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.gossip.v1.Envelope\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\n\n\x08SyncHint\"\xdc\x03\n\x05\x46rame\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.gossip.v1.HelloH\x00\x12#\n\x06reject\x18\x02 \x01(\x0b\x32\x11.gossip.v1.RejectH\x00\x12#\n\x06gossip\x18\x03 \x01(\x0b\x32\x11.gossip.v1.GossipH\x00\x12!\n\x05ihave\x18\x04 \x01(\x0b\x32\x10.gossip.v1.IHaveH\x00\x12!\n\x05graft\x18\x05 \x01(\x0b\x32\x10.gossip.v1.GraftH\x00\x12!\n\x05prune\x18\x06 \x01(\x0b\x32\x10.gossip.v1.PruneH\x00\x12\x1f\n\x04ping\x18\x07 \x01(\x0b\x32\x0f.gossip.v1.PingH\x00\x12*\n\nsync_query\x18\x08 \x01(\x0b\x32\x14.gossip.v1.SyncQueryH\x00\x12*\n\nsync_reply\x18\t \x01(\x0b\x32\x14.gossip.v1.SyncReplyH\x00\x12(\n\tsync_want\x18\n \x01(\x0b\x32\x13.gossip.v1.SyncWantH\x00\x12(\n\tsync_data\x18\x0b \x01(\x0b\x32\x13.gossip.v1.SyncDataH\x00\x12(\n\tsync_hint\x18\x0c \x01(\x0b\x32\x13.gossip.v1.SyncHintH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,25 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IHAVE']._serialized_start=242
   _globals['_IHAVE']._serialized_end=279
   _globals['_GRAFT']._serialized_start=281
-  _globals['_GRAFT']._serialized_end=301
-  _globals['_PRUNE']._serialized_start=303
-  _globals['_PRUNE']._serialized_end=327
-  _globals['_PING']._serialized_start=329
-  _globals['_PING']._serialized_end=335
-  _globals['_SYNCNODE']._serialized_start=337
-  _globals['_SYNCNODE']._serialized_end=388
-  _globals['_SYNCQUERY']._serialized_start=390
-  _globals['_SYNCQUERY']._serialized_end=491
-  _globals['_SYNCIDS']._serialized_start=493
-  _globals['_SYNCIDS']._serialized_end=528
-  _globals['_SYNCREPLY']._serialized_start=530
-  _globals['_SYNCREPLY']._serialized_end=627
-  _globals['_SYNCWANT']._serialized_start=629
-  _globals['_SYNCWANT']._serialized_end=685
-  _globals['_SYNCDATA']._serialized_start=687
-  _globals['_SYNCDATA']._serialized_end=767
-  _globals['_SYNCHINT']._serialized_start=769
-  _globals['_SYNCHINT']._serialized_end=779
-  _globals['_FRAME']._serialized_start=782
-  _globals['_FRAME']._serialized_end=1258
+  _globals['_GRAFT']._serialized_end=318
+  _globals['_PRUNE']._serialized_start=320
+  _globals['_PRUNE']._serialized_end=357
+  _globals['_PING']._serialized_start=359
+  _globals['_PING']._serialized_end=365
+  _globals['_SYNCNODE']._serialized_start=367
+  _globals['_SYNCNODE']._serialized_end=418
+  _globals['_SYNCQUERY']._serialized_start=420
+  _globals['_SYNCQUERY']._serialized_end=521
+  _globals['_SYNCIDS']._serialized_start=523
+  _globals['_SYNCIDS']._serialized_end=558
+  _globals['_SYNCREPLY']._serialized_start=560
+  _globals['_SYNCREPLY']._serialized_end=657
+  _globals['_SYNCWANT']._serialized_start=659
+  _globals['_SYNCWANT']._serialized_end=715
+  _globals['_SYNCDATA']._serialized_start=717
+  _globals['_SYNCDATA']._serialized_end=797
+  _globals['_SYNCHINT']._serialized_start=799
+  _globals['_SYNCHINT']._serialized_end=809
+  _globals['_FRAME']._serialized_start=812
+  _globals['_FRAME']._serialized_end=1288
 # @@protoc_insertion_point(module_scope)

@@ -156,21 +156,27 @@ Global___IHave: _TypeAlias = IHave  # noqa: Y015
 
 @_typing.final
 class Graft(_message.Message):
-    """Send me these messages, and push their origins' messages to me from now on (GRAFT)."""
+    """Send me these messages, and push their origins' messages to me from now on (GRAFT).
+    Origins alone ask for the pushes only: my tree parent for them is down.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     IDS_FIELD_NUMBER: _builtins.int
+    ORIGINS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        origins: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "origins", b"origins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -178,21 +184,28 @@ Global___Graft: _TypeAlias = Graft  # noqa: Y015
 
 @_typing.final
 class Prune(_message.Message):
-    """Stop the eager pushes of these origins' messages that a Graft asked for (PRUNE)."""
+    """Stop the eager pushes of these origins' messages that a Graft asked for (PRUNE).
+    Cut: these origins' messages no longer reach me (my tree parent for them is down and
+    no neighbour stands in): find another feed.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ORIGINS_FIELD_NUMBER: _builtins.int
+    CUT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def cut(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         origins: _abc.Iterable[_builtins.int] | None = ...,
+        cut: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["origins", b"origins"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cut", b"cut", "origins", b"origins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
