@@ -11,7 +11,9 @@ announcer for it (``Graft``); the announcer sends it and keeps pushing that
 origin's messages to the grafting node (it *adopts* it) until told to stop
 (``Prune``), so a broken tree heals around a failed link or node; a node that
 gets a message from anyone but its tree parent also passes it up the tree,
-which repairs a cut-off region in a few hops. When the tree link comes back,
+which repairs a cut-off region in a few hops. A node whose tree parent goes down
+does not wait for any of this: it asks a neighbour to stand in for the parent at
+once (see ``Plumtree._refeed``). When the tree link comes back,
 the adopted copies arrive as duplicates and are pruned.
 
 How long to wait for the tree before grafting adapts (``graft_wait``): a node
