@@ -200,8 +200,9 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
     # -- requests and answers --------------------------------------------------
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
-        if amp.COMMAND not in box:
-            # Clients only ask: the node never asks them anything that wants an answer.
+        if amp.COMMAND not in box or amp.ANSWER in box or amp.ERROR in box:
+            # Clients only ask: the node never asks them anything that wants an answer
+            # (AMP would look an answer's id up among our questions and raise KeyError).
             self._bad_request("(none)", "a box that is not a command")
             return
         if amp.ASK in box:
@@ -220,6 +221,8 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         super().sendBox(box)
 
     def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Deferred[Any]] | None:
+        if not name.isascii():  # AMP's own lookup decodes the name as ASCII and raises
+            return None
         responder = super().locateResponder(name)
         if responder is None:
             return None

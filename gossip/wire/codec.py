@@ -89,6 +89,7 @@ def encode(frame: AnyFrame) -> bytes:
     f = peer_pb2.Frame()
     if isinstance(frame, GossipFrame):
         _put_envelopes(f.gossip.messages, frame.messages)
+        f.gossip.SetInParent()  # an empty batch is still a Gossip frame
     elif isinstance(frame, SyncDataFrame):
         f.sync_data.session = frame.session
         _put_envelopes(f.sync_data.messages, frame.messages)
