@@ -171,6 +171,7 @@ def peer_inputs() -> st.SearchStrategy[bytes]:
         st.integers(0, len(peer_target.CHUNKS) - 1),
         _stream(_pieces(peer_target.ITS_PEER)),
         st.booleans(),
+        st.integers(0, 3).map(lambda n: n == 0),
     )
 
 

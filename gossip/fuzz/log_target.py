@@ -145,3 +145,14 @@ def reopen(directory: Path, order: list[bytes]) -> None:
 def log_input(messages: list[Message], magic: bool = True) -> bytes:
     """The target input for a log holding ``messages`` (then mutate it)."""
     return bytes([1 if magic else 0]) + b"".join(encode_record(m) for m in messages)
+
+
+def recovered_ids(content: bytes) -> list[bytes]:
+    """The ids, in order, that opening a log file holding ``content`` recovers."""
+    directory = scratch()
+    (directory / LOG_NAME).write_bytes(content)
+    store = _open(directory)
+    try:
+        return store.ids_from(0, len(store))
+    finally:
+        store.close()

@@ -56,9 +56,11 @@ def peer_hello(node_id: int = ITS_PEER, incarnation: int = PEER_INCARNATION) -> 
     return codec.Hello(codec.PROTOCOL_VERSION, "fuzz", node_id, incarnation)
 
 
-def stream_input(scenario: int, chunk: int, stream: bytes, plumtree: bool = True) -> bytes:
+def stream_input(
+    scenario: int, chunk: int, stream: bytes, plumtree: bool = True, not_reading: bool = False
+) -> bytes:
     """The target input for ``stream`` in ``SCENARIOS[scenario]``, in ``CHUNKS[chunk]``."""
-    return bytes([scenario | (4 if plumtree else 0), chunk]) + stream
+    return bytes([scenario | (4 if plumtree else 0) | (8 if not_reading else 0), chunk]) + stream
 
 
 class PeerRun:
@@ -106,8 +108,9 @@ class PeerRun:
 
 
 def peer_stream(data: bytes) -> None:
-    """``data``: scenario byte (bits 0-1: ``SCENARIOS``; bit 2: plumtree, else flood),
-    chunk-size byte (``CHUNKS``), then the bytes the other end sends."""
+    """``data``: scenario byte (bits 0-1: ``SCENARIOS``; bit 2: plumtree, else flood;
+    bit 3: the other end reads nothing, so the transport stays full), chunk-size byte
+    (``CHUNKS``), then the bytes the other end sends."""
     if len(data) < 2:
         return
     scenario = data[0] & 3
@@ -123,6 +126,8 @@ def peer_stream(data: bytes) -> None:
             proto.dataReceived(framed(peer_hello()))
             if not proto.established:
                 raise FuzzFailure(f"valid handshake refused: {proto.closing_reason}")
+        if data[0] & 8 and proto._gate is not None:
+            proto._gate.pauseProducing()  # what a full TCP transport does
         limit = proto.prefixLength + proto.MAX_LENGTH
         for i in range(0, len(stream), chunk):
             if transport.disconnecting:
@@ -132,6 +137,8 @@ def peer_stream(data: bytes) -> None:
                 raise FuzzFailure(
                     f"{len(proto._unprocessed)} bytes buffered, over one frame ({limit})"
                 )
+            if proto._pending_bytes > run.node.links.max_pending_bytes:
+                raise FuzzFailure(f"{proto._pending_bytes} bytes queued for a peer not reading")
             run.reactor.advance(0.01)
         run.settle(proto, transport, AFTERWARDS)
         closed = transport.disconnecting

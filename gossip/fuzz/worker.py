@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import globalLogBeginner
+
 from gossip.fuzz.harness import INPUT_SECONDS, MAX_INPUT_BYTES, apply_mutations, random_mutations
 
 # Memory one run may reach (libFuzzer's -rss_limit_mb; the random engine checks it too).
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     started = time.monotonic()  # the budget includes building the corpus
+    # Until logging begins, Twisted keeps the last 65,536 events, and each holds its
+    # source (a whole node): a gigabyte that would hide a real leak from the RSS limit.
+    # The targets capture the events they check themselves.
+    globalLogBeginner.beginLoggingTo([], discardBuffer=True, redirectStandardIO=False)
     if args.engine == "atheris":
         import atheris
 
