@@ -9,7 +9,9 @@ targets for a long budget.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,10 +22,11 @@ from twisted.protocols import amp
 from gossip.client.responder import ClientProtocol
 from gossip.core.frames import GossipFrame
 from gossip.core.message import Message
-from gossip.fuzz import inputs, log_target
+from gossip.fuzz import cli, inputs, log_target
 from gossip.fuzz.amp_target import AmpRun
 from gossip.fuzz.harness import (
     KINDS,
+    FuzzFailure,
     Mutation,
     apply_mutations,
     captured_log,
@@ -32,6 +35,7 @@ from gossip.fuzz.harness import (
     watchdog,
 )
 from gossip.fuzz.targets import TARGETS
+from gossip.fuzz.worker import Recorder, random_engine
 from gossip.store.log import MAGIC, encode_record
 from gossip.wire import codec
 
@@ -182,3 +186,47 @@ def test_log_recovery_keeps_every_record_but_the_damaged_one(
     others = [m.id for i, m in enumerate(messages) if i != k]
     kept = [mid for mid in got if mid in set(others)]
     assert kept == list(dict.fromkeys(others)), f"log: {content.hex()}"
+
+
+# -- the long-run command ----------------------------------------------------------
+
+
+def test_random_engine_counts_inputs_and_saves_each_distinct_failure(tmp_path: Path) -> None:
+    """The long run's random engine counts every input it tries and saves one
+    reproducer (hex, and the traceback) per distinct failure, not one per input."""
+
+    def target(data: bytes) -> None:
+        if data[:1] == b"\x00":
+            raise FuzzFailure("starts with a zero byte")
+
+    rec = Recorder("demo", tmp_path, tmp_path / "status.json")
+    random_engine(target, rec, [b"\x00abc", b"xyz"], seconds=0.5, seed=3)
+    rec.write()
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["inputs"] == rec.inputs > 2
+    (failure,) = status["failures"]
+    assert failure["signature"] == "FuzzFailure: starts with a zero byte"
+    saved = (tmp_path / failure["file"]).read_text().strip()
+    assert bytes.fromhex(saved)[:1] == b"\x00"
+    assert "starts with a zero byte" in (tmp_path / failure["file"]).with_suffix(".txt").read_text()
+
+
+def test_replay_runs_a_saved_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``gossip-fuzz --replay TARGET FILE`` runs a saved input again: status 0 and one
+    line when it passes, 1 and the traceback when it fails."""
+    saved = tmp_path / "codec-x.hex"
+    saved.write_text("1a00\n")
+    assert cli.main(["--replay", "codec", str(saved)]) == 0
+    assert "codec: input of 2 bytes passes" in capsys.readouterr().out
+    bad = amp.AmpBox({amp.COMMAND: b"Status", amp.ANSWER: b"1"}).serialize()
+    assert cli.main(["--replay", "amp", "00" + bad.hex()]) == 0
+    assert cli.main(["--replay", "log", "00" + b"not a log at all".hex()]) == 0
+
+    def failing(data: bytes) -> None:
+        raise FuzzFailure(f"{len(data)} bytes: no")
+
+    monkeypatch.setitem(TARGETS, "codec", failing)
+    assert cli.main(["--replay", "codec", str(saved)]) == 1
+    assert "FuzzFailure: 2 bytes: no" in capsys.readouterr().err

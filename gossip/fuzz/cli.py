@@ -99,7 +99,8 @@ def run_target(target: str, seconds: float, engine: str, out: Path, seed: int) -
 def replay(target: str, data: str) -> int:
     from gossip.fuzz.targets import TARGETS
 
-    text = Path(data[1:]).read_text() if data.startswith("@") else data
+    path = Path(data.removeprefix("@"))
+    text = path.read_text() if data.startswith("@") or path.is_file() else data
     raw = bytes.fromhex(text.split()[0] if text.strip() else "")
     try:
         with watchdog(INPUT_SECONDS):
@@ -132,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=Path("fuzz-findings"), help="where inputs go")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--replay", nargs=2, metavar=("TARGET", "HEX"), help="run one input (or @FILE)")
+    p.add_argument(
+        "--replay",
+        nargs=2,
+        metavar=("TARGET", "HEX"),
+        help="run one input: its hex, or a saved .hex file",
+    )
     args = p.parse_args(argv)
     if args.replay:
         return replay(*args.replay)
