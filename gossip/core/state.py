@@ -142,16 +142,24 @@ class GossipCore:
     def _receive_gossip(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:
         effects: list[Effect] = []
         fresh: set[bytes] = set()
+        held = self.store
         for sent in frame.messages:
+            if sent.id in fresh or sent.id in held:
+                # Dedup before validation: a copy of a held message is a set lookup and
+                # a path check (the strategy learns who sent it); its body is neither
+                # hashed nor checked, since nothing of it is kept.
+                problem = path_problem(sent.path, peer, self.node_id, self.members)
+                if problem is None:
+                    effects += self.strategy.on_duplicate(sent, peer)
+                else:
+                    self.refused[problem] += 1
+                continue
             env = self._checked(sent, peer)
             if env is None:
                 continue
             if isinstance(env, str):
                 effects.append(DropPeer(peer, env))
                 return effects
-            if env.id in fresh or env.id in self.store:
-                effects += self.strategy.on_duplicate(env, peer)
-                continue
             fresh.add(env.id)
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
             effects += self.strategy.on_new(env, peer, self.up)
