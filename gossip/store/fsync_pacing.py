@@ -17,6 +17,11 @@ Two rules, both driven by measurement rather than a fixed wall-clock interval:
   0.2 ms fsync often reaches several milliseconds only because other processes
   held both cores; that must not move fsyncs to a thread (which costs more CPU
   still and makes the machine busier). Without schedstat the wall time is used.
+  A disk shared with other work is often fast and now and then slow (0.2 ms,
+  then 4 to 16 ms): one slow fsync moves the next ones to a thread, and the
+  estimate halves with every fsync after it, so the disk must be fast a few
+  times in a row before they come back inline (an inline 16 ms fsync stalls
+  every link of the node for that long).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class FsyncPacer:
         self.max_delay = max_delay
         self.inline_below = inline_below
         self.last_seconds = 0.0  # disk time of the last fsync
+        self.disk_estimate = 0.0  # the last slow one, halved for every fsync since
         self._gap_until = 0.0
 
     def delay(self, now: float) -> float:
@@ -75,9 +81,10 @@ class FsyncPacer:
         return min(self.max_delay, max(0.0, self._gap_until - now))
 
     def inline(self) -> bool:
-        return self.last_seconds < self.inline_below
+        return self.disk_estimate < self.inline_below
 
     def done(self, now: float, seconds: float) -> None:
         """An fsync that waited ``seconds`` for the disk ended at ``now``."""
         self.last_seconds = seconds
+        self.disk_estimate = max(seconds, self.disk_estimate / 2)
         self._gap_until = now + seconds
