@@ -35,7 +35,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from gossip.core.message import Message, message_id
 from gossip.store import fsync_pacing
 from gossip.store import log as log_module
-from gossip.store.fsync_pacing import FsyncPacer
+from gossip.store.fsync_pacing import GAP_FACTOR, FsyncPacer
 from gossip.store.log import (
     LOG_NAME,
     MAGIC,
@@ -1179,23 +1179,27 @@ async def test_batch_fsync_runs_inline_while_fast_and_in_a_thread_once_slow(
 # -- group commit pacing (gossip/store/fsync_pacing.py) --------------------------
 
 
-def test_pacer_syncs_at_once_when_quiet_and_leaves_a_gap_as_long_as_the_last_fsync() -> None:
+def test_pacer_syncs_at_once_when_quiet_and_leaves_a_gap_after_each_fsync() -> None:
     """The next fsync is due at the end of the turn unless the last one ended less than
-    its own duration ago; the wait is capped; fsyncs stay inline while the disk wait
-    is under the threshold, and after a slow one come back inline only once the
-    disk has been fast a few times (the estimate halves per fsync)."""
-    pacer = FsyncPacer(max_delay=0.004, inline_below=0.002)
+    GAP_FACTOR times its own duration ago; the wait is capped; fsyncs stay inline while
+    the disk wait (not the wall time) is under the threshold, and after a slow one come
+    back inline only once the disk has been fast a few times (the estimate halves per
+    fsync)."""
+    pacer = FsyncPacer(max_delay=0.01, inline_below=0.002)
     assert pacer.delay(100.0) == 0.0 and pacer.inline()
-    pacer.done(100.0, 0.001)
-    assert pacer.delay(100.0) == pytest.approx(0.001)
-    assert pacer.delay(100.0006) == pytest.approx(0.0004)
-    assert pacer.delay(100.002) == 0.0
-    pacer.done(200.0, 0.010)  # a slow disk: wait at most max_delay, and use a thread
-    assert pacer.delay(200.0) == pytest.approx(0.004) and not pacer.inline()
+    pacer.done(100.0, 0.001, 0.001)
+    gap = GAP_FACTOR * 0.001
+    assert pacer.delay(100.0) == pytest.approx(gap)
+    assert pacer.delay(100.0 + gap / 2) == pytest.approx(gap / 2)
+    assert pacer.delay(100.0 + gap) == 0.0
+    pacer.done(150.0, 0.005, 0.0001)  # slow only for want of a CPU: still inline
+    assert pacer.inline()
+    pacer.done(200.0, 0.010, 0.010)  # a slow disk: wait at most max_delay, and use a thread
+    assert pacer.delay(200.0) == pytest.approx(0.01) and not pacer.inline()
     # Fast again: the 10 ms estimate halves per fsync (5, 2.5, 1.25 ms): inline after 3.
     for k in range(3):
         assert not pacer.inline()
-        pacer.done(300.0 + k, 0.0001)
+        pacer.done(300.0 + k, 0.0001, 0.0001)
     assert pacer.inline()
 
 
@@ -1203,7 +1207,8 @@ def test_batch_fsync_of_a_quiet_store_runs_at_the_end_of_the_turn_and_paces_unde
     tmp_path: Path,
 ) -> None:
     """On a quiet store the record added in a turn is durable when the turn ends (no
-    fixed wait); right after an fsync that took d seconds, the next waits about d."""
+    fixed wait); right after an fsync that took d seconds, the next waits GAP_FACTOR * d
+    (here at most batch_interval, 20 ms)."""
     clock = Clock()
     store, _ = open_store(
         tmp_path,
@@ -1211,6 +1216,7 @@ def test_batch_fsync_of_a_quiet_store_runs_at_the_end_of_the_turn_and_paces_unde
         fsync="batch",
         fsync_function=lambda fd: time.sleep(0.003),
         inline_fsync_below=1.0,
+        batch_interval=0.02,
     )
     try:
         store.add(msg(1))
@@ -1220,8 +1226,9 @@ def test_batch_fsync_of_a_quiet_store_runs_at_the_end_of_the_turn_and_paces_unde
         store.add(msg(2))
         d2 = store.when_durable()
         clock.advance(0)
-        assert not d2.called  # the last fsync took 3 ms: leave the disk that long
-        clock.advance(0.004)
+        clock.advance(0.011)
+        assert not d2.called  # the last fsync took 3 ms: wait at least 12 ms
+        clock.advance(0.009)
         assert d2.called and store.stats()["fsyncs"] == 2
     finally:
         store.close()

@@ -67,8 +67,8 @@ Surviving a power loss or kernel crash needs ``fsync``:
     neighbour: a node reports a message as delivered only once it is durable,
     see ``durable_count``). When it starts adapts to the load
     (``gossip/store/fsync_pacing.py``): at the end of the reactor turn on a
-    quiet node, else after a gap as long as the last fsync took (at most
-    ``batch_interval``, 4 ms), so that under load one fsync covers what
+    quiet node, else after a gap four times as long as the last fsync took (at
+    most ``batch_interval``, 4 ms), so that under load one fsync covers what
     arrived meanwhile. One fsync at a time: in the reactor thread while the
     disk is fast (the last fsync waited under ``inline_fsync_below``, 2 ms,
     for the disk, not counting time the machine gave the thread no CPU; 0.2 ms
@@ -984,7 +984,7 @@ class LogStore:
             return
         self._in_flight = True
         fd = os.dup(self._fd)  # close() may close self._fd while a thread runs the fsync
-        d: Deferred[float]
+        d: Deferred[tuple[float, float]]
         if self._pacer.inline():
             # The disk is fast: handing the fsync to a thread and back costs more
             # CPU (about 0.5 ms here, in thread switches and the reactor's waker)
@@ -995,11 +995,12 @@ class LogStore:
             d = deferToThreadPool(self._reactor, pool, timed_sync, self._fsync_function, fd)
         d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(self._written,))
 
-    def _synced(self, seconds: float, target: int) -> None:
+    def _synced(self, timing: tuple[float, float], target: int) -> None:
+        seconds, disk_seconds = timing
         self._in_flight = False
         self._fsyncs += 1
-        self._last_fsync = seconds
-        self._pacer.done(self._reactor.seconds(), seconds)
+        self._last_fsync = disk_seconds
+        self._pacer.done(self._reactor.seconds(), seconds, disk_seconds)
         self._durable = max(self._durable, target)
         self._fire_waiters(None)
         if not self._closed and self._durable < self._end:
