@@ -19,7 +19,7 @@ import attrs
 from gossip.lab.lab import Lab
 
 # Seconds the links are watched after convergence, so flaps right after a heal show.
-SETTLE_SECONDS = 3.0
+SETTLE_SECONDS = 2.0
 
 
 @attrs.frozen
