@@ -65,6 +65,8 @@ async def lab16(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest_twisted.async_yield_fixture
 async def lab(lab16: Lab) -> Any:
     """The shared lab, healed, every link up, under load; the load stops afterwards."""
+    if lab16.torn_down:
+        pytest.exit("the netns lab was torn down (interrupted)", returncode=2)
     lab16.heal()
     ready = await lab16.wait_links(lab16.ids, up=True, timeout=DEADLINE)
     assert ready["done"], f"lab not healthy before the scenario: {ready['pending']}"
@@ -161,10 +163,11 @@ async def test_teardown_removes_namespaces_and_processes(tmp_path: Path) -> None
 async def test_one_node_killed_and_restarted_under_submits(lab: Lab, show: Any) -> None:
     """kill -9 of one node while every node takes submits, restarted after a while:
     every acknowledged message reaches every node, none twice, no other exit."""
+    before = await lab.links()
     await lab.kill([5])
     assert lab.nodes[5].exit_code == -9
     await lab.sleep(HOLD)
-    result = await heal_and_check(lab, "node 5 killed and restarted", DEADLINE)
+    result = await heal_and_check(lab, "node 5 killed and restarted", before, DEADLINE)
     assert_clean(result, show)
 
 
@@ -172,11 +175,12 @@ async def test_one_node_killed_and_restarted_under_submits(lab: Lab, show: Any) 
 async def test_one_node_cut_off_with_submits_on_both_sides(lab: Lab, show: Any) -> None:
     """One node cut off from every other (clients still reach it), submits on both sides;
     after the heal both sides hold everything acknowledged on either."""
+    before = await lab.links()
     lab.cut(9)
     down = await lab.wait_links([9], up=False, timeout=30)
     assert down["done"], f"node 9's links did not notice the cut: {down['pending']}"
     await lab.sleep(2.0)
-    result = await heal_and_check(lab, "node 9 cut off and healed", DEADLINE)
+    result = await heal_and_check(lab, "node 9 cut off and healed", before, DEADLINE)
     assert_clean(result, show)
 
 
@@ -185,11 +189,12 @@ async def test_cluster_split_in_halves_with_submits_on_both_sides(lab: Lab, show
     """The cluster split in two halves (nodes 1-8 | 9-16), submits on both; after the heal
     every node holds what either half acknowledged."""
     left, right = lab.ids[: NODES // 2], lab.ids[NODES // 2 :]
+    before = await lab.links()
     lab.split(left, right)
     down = await lab.wait_links(left, up=False, timeout=30, peers=right)
     assert down["done"], f"links across the split did not notice it: {down['pending']}"
     await lab.sleep(2.0)
-    result = await heal_and_check(lab, "split 1-8 | 9-16 and healed", DEADLINE)
+    result = await heal_and_check(lab, "split 1-8 | 9-16 and healed", before, DEADLINE)
     assert_clean(result, show)
 
 
@@ -197,9 +202,10 @@ async def test_cluster_split_in_halves_with_submits_on_both_sides(lab: Lab, show
 async def test_four_of_sixteen_killed_and_brought_back(lab: Lab, show: Any) -> None:
     """kill -9 of 4 of the 16 nodes at once under submits, all 4 restarted later."""
     victims = [2, 7, 11, 14]
+    before = await lab.links()
     await lab.kill(victims)
     await lab.sleep(HOLD)
-    result = await heal_and_check(lab, f"nodes {victims} killed and restarted", DEADLINE)
+    result = await heal_and_check(lab, f"nodes {victims} killed and restarted", before, DEADLINE)
     assert_clean(result, show)
 
 

@@ -4,9 +4,12 @@ After a heal: every acknowledged message must be on every node before a
 deadline, no node may list a message twice, no node process may have died
 except those the lab killed, and no node log may hold a traceback. The
 figures: acknowledged, lost (must be 0), seconds from the heal until every
-node held every acknowledged message, and link flaps after the heal (from each
-link's ``times_up`` in ``Status``: one re-connection per link is the heal
-itself; every further one is a flap).
+node held every acknowledged message, and link flaps after the heal: from each
+link end's ``times_up`` in ``Status``, compared with a snapshot taken before the
+fault, one re-connection per link end is the fault and its heal; every further
+one is a flap, and so is a link end that is down at the end of the window
+(``FLAP_WINDOW`` seconds after the heal: longer than the idle timeout, so a link
+that comes up on the heal and dies of a stale connection is seen).
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from typing import Any
 
 import attrs
 
-from gossip.lab.lab import Lab
+from gossip.lab.lab import Lab, LinkCount
 
-# Seconds the links are watched after convergence, so flaps right after a heal show.
-SETTLE_SECONDS = 2.0
+# Seconds after the heal (at least) before the links are counted again.
+FLAP_WINDOW = 10.0
 
 
 @attrs.frozen
@@ -70,24 +73,24 @@ async def check_after_heal(
     lab: Lab,
     label: str,
     healed_at: float,
-    before: dict[tuple[int, int], int],
+    before: dict[tuple[int, int], LinkCount],
     deadline: float = 60.0,
 ) -> CheckResult:
     """Check the lab after a heal done at ``healed_at`` (``time.monotonic()``);
-    ``before`` is ``lab.times_up()`` taken just before the heal."""
+    ``before`` is ``lab.links()`` taken before the fault."""
     r = await lab.request("converge", nodes=lab.ids, deadline=deadline)
     converge_seconds = r["converged_at"] - healed_at
     links = await lab.wait_links(lab.ids, up=True, timeout=max(1.0, deadline - converge_seconds))
-    await lab.sleep(SETTLE_SECONDS)
-    after = await lab.times_up()
+    await lab.sleep(max(0.0, healed_at + FLAP_WINDOW - time.monotonic()))
+    after = await lab.links()
     flaps = 0
     ups = 0
-    for key, count in after.items():
-        delta = count - before.get(key, 0)
-        if delta < 0:  # the node restarted: its counters began again from 0
-            delta = count
+    for key, now in after.items():
+        then = before.get(key)
+        # A restarted node's counters begin again from 0.
+        delta = now.times_up - (then.times_up if then and then.generation == now.generation else 0)
         ups += delta
-        flaps += max(0, delta - 1)
+        flaps += max(0, delta - 1) + (not now.up)
     return CheckResult(
         label=label,
         acknowledged=r["acknowledged"],
@@ -106,11 +109,12 @@ async def check_after_heal(
     )
 
 
-async def heal_and_check(lab: Lab, label: str, deadline: float = 60.0) -> CheckResult:
-    """Snapshot the links, heal every fault, then run the checker."""
-    before = await lab.times_up()
-    healed_at = time.monotonic()
-    lab.heal()
+async def heal_and_check(
+    lab: Lab, label: str, before: dict[tuple[int, int], LinkCount], deadline: float = 60.0
+) -> CheckResult:
+    """Heal every fault, then run the checker; ``before`` is ``lab.links()`` taken
+    before the fault."""
+    healed_at = lab.heal()
     return await check_after_heal(lab, label, healed_at, before, deadline)
 
 

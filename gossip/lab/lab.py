@@ -22,6 +22,8 @@ import os
 import shutil
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,6 +158,15 @@ class LabFailed(Exception):
     pass
 
 
+@attrs.frozen
+class LinkCount:
+    """One side of a link as ``Status`` shows it, and which process of the node said so."""
+
+    generation: int  # the node's process: 1 for the first, +1 per restart
+    times_up: int
+    up: bool
+
+
 def _observe(d: defer.Deferred[T]) -> defer.Deferred[T]:
     """A new Deferred with ``d``'s result, leaving ``d``'s own chain untouched (so a
     timeout on it cannot cancel ``d``, and ``d`` can be waited on again)."""
@@ -182,6 +193,33 @@ def _teardown_at_exit() -> None:
         lab.teardown_now()
 
 
+_previous_handlers: dict[int, Any] = {}
+
+
+def _teardown_on_signal(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM: tear every lab down at once, then do what the signal did before
+    (pytest-twisted's reactor swallows the KeyboardInterrupt of a Ctrl-C, so a lab
+    cannot count on its own teardown running)."""
+    _teardown_at_exit()
+    previous = _previous_handlers.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_signal_teardown() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if current in (_teardown_on_signal, signal.SIG_IGN):
+            continue
+        _previous_handlers[sig] = current
+        signal.signal(sig, _teardown_on_signal)
+
+
 class Lab:
     """``size`` gossip nodes in network namespaces under ``directory`` (data dirs, logs)."""
 
@@ -196,6 +234,8 @@ class Lab:
         self.driver: DriverProcess | None = None
         # Exits we did not cause, kept across restarts: (node, exit code).
         self.deaths: list[tuple[int, int]] = []
+        self.starts: dict[int, int] = {}  # node -> how many processes it has had
+        self.torn_down = False
 
     @property
     def ids(self) -> list[int]:
@@ -215,6 +255,7 @@ class Lab:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(dump_config(self.config))
         _live_labs.append(self)
+        _install_signal_teardown()
         self.netns.create()
         for n in self.ids:
             self.start_node(n)
@@ -227,6 +268,7 @@ class Lab:
             raise LabFailed(f"lab not ready after {ready_timeout:g} s: {r['pending']}")
 
     def start_node(self, node: int) -> NodeProcess:
+        self.starts[node] = self.starts.get(node, 0) + 1
         d = self.node_dir(node)
         d.mkdir(parents=True, exist_ok=True)
         args = [
@@ -322,6 +364,7 @@ class Lab:
 
     def teardown_now(self) -> None:
         """Synchronous last resort: SIGKILL what still runs, delete the namespaces."""
+        self.torn_down = True
         for p in self.nodes.values():
             if p.running and p.pid is not None:
                 p.expected_exit = True
@@ -373,11 +416,14 @@ class Lab:
     def drop_link(self, a: int, b: int) -> None:
         self.netns.drop_link(a, b)
 
-    def heal(self) -> None:
-        """Undo every fault: restart killed nodes, resume paused ones, drop every rule."""
+    def heal(self) -> float:
+        """Undo every fault: drop every rule, resume paused nodes, restart killed ones.
+        Returns the time of the heal (``time.monotonic()``)."""
+        healed_at = time.monotonic()
         self.netns.heal()
         self.resume(list(self.paused))
         self.restart([n for n, p in self.nodes.items() if not p.running])
+        return healed_at
 
     # -- observations --------------------------------------------------------------
 
@@ -400,17 +446,20 @@ class Lab:
                 out.append(n)
         return out
 
-    async def times_up(self) -> dict[tuple[int, int], int]:
-        """Each (node, peer) link's count of times it came up, for the nodes that answer."""
-        # A paused node would only make the call wait for its timeout.
+    async def links(self) -> dict[tuple[int, int], LinkCount]:
+        """Each (node, peer) link's state and count of times it came up, for the nodes
+        that answer (a paused node is not asked: it would only cost a timeout)."""
         live = [n for n, p in self.nodes.items() if p.running and n not in self.paused]
+        generations = {n: self.starts[n] for n in live}
         statuses = await self.request("status", nodes=live)
         out = {}
         for n, s in statuses.items():
             if s is None:
                 continue
             for lk in s["links"]:
-                out[(int(n), int(lk["peer"]))] = int(lk["times_up"])
+                out[(int(n), int(lk["peer"]))] = LinkCount(
+                    generations[int(n)], int(lk["times_up"]), lk["state"] == "up"
+                )
         return out
 
     async def wait_links(

@@ -18,7 +18,7 @@ from gossip.lab.lab import Lab
 
 FAULTS = ("kill", "kill-many", "pause", "cut", "split", "link")
 # Seconds each fault is held: long enough that links time out (idle_timeout).
-HOLD_SECONDS = (2.0, 6.0)
+HOLD_SECONDS = (3.0, 9.0)
 
 
 def fault_order(rng: random.Random) -> Iterator[str]:
@@ -72,9 +72,10 @@ async def run_nemesis(
     faults = fault_order(rng)
     while time.monotonic() < end:
         rounds += 1
+        before = await lab.links()
         what = await inject(lab, rng, next(faults))
         await lab.sleep(rng.uniform(*HOLD_SECONDS))
-        result = await heal_and_check(lab, f"round {rounds} ({what})", deadline)
+        result = await heal_and_check(lab, f"round {rounds} ({what})", before, deadline)
         results.append(result)
         on_round(what, result)
     return results
