@@ -82,15 +82,7 @@ async def check_after_heal(
     converge_seconds = r["converged_at"] - healed_at
     links = await lab.wait_links(lab.ids, up=True, timeout=max(1.0, deadline - converge_seconds))
     await lab.sleep(max(0.0, healed_at + FLAP_WINDOW - time.monotonic()))
-    after = await lab.links()
-    flaps = 0
-    ups = 0
-    for key, now in after.items():
-        then = before.get(key)
-        # A restarted node's counters begin again from 0.
-        delta = now.times_up - (then.times_up if then and then.generation == now.generation else 0)
-        ups += delta
-        flaps += max(0, delta - 1) + (not now.up)
+    flaps, ups = count_flaps(before, await lab.links())
     return CheckResult(
         label=label,
         acknowledged=r["acknowledged"],
@@ -107,6 +99,22 @@ async def check_after_heal(
         tracebacks=tuple(lab.tracebacks()),
         missing_by_node=r["missing_by_node"],
     )
+
+
+def count_flaps(
+    before: dict[tuple[int, int], LinkCount], after: dict[tuple[int, int], LinkCount]
+) -> tuple[int, int]:
+    """(flaps, link ups) between two ``Lab.links()`` snapshots: each link end may come
+    up once; every further up is a flap, and so is an end that is down in ``after``."""
+    flaps = 0
+    ups = 0
+    for key, now in after.items():
+        then = before.get(key)
+        # A restarted node's counters begin again from 0.
+        delta = now.times_up - (then.times_up if then and then.generation == now.generation else 0)
+        ups += delta
+        flaps += max(0, delta - 1) + (not now.up)
+    return flaps, ups
 
 
 async def heal_and_check(

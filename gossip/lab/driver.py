@@ -61,13 +61,16 @@ def network_namespace() -> int:
         return 0
 
 
-def has_route_out() -> bool:
-    """Whether this namespace has a default IPv4 route (a way out of the lab)."""
-    try:
-        with open("/proc/net/route") as f:
-            rows = [line.split() for line in f.readlines()[1:]]
-    except OSError:
-        return True  # cannot tell: assume the worst
+def has_route_out(route_table: str | None = None) -> bool:
+    """Whether this namespace has a default IPv4 route (a way out of the lab), from
+    ``/proc/net/route`` (or ``route_table``, text in its format)."""
+    if route_table is None:
+        try:
+            with open("/proc/net/route") as f:
+                route_table = f.read()
+        except OSError:
+            return True  # cannot tell: assume the worst
+    rows = [line.split() for line in route_table.splitlines()[1:]]
     return any(len(row) > 2 and row[1] == "00000000" for row in rows)
 
 
