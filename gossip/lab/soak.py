@@ -9,6 +9,7 @@ cannot be built.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import tempfile
@@ -103,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             await lab.load(args.rate)
             await run_nemesis(lab, args.duration, random.Random(seed), on_round, args.deadline)
         except LabFailed as e:
-            print(f"gossip-soak: stopped: {e}", file=sys.stderr)
+            why = "interrupted" if lab.torn_down else f"stopped: {e}"
+            print(f"gossip-soak: {why}", file=sys.stderr)
             status[0] = 1
         finally:
             ticker.stop()
-            await lab.load(0)
             print("final " + figures(results, time.monotonic() - started), flush=True)
+            with contextlib.suppress(LabFailed):
+                await lab.load(0)
             await lab.stop()
 
     try:
