@@ -40,6 +40,7 @@ from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
+from gossip.net.peer_protocol import NOT_READING
 from gossip.net.tls import PeerTLS, TLSSetupError, load_peer_tls
 from gossip.store.interface import MessageStore, StoreError
 from gossip.submit_gate import SubmitGate
@@ -280,6 +281,10 @@ class GossipNode(service.Service):
             "sync": [attrs.asdict(self.core.sync.counters)],
             # Messages dropped (links kept) for a path or size this node must refuse.
             "refused": [{"reason": r, "count": n} for r, n in self.core.refused.items()],
+            # Peer connections closed for breaking the rules, by reason.
+            "disconnects": [
+                {"reason": r, "count": n} for r, n in sorted(self.links.disconnects.items())
+            ],
             "store": [
                 {
                     "policy": stats["policy"],
@@ -331,7 +336,9 @@ class GossipNode(service.Service):
         neighbour is not reading, and holding on would hold every new submit."""
         for peer, since in list(self._congested.items()):
             if now - since >= LINK_STALL_SECONDS:
-                self.links.drop(peer, f"link full for {LINK_STALL_SECONDS:g} s without draining")
+                self.links.drop(
+                    peer, f"link full for {LINK_STALL_SECONDS:g} s without draining", NOT_READING
+                )
                 self._congestion(peer, False)  # what is sent to it from now on is dropped
 
     def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
@@ -376,7 +383,7 @@ class GossipNode(service.Service):
             elif isinstance(effect, StreamMessages):
                 self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
-                self.links.drop(effect.peer, effect.reason)
+                self.links.drop(effect.peer, effect.reason, effect.kind)
 
     def _store_failed(self, error: StoreError) -> None:
         """The log cannot take records (disk full, failed fsync): the node must stop, as

@@ -38,7 +38,7 @@ from gossip.client.responder import ClientProtocol
 from gossip.config import ClusterConfig, dump_config, parse_config
 from gossip.core.frames import Envelope, GossipFrame
 from gossip.core.message import ID_BYTES, ID_CHARS, Message, id_text, message_id
-from gossip.core.paths import REFUSALS
+from gossip.core.state import REFUSED_KEYS
 from gossip.node import GossipNode
 from gossip.store.log import LogStore, StoreError
 from gossip.store.memory import MemoryStore
@@ -618,7 +618,7 @@ def test_resync_requests_are_queued_and_only_a_far_excess_drops_the_peer() -> No
 
     h = Harness()
     dropped: list[tuple[int, str]] = []
-    h.node.links.drop = lambda peer, reason: dropped.append((peer, reason))  # type: ignore[method-assign]
+    h.node.links.drop = lambda peer, reason, kind=None: dropped.append((peer, reason))  # type: ignore[method-assign]
     h.node.links.is_up = lambda peer: True  # type: ignore[method-assign]
     orders = [StreamMessages(2, n, (), (0,)) for n in range(MAX_QUEUED_WANTS + 1)]
     h.node._apply(orders[:MAX_QUEUED_WANTS])  # type: ignore[arg-type]
@@ -639,4 +639,4 @@ def test_status_counts_messages_refused_for_their_path(h: Harness) -> None:
     h.node._frame(2, GossipFrame((looped,)), 100)
     assert message_id(b"loop") not in h.store
     rows = {r["reason"]: r["count"] for r in h.call(Status)["refused"]}
-    assert rows == {r: int(r == "path_has_receiver") for r in REFUSALS}
+    assert rows == {r: int(r == "path_has_receiver") for r in REFUSED_KEYS}

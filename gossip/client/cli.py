@@ -176,6 +176,10 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
         if refused:
             reasons = ", ".join(f"{r['reason']} {r['count']}" for r in refused)
             _out(f"  messages refused: {sum(r['count'] for r in refused)} ({reasons})")
+        dropped = [r for r in s.get("disconnects", []) if r["count"]]
+        if dropped:
+            reasons = ", ".join(f"{r['reason']} {r['count']}" for r in dropped)
+            _out(f"  peers disconnected: {sum(r['count'] for r in dropped)} ({reasons})")
 
 
 def _out(line: str) -> None:

@@ -162,6 +162,11 @@ class Status(amp.Command):
             ),
         ),
         (b"refused", amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())])),
+        # Peer connections closed for what the peer did, by reason (optional: older nodes).
+        (
+            b"disconnects",
+            amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())], optional=True),
+        ),
         (
             b"store",
             amp.AmpList(
