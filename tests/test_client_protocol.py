@@ -344,20 +344,21 @@ def test_submit_many_answers_each_body_in_order(h: Harness) -> None:
 
 def test_submits_made_in_one_turn_go_as_one_submit_many(h: Harness) -> None:
     """A GossipClient given the reactor sends the submits of one reactor turn as one
-    SubmitMany; each caller still gets its own id, or its own MessageRejected."""
+    SubmitMany; each caller still gets its own id, or its own MessageRejected (an empty
+    message is refused by the client before it is sent, so the batch has 20)."""
     api = GossipClient(h.client, "test", reactor=h.reactor)
     calls: list[int] = []
     real = h.node.submit_many
     h.node.submit_many = lambda bodies: (calls.append(len(bodies)), real(bodies))[1]  # type: ignore[method-assign]
     bodies = [f"message {i}" for i in range(20)] + [""]
     done = [Deferred.fromCoroutine(api.submit_message(b)) for b in bodies]
-    outcomes: list[object] = []
-    for d in done:
-        d.addBoth(outcomes.append)
+    outcomes: list[object] = [None] * len(done)
+    for i, d in enumerate(done):
+        d.addBoth(lambda r, i=i: outcomes.__setitem__(i, r))
     for _ in range(100):
         h.reactor.advance(0)
         h.pump.flush()
-    assert calls == [21]
+    assert calls == [20]
     assert outcomes[:20] == [id_text(message_id(b.encode())) for b in bodies[:20]]
     assert isinstance(outcomes[20], Failure) and outcomes[20].check(MessageRejected)
     assert len(h.store) == 20
