@@ -309,11 +309,11 @@ def test_gclient_refuses_a_message_no_node_would_take(
     cluster_file: Path, message: str, expected: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A message that is not UTF-8 (bytes from argv), of 64 KiB or empty: one line on
-    stderr naming the problem, exit status 2, nothing sent (no node runs here: it would
-    otherwise say "not reachable")."""
+    stderr naming the problem, exit status 1 (refused, as the node would), nothing sent
+    (no node runs here: it would otherwise say "not reachable")."""
     code = cli.main(["--config", str(cluster_file), "--id", "1", "--message", message])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert err.count("\n") == 1 and expected in err and "nothing was sent" in err
 
 

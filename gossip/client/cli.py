@@ -7,9 +7,10 @@
 
 Every failure is one line on stderr and a non-zero exit status: 1 when the
 node refuses (not authenticated, rate limit, message rejected), is busy, closes
-the connection (too many client connections) or cannot be reached, 2 for a
-usage or config mistake (a bad --timeout, an unreadable --token-file, a
-message that no node would take: not UTF-8, empty or over the size limit).
+the connection (too many client connections) or cannot be reached, and for a
+message no node would take (not UTF-8, empty or over the size limit: refused
+before sending, as the node would refuse it); 2 for a usage or config mistake
+(a bad --timeout, an unreadable --token-file).
 
 Message bodies are printed with control characters escaped (``\n``, ``\t``,
 ``\x1b``...), so every message is one line and nothing a sender wrote can
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         problem = message_problem(args.message, config.max_message_bytes)
         if problem is not None:
             print(f"gclient: {problem}; nothing was sent", file=sys.stderr)
-            return 2
+            return 1
     args.token, args.token_note = token, note
     code = [0]
 
