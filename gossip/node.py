@@ -30,7 +30,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 
-from gossip import logs
+from gossip import logs, settings
+from gossip.client.tokens import TokenError, read_token
 from gossip.config import ClusterConfig
 from gossip.core.dissemination import Dissemination, Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
@@ -40,6 +41,7 @@ from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
+from gossip.net.peer_protocol import NOT_READING
 from gossip.net.tls import PeerTLS, TLSSetupError, load_peer_tls
 from gossip.store.interface import MessageStore, StoreError
 from gossip.submit_gate import SubmitGate
@@ -62,8 +64,8 @@ LINK_STALL_SECONDS = 30.0
 # A node whose TLS certificate expires sooner than this warns at start.
 CERT_EXPIRY_WARNING = datetime.timedelta(days=30)
 # Body bytes of submits that may wait while a neighbour's link is full; beyond it a
-# submit is refused at once as "busy" (retryable).
-MAX_WAITING_SUBMIT_BYTES = 4 * 1024 * 1024
+# submit is refused at once as "busy" (retryable). The setting max_waiting_submit_bytes.
+MAX_WAITING_SUBMIT_BYTES = settings.MAX_WAITING_SUBMIT_BYTES.default
 
 
 def frame_limit(max_body: int) -> int:
@@ -108,8 +110,12 @@ class GossipNode(service.Service):
             config.nodes,
             sync_interval=config.sync_interval,
             sync_timeout=config.sync_timeout,
+            origin_rate=config.origin_rate,
+            origin_burst=config.origin_burst,
         )
         self.peer_tls = self._load_tls(config, node_id)
+        # The token clients must Login with (None: the client port needs none).
+        self.client_token = self._load_client_token(config, node_id)
         self.links = LinkTable(
             node_id=node_id,
             cluster=config.name,
@@ -123,6 +129,10 @@ class GossipNode(service.Service):
             reconnect_max_delay=config.reconnect_max_delay,
             ping_interval=config.ping_interval,
             idle_timeout=config.idle_timeout,
+            hello_timeout=config.peer_hello_timeout,
+            max_pending_bytes=config.peer_max_queued_bytes,
+            max_unidentified=config.peer_max_handshakes,
+            max_handshakes_per_source=config.peer_max_handshakes_per_source,
             incarnation=incarnation,
             send_delay=send_delay,
             tls=self.peer_tls,
@@ -133,10 +143,14 @@ class GossipNode(service.Service):
         # so they add nothing to what cannot be sent; reads and relaying go on.
         # Per full link: since when it has not drained (a stalled one is dropped).
         self._congested: dict[int, float] = {}
-        self.submits = SubmitGate(MAX_WAITING_SUBMIT_BYTES, lambda f: self.clock.callLater(0, f))
+        self.submits = SubmitGate(
+            config.max_waiting_submit_bytes, lambda f: self.clock.callLater(0, f)
+        )
         # Client connections following deliveries (Watch) that can take more pushes
         # now: one whose socket is full leaves this set until it drains.
         self.watchers: set[Any] = set()
+        # Every client connection that follows deliveries (bounded: client_max_watchers).
+        self.following: set[Any] = set()
         self._watchers_told = 0  # durable count every watcher in the set was pushed up to
         self._durability_wait = False
         self.failed: str | None = None  # why the store failed: every submit is refused
@@ -162,6 +176,16 @@ class GossipNode(service.Service):
         except TLSSetupError as e:
             raise StartupError(f"cluster.tls: {e}") from None
 
+    @staticmethod
+    def _load_client_token(config: ClusterConfig, node_id: int) -> bytes | None:
+        path = config.client_token_path(node_id)
+        if path is None:
+            return None
+        try:
+            return read_token(path)
+        except TokenError as e:
+            raise StartupError(f"client_token_file: {e}") from None
+
     # -- lifecycle ---------------------------------------------------------
 
     def startService(self) -> None:
@@ -181,6 +205,19 @@ class GossipNode(service.Service):
             count=len(self.store),
         )
         self._log_peer_security()
+        if self.client_token is None:
+            self.log.info(
+                "clients need no token (no client_token_file): anyone who can reach"
+                " {client_listen} can submit",
+                client_listen=spec.client_listen,
+            )
+        else:
+            self.log.info(
+                "clients must log in with the client token to submit{reads}",
+                reads=" (reading needs none)"
+                if self.config.client_read_without_token
+                else " or read",
+            )
 
     def _log_peer_security(self) -> None:
         """One line on how peer links are protected; a warning when they are not."""
@@ -280,6 +317,10 @@ class GossipNode(service.Service):
             "sync": [attrs.asdict(self.core.sync.counters)],
             # Messages dropped (links kept) for a path or size this node must refuse.
             "refused": [{"reason": r, "count": n} for r, n in self.core.refused.items()],
+            # Peer connections closed for breaking the rules, by reason.
+            "disconnects": [
+                {"reason": r, "count": n} for r, n in sorted(self.links.disconnects.items())
+            ],
             "store": [
                 {
                     "policy": stats["policy"],
@@ -331,7 +372,9 @@ class GossipNode(service.Service):
         neighbour is not reading, and holding on would hold every new submit."""
         for peer, since in list(self._congested.items()):
             if now - since >= LINK_STALL_SECONDS:
-                self.links.drop(peer, f"link full for {LINK_STALL_SECONDS:g} s without draining")
+                self.links.drop(
+                    peer, f"link full for {LINK_STALL_SECONDS:g} s without draining", NOT_READING
+                )
                 self._congestion(peer, False)  # what is sent to it from now on is dropped
 
     def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
@@ -376,7 +419,7 @@ class GossipNode(service.Service):
             elif isinstance(effect, StreamMessages):
                 self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
-                self.links.drop(effect.peer, effect.reason)
+                self.links.drop(effect.peer, effect.reason, effect.kind)
 
     def _store_failed(self, error: StoreError) -> None:
         """The log cannot take records (disk full, failed fsync): the node must stop, as

@@ -6,8 +6,15 @@
     gclient --id 4 --status              prints the node's links and counts
 
 Every failure is one line on stderr and a non-zero exit status: 1 when the
-node refuses, is busy, closes the connection (too many client connections) or
-cannot be reached, 2 for a usage or config mistake.
+node refuses (not authenticated, rate limit, message rejected), is busy, closes
+the connection (too many client connections) or cannot be reached, and for a
+message no node would take (not UTF-8, empty or over the size limit: refused
+before sending, as the node would refuse it); 2 for a usage or config mistake
+(a bad --timeout, an unreadable --token-file).
+
+Message bodies are printed with control characters escaped (``\n``, ``\t``,
+``\x1b``...), so every message is one line and nothing a sender wrote can
+drive the terminal; ``--raw`` prints them as stored.
 """
 
 from __future__ import annotations
@@ -22,15 +29,25 @@ from twisted.internet.error import TimeoutError
 from twisted.internet.task import react
 from twisted.protocols import amp
 
-from gossip.client.api import GossipClient, NodeClosedConnection, NodeUnreachable
+from gossip.argtypes import OneLineParser, real
+from gossip.client.api import (
+    GossipClient,
+    NodeClosedConnection,
+    NodeUnreachable,
+    client_token,
+    message_problem,
+)
 from gossip.client.commands import (
     AmbiguousId,
     BadId,
     BadRequest,
     MessageRejected,
     NodeBusy,
+    NotAuthenticated,
     NotFound,
+    RateLimited,
 )
+from gossip.client.tokens import TokenError
 from gossip.config import ConfigError, load_config
 from gossip.core.message import SHORT_ID_CHARS
 from gossip.locations import default_config
@@ -43,10 +60,19 @@ class CliError(Exception):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gclient", description="Talk to one node of a gossip cluster.")
+    p = OneLineParser(prog="gclient", description="Talk to one node of a gossip cluster.")
     p.add_argument("--id", type=int, required=True, help="the node to talk to")
     p.add_argument("--config", help="cluster file (default: $GOSSIP_CONFIG or the launcher's)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the node")
+    p.add_argument(
+        "--timeout",
+        type=real(above=0),
+        default=30.0,
+        help="seconds to wait for the node (a positive number; default 30)",
+    )
+    p.add_argument(
+        "--token-file",
+        help="file holding the client token (default: the cluster file's client_token_file)",
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--message", help="submit this message; prints its id")
     what.add_argument("--msgID", help="print the message with this id (or a unique prefix)")
@@ -54,7 +80,34 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--status", action="store_true", help="print the node's links and counts")
     p.add_argument("--full-id", action="store_true", help="print whole ids, not the short form")
     p.add_argument("--ids", action="store_true", help="with --list: print 'id<TAB>message'")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="print message bodies as stored (default: control characters escaped)",
+    )
     return p
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def printable(text: str) -> str:
+    """``text`` on one line with nothing a terminal acts on: control characters (C0, DEL,
+    C1) and line/paragraph separators written as Python escapes (``\\n``, ``\\x1b``)."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        code = ord(c)
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        elif c in "\u2028\u2029":
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config or default_config())
         config.node(args.id)
-    except ConfigError as e:
+        token, note = client_token(config, args.id, args.token_file)
+    except (ConfigError, TokenError) as e:
         print(f"gclient: {e}", file=sys.stderr)
         return 2
+    if args.message is not None:
+        problem = message_problem(args.message, config.max_message_bytes)
+        if problem is not None:
+            print(f"gclient: {problem}; nothing was sent", file=sys.stderr)
+            return 1
+    args.token, args.token_note = token, note
     code = [0]
 
     async def run(reactor: Any) -> None:
@@ -94,17 +154,37 @@ async def _run(reactor: Any, config: Any, args: argparse.Namespace) -> None:
 
     try:
         client = await timed(
-            GossipClient.connect_endpoint(reactor, spec.client_address, name=where)
+            GossipClient.connect_endpoint(
+                reactor,
+                spec.client_address,
+                name=where,
+                token=args.token,
+                max_message_bytes=config.max_message_bytes,
+            )
         )
     except NodeUnreachable as e:
         raise CliError(f"node {args.id} at {e}") from None
     except TimeoutError:
         raise CliError(f"{where} did not answer within {args.timeout:g} s") from None
+    except NotAuthenticated as e:
+        raise CliError(str(e)) from None
+    except NodeClosedConnection as e:
+        raise CliError(str(e)) from None
+    client.token_note = args.token_note
     try:
         await _command(client, args, timed)
     except TimeoutError:
         raise CliError(f"{where} did not answer within {args.timeout:g} s") from None
-    except (MessageRejected, NodeBusy, NotFound, AmbiguousId, BadId, BadRequest) as e:
+    except (
+        MessageRejected,
+        NodeBusy,
+        RateLimited,
+        NotAuthenticated,
+        NotFound,
+        AmbiguousId,
+        BadId,
+        BadRequest,
+    ) as e:
         raise CliError(str(e)) from None
     except NodeClosedConnection as e:
         raise CliError(str(e)) from None
@@ -126,7 +206,7 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
         _out(mid if args.full_id else mid[:SHORT_ID_CHARS])
     elif args.msgID is not None:
         m = await timed(client.get_message(args.msgID))
-        _out(m.body)
+        _out(m.body if args.raw else printable(m.body))
     elif args.list:
         pages = client.iter_pages()
         while True:
@@ -136,6 +216,7 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
                 break
             for mid, body in page:
                 short = mid if args.full_id else mid[:SHORT_ID_CHARS]
+                body = body if args.raw else printable(body)
                 _out(f"{short}\t{body}" if args.ids else body)
     else:
         s = await timed(client.status())
@@ -176,6 +257,10 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
         if refused:
             reasons = ", ".join(f"{r['reason']} {r['count']}" for r in refused)
             _out(f"  messages refused: {sum(r['count'] for r in refused)} ({reasons})")
+        dropped = [r for r in s.get("disconnects", []) if r["count"]]
+        if dropped:
+            reasons = ", ".join(f"{r['reason']} {r['count']}" for r in dropped)
+            _out(f"  peers disconnected: {sum(r['count'] for r in dropped)} ({reasons})")
 
 
 def _out(line: str) -> None:

@@ -5,8 +5,10 @@ each ``ListMessages`` page up to ``PAGE_BYTES`` and the client asks again from
 the cursor it got back until ``next`` reaches ``total``.
 
 Any command with missing or malformed arguments is answered with ``BadRequest``
-(the connection stays open). ``Submit`` and ``SubmitMany`` are answered with
-``NodeBusy`` when the node takes no new submits for now: retry later.
+(the connection stays open); a command the connection may not use before
+``Login`` with ``NotAuthenticated``. ``Submit`` and ``SubmitMany`` are answered
+with ``NodeBusy`` when the node takes no new submits for now and with
+``RateLimited`` over a submit rate: retry later.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ class BadRequest(Exception):
     """The request's arguments are missing or malformed (a client bug, not a node fault)."""
 
 
+class NotAuthenticated(Exception):
+    """The node needs the client token for this command (submitting, and reading unless
+    ``client_read_without_token``) and the connection has not logged in with it, or the
+    token given is wrong (the node then closes the connection)."""
+
+
+class RateLimited(Exception):
+    """Over a submit rate (this connection's ``client_submit_rate`` or the node's
+    ``origin_rate``): nothing was stored, retry later."""
+
+
 class NotFound(Exception):
     pass
 
@@ -49,8 +62,28 @@ class BadId(Exception):
 
 
 # Every command can be answered with BadRequest; submits also with NodeBusy.
-COMMON_ERRORS: dict[type[Exception], bytes] = {BadRequest: b"BAD_REQUEST"}
-SUBMIT_ERRORS = {**COMMON_ERRORS, MessageRejected: b"REJECTED", NodeBusy: b"BUSY"}
+COMMON_ERRORS: dict[type[Exception], bytes] = {
+    BadRequest: b"BAD_REQUEST",
+    NotAuthenticated: b"NOT_AUTHENTICATED",
+}
+SUBMIT_ERRORS = {
+    **COMMON_ERRORS,
+    MessageRejected: b"REJECTED",
+    NodeBusy: b"BUSY",
+    RateLimited: b"RATE_LIMIT",
+}
+
+
+class Login(amp.Command):
+    """Present the client token (the bytes of the node's ``client_token_file``, without
+    surrounding whitespace). Needed first on a node that has a token, for submitting
+    and, unless ``client_read_without_token``, for everything else; accepted (and not
+    needed) on a node without one. A wrong token is answered with
+    ``NotAuthenticated`` and the connection is closed."""
+
+    arguments = [(b"token", amp.String())]
+    response = []
+    errors = COMMON_ERRORS
 
 
 class Submit(amp.Command):
@@ -106,7 +139,7 @@ class Watch(amp.Command):
 
     arguments = [(b"start", amp.Integer())]
     response = [(b"durable", amp.Integer())]
-    errors = COMMON_ERRORS
+    errors = {**COMMON_ERRORS, NodeBusy: b"BUSY"}  # busy: as many watchers as allowed
 
 
 class Delivered(amp.Command):
@@ -162,6 +195,11 @@ class Status(amp.Command):
             ),
         ),
         (b"refused", amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())])),
+        # Peer connections closed for what the peer did, by reason (optional: older nodes).
+        (
+            b"disconnects",
+            amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())], optional=True),
+        ),
         (
             b"store",
             amp.AmpList(

@@ -59,7 +59,7 @@ from gossip import logs, settings
 from gossip.core.frames import PeerFrame
 from gossip.log_guard import LogRateLimit, shorten
 from gossip.net.dialing import EndpointConnector
-from gossip.net.peer_protocol import PeerProtocol
+from gossip.net.peer_protocol import BAD_FRAME, HANDSHAKE_REFUSED, PeerProtocol
 from gossip.net.tls import PeerTLS, handshake_problem, peer_identity
 from gossip.wire import codec
 
@@ -252,6 +252,8 @@ class LinkTable:
             for peer, address in sorted(neighbours.items())
         }
         self.connections: set[PeerProtocol] = set()
+        # Connections closed for what the peer did, by reason (see report_failure).
+        self.disconnects: dict[str, int] = {}
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = clock
         self._stopping = False
@@ -321,8 +323,11 @@ class LinkTable:
     def connection_made(self, proto: PeerProtocol) -> None:
         self.connections.add(proto)
 
-    def report_failure(self, proto: PeerProtocol, reason: str) -> None:
-        """Log why ``proto`` is being closed; strangers' failures within a rate."""
+    def report_failure(self, proto: PeerProtocol, reason: str, kind: str | None = None) -> None:
+        """Log why ``proto`` is being closed (strangers' failures within a rate) and
+        count ``kind``."""
+        if kind is not None:
+            self.disconnects[kind] = self.disconnects.get(kind, 0) + 1
         if proto.established:
             self.log.warn("closing link to {who}: {reason}", who=proto.describe(), reason=reason)
         else:
@@ -338,13 +343,13 @@ class LinkTable:
             proto.fail(reason)
             return
         if not isinstance(frame, codec.Hello):
-            proto.fail(f"expected Hello, got {type(frame).__name__}")
+            proto.fail(f"expected Hello, got {type(frame).__name__}", kind=BAD_FRAME)
             return
         problem = self._check_hello(proto, frame)
         if problem:
             if not proto.outbound:
                 proto.send_frame(codec.Reject(self._reject_reason(frame)))
-            proto.fail(f"handshake refused: {problem}")
+            proto.fail(f"handshake refused: {problem}", kind=HANDSHAKE_REFUSED)
             return
         if not proto.outbound:
             proto.send_frame(self.hello())
@@ -427,10 +432,10 @@ class LinkTable:
             return None
         return link.proto.when_writable()
 
-    def drop(self, peer: int, reason: str) -> None:
+    def drop(self, peer: int, reason: str, kind: str | None = None) -> None:
         link = self.links.get(peer)
-        if link is not None and link.proto is not None:
-            link.proto.fail(reason)
+        if link is not None and link.proto is not None and link.proto.closing_reason is None:
+            link.proto.fail(reason, kind=kind)
 
     def status(self) -> list[LinkStatus]:
         return [
