@@ -1,0 +1,1 @@
+"""The node's web server: Prometheus metrics and the live dashboard."""
