@@ -284,17 +284,19 @@ def test_concurrent_calls_are_bounded() -> None:
 
 def test_trace_gathers_arrival_and_path_and_stops_asking_holders(h: Harness) -> None:
     """A followed message's record is fetched from every node once it holds it; a node
-    that has it is not asked again; a node without it is asked each poll."""
+    that has it is not asked again; a node without it is asked each poll; a down node
+    without a record is listed as not known."""
     body = "traced"
     mid = id_text(message_id(body.encode()))
     h.node.submit(body.encode())
     h.fakes[2].held[mid] = StoredMessage(mid, body, NOW + 0.010, (1,))
+    h.down.add(4)
     h.view.follow(mid[:8])  # starts polling: one round now
     h.poll()
     trace = h.view.trace_json(mid[:8])
     assert trace is not None
     assert trace["id"] == mid and trace["body"] == body
-    assert trace["reached"] == 2 and trace["total"] == 4
+    assert trace["reached"] == 2 and trace["total"] == 4 and trace["unknown"] == [4]
     assert trace["nodes"]["1"] == {"received_at": NOW, "path": []}
     assert trace["nodes"]["2"] == {"received_at": NOW + 0.010, "path": [1]}
     assert trace["first_at"] == NOW

@@ -142,6 +142,8 @@ class Trace:
             "error": self.error,
             "reached": len(self.arrivals),
             "total": len(nodes),
+            # Down nodes we have no record from: whether they hold it is not known.
+            "unknown": sorted(n for n, v in nodes.items() if not v.up and n not in self.arrivals),
             "first_at": first,
             "nodes": {
                 str(n): {"received_at": m.received_at, "path": list(m.path)}

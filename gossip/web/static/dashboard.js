@@ -178,9 +178,12 @@ function drawTrace() {
   } else {
     const times = Object.values(t.nodes).map((r) => r.received_at);
     const spread = ((Math.max(...times) - t.first_at) * 1000).toFixed(0);
+    const unknown = t.unknown.length
+      ? ` (not known for node${t.unknown.length > 1 ? "s" : ""} ${t.unknown.join(", ")}: down)`
+      : "";
     summary.textContent =
       `"${t.body.slice(0, 40)}" (${t.id.slice(0, 10)}): reached ${t.reached}/${t.total} nodes, ` +
-      `last ${spread} ms after the first`;
+      `last ${spread} ms after the first${unknown}`;
   }
   summary.dataset.reached = t && state.traceId ? t.reached : 0;
 }
