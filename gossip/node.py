@@ -18,6 +18,7 @@ stops the process with exit status 1).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -237,6 +238,7 @@ class GossipNode(service.Service):
             "dissemination": self.config.dissemination,
             "message_count": len(self.store),
             "uptime": self.clock.seconds() - self.started_at,
+            "pid": os.getpid(),
             "traffic": self.traffic.rows(),
             "sync": [attrs.asdict(self.core.sync.counters)],
             # Messages dropped (links kept) for a path or size this node must refuse.
