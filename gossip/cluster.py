@@ -24,7 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from gossip.client.api import GossipClient, NodeUnreachable
-from gossip.config import ClusterConfig, ConfigError, dump_config, load_config
+from gossip.config import ClusterConfig, ConfigError, dump_config, load_config, web_url
 from gossip.locations import state_dir
 from gossip.topology import generate_config
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             config_path = Path(args.config).resolve()
             config = load_config(config_path)
         else:
-            config = generate_config(args.nodes, base_peer_port=args.base_port)
+            config = generate_config(args.nodes, base_peer_port=args.base_port, web=True)
             config_path = directory / "cluster.toml"
             config_path.write_text(dump_config(config))
     except (ConfigError, ValueError, OSError) as e:
@@ -347,10 +347,13 @@ def _print_ready(config: ClusterConfig, config_path: Path, directory: Path) -> N
     first = ids[0]
     default = state_dir() / "cluster.toml"
     env = "" if config_path == default else f"GOSSIP_CONFIG={config_path} "
+    web = web_url(config.nodes[first].web_listen)
+    metrics = f"  metrics: {web}metrics (each node on its web_listen)\n" if web else ""
     print(
         f"{len(ids)} nodes of cluster '{config.name}' are up, every link connected.\n"
         f"  config: {config_path}\n"
         f"  logs:   {directory}/node-N/node.log\n"
+        f"{metrics}"
         f"In another terminal:\n"
         f'  {env}gclient --id {first} --message "Apple"\n'
         f"  {env}gclient --id {ids[min(4, len(ids) - 1)]} --msgID <id>\n"

@@ -39,7 +39,7 @@ from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
 from gossip.store.interface import MessageStore, StoreError
-from gossip.submit_gate import SubmitGate
+from gossip.submit_gate import SubmitBusy, SubmitGate
 from gossip.sync_streams import SyncStreams
 from gossip.traffic import Traffic
 from gossip.wire import codec
@@ -59,6 +59,9 @@ LINK_STALL_SECONDS = 30.0
 # Body bytes of submits that may wait while a neighbour's link is full; beyond it a
 # submit is refused at once as "busy" (retryable).
 MAX_WAITING_SUBMIT_BYTES = 4 * 1024 * 1024
+# What became of a client's submit: a new message stored, one already held, refused
+# (size, encoding), refused as busy (retryable), or not stored (the store failed).
+SUBMIT_OUTCOMES = ("stored", "duplicate", "rejected", "busy", "failed")
 
 
 def frame_limit(max_body: int) -> int:
@@ -126,10 +129,14 @@ class GossipNode(service.Service):
         # so they add nothing to what cannot be sent; reads and relaying go on.
         # Per full link: since when it has not drained (a stalled one is dropped).
         self._congested: dict[int, float] = {}
+        # Client submits by outcome (Prometheus: gossip_submits_total{outcome}).
+        self.submit_outcomes: dict[str, int] = dict.fromkeys(SUBMIT_OUTCOMES, 0)
         self.submits = SubmitGate(MAX_WAITING_SUBMIT_BYTES, lambda f: self.clock.callLater(0, f))
         # Client connections following deliveries (Watch) that can take more pushes
         # now: one whose socket is full leaves this set until it drains.
         self.watchers: set[Any] = set()
+        # The client ports' factories (each counts its open connections, for metrics).
+        self.client_ports: list[Any] = []
         self._watchers_told = 0  # durable count every watcher in the set was pushed up to
         self._durability_wait = False
         self.failed: str | None = None  # why the store failed: every submit is refused
@@ -180,7 +187,11 @@ class GossipNode(service.Service):
         or StoreError once the store has failed, or SubmitBusy while a neighbour's link is
         full and enough submits wait; the Deferred fails with StoreError if the store
         fails before the record is durable)."""
-        return self.submits.admit(len(body), lambda: self._submit_now(body))
+        try:
+            return self.submits.admit(len(body), lambda: self._submit_now(body))
+        except SubmitBusy:
+            self.submit_outcomes["busy"] += 1
+            raise
 
     def _submit_now(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
         accepted = self._accept(body, self.clock.seconds())
@@ -193,7 +204,11 @@ class GossipNode(service.Service):
         accepted body and the reason for each refused one, in order (waits, or raises
         SubmitBusy, as ``submit`` does)."""
         size = sum(len(b) for b in bodies)
-        return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+        try:
+            return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+        except SubmitBusy:
+            self.submit_outcomes["busy"] += len(bodies)
+            raise
 
     def _submit_many_now(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
         now = self.clock.seconds()
@@ -209,12 +224,20 @@ class GossipNode(service.Service):
 
     def _accept(self, body: bytes, now: float) -> tuple[bytes, bool]:
         """One submit into the core, its effects carried out: (id, new)."""
+        outcomes = self.submit_outcomes
         if self.failed is not None:
+            outcomes["failed"] += 1
             raise StoreError(self.failed)
-        result = self.core.submit(body, now)
+        try:
+            result = self.core.submit(body, now)
+        except SubmitRejected:
+            outcomes["rejected"] += 1
+            raise
         self._apply(result.effects)
         if self.failed is not None:
+            outcomes["failed"] += 1
             raise StoreError(self.failed)
+        outcomes["stored" if result.new else "duplicate"] += 1
         return result.id, result.new
 
     def find(self, prefix: str, limit: int) -> list[Message]:
@@ -225,6 +248,10 @@ class GossipNode(service.Service):
             if m is not None:
                 out.append(m)
         return out
+
+    def client_connections(self) -> int:
+        """Client (AMP) connections open on this node's client ports."""
+        return sum(port.open for port in self.client_ports)
 
     def message_count(self) -> int:
         return len(self.store)
@@ -296,7 +323,7 @@ class GossipNode(service.Service):
                 self._congestion(peer, False)  # what is sent to it from now on is dropped
 
     def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
-        self.traffic.received(frame, size)
+        self.traffic.received(peer, frame, size)
         self._apply(self.core.receive(peer, frame, self.clock.seconds()))
 
     def tick(self) -> None:
@@ -333,7 +360,7 @@ class GossipNode(service.Service):
                 if data is None:
                     data = encoded[key] = codec.encode(effect.frame)
                 if self.links.send(effect.peer, data):
-                    self.traffic.sent(effect.frame, len(data))
+                    self.traffic.sent(effect.peer, effect.frame, len(data))
             elif isinstance(effect, StreamMessages):
                 self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
@@ -371,7 +398,7 @@ class GossipNode(service.Service):
             for peer, envelopes in outbox.items():
                 for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
                     if self.links.send(peer, data):
-                        self.traffic.sent_kind("gossip", len(data), count)
+                        self.traffic.sent_kind(peer, "gossip", len(data), count)
         if self.watchers:
             self.notify_watchers()
 

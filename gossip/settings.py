@@ -170,6 +170,12 @@ NODE_KEYS: tuple[Setting[object], ...] = (
         "client endpoint gclient and the Python API dial",
     ),
     Setting(
+        "web_listen",
+        ENDPOINT,
+        "",
+        "server endpoint of the node's HTTP site (/metrics for Prometheus); none when left out",
+    ),
+    Setting(
         "neighbours",
         NODE_IDS,
         (),
@@ -186,7 +192,7 @@ def _show_default(s: Setting[object]) -> str:
     if s.kind == NODE_IDS:
         return "required"
     if s.kind == ENDPOINT:
-        return f"`{s.default}`"
+        return f"`{s.default}`" if s.default else "—"
     if s.kind == INTEGER and s.default == 0:
         return "—"
     if s.kind == STRING and s.default == "":

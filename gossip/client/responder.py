@@ -191,7 +191,9 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.log.debug(
-            "closing a client connection idle for {seconds:g} s", seconds=self.limits.idle_timeout
+            "closing a client connection idle for {seconds:g} s",
+            node=self.node.node_id,
+            seconds=self.limits.idle_timeout,
         )
         if self.transport is not None:
             # Nothing is owed to it: do not wait for it to read what is buffered.
@@ -248,11 +250,13 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         skipped = self._bad_requests.due()
         if skipped is None:
             return
-        peer = getattr(self.transport.getPeer(), "host", "?") if self.transport else "?"
+        client = getattr(self.transport.getPeer(), "host", "?") if self.transport else "?"
+        # "peer" is a neighbour's node id in every log event; a client is "client".
         self.log.warn(
-            "bad client request {command} from {peer}: {why}{more}",
+            "bad client request {command} from {client}: {why}{more}",
+            node=self.node.node_id,
             command=command,
-            peer=peer,
+            client=client,
             why=why,
             more=f" ({skipped} more bad requests not logged)" if skipped else "",
         )
@@ -418,6 +422,7 @@ class ClientFactory(ServerFactory):
         self.limits = limits
         self.open = 0
         self.per_source: dict[str, int] = {}
+        node.client_ports.append(self)
         self._refusals = LogThrottle(node.clock, limits.log_interval)
         self._bad_requests = LogThrottle(node.clock, limits.log_interval)
 
@@ -450,6 +455,7 @@ class ClientFactory(ServerFactory):
             return
         self.log.warn(
             "refusing a client connection from {source}: {why}{more}",
+            node=self.node.node_id,
             source=source,
             why=why,
             more=f" ({skipped} more refused since the last report)" if skipped else "",

@@ -1,0 +1,1 @@
+"""The node's HTTP site: Prometheus metrics (``metrics.py``), pages others mount (``site.py``)."""
