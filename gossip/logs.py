@@ -67,9 +67,13 @@ def json_observer(stream: IO[str]) -> ILogObserver:
         out.setdefault("text", formatEvent(event))
         inner(out)
 
-    return observe
+    observer: ILogObserver = observe
+    return observer
 
 
 def observer_for(fmt: str, stream: IO[str]) -> ILogObserver:
     """The observer of a ``--log-format``: human-readable text (default) or JSON lines."""
-    return json_observer(stream) if fmt == "json" else textFileLogObserver(stream)
+    if fmt == "json":
+        return json_observer(stream)
+    text: ILogObserver = textFileLogObserver(stream)
+    return text

@@ -249,6 +249,24 @@ class GossipNode(service.Service):
                 out.append(m)
         return out
 
+    def arrivals(self, since: float, before: int, limit: int) -> tuple[list[Message], int]:
+        """Up to ``limit`` messages stored at or after ``since``, newest first, from
+        position ``before`` down (-1: the newest); and where the next page starts (-1:
+        done). Arrival order follows this node's clock, so the walk stops at the first
+        older message."""
+        end = len(self.store) if before < 0 else min(before, len(self.store))
+        start = max(0, end - limit)
+        out: list[Message] = []
+        ids = self.store.ids_from(start, end - start)
+        for mid in reversed(ids):
+            m = self.store.get(mid)
+            if m is None:
+                continue
+            if m.received_at < since:
+                return out, -1
+            out.append(m)
+        return out, (start if start > 0 else -1)
+
     def client_connections(self) -> int:
         """Client (AMP) connections open on this node's client ports."""
         return sum(port.open for port in self.client_ports)
@@ -284,6 +302,8 @@ class GossipNode(service.Service):
                     "since": s.since,
                     "times_up": s.times_up,
                     "last_error": s.last_error,
+                    "times_down": s.times_down,
+                    "recent_downs": list(s.recent_downs),
                 }
                 for s in self.links.status()
             ],

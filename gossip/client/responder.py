@@ -22,9 +22,11 @@ from zope.interface import implementer
 
 from gossip import logs
 from gossip.client.commands import (
+    ARRIVALS_PER_PAGE,
     IDS_PER_PAGE,
     PAGE_BYTES,
     AmbiguousId,
+    Arrivals,
     BadId,
     Delivered,
     Get,
@@ -322,12 +324,33 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
             shown = ", ".join(id_text(m.id) for m in matches[:4])
             raise AmbiguousId(f"{id} matches several messages: {shown}")
         m = matches[0]
+        via, duplicates = self.node.core.arrivals.of(m.id)
         return {
             "id": id_text(m.id),
             "body": m.text,
             "received_at": m.received_at,
             "path": list(m.path),
+            "via": via,
+            "duplicates": duplicates,
         }
+
+    @Arrivals.responder
+    def arrivals(self, since: float, before: int) -> dict[str, Any]:
+        messages, after = self.node.arrivals(since, before, ARRIVALS_PER_PAGE)
+        rows = []
+        for m in messages:
+            via, duplicates = self.node.core.arrivals.of(m.id)
+            rows.append(
+                {
+                    "id": id_text(m.id),
+                    "received_at": m.received_at,
+                    "path": list(m.path),
+                    "via": via,
+                    "duplicates": duplicates,
+                    "size": len(m.body),
+                }
+            )
+        return {"arrivals": rows, "next": after}
 
     @ListMessages.responder
     def list_messages(self, start: int, limit: int) -> dict[str, Any]:
