@@ -67,8 +67,10 @@ class StoredMessage:
     body: str
     received_at: float
     path: tuple[int, ...]
-    via: str = ""  # submit, gossip or sync; "" when the node no longer knows
-    duplicates: int = -1  # redundant copies the node received; -1 when not known
+    # How this node got it and the redundant copies since; what the node reports about
+    # its copy, not part of the message (left out of equality). "" / -1: not known.
+    via: str = attrs.field(default="", eq=False)
+    duplicates: int = attrs.field(default=-1, eq=False)
 
 
 class ClientAMP(amp.AMP):
