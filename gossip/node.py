@@ -18,6 +18,8 @@ stops the process with exit status 1).
 
 from __future__ import annotations
 
+import datetime
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +40,7 @@ from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
+from gossip.net.tls import PeerTLS, TLSSetupError, load_peer_tls
 from gossip.store.interface import MessageStore, StoreError
 from gossip.submit_gate import SubmitBusy, SubmitGate
 from gossip.sync_streams import SyncStreams
@@ -56,6 +59,8 @@ GOSSIP_FRAME_BYTES = 256 * 1024
 # A neighbour's link that stays full this long without draining once is dropped; the
 # neighbour catches up by re-sync when it is back. A link that drains even slowly is kept.
 LINK_STALL_SECONDS = 30.0
+# A node whose TLS certificate expires sooner than this warns at start.
+CERT_EXPIRY_WARNING = datetime.timedelta(days=30)
 # Body bytes of submits that may wait while a neighbour's link is full; beyond it a
 # submit is refused at once as "busy" (retryable).
 MAX_WAITING_SUBMIT_BYTES = 4 * 1024 * 1024
@@ -107,6 +112,7 @@ class GossipNode(service.Service):
             sync_interval=config.sync_interval,
             sync_timeout=config.sync_timeout,
         )
+        self.peer_tls = self._load_tls(config, node_id)
         self.links = LinkTable(
             node_id=node_id,
             cluster=config.name,
@@ -122,6 +128,7 @@ class GossipNode(service.Service):
             idle_timeout=config.idle_timeout,
             incarnation=incarnation,
             send_delay=send_delay,
+            tls=self.peer_tls,
         )
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
@@ -153,6 +160,15 @@ class GossipNode(service.Service):
         )
         self.started_at = 0.0
 
+    @staticmethod
+    def _load_tls(config: ClusterConfig, node_id: int) -> PeerTLS | None:
+        if not config.tls:
+            return None
+        try:
+            return load_peer_tls(config.tls_files(node_id), node_id)
+        except TLSSetupError as e:
+            raise StartupError(f"cluster.tls: {e}") from None
+
     # -- lifecycle ---------------------------------------------------------
 
     def startService(self) -> None:
@@ -170,6 +186,28 @@ class GossipNode(service.Service):
             peer_listen=spec.peer_listen,
             client_listen=spec.client_listen,
             count=len(self.store),
+        )
+        self._log_peer_security()
+
+    def _log_peer_security(self) -> None:
+        """One line on how peer links are protected; a warning when they are not."""
+        tls = self.peer_tls
+        if tls is None:
+            self.log.warn(
+                "peer links are not encrypted or authenticated (cluster.tls = false):"
+                " anyone who can reach {peer_listen} can join as a neighbour",
+                peer_listen=self.spec.peer_listen,
+            )
+            return
+        expires = tls.certificate.not_valid_after_utc
+        left = expires - datetime.datetime.now(datetime.UTC)
+        emit = self.log.warn if left < CERT_EXPIRY_WARNING else self.log.info
+        emit(
+            "peer links use mutual TLS: certificate of node {node} valid until {expires}"
+            " UTC ({days} days left)",
+            node=self.node_id,
+            expires=f"{expires:%Y-%m-%d %H:%M}",
+            days=left.days,
         )
 
     def stopService(self) -> None:
@@ -282,6 +320,7 @@ class GossipNode(service.Service):
             "dissemination": self.config.dissemination,
             "message_count": len(self.store),
             "uptime": self.clock.seconds() - self.started_at,
+            "pid": os.getpid(),
             "traffic": self.traffic.rows(),
             "sync": [attrs.asdict(self.core.sync.counters)],
             # Messages dropped (links kept) for a path or size this node must refuse.

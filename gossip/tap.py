@@ -32,7 +32,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from gossip import logs, settings
+from gossip import logs, pidfile, settings
 from gossip.config import FSYNC_POLICIES, ConfigError, load_config
 from gossip.locations import default_config, default_data_dir
 
@@ -120,6 +120,24 @@ class Options(usage.Options):
             raise usage.UsageError("--memory and --data-dir exclude each other")
         if self["data-dir"] is None:
             self["data-dir"] = str(default_data_dir(self["id"]))
+        _own_pidfile(self)
+
+
+def _own_pidfile(options: Options) -> None:
+    """Under twistd, keep the pid file in the node's data directory (``node.pid``)
+    instead of ``twistd.pid`` in the working directory, where two nodes started
+    from one directory would block each other; clear it if stale (see gossip.pidfile).
+    An explicit ``--pidfile`` other than twistd's default is left alone."""
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("pidfile") != pidfile.TWISTD_DEFAULT:
+        return
+    path = pidfile.pidfile_path(options["data-dir"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.clear_stale(path)
+    except OSError as e:
+        raise usage.UsageError(f"cannot use the data directory {path.parent}: {e}") from None
+    parent["pidfile"] = str(path)
 
 
 def version() -> str:
@@ -333,6 +351,7 @@ def build_node(
 ) -> GossipNode:
     """The node with its store open (log recovery runs here); StartupError if it can't."""
     from gossip.node import GossipNode, StartupError
+    from gossip.store import identity
     from gossip.store.log import LogStore, StoreError
     from gossip.store.memory import MemoryStore
 
@@ -342,6 +361,14 @@ def build_node(
     if options["memory"]:
         store = MemoryStore()
     else:
+        try:
+            identity.claim(
+                Path(options["data-dir"]),
+                identity.Identity(options.cluster.name, options["id"]),
+                options["config"],
+            )
+        except (identity.IdentityMismatch, OSError) as e:
+            raise StartupError(str(e)) from None
         try:
             store = LogStore.open(
                 Path(options["data-dir"]), fsync=options["fsync"], reactor=reactor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def test_generated_protobuf_code_is_current(tmp_path: Path) -> None:
 
 def test_wheel_has_plugin_and_no_plugin_cache(tmp_path: Path) -> None:
     """The wheel ships twisted/plugins/gossip_plugin.py without any dropin.cache and
-    without an __init__.py that would shadow Twisted's own plugin package."""
+    without an __init__.py that would shadow Twisted's own plugin package, and the
+    LICENSE; building it prints no setuptools deprecation warning."""
     src = tmp_path / "src"
     shutil.copytree(
         ROOT,
@@ -57,13 +59,13 @@ def test_wheel_has_plugin_and_no_plugin_cache(tmp_path: Path) -> None:
         ignore=shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info", "__pycache__"),
     )
     (src / "twisted" / "plugins" / "dropin.cache").write_bytes(b"stale")
-    subprocess.run(
+    built = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            "-q",
+            "-v",
             "--no-deps",
             "--no-build-isolation",
             "-w",
@@ -72,10 +74,60 @@ def test_wheel_has_plugin_and_no_plugin_cache(tmp_path: Path) -> None:
         ],
         check=True,
         capture_output=True,
+        text=True,
     )
+    assert "deprecat" not in (built.stdout + built.stderr).lower()
     (wheel,) = (tmp_path / "dist").glob("gossip-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    assert "gossip-0.1.0.dist-info/licenses/LICENSE" in names
     assert "twisted/plugins/gossip_plugin.py" in names
     assert not [n for n in names if n.endswith("dropin.cache")]
     assert "twisted/__init__.py" not in names and "twisted/plugins/__init__.py" not in names
     assert "gossip/wire/peer_pb2.pyi" in names
+
+
+def _copy_tree(dest: Path) -> Path:
+    shutil.copytree(
+        ROOT,
+        dest,
+        ignore=shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info", "__pycache__"),
+    )
+    return dest
+
+
+def test_development_install_builds_without_deprecation_warnings(tmp_path: Path) -> None:
+    """The editable wheel that scripts/cluster and scripts/test install
+    (``editable_mode=strict``: twisted/plugins stays visible to twistd) builds with no
+    setuptools deprecation warning (``compat`` mode printed a page of them)."""
+    src = _copy_tree(tmp_path / "src")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "always",
+            "-c",
+            "import sys; from setuptools import build_meta as b;"
+            " print(b.build_editable(sys.argv[1], {'editable_mode': 'strict'}))",
+            str(tmp_path / "dist"),
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].endswith(".whl")
+    assert "deprecat" not in (r.stdout + r.stderr).lower(), r.stderr
+    for script in ("cluster", "test"):
+        text = (ROOT / "scripts" / script).read_text()
+        assert "editable_mode=strict" in text and "editable_mode=compat" not in text
+
+
+def test_license_file_matches_pyproject() -> None:
+    """pyproject.toml declares the MIT licence as an SPDX string with LICENSE as its
+    licence file, and LICENSE is the MIT text for the gossip authors."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    assert project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the gossip authors\n")
+    assert "Permission is hereby granted, free of charge" in text

@@ -166,6 +166,9 @@ class Status(amp.Command):
         (b"dissemination", amp.Unicode()),
         (b"message_count", amp.Integer()),
         (b"uptime", amp.Float()),
+        # The node's process id: the launcher checks that the node answering on a
+        # port is the process it started (optional: older nodes do not send it).
+        (b"pid", amp.Integer(optional=True)),
         (
             b"traffic",
             amp.AmpList(

@@ -27,6 +27,12 @@ at most ``max_unidentified`` in all and ``max_handshakes_per_source`` per
 source address, each for at most ``hello_timeout`` seconds. Nothing a peer
 sent is echoed in a ``Reject`` (it gets a generic reason, our log the detail),
 and log lines about failed handshakes are capped in length and rate.
+
+With ``tls`` (a ``PeerTLS``, see ``gossip.net.tls``) every connection is mutual
+TLS: dials are wrapped with ``wrapClientTLS`` and the listening factory with
+``TLSMemoryBIOFactory``; a failed TLS handshake is one log line saying why, and
+a ``Hello`` is refused unless the node id it claims is the one the peer's
+certificate names (so also the one we dialed).
 """
 
 from __future__ import annotations
@@ -39,7 +45,13 @@ from typing import Any, cast
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IAddress, IConnector, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IProtocolFactory,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.protocol import ReconnectingClientFactory, ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -49,6 +61,7 @@ from gossip.core.frames import PeerFrame
 from gossip.log_guard import LogRateLimit, shorten
 from gossip.net.dialing import EndpointConnector
 from gossip.net.peer_protocol import PeerProtocol
+from gossip.net.tls import PeerTLS, handshake_problem, peer_identity
 from gossip.wire import codec
 
 CONNECTING, UP, DOWN = "connecting", "up", "down"
@@ -214,8 +227,10 @@ class LinkTable:
         stable_after: float = STABLE_AFTER,
         incarnation: int | None = None,
         send_delay: float = 0.0,
+        tls: PeerTLS | None = None,
     ) -> None:
         self.node_id = node_id
+        self.tls = tls
         self.cluster = cluster
         self.reactor = reactor
         self.clock = clock
@@ -256,6 +271,8 @@ class LinkTable:
         for link in self.links.values():
             link.since = now
             endpoint = clientFromString(self.reactor, link.address)
+            if self.tls is not None:
+                endpoint = self.tls.client_endpoint(endpoint)
             EndpointConnector(endpoint, link.factory, self.clock, link.address).connect()
         self._pinger.start(self.ping_interval, now=False)
 
@@ -268,8 +285,10 @@ class LinkTable:
         for proto in list(self.connections):
             proto.close("node stopping")
 
-    def server_factory(self) -> PeerServerFactory:
-        return PeerServerFactory(self)
+    def server_factory(self) -> IProtocolFactory:
+        """What the peer port listens with: TLS around ``PeerServerFactory`` when on."""
+        factory = PeerServerFactory(self)
+        return self.tls.server_factory(factory) if self.tls is not None else factory
 
     @property
     def unidentified_inbound(self) -> int:
@@ -362,6 +381,7 @@ class LinkTable:
         self.connections.discard(proto)
         peer = proto.peer
         if peer is None:
+            self._handshake_lost(proto, reason)
             return
         link = self.links[peer]
         if link.proto is not proto:
@@ -384,6 +404,20 @@ class LinkTable:
             link.factory.resume(reset_backoff=stable)
         elif stable:
             link.factory.resetDelay()  # before the factory's retry, which comes next
+
+    def _handshake_lost(self, proto: PeerProtocol, reason: Failure) -> None:
+        """A connection that never said who it is ended: if its TLS handshake failed,
+        one line (within the handshake log rate) says why."""
+        if self.tls is None or proto.closing_reason is not None:
+            return  # plain TCP, or closed by us for a reason already logged
+        problem = handshake_problem(proto.transport, reason)
+        if problem is None:
+            return
+        if proto.dialed is not None:
+            self.links[proto.dialed].last_error = f"TLS handshake failed: {problem}"
+        self._warn_handshake(
+            "TLS handshake with {who} failed: {problem}", who=proto.describe(), problem=problem
+        )
 
     def dial_failed(self, peer: int, reason: Failure) -> None:
         link = self.links[peer]
@@ -453,6 +487,15 @@ class LinkTable:
                 f"protocol version {hello.protocol_version} is not supported"
                 f" (node {self.node_id} speaks {codec.PROTOCOL_VERSION})"
             )
+        if self.tls is not None:
+            certified, why = peer_identity(proto.transport)
+            if certified is None:
+                return f"no node identity: {why}"
+            if certified != hello.node_id:
+                return (
+                    f"its certificate is node {certified}'s but its Hello claims"
+                    f" node {hello.node_id}"
+                )
         if hello.cluster != self.cluster:
             return f"cluster {shorten(hello.cluster)!r} is not this node's cluster {self.cluster!r}"
         if proto.outbound and hello.node_id != proto.dialed:

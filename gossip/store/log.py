@@ -14,6 +14,12 @@ Files in the data directory
     A copy of the log as it was found, left by a recovery that had to skip
     damaged bytes in the middle of the file (see Recovery). Never read again;
     kept for the operator.
+``identity``
+    The cluster name and node id the directory belongs to, written on first
+    use and checked on every start (``gossip/store/identity.py``), so a node
+    never opens another cluster's log. Not part of the log format.
+``node.pid``
+    The running node's pid, under twistd (``gossip/pidfile.py``).
 
 Log format
 ----------
