@@ -13,6 +13,10 @@ Format::
     sync_interval = 10.0           # seconds between anti-entropy sessions, default 10.0, > 0
     sync_timeout = 30.0            # seconds a re-sync session may stall, default 30.0, > 0
     fsync = "batch"                # "always", "batch" (group commit, default) or "never"
+    tls = false                    # true: mutual TLS on peer links (gossip.net.tls)
+    tls_ca = "tls/ca-bundle.crt"   # CA certificates peers must be signed by (a bundle)
+    tls_cert = "tls/node-{id}.crt" # each node's certificate and key; {id} = the node's id;
+    tls_key = "tls/node-{id}.key"  # paths are relative to the cluster file's directory
 
     [[node]]                       # one table per node, at least one
     id = 1                         # integer, 0 <= id < 2**31, unique
@@ -26,6 +30,8 @@ Format::
     peer_address = "tcp:host=gossip-0.gossip:port=17001"  # clientFromString
     client_listen = "tcp:17101:interface=0.0.0.0"
     client_address = "tcp:host=gossip-0.gossip:port=17101"
+    tls_cert = "/etc/gossip/node.crt"  # optional: this node's files instead of the
+    tls_key = "/etc/gossip/node.key"   # cluster's tls_cert / tls_key
 
 host, peer_port and client_port are needed only for the endpoints they derive.
 The [cluster] keys, their defaults and bounds are declared in ``gossip.settings``.
@@ -86,6 +92,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "web_url",
 ]
 
 DEGREE = 3
@@ -170,6 +177,19 @@ def address_key(description: str) -> tuple[str, str, str]:
     return "tcp", kw.get("port", rest[0] if rest else ""), host
 
 
+def web_url(listen: str | None) -> str | None:
+    """``http://HOST:PORT/`` for a TCP ``web_listen`` (a wildcard interface: 127.0.0.1)."""
+    if listen is None:
+        return None
+    kind, port, interface = listen_key(listen)
+    if kind != "tcp":
+        return None
+    if interface in _WILDCARDS:
+        interface = "127.0.0.1"
+    host = f"[{interface}]" if ":" in interface else interface
+    return f"http://{host}:{port}/"
+
+
 def _machine(spec: NodeSpec) -> str:
     """Which host a node runs on, as far as the file tells: its host, else its peer address's."""
     if spec.host is not None:
@@ -202,6 +222,20 @@ class NodeSpec:
     peer_address: str = _default_endpoint("peer_address")
     client_listen: str = _default_endpoint("client_listen")
     client_address: str = _default_endpoint("client_address")
+    # This node's TLS files when the file names them for it (else the cluster's).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # The HTTP site (metrics, dashboard): only when the file gives it; never derived.
+    web_listen: str | None = None
+
+
+@attrs.frozen
+class TLSFiles:
+    """Where one node finds what peer TLS needs; paths as the operator can read them."""
+
+    ca: str
+    cert: str
+    key: str
 
 
 @attrs.frozen
@@ -220,6 +254,10 @@ class ClusterConfig:
     sync_interval: float = settings.SYNC_INTERVAL.default
     sync_timeout: float = settings.SYNC_TIMEOUT.default
     fsync: str = settings.FSYNC.default
+    tls: bool = settings.TLS.default
+    tls_ca: str = settings.TLS_CA.default
+    tls_cert: str = settings.TLS_CERT.default
+    tls_key: str = settings.TLS_KEY.default
     # Where the config came from (a path or "<string>"); not part of equality.
     source: str = attrs.field(default="<string>", eq=False)
 
@@ -231,6 +269,22 @@ class ClusterConfig:
                 f"(ids: {format_ids(self.nodes)})"
             )
         return spec
+
+    def tls_files(self, node_id: int) -> TLSFiles:
+        """Node ``node_id``'s CA bundle, certificate and key: ``{id}`` replaced, and a
+        relative path taken from the cluster file's directory (every host reads the
+        same file, so the paths must not depend on where a node was started)."""
+        spec = self.node(node_id)
+        base = os.path.dirname(self.source) if not self.source.startswith("<") else ""
+
+        def path(template: str) -> str:
+            return os.path.join(base, template.replace("{id}", str(node_id)))
+
+        return TLSFiles(
+            path(self.tls_ca),
+            path(spec.tls_cert if spec.tls_cert is not None else self.tls_cert),
+            path(spec.tls_key if spec.tls_key is not None else self.tls_key),
+        )
 
     def edges(self) -> list[tuple[int, int]]:
         """Every link once, as sorted (low id, high id) pairs."""
@@ -322,6 +376,12 @@ def dump_config(config: ClusterConfig) -> str:
             value = getattr(spec, key)
             if value != _derived(spec, key):
                 lines.append(f"{key} = {_toml_str(value)}")
+        for key in ("tls_cert", "tls_key"):
+            value = getattr(spec, key)
+            if value is not None:
+                lines.append(f"{key} = {_toml_str(value)}")
+        if spec.web_listen is not None:
+            lines.append(f"web_listen = {_toml_str(spec.web_listen)}")
         lines.append(f"neighbours = [{', '.join(str(nb) for nb in spec.neighbours)}]")
     return "\n".join(lines) + "\n"
 
@@ -481,7 +541,7 @@ class _Checker:
             return self.get_int(table, s.name, where, s.low, s.high, default, s.why)
         if s.kind == settings.BOOLEAN:
             return self.get_bool(table, s.name, where, bool(s.default))
-        if s.kind in (settings.STRING, settings.CHOICE):
+        if s.kind in (settings.STRING, settings.CHOICE, settings.PATH):
             text = self.get_str(table, s.name, where, None if s.required else str(s.default))
             if s.choices and text not in s.choices:
                 self.fail(field, f"unknown {s.noun} {text!r} (allowed: {', '.join(s.choices)})")
@@ -571,7 +631,22 @@ class _Checker:
             node_id: attrs.evolve(spec, neighbours=tuple(sorted(adj[node_id])))
             for node_id, spec in nodes.items()
         }
+        if values["tls"]:
+            self.plain_peer_endpoints(nodes)
         return ClusterConfig(nodes=specs, source=self.source, **values)
+
+    def plain_peer_endpoints(self, nodes: Mapping[int, NodeSpec]) -> None:
+        """With cluster.tls the node adds TLS to its peer endpoints itself: one that is
+        TLS already would wrap it twice (and skip the node-id check)."""
+        for k, spec in enumerate(nodes.values(), 1):  # in file order: node[k]
+            for key in ("peer_listen", "peer_address"):
+                args, _ = _parsed(getattr(spec, key))
+                if args and args[0].lower() in ("ssl", "tls"):
+                    self.fail(
+                        f"node[{k}].{key}",
+                        f"{getattr(spec, key)!r} is a TLS endpoint, but cluster.tls = true"
+                        " adds TLS itself: give the plain one (tcp:...)",
+                    )
 
     def node_fields(self, tables: list[Mapping[str, object]]) -> dict[int, NodeSpec]:
         """id -> NodeSpec without neighbours yet, in file order."""
@@ -602,9 +677,15 @@ class _Checker:
                     if addr in ports:
                         self.fail(f"{where}.{key}", f"port {port} is already used by {ports[addr]}")
                     ports[addr] = f"{where}.{key}"
-            spec = NodeSpec(node_id, host, peer, client, (), **given)
+            files = {
+                key: self.get_str(t, key, where) for key in ("tls_cert", "tls_key") if key in t
+            }
+            web = self.get_str(t, "web_listen", where) if "web_listen" in t else None
+            spec = NodeSpec(node_id, host, peer, client, (), **given, **files, web_listen=web)
             for key in ENDPOINT_KEYS:
                 self.endpoint(getattr(spec, key), key.endswith("listen"), f"{where}.{key}")
+            if web is not None:
+                self.endpoint(web, True, f"{where}.web_listen")
             nodes[node_id] = spec
         self.unique_endpoints(nodes, where_id)
         return nodes
@@ -656,8 +737,10 @@ class _Checker:
         for node_id, spec in nodes.items():
             where = where_id[node_id]
             machine = _machine(spec)
-            for key in ("peer_listen", "client_listen"):
+            for key in ("peer_listen", "client_listen", "web_listen"):
                 field = f"{where}.{key}"
+                if getattr(spec, key) is None:
+                    continue
                 kind, port, interface = listen_key(getattr(spec, key))
                 for (okind, _, ointerface), other in listens.get((machine, port), []):
                     wildcard = interface in _WILDCARDS or ointerface in _WILDCARDS

@@ -18,6 +18,7 @@ stops the process with exit status 1).
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from typing import Any
@@ -39,8 +40,9 @@ from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
+from gossip.net.tls import PeerTLS, TLSSetupError, load_peer_tls
 from gossip.store.interface import MessageStore, StoreError
-from gossip.submit_gate import SubmitGate
+from gossip.submit_gate import SubmitBusy, SubmitGate
 from gossip.sync_streams import SyncStreams
 from gossip.traffic import Traffic
 from gossip.wire import codec
@@ -57,9 +59,14 @@ GOSSIP_FRAME_BYTES = 256 * 1024
 # A neighbour's link that stays full this long without draining once is dropped; the
 # neighbour catches up by re-sync when it is back. A link that drains even slowly is kept.
 LINK_STALL_SECONDS = 30.0
+# A node whose TLS certificate expires sooner than this warns at start.
+CERT_EXPIRY_WARNING = datetime.timedelta(days=30)
 # Body bytes of submits that may wait while a neighbour's link is full; beyond it a
 # submit is refused at once as "busy" (retryable).
 MAX_WAITING_SUBMIT_BYTES = 4 * 1024 * 1024
+# What became of a client's submit: a new message stored, one already held, refused
+# (size, encoding), refused as busy (retryable), or not stored (the store failed).
+SUBMIT_OUTCOMES = ("stored", "duplicate", "rejected", "busy", "failed")
 
 
 def frame_limit(max_body: int) -> int:
@@ -105,6 +112,7 @@ class GossipNode(service.Service):
             sync_interval=config.sync_interval,
             sync_timeout=config.sync_timeout,
         )
+        self.peer_tls = self._load_tls(config, node_id)
         self.links = LinkTable(
             node_id=node_id,
             cluster=config.name,
@@ -120,6 +128,7 @@ class GossipNode(service.Service):
             idle_timeout=config.idle_timeout,
             incarnation=incarnation,
             send_delay=send_delay,
+            tls=self.peer_tls,
         )
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
@@ -127,10 +136,14 @@ class GossipNode(service.Service):
         # so they add nothing to what cannot be sent; reads and relaying go on.
         # Per full link: since when it has not drained (a stalled one is dropped).
         self._congested: dict[int, float] = {}
+        # Client submits by outcome (Prometheus: gossip_submits_total{outcome}).
+        self.submit_outcomes: dict[str, int] = dict.fromkeys(SUBMIT_OUTCOMES, 0)
         self.submits = SubmitGate(MAX_WAITING_SUBMIT_BYTES, lambda f: self.clock.callLater(0, f))
         # Client connections following deliveries (Watch) that can take more pushes
         # now: one whose socket is full leaves this set until it drains.
         self.watchers: set[Any] = set()
+        # The client ports' factories (each counts its open connections, for metrics).
+        self.client_ports: list[Any] = []
         self._watchers_told = 0  # durable count every watcher in the set was pushed up to
         self._durability_wait = False
         self.failed: str | None = None  # why the store failed: every submit is refused
@@ -146,6 +159,15 @@ class GossipNode(service.Service):
             self._cooperator,
         )
         self.started_at = 0.0
+
+    @staticmethod
+    def _load_tls(config: ClusterConfig, node_id: int) -> PeerTLS | None:
+        if not config.tls:
+            return None
+        try:
+            return load_peer_tls(config.tls_files(node_id), node_id)
+        except TLSSetupError as e:
+            raise StartupError(f"cluster.tls: {e}") from None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -165,6 +187,28 @@ class GossipNode(service.Service):
             client_listen=spec.client_listen,
             count=len(self.store),
         )
+        self._log_peer_security()
+
+    def _log_peer_security(self) -> None:
+        """One line on how peer links are protected; a warning when they are not."""
+        tls = self.peer_tls
+        if tls is None:
+            self.log.warn(
+                "peer links are not encrypted or authenticated (cluster.tls = false):"
+                " anyone who can reach {peer_listen} can join as a neighbour",
+                peer_listen=self.spec.peer_listen,
+            )
+            return
+        expires = tls.certificate.not_valid_after_utc
+        left = expires - datetime.datetime.now(datetime.UTC)
+        emit = self.log.warn if left < CERT_EXPIRY_WARNING else self.log.info
+        emit(
+            "peer links use mutual TLS: certificate of node {node} valid until {expires}"
+            " UTC ({days} days left)",
+            node=self.node_id,
+            expires=f"{expires:%Y-%m-%d %H:%M}",
+            days=left.days,
+        )
 
     def stopService(self) -> None:
         super().stopService()
@@ -181,7 +225,11 @@ class GossipNode(service.Service):
         or StoreError once the store has failed, or SubmitBusy while a neighbour's link is
         full and enough submits wait; the Deferred fails with StoreError if the store
         fails before the record is durable)."""
-        return self.submits.admit(len(body), lambda: self._submit_now(body))
+        try:
+            return self.submits.admit(len(body), lambda: self._submit_now(body))
+        except SubmitBusy:
+            self.submit_outcomes["busy"] += 1
+            raise
 
     def _submit_now(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
         accepted = self._accept(body, self.clock.seconds())
@@ -194,7 +242,11 @@ class GossipNode(service.Service):
         accepted body and the reason for each refused one, in order (waits, or raises
         SubmitBusy, as ``submit`` does)."""
         size = sum(len(b) for b in bodies)
-        return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+        try:
+            return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+        except SubmitBusy:
+            self.submit_outcomes["busy"] += len(bodies)
+            raise
 
     def _submit_many_now(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
         now = self.clock.seconds()
@@ -210,12 +262,20 @@ class GossipNode(service.Service):
 
     def _accept(self, body: bytes, now: float) -> tuple[bytes, bool]:
         """One submit into the core, its effects carried out: (id, new)."""
+        outcomes = self.submit_outcomes
         if self.failed is not None:
+            outcomes["failed"] += 1
             raise StoreError(self.failed)
-        result = self.core.submit(body, now)
+        try:
+            result = self.core.submit(body, now)
+        except SubmitRejected:
+            outcomes["rejected"] += 1
+            raise
         self._apply(result.effects)
         if self.failed is not None:
+            outcomes["failed"] += 1
             raise StoreError(self.failed)
+        outcomes["stored" if result.new else "duplicate"] += 1
         return result.id, result.new
 
     def find(self, prefix: str, limit: int) -> list[Message]:
@@ -226,6 +286,28 @@ class GossipNode(service.Service):
             if m is not None:
                 out.append(m)
         return out
+
+    def arrivals(self, since: float, before: int, limit: int) -> tuple[list[Message], int]:
+        """Up to ``limit`` messages stored at or after ``since``, newest first, from
+        position ``before`` down (-1: the newest); and where the next page starts (-1:
+        done). Arrival order follows this node's clock, so the walk stops at the first
+        older message."""
+        end = len(self.store) if before < 0 else min(before, len(self.store))
+        start = max(0, end - limit)
+        out: list[Message] = []
+        ids = self.store.ids_from(start, end - start)
+        for mid in reversed(ids):
+            m = self.store.get(mid)
+            if m is None:
+                continue
+            if m.received_at < since:
+                return out, -1
+            out.append(m)
+        return out, (start if start > 0 else -1)
+
+    def client_connections(self) -> int:
+        """Client (AMP) connections open on this node's client ports."""
+        return sum(port.open for port in self.client_ports)
 
     def message_count(self) -> int:
         return len(self.store)
@@ -259,6 +341,8 @@ class GossipNode(service.Service):
                     "since": s.since,
                     "times_up": s.times_up,
                     "last_error": s.last_error,
+                    "times_down": s.times_down,
+                    "recent_downs": list(s.recent_downs),
                 }
                 for s in self.links.status()
             ],
@@ -298,7 +382,7 @@ class GossipNode(service.Service):
                 self._congestion(peer, False)  # what is sent to it from now on is dropped
 
     def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
-        self.traffic.received(frame, size)
+        self.traffic.received(peer, frame, size)
         self._apply(self.core.receive(peer, frame, self.clock.seconds()))
 
     def tick(self) -> None:
@@ -335,7 +419,7 @@ class GossipNode(service.Service):
                 if data is None:
                     data = encoded[key] = codec.encode(effect.frame)
                 if self.links.send(effect.peer, data):
-                    self.traffic.sent(effect.frame, len(data))
+                    self.traffic.sent(effect.peer, effect.frame, len(data))
             elif isinstance(effect, StreamMessages):
                 self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
@@ -373,7 +457,7 @@ class GossipNode(service.Service):
             for peer, envelopes in outbox.items():
                 for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
                     if self.links.send(peer, data):
-                        self.traffic.sent_kind("gossip", len(data), count)
+                        self.traffic.sent_kind(peer, "gossip", len(data), count)
         if self.watchers:
             self.notify_watchers()
 

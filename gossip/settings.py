@@ -18,7 +18,7 @@ import attrs
 
 T = TypeVar("T", covariant=True)
 
-STRING, INTEGER, BOOLEAN, SECONDS, CHOICE, ENDPOINT, NODE_IDS = (
+STRING, INTEGER, BOOLEAN, SECONDS, CHOICE, ENDPOINT, NODE_IDS, PATH = (
     "string",
     "integer",
     "boolean",
@@ -26,6 +26,7 @@ STRING, INTEGER, BOOLEAN, SECONDS, CHOICE, ENDPOINT, NODE_IDS = (
     "choice",
     "endpoint",
     "node ids",
+    "path",
 )
 
 
@@ -60,6 +61,8 @@ class Setting(Generic[T]):
             return "non-empty"
         if self.kind == ENDPOINT:
             return "`serverFromString`" if self.name.endswith("listen") else "`clientFromString`"
+        if self.kind == PATH:
+            return "a file, relative to the cluster file's directory"
         return "ids of other nodes"
 
     def help(self) -> str:
@@ -124,6 +127,32 @@ FSYNC: Setting[str] = Setting(
     noun="fsync policy",
     flag="--fsync",
 )
+TLS: Setting[bool] = Setting(
+    "tls",
+    BOOLEAN,
+    False,
+    "true: peer links use mutual TLS, and a peer must hold a certificate from a CA of"
+    " `tls_ca` naming the node id it claims (false: plain TCP, one warning at start)",
+)
+TLS_CA: Setting[str] = Setting(
+    "tls_ca",
+    PATH,
+    "tls/ca-bundle.crt",
+    "PEM file of the CA certificates peers' certificates must be signed by"
+    " (old and new during a rotation)",
+)
+TLS_CERT: Setting[str] = Setting(
+    "tls_cert",
+    PATH,
+    "tls/node-{id}.crt",
+    "PEM file of a node's certificate (`{id}` is the node's id)",
+)
+TLS_KEY: Setting[str] = Setting(
+    "tls_key",
+    PATH,
+    "tls/node-{id}.key",
+    "PEM file of a node's private key (`{id}` is the node's id)",
+)
 
 # The [cluster] table, in the order the file and the reference list them.
 CLUSTER_SETTINGS: tuple[Setting[object], ...] = (
@@ -137,6 +166,10 @@ CLUSTER_SETTINGS: tuple[Setting[object], ...] = (
     SYNC_INTERVAL,
     SYNC_TIMEOUT,
     FSYNC,
+    TLS,
+    TLS_CA,
+    TLS_CERT,
+    TLS_KEY,
 )
 
 # The keys of a [[node]] table (validated in gossip.config, where they depend on each other).
@@ -170,11 +203,19 @@ NODE_KEYS: tuple[Setting[object], ...] = (
         "client endpoint gclient and the Python API dial",
     ),
     Setting(
+        "web_listen",
+        ENDPOINT,
+        "",
+        "server endpoint of the node's HTTP site (/metrics for Prometheus); none when left out",
+    ),
+    Setting(
         "neighbours",
         NODE_IDS,
         (),
         "ids of the node's neighbours (or give [graph] edges instead)",
     ),
+    Setting("tls_cert", PATH, "", "this node's certificate, instead of `cluster.tls_cert`"),
+    Setting("tls_key", PATH, "", "this node's private key, instead of `cluster.tls_key`"),
 )
 
 
@@ -186,7 +227,9 @@ def _show_default(s: Setting[object]) -> str:
     if s.kind == NODE_IDS:
         return "required"
     if s.kind == ENDPOINT:
-        return f"`{s.default}`"
+        return f"`{s.default}`" if s.default else "—"
+    if s.kind == PATH and s.default == "":
+        return "the cluster's"
     if s.kind == INTEGER and s.default == 0:
         return "—"
     if s.kind == STRING and s.default == "":

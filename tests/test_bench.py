@@ -120,3 +120,27 @@ def test_bench_hotpath_relay_mode_stores_everything_and_reports_cpu(tmp_path: Pa
     for x in results:
         assert 0 < x["cpu_us_per_message_min"] <= x["cpu_us_per_message_median"]
         assert x["messages"] == 500 and x["batch"] == 4
+
+
+def test_bench_tls_both_runs_each_strategy_without_and_with_tls(tmp_path: Path) -> None:
+    """``--tls both`` runs the strategy as two variants, "flood" and "flood+tls" (peer
+    links over mutual TLS with certificates made for the run), delivers every message
+    in both, and the table compares them in the same run."""
+    out = tmp_path / "bench.json"
+    argv = [
+        "--nodes", "4", "--workloads", "latency", "--rounds", "1", "--tls", "both",
+        "--latency-messages", "20", "--seed", "7", "--dir", str(tmp_path / "work"),
+        "--json", str(out), "--keep",
+    ]  # fmt: skip
+    r = run_main("gossip.bench.cluster", argv)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "flood+tls/flood" in r.stdout
+    doc = json.loads(out.read_text())
+    assert [run["strategy"] for run in doc["runs"]] == ["flood", "flood+tls"]
+    for run in doc["runs"]:
+        assert run["figures"]["undelivered_pairs"] == 0
+    plain, tls = (Path(run["directory"]) for run in doc["runs"])
+    assert "tls = false" in (plain / "cluster.toml").read_text()
+    assert "tls = true" in (tls / "cluster.toml").read_text()
+    logs = "".join(p.read_text() for p in tls.glob("node-*/node.log"))
+    assert logs.count("peer links use mutual TLS") == 4

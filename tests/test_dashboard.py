@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
@@ -178,8 +179,9 @@ def test_poll_shows_every_node_its_count_and_every_link_up(h: Harness) -> None:
     h.fakes[2].count = 7
     for fake in h.fakes.values():
         fake.links = {p: "up" for p in fake.links}
+    real = h.node.links.status()
     h.node.links.status = lambda: [  # type: ignore[method-assign]
-        _link(p, "up") for p in h.config.node(1).neighbours
+        attrs.evolve(link, state="up") for link in real
     ]
     h.poll()
     assert h.view_of(1) == {
@@ -192,22 +194,6 @@ def test_poll_shows_every_node_its_count_and_every_link_up(h: Harness) -> None:
     assert h.view_of(2)["message_count"] == 7
     assert sorted(h.connects) == sorted(h.fakes)
     assert {x["state"] for x in h.view.snapshot()["links"]} == {"up"}
-
-
-def _link(peer: int, state: str) -> Any:
-    class S:
-        pass
-
-    s = S()
-    s.peer, s.address, s.state, s.since, s.times_up, s.last_error = (  # type: ignore[attr-defined]
-        peer,
-        "",
-        state,
-        0.0,
-        1,
-        "",
-    )
-    return s
 
 
 def test_unreachable_node_is_down_with_reason_and_its_links_are_down(h: Harness) -> None:

@@ -23,7 +23,11 @@ CPU than the messages did, and added up to a poll period to every figure.)
 
 With several ``--strategy`` values every round runs each variant on the same
 workload with the same seed, rotating their order from round to round, and the
-table quotes each variant's mean over the first variant's.
+table quotes each variant's mean over the first variant's. ``--tls on`` runs
+every variant with mutual TLS on the peer links (certificates made for the run
+in the work directory by ``gossip.certs``); ``--tls both`` runs each strategy
+without and with TLS ("flood" and "flood+tls"), so the table's ratio is the
+cost of TLS measured in the same run.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ from gossip.traffic import PAYLOAD_KINDS
 T = TypeVar("T")
 
 WORKLOADS = ("latency", "throughput", "resync", "wan")
+TLS_MODES = ("off", "on", "both")
+TLS_SUFFIX = "+tls"  # a variant with TLS on its peer links: "flood+tls"
 BODY_BYTES = 100
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 CALL_TIMEOUT = 30.0  # any single client call
@@ -164,6 +170,13 @@ def parser() -> argparse.ArgumentParser:
         default=16,
         help="submits each client keeps in flight, pipelined on its connections (default 16)",
     )
+    p.add_argument(
+        "--tls",
+        choices=TLS_MODES,
+        default="off",
+        help="mutual TLS on peer links: off (default), on, or both (each strategy without"
+        " and with TLS, compared in the same run)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     p.add_argument(
         "--plot",
@@ -197,11 +210,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def variants(strategies: Sequence[str], tls: str) -> tuple[str, ...]:
+    """The variants a run compares: each strategy, with ``TLS_SUFFIX`` for TLS."""
+    suffixes = {"off": ("",), "on": (TLS_SUFFIX,), "both": ("", TLS_SUFFIX)}[tls]
+    return tuple(s + suffix for s in strategies for suffix in suffixes)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         nodes=args.nodes,
         workloads=args.workloads,
-        strategies=args.strategy,
+        strategies=variants(args.strategy, args.tls),
         rounds=args.rounds,
         throughput_seconds=args.throughput_seconds,
         clients=args.clients,
@@ -898,9 +917,23 @@ WORKLOAD_FUNCTIONS: dict[str, Callable[[Run, Usage], Awaitable[dict[str, Any]]]]
 }
 
 
-def cluster_config(settings: Settings, strategy: str) -> ClusterConfig:
-    """The cluster file of one run: fresh ports, the variant's strategy, the fsync policy."""
+def bench_certs(workdir: Path, nodes: int) -> Path:
+    """A CA and a certificate per node in ``workdir/tls`` (made once per bench run)."""
+    from gossip.certs import CertDir
+
+    certs = CertDir(workdir / "tls")
+    if not certs.bundle.exists():
+        certs.init_ca("bench", 2)
+        for n in range(1, nodes + 1):
+            certs.issue_node(n, ["127.0.0.1"], 2)
+    return certs.path
+
+
+def cluster_config(settings: Settings, variant: str, tls_dir: Path | None = None) -> ClusterConfig:
+    """The cluster file of one run: fresh ports, the variant's strategy (and TLS, with
+    the certificates in ``tls_dir``), the fsync policy."""
     n = settings.nodes
+    strategy = variant.removesuffix(TLS_SUFFIX)
     base = free_port_base(2 * n + 1)  # peer ports base+1..base+n, clients to base+2n
     config = generate_config(n, base_peer_port=base, base_client_port=base + n, seed=settings.seed)
     config = attrs.evolve(
@@ -908,6 +941,15 @@ def cluster_config(settings: Settings, strategy: str) -> ClusterConfig:
         dissemination=strategy,
         fsync=settings.fsync if settings.fsync is not None else config.fsync,
     )
+    if variant.endswith(TLS_SUFFIX):
+        assert tls_dir is not None
+        config = attrs.evolve(
+            config,
+            tls=True,
+            tls_ca=str(tls_dir.resolve() / "ca-bundle.crt"),
+            tls_cert=str(tls_dir.resolve() / "node-{id}.crt"),
+            tls_key=str(tls_dir.resolve() / "node-{id}.key"),
+        )
     # Through the parser, so that a bad value fails here with the config's own message.
     return parse_config(dump_config(config), "<bench>")
 
@@ -941,7 +983,8 @@ async def run_one(
     extra = ["--link-delay", f"{settings.wan_delay_ms:g}"] if workload == "wan" else []
     attempts = 3
     for attempt in range(1, attempts + 1):
-        config = cluster_config(settings, strategy)
+        tls_dir = bench_certs(workdir, settings.nodes) if strategy.endswith(TLS_SUFFIX) else None
+        config = cluster_config(settings, strategy, tls_dir)
         path = directory / "cluster.toml"
         path.write_text(dump_config(config))
         cluster = LocalCluster(

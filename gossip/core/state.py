@@ -14,6 +14,7 @@ from typing import Protocol
 import attrs
 
 from gossip import settings
+from gossip.core.arrivals import Arrivals
 from gossip.core.dissemination import Dissemination
 from gossip.core.effects import DropPeer, Effect, Persist
 from gossip.core.frames import (
@@ -90,6 +91,8 @@ class GossipCore:
         self.members = frozenset(members)
         # Messages refused (dropped, the link kept), by reason: shown in status.
         self.refused: dict[str, int] = dict.fromkeys(REFUSALS, 0)
+        # Messages stored and redundant copies dropped, by route (and per recent message).
+        self.arrivals = Arrivals()
         self.up: frozenset[int] = frozenset()
         self.tree = FingerprintTree(store.ids())
         self.sync = SyncEngine(
@@ -102,7 +105,9 @@ class GossipCore:
             raise SubmitRejected(problem)
         mid = message_id(body)
         if mid in self.store:
+            self.arrivals.duplicate(mid, "submit")
             return SubmitResult(mid, False, [])
+        self.arrivals.stored_new(mid, "submit")
         effects: list[Effect] = [self._persist(Message(mid, body, now, ()))]
         effects += self.strategy.on_new(Envelope(mid, body, ()), None, self.up)
         return SubmitResult(mid, True, effects)
@@ -150,9 +155,11 @@ class GossipCore:
                 effects.append(DropPeer(peer, env))
                 return effects
             if env.id in fresh or env.id in self.store:
+                self.arrivals.duplicate(env.id, "gossip")
                 effects += self.strategy.on_duplicate(env, peer)
                 continue
             fresh.add(env.id)
+            self.arrivals.stored_new(env.id, "gossip")
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
             effects += self.strategy.on_new(env, peer, self.up)
         return effects
@@ -170,8 +177,10 @@ class GossipCore:
             if isinstance(env, str):
                 return [*effects, DropPeer(peer, env)]
             if env.id in fresh or env.id in self.store:
+                self.arrivals.duplicate(env.id, "sync")
                 continue
             fresh.add(env.id)
+            self.arrivals.stored_new(env.id, "sync")
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
             learned += 1
         return effects + self.sync.on_data(peer, frame, learned, self.up, now)

@@ -27,18 +27,31 @@ at most ``max_unidentified`` in all and ``max_handshakes_per_source`` per
 source address, each for at most ``hello_timeout`` seconds. Nothing a peer
 sent is echoed in a ``Reject`` (it gets a generic reason, our log the detail),
 and log lines about failed handshakes are capped in length and rate.
+
+With ``tls`` (a ``PeerTLS``, see ``gossip.net.tls``) every connection is mutual
+TLS: dials are wrapped with ``wrapClientTLS`` and the listening factory with
+``TLSMemoryBIOFactory``; a failed TLS handshake is one log line saying why, and
+a ``Hello`` is refused unless the node id it claims is the one the peer's
+certificate names (so also the one we dialed).
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IAddress, IConnector, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IProtocolFactory,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.protocol import ReconnectingClientFactory, ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -48,6 +61,7 @@ from gossip.core.frames import PeerFrame
 from gossip.log_guard import LogRateLimit, shorten
 from gossip.net.dialing import EndpointConnector
 from gossip.net.peer_protocol import PeerProtocol
+from gossip.net.tls import PeerTLS, handshake_problem, peer_identity
 from gossip.wire import codec
 
 CONNECTING, UP, DOWN = "connecting", "up", "down"
@@ -70,6 +84,8 @@ STABLE_AFTER = 2.0
 HANDSHAKE_LOG_BURST = 20
 HANDSHAKE_LOG_PER_SECOND = 1.0
 # What a refused peer is told: nothing about this cluster or its neighbours.
+# Down times remembered per link (for flaps over a window: gclient --cluster-stats).
+RECENT_DOWNS = 64
 REFUSED = "handshake refused (the reason is in the refusing node's log)"
 
 
@@ -98,6 +114,9 @@ class Link:
     incarnation: int = 0
     times_up: int = 0
     last_error: str = ""
+    times_down: int = 0  # an up link went down (a flap, when it comes back)
+    # When it last went down (for flaps over a window), newest last; bounded.
+    recent_downs: deque[float] = attrs.field(factory=lambda: deque(maxlen=RECENT_DOWNS))
 
 
 @attrs.frozen
@@ -108,6 +127,8 @@ class LinkStatus:
     since: float
     times_up: int
     last_error: str
+    times_down: int = 0
+    recent_downs: tuple[float, ...] = ()
 
 
 class PeerClientFactory(ReconnectingClientFactory):
@@ -206,8 +227,10 @@ class LinkTable:
         stable_after: float = STABLE_AFTER,
         incarnation: int | None = None,
         send_delay: float = 0.0,
+        tls: PeerTLS | None = None,
     ) -> None:
         self.node_id = node_id
+        self.tls = tls
         self.cluster = cluster
         self.reactor = reactor
         self.clock = clock
@@ -248,6 +271,8 @@ class LinkTable:
         for link in self.links.values():
             link.since = now
             endpoint = clientFromString(self.reactor, link.address)
+            if self.tls is not None:
+                endpoint = self.tls.client_endpoint(endpoint)
             EndpointConnector(endpoint, link.factory, self.clock, link.address).connect()
         self._pinger.start(self.ping_interval, now=False)
 
@@ -260,8 +285,10 @@ class LinkTable:
         for proto in list(self.connections):
             proto.close("node stopping")
 
-    def server_factory(self) -> PeerServerFactory:
-        return PeerServerFactory(self)
+    def server_factory(self) -> IProtocolFactory:
+        """What the peer port listens with: TLS around ``PeerServerFactory`` when on."""
+        factory = PeerServerFactory(self)
+        return self.tls.server_factory(factory) if self.tls is not None else factory
 
     @property
     def unidentified_inbound(self) -> int:
@@ -292,7 +319,7 @@ class LinkTable:
             return
         if dropped:
             fmt += " ({dropped} similar lines left out)"
-        self.log.warn(fmt, dropped=dropped, **fields)
+        self.log.warn(fmt, node=self.node_id, dropped=dropped, **fields)
 
     def hello(self) -> codec.Hello:
         return codec.Hello(codec.PROTOCOL_VERSION, self.cluster, self.node_id, self.incarnation)
@@ -305,10 +332,19 @@ class LinkTable:
     def report_failure(self, proto: PeerProtocol, reason: str) -> None:
         """Log why ``proto`` is being closed; strangers' failures within a rate."""
         if proto.established:
-            self.log.warn("closing link to {who}: {reason}", who=proto.describe(), reason=reason)
+            self.log.warn(
+                "closing link to {who}: {reason}",
+                node=self.node_id,
+                peer=proto.peer,
+                who=proto.describe(),
+                reason=reason,
+            )
         else:
             self._warn_handshake(
-                "closing link to {who}: {reason}", who=proto.describe(), reason=reason
+                "closing link to {who}: {reason}",
+                peer=proto.peer,
+                who=proto.describe(),
+                reason=reason,
             )
 
     def handshake_frame(self, proto: PeerProtocol, frame: codec.AnyFrame) -> None:
@@ -345,6 +381,7 @@ class LinkTable:
         self.connections.discard(proto)
         peer = proto.peer
         if peer is None:
+            self._handshake_lost(proto, reason)
             return
         link = self.links[peer]
         if link.proto is not proto:
@@ -354,7 +391,11 @@ class LinkTable:
         now = self.clock.seconds()
         link.since = now
         link.last_error = proto.closing_reason or reason.getErrorMessage()
-        self.log.info("link to node {peer} down: {why}", peer=peer, why=link.last_error)
+        link.times_down += 1
+        link.recent_downs.append(now)
+        self.log.info(
+            "link to node {peer} down: {why}", node=self.node_id, peer=peer, why=link.last_error
+        )
         self.events.down(peer)
         if self._stopping:
             return
@@ -364,12 +405,26 @@ class LinkTable:
         elif stable:
             link.factory.resetDelay()  # before the factory's retry, which comes next
 
+    def _handshake_lost(self, proto: PeerProtocol, reason: Failure) -> None:
+        """A connection that never said who it is ended: if its TLS handshake failed,
+        one line (within the handshake log rate) says why."""
+        if self.tls is None or proto.closing_reason is not None:
+            return  # plain TCP, or closed by us for a reason already logged
+        problem = handshake_problem(proto.transport, reason)
+        if problem is None:
+            return
+        if proto.dialed is not None:
+            self.links[proto.dialed].last_error = f"TLS handshake failed: {problem}"
+        self._warn_handshake(
+            "TLS handshake with {who} failed: {problem}", who=proto.describe(), problem=problem
+        )
+
     def dial_failed(self, peer: int, reason: Failure) -> None:
         link = self.links[peer]
         if link.state == UP or self._stopping:
             return  # we stopped this dial ourselves: the link is up through the neighbour's
         link.last_error = f"dial {link.address} failed: {reason.getErrorMessage()}"
-        self.log.debug("{error}", error=link.last_error)
+        self.log.debug("{error}", node=self.node_id, peer=peer, error=link.last_error)
 
     # -- used by the node --------------------------------------------------
 
@@ -407,6 +462,8 @@ class LinkTable:
                 link.since,
                 link.times_up,
                 link.last_error,
+                link.times_down,
+                tuple(link.recent_downs),
             )
             for link in self.links.values()
         ]
@@ -430,6 +487,15 @@ class LinkTable:
                 f"protocol version {hello.protocol_version} is not supported"
                 f" (node {self.node_id} speaks {codec.PROTOCOL_VERSION})"
             )
+        if self.tls is not None:
+            certified, why = peer_identity(proto.transport)
+            if certified is None:
+                return f"no node identity: {why}"
+            if certified != hello.node_id:
+                return (
+                    f"its certificate is node {certified}'s but its Hello claims"
+                    f" node {hello.node_id}"
+                )
         if hello.cluster != self.cluster:
             return f"cluster {shorten(hello.cluster)!r} is not this node's cluster {self.cluster!r}"
         if proto.outbound and hello.node_id != proto.dialed:
@@ -490,6 +556,7 @@ class LinkTable:
         self._set_dialing(link, proto)
         self.log.info(
             "link to node {peer} up ({direction})",
+            node=self.node_id,
             peer=link.peer,
             direction="outbound" if proto.outbound else "inbound",
         )
