@@ -97,6 +97,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "web_url",
 ]
 
 DEGREE = 3
@@ -181,6 +182,19 @@ def address_key(description: str) -> tuple[str, str, str]:
     return "tcp", kw.get("port", rest[0] if rest else ""), host
 
 
+def web_url(listen: str | None) -> str | None:
+    """``http://HOST:PORT/`` for a TCP ``web_listen`` (a wildcard interface: 127.0.0.1)."""
+    if listen is None:
+        return None
+    kind, port, interface = listen_key(listen)
+    if kind != "tcp":
+        return None
+    if interface in _WILDCARDS:
+        interface = "127.0.0.1"
+    host = f"[{interface}]" if ":" in interface else interface
+    return f"http://{host}:{port}/"
+
+
 def _machine(spec: NodeSpec) -> str:
     """Which host a node runs on, as far as the file tells: its host, else its peer address's."""
     if spec.host is not None:
@@ -218,6 +232,8 @@ class NodeSpec:
     tls_key: str | None = None
     # This node's client token file when the file names one for it (else the cluster's).
     client_token_file: str | None = None
+    # The HTTP site (metrics, dashboard): only when the file gives it; never derived.
+    web_listen: str | None = None
 
 
 @attrs.frozen
@@ -401,6 +417,8 @@ def dump_config(config: ClusterConfig) -> str:
             value = getattr(spec, key)
             if value is not None:
                 lines.append(f"{key} = {_toml_str(value)}")
+        if spec.web_listen is not None:
+            lines.append(f"web_listen = {_toml_str(spec.web_listen)}")
         lines.append(f"neighbours = [{', '.join(str(nb) for nb in spec.neighbours)}]")
     return "\n".join(lines) + "\n"
 
@@ -701,9 +719,12 @@ class _Checker:
                 for key in ("tls_cert", "tls_key", "client_token_file")
                 if key in t
             }
-            spec = NodeSpec(node_id, host, peer, client, (), **given, **files)
+            web = self.get_str(t, "web_listen", where) if "web_listen" in t else None
+            spec = NodeSpec(node_id, host, peer, client, (), **given, **files, web_listen=web)
             for key in ENDPOINT_KEYS:
                 self.endpoint(getattr(spec, key), key.endswith("listen"), f"{where}.{key}")
+            if web is not None:
+                self.endpoint(web, True, f"{where}.web_listen")
             nodes[node_id] = spec
         self.unique_endpoints(nodes, where_id)
         return nodes
@@ -755,8 +776,10 @@ class _Checker:
         for node_id, spec in nodes.items():
             where = where_id[node_id]
             machine = _machine(spec)
-            for key in ("peer_listen", "client_listen"):
+            for key in ("peer_listen", "client_listen", "web_listen"):
                 field = f"{where}.{key}"
+                if getattr(spec, key) is None:
+                    continue
                 kind, port, interface = listen_key(getattr(spec, key))
                 for (okind, _, ointerface), other in listens.get((machine, port), []):
                     wildcard = interface in _WILDCARDS or ointerface in _WILDCARDS

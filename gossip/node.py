@@ -44,7 +44,7 @@ from gossip.net.links import LinkEvents, LinkTable
 from gossip.net.peer_protocol import NOT_READING
 from gossip.net.tls import PeerTLS, TLSSetupError, load_peer_tls
 from gossip.store.interface import MessageStore, StoreError
-from gossip.submit_gate import SubmitGate
+from gossip.submit_gate import SubmitBusy, SubmitGate
 from gossip.sync_streams import SyncStreams
 from gossip.traffic import Traffic
 from gossip.wire import codec
@@ -66,6 +66,9 @@ CERT_EXPIRY_WARNING = datetime.timedelta(days=30)
 # Body bytes of submits that may wait while a neighbour's link is full; beyond it a
 # submit is refused at once as "busy" (retryable). The setting max_waiting_submit_bytes.
 MAX_WAITING_SUBMIT_BYTES = settings.MAX_WAITING_SUBMIT_BYTES.default
+# What became of a client's submit: a new message stored, one already held, refused
+# (size, encoding), refused as busy (retryable), or not stored (the store failed).
+SUBMIT_OUTCOMES = ("stored", "duplicate", "rejected", "busy", "failed")
 
 
 def frame_limit(max_body: int) -> int:
@@ -143,6 +146,8 @@ class GossipNode(service.Service):
         # so they add nothing to what cannot be sent; reads and relaying go on.
         # Per full link: since when it has not drained (a stalled one is dropped).
         self._congested: dict[int, float] = {}
+        # Client submits by outcome (Prometheus: gossip_submits_total{outcome}).
+        self.submit_outcomes: dict[str, int] = dict.fromkeys(SUBMIT_OUTCOMES, 0)
         self.submits = SubmitGate(
             config.max_waiting_submit_bytes, lambda f: self.clock.callLater(0, f)
         )
@@ -151,6 +156,8 @@ class GossipNode(service.Service):
         self.watchers: set[Any] = set()
         # Every client connection that follows deliveries (bounded: client_max_watchers).
         self.following: set[Any] = set()
+        # The client ports' factories (each counts its open connections, for metrics).
+        self.client_ports: list[Any] = []
         self._watchers_told = 0  # durable count every watcher in the set was pushed up to
         self._durability_wait = False
         self.failed: str | None = None  # why the store failed: every submit is refused
@@ -255,7 +262,11 @@ class GossipNode(service.Service):
         or StoreError once the store has failed, or SubmitBusy while a neighbour's link is
         full and enough submits wait; the Deferred fails with StoreError if the store
         fails before the record is durable)."""
-        return self.submits.admit(len(body), lambda: self._submit_now(body))
+        try:
+            return self.submits.admit(len(body), lambda: self._submit_now(body))
+        except SubmitBusy:
+            self.submit_outcomes["busy"] += 1
+            raise
 
     def _submit_now(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
         accepted = self._accept(body, self.clock.seconds())
@@ -268,7 +279,11 @@ class GossipNode(service.Service):
         accepted body and the reason for each refused one, in order (waits, or raises
         SubmitBusy, as ``submit`` does)."""
         size = sum(len(b) for b in bodies)
-        return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+        try:
+            return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+        except SubmitBusy:
+            self.submit_outcomes["busy"] += len(bodies)
+            raise
 
     def _submit_many_now(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
         now = self.clock.seconds()
@@ -284,12 +299,20 @@ class GossipNode(service.Service):
 
     def _accept(self, body: bytes, now: float) -> tuple[bytes, bool]:
         """One submit into the core, its effects carried out: (id, new)."""
+        outcomes = self.submit_outcomes
         if self.failed is not None:
+            outcomes["failed"] += 1
             raise StoreError(self.failed)
-        result = self.core.submit(body, now)
+        try:
+            result = self.core.submit(body, now)
+        except SubmitRejected:
+            outcomes["rejected"] += 1
+            raise
         self._apply(result.effects)
         if self.failed is not None:
+            outcomes["failed"] += 1
             raise StoreError(self.failed)
+        outcomes["stored" if result.new else "duplicate"] += 1
         return result.id, result.new
 
     def find(self, prefix: str, limit: int) -> list[Message]:
@@ -300,6 +323,28 @@ class GossipNode(service.Service):
             if m is not None:
                 out.append(m)
         return out
+
+    def arrivals(self, since: float, before: int, limit: int) -> tuple[list[Message], int]:
+        """Up to ``limit`` messages stored at or after ``since``, newest first, from
+        position ``before`` down (-1: the newest); and where the next page starts (-1:
+        done). Arrival order follows this node's clock, so the walk stops at the first
+        older message."""
+        end = len(self.store) if before < 0 else min(before, len(self.store))
+        start = max(0, end - limit)
+        out: list[Message] = []
+        ids = self.store.ids_from(start, end - start)
+        for mid in reversed(ids):
+            m = self.store.get(mid)
+            if m is None:
+                continue
+            if m.received_at < since:
+                return out, -1
+            out.append(m)
+        return out, (start if start > 0 else -1)
+
+    def client_connections(self) -> int:
+        """Client (AMP) connections open on this node's client ports."""
+        return sum(port.open for port in self.client_ports)
 
     def message_count(self) -> int:
         return len(self.store)
@@ -337,6 +382,8 @@ class GossipNode(service.Service):
                     "since": s.since,
                     "times_up": s.times_up,
                     "last_error": s.last_error,
+                    "times_down": s.times_down,
+                    "recent_downs": list(s.recent_downs),
                 }
                 for s in self.links.status()
             ],
@@ -378,7 +425,7 @@ class GossipNode(service.Service):
                 self._congestion(peer, False)  # what is sent to it from now on is dropped
 
     def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
-        self.traffic.received(frame, size)
+        self.traffic.received(peer, frame, size)
         self._apply(self.core.receive(peer, frame, self.clock.seconds()))
 
     def tick(self) -> None:
@@ -415,7 +462,7 @@ class GossipNode(service.Service):
                 if data is None:
                     data = encoded[key] = codec.encode(effect.frame)
                 if self.links.send(effect.peer, data):
-                    self.traffic.sent(effect.frame, len(data))
+                    self.traffic.sent(effect.peer, effect.frame, len(data))
             elif isinstance(effect, StreamMessages):
                 self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
@@ -453,7 +500,7 @@ class GossipNode(service.Service):
             for peer, envelopes in outbox.items():
                 for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
                     if self.links.send(peer, data):
-                        self.traffic.sent_kind("gossip", len(data), count)
+                        self.traffic.sent_kind(peer, "gossip", len(data), count)
         if self.watchers:
             self.notify_watchers()
 

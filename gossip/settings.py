@@ -360,6 +360,12 @@ NODE_KEYS: tuple[Setting[object], ...] = (
         "client endpoint gclient and the Python API dial",
     ),
     Setting(
+        "web_listen",
+        ENDPOINT,
+        "",
+        "server endpoint of the node's HTTP site (/metrics for Prometheus); none when left out",
+    ),
+    Setting(
         "neighbours",
         NODE_IDS,
         (),
@@ -384,7 +390,7 @@ def _show_default(s: Setting[object]) -> str:
     if s.kind == NODE_IDS:
         return "required"
     if s.kind == ENDPOINT:
-        return f"`{s.default}`"
+        return f"`{s.default}`" if s.default else "—"
     if s.kind == PATH and s.default == "":
         return "none" if s in CLUSTER_SETTINGS else "the cluster's"
     if s.kind == INTEGER and s.default == 0:

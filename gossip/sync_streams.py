@@ -113,5 +113,5 @@ class SyncStreams:
                 return
             data = codec.encode(frame)
             self.links.send(peer, data)
-            self.traffic.sent(frame, len(data))
+            self.traffic.sent(peer, frame, len(data))
             yield self.links.when_writable(peer)

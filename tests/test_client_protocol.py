@@ -149,11 +149,19 @@ def test_submitted_message_is_stored_with_receive_time(h: Harness) -> None:
 
 @pytest.mark.parametrize("length", [ID_CHARS, 10, 4], ids=["full-id", "10-chars", "4-chars"])
 def test_get_by_id_or_prefix(h: Harness, length: int) -> None:
-    """Get by the full id or a unique 10- or 4-character prefix returns body, path and time."""
+    """Get by the full id or a unique 10- or 4-character prefix returns body, path and time,
+    and how the node got it (a submit here) with its redundant copies (none)."""
     mid = h.call(Submit, body="Cherry")["id"]
     h.call(Submit, body="Damson")
     r = h.call(Get, id=mid[:length])
-    assert r == {"id": mid, "body": "Cherry", "received_at": NOW, "path": []}
+    assert r == {
+        "id": mid,
+        "body": "Cherry",
+        "received_at": NOW,
+        "path": [],
+        "via": "submit",
+        "duplicates": 0,
+    }
 
 
 def test_get_returns_the_path_of_a_relayed_message(h: Harness) -> None:

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from gossip.client.commands import (
     BATCH_BYTES,
     MAX_BODY_LIMIT,
+    Arrivals,
     Delivered,
     Get,
     ListMessages,
@@ -82,6 +83,10 @@ class StoredMessage:
     body: str
     received_at: float
     path: tuple[int, ...]
+    # How this node got it and the redundant copies since; what the node reports about
+    # its copy, not part of the message (left out of equality). "" / -1: not known.
+    via: str = attrs.field(default="", eq=False)
+    duplicates: int = attrs.field(default=-1, eq=False)
 
 
 class ClientAMP(amp.AMP):
@@ -327,7 +332,26 @@ class GossipClient:
     async def get_message(self, msg_id: str) -> StoredMessage:
         """The message with this id or unique id prefix (raises NotFound, AmbiguousId, BadId)."""
         r = await self._call(Get, id=msg_id)
-        return StoredMessage(r["id"], r["body"], r["received_at"], tuple(r["path"]))
+        return StoredMessage(
+            r["id"],
+            r["body"],
+            r["received_at"],
+            tuple(r["path"]),
+            r.get("via") or "",
+            r.get("duplicates", -1) if r.get("duplicates") is not None else -1,
+        )
+
+    async def arrivals(self, since: float) -> list[dict[str, Any]]:
+        """Every message the node stored at or after ``since`` (its clock), newest first:
+        id, received_at, path, via, duplicates, size (see the ``Arrivals`` command)."""
+        out: list[dict[str, Any]] = []
+        before = -1
+        while True:
+            r = await self._call(Arrivals, since=since, before=before)
+            out.extend(dict(a) for a in r["arrivals"])
+            before = r["next"]
+            if before < 0:
+                return out
 
     async def iter_pages(self) -> AsyncIterator[list[tuple[str, str]]]:
         """Every (id, body) the node holds, a page at a time, in the node's arrival order."""

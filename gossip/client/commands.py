@@ -21,6 +21,8 @@ PAGE_BYTES = 60_000
 BATCH_BYTES = 60_000
 # Raw 16-byte ids per ListIds page (under the value limit).
 IDS_PER_PAGE = 4000
+# Entries per Arrivals page: 22-character ids, a path of up to a few dozen hops.
+ARRIVALS_PER_PAGE = 200
 # The largest message body a node may be configured to accept (one per page).
 MAX_BODY_LIMIT = PAGE_BYTES - 200
 
@@ -104,7 +106,10 @@ class SubmitMany(amp.Command):
 
 
 class Get(amp.Command):
-    """Look a message up by its id or a unique prefix of it."""
+    """Look a message up by its id or a unique prefix of it. ``via`` says how it came
+    (submit, gossip, sync) and ``duplicates`` how many redundant copies arrived since;
+    both are known for the node's recent messages only ("" and -1 otherwise, and
+    missing from older nodes)."""
 
     arguments = [(b"id", amp.Unicode())]
     response = [
@@ -112,6 +117,8 @@ class Get(amp.Command):
         (b"body", amp.Unicode()),
         (b"received_at", amp.Float()),
         (b"path", amp.ListOf(amp.Integer())),
+        (b"via", amp.Unicode(optional=True)),
+        (b"duplicates", amp.Integer(optional=True)),
     ]
     errors = {
         **COMMON_ERRORS,
@@ -147,6 +154,32 @@ class Delivered(amp.Command):
 
     arguments = [(b"start", amp.Integer()), (b"ids", amp.String())]
     requiresAnswer = False
+
+
+class Arrivals(amp.Command):
+    """The messages this node stored at or after ``since`` (its clock), newest first,
+    from position ``before`` down (-1: from the newest): per message its id, arrival
+    time, path, how it came and its redundant copies (-1: not known). At most
+    ``ARRIVALS_PER_PAGE``; ``next`` is the ``before`` of the next page, -1 when done."""
+
+    arguments = [(b"since", amp.Float()), (b"before", amp.Integer())]
+    response = [
+        (
+            b"arrivals",
+            amp.AmpList(
+                [
+                    (b"id", amp.Unicode()),
+                    (b"received_at", amp.Float()),
+                    (b"path", amp.ListOf(amp.Integer())),
+                    (b"via", amp.Unicode()),
+                    (b"duplicates", amp.Integer()),
+                    (b"size", amp.Integer()),
+                ]
+            ),
+        ),
+        (b"next", amp.Integer()),
+    ]
+    errors = COMMON_ERRORS
 
 
 class ListMessages(amp.Command):
@@ -221,6 +254,8 @@ class Status(amp.Command):
                     (b"since", amp.Float()),
                     (b"times_up", amp.Integer()),
                     (b"last_error", amp.Unicode()),
+                    (b"times_down", amp.Integer(optional=True)),
+                    (b"recent_downs", amp.ListOf(amp.Float(), optional=True)),
                 ]
             ),
         ),

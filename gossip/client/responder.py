@@ -22,9 +22,11 @@ from zope.interface import implementer
 
 from gossip import logs, settings
 from gossip.client.commands import (
+    ARRIVALS_PER_PAGE,
     IDS_PER_PAGE,
     PAGE_BYTES,
     AmbiguousId,
+    Arrivals,
     BadId,
     Delivered,
     Get,
@@ -233,7 +235,9 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.log.debug(
-            "closing a client connection idle for {seconds:g} s", seconds=self.limits.idle_timeout
+            "closing a client connection idle for {seconds:g} s",
+            node=self.node.node_id,
+            seconds=self.limits.idle_timeout,
         )
         if self.transport is not None:
             # Nothing is owed to it: do not wait for it to read what is buffered.
@@ -304,11 +308,13 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         skipped = self._bad_requests.due()
         if skipped is None:
             return
-        peer = getattr(self.transport.getPeer(), "host", "?") if self.transport else "?"
+        client = getattr(self.transport.getPeer(), "host", "?") if self.transport else "?"
+        # "peer" is a neighbour's node id in every log event; a client is "client".
         self.log.warn(
-            "bad client request {command} from {peer}: {why}{more}",
+            "bad client request {command} from {client}: {why}{more}",
+            node=self.node.node_id,
             command=command,
-            peer=peer,
+            client=client,
             why=why,
             more=f" ({skipped} more bad requests not logged)" if skipped else "",
         )
@@ -415,12 +421,33 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
             shown = ", ".join(id_text(m.id) for m in matches[:4])
             raise AmbiguousId(f"{id} matches several messages: {shown}")
         m = matches[0]
+        via, duplicates = self.node.core.arrivals.of(m.id)
         return {
             "id": id_text(m.id),
             "body": m.text,
             "received_at": m.received_at,
             "path": list(m.path),
+            "via": via,
+            "duplicates": duplicates,
         }
+
+    @Arrivals.responder
+    def arrivals(self, since: float, before: int) -> dict[str, Any]:
+        messages, after = self.node.arrivals(since, before, ARRIVALS_PER_PAGE)
+        rows = []
+        for m in messages:
+            via, duplicates = self.node.core.arrivals.of(m.id)
+            rows.append(
+                {
+                    "id": id_text(m.id),
+                    "received_at": m.received_at,
+                    "path": list(m.path),
+                    "via": via,
+                    "duplicates": duplicates,
+                    "size": len(m.body),
+                }
+            )
+        return {"arrivals": rows, "next": after}
 
     @ListMessages.responder
     def list_messages(self, start: int, limit: int) -> dict[str, Any]:
@@ -522,6 +549,7 @@ class ClientFactory(ServerFactory):
         self.limits = limits
         self.open = 0
         self.per_source: dict[str, int] = {}
+        node.client_ports.append(self)
         self._refusals = LogThrottle(node.clock, limits.log_interval)
         self._bad_requests = LogThrottle(node.clock, limits.log_interval)
 
@@ -554,6 +582,7 @@ class ClientFactory(ServerFactory):
             return
         self.log.warn(
             "refusing a client connection from {source}: {why}{more}",
+            node=self.node.node_id,
             source=source,
             why=why,
             more=f" ({skipped} more refused since the last report)" if skipped else "",

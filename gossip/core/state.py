@@ -14,6 +14,7 @@ from typing import Protocol
 import attrs
 
 from gossip import settings
+from gossip.core.arrivals import Arrivals
 from gossip.core.dissemination import Dissemination
 from gossip.core.effects import (
     BAD_MESSAGE,
@@ -128,6 +129,8 @@ class GossipCore:
         self.relay_quota = KeyedBuckets(RELAY_HEADROOM * origin_rate, RELAY_HEADROOM * origin_burst)
         # Submits refused by origin_rate (shown in status beside the client ones).
         self.submits_rate_limited = 0
+        # Messages stored and redundant copies dropped, by route (and per recent message).
+        self.arrivals = Arrivals()
         self.up: frozenset[int] = frozenset()
         self.tree = FingerprintTree(store.ids())
         self.sync = SyncEngine(
@@ -140,6 +143,7 @@ class GossipCore:
             raise SubmitRejected(problem)
         mid = message_id(body)
         if mid in self.store:
+            self.arrivals.duplicate(mid, "submit")
             return SubmitResult(mid, False, [])
         if not self.origin_quota.take(now):
             self.submits_rate_limited += 1
@@ -147,6 +151,7 @@ class GossipCore:
                 f"rate limit: node {self.node_id} takes at most {self.origin_quota.rate:g}"
                 " new messages per second from its clients; retry later"
             )
+        self.arrivals.stored_new(mid, "submit")
         effects: list[Effect] = [self._persist(Message(mid, body, now, ()))]
         effects += self.strategy.on_new(Envelope(mid, body, ()), None, self.up)
         return SubmitResult(mid, True, effects)
@@ -199,12 +204,14 @@ class GossipCore:
                 effects.append(env)
                 return effects
             if env.id in fresh or env.id in self.store:
+                self.arrivals.duplicate(env.id, "gossip")
                 effects += self.strategy.on_duplicate(env, peer)
                 continue
             if not self.relay_quota.take(env.path[0], now):
                 self.refused[ORIGIN_RATE_LIMITED] += 1
                 continue
             fresh.add(env.id)
+            self.arrivals.stored_new(env.id, "gossip")
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
             effects += self.strategy.on_new(env, peer, self.up)
         return effects
@@ -227,8 +234,10 @@ class GossipCore:
             if isinstance(env, DropPeer):
                 return [*effects, env]
             if env.id in fresh or env.id in self.store:
+                self.arrivals.duplicate(env.id, "sync")
                 continue
             fresh.add(env.id)
+            self.arrivals.stored_new(env.id, "sync")
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
             learned += 1
         return effects + self.sync.on_data(peer, frame, learned, self.up, now)

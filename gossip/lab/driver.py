@@ -105,7 +105,7 @@ class Driver:
         if c is not None and c.proto.transport is not None:  # AMP clears it on loss
             return c
         spec = self.config.node(node)
-        c = await GossipClient.connect(self.reactor, spec.host, spec.client_port, CONNECT_TIMEOUT)
+        c = await GossipClient.connect_endpoint(self.reactor, spec.client_address, CONNECT_TIMEOUT)
         self.clients[node] = c
         return c
 

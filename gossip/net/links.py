@@ -38,6 +38,7 @@ certificate names (so also the one we dialed).
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -83,6 +84,8 @@ STABLE_AFTER = 2.0
 HANDSHAKE_LOG_BURST = 20
 HANDSHAKE_LOG_PER_SECOND = 1.0
 # What a refused peer is told: nothing about this cluster or its neighbours.
+# Down times remembered per link (for flaps over a window: gclient --cluster-stats).
+RECENT_DOWNS = 64
 REFUSED = "handshake refused (the reason is in the refusing node's log)"
 
 
@@ -111,6 +114,9 @@ class Link:
     incarnation: int = 0
     times_up: int = 0
     last_error: str = ""
+    times_down: int = 0  # an up link went down (a flap, when it comes back)
+    # When it last went down (for flaps over a window), newest last; bounded.
+    recent_downs: deque[float] = attrs.field(factory=lambda: deque(maxlen=RECENT_DOWNS))
 
 
 @attrs.frozen
@@ -121,6 +127,8 @@ class LinkStatus:
     since: float
     times_up: int
     last_error: str
+    times_down: int = 0
+    recent_downs: tuple[float, ...] = ()
 
 
 class PeerClientFactory(ReconnectingClientFactory):
@@ -313,7 +321,7 @@ class LinkTable:
             return
         if dropped:
             fmt += " ({dropped} similar lines left out)"
-        self.log.warn(fmt, dropped=dropped, **fields)
+        self.log.warn(fmt, node=self.node_id, dropped=dropped, **fields)
 
     def hello(self) -> codec.Hello:
         return codec.Hello(codec.PROTOCOL_VERSION, self.cluster, self.node_id, self.incarnation)
@@ -329,10 +337,19 @@ class LinkTable:
         if kind is not None:
             self.disconnects[kind] = self.disconnects.get(kind, 0) + 1
         if proto.established:
-            self.log.warn("closing link to {who}: {reason}", who=proto.describe(), reason=reason)
+            self.log.warn(
+                "closing link to {who}: {reason}",
+                node=self.node_id,
+                peer=proto.peer,
+                who=proto.describe(),
+                reason=reason,
+            )
         else:
             self._warn_handshake(
-                "closing link to {who}: {reason}", who=proto.describe(), reason=reason
+                "closing link to {who}: {reason}",
+                peer=proto.peer,
+                who=proto.describe(),
+                reason=reason,
             )
 
     def handshake_frame(self, proto: PeerProtocol, frame: codec.AnyFrame) -> None:
@@ -379,7 +396,11 @@ class LinkTable:
         now = self.clock.seconds()
         link.since = now
         link.last_error = proto.closing_reason or reason.getErrorMessage()
-        self.log.info("link to node {peer} down: {why}", peer=peer, why=link.last_error)
+        link.times_down += 1
+        link.recent_downs.append(now)
+        self.log.info(
+            "link to node {peer} down: {why}", node=self.node_id, peer=peer, why=link.last_error
+        )
         self.events.down(peer)
         if self._stopping:
             return
@@ -408,7 +429,7 @@ class LinkTable:
         if link.state == UP or self._stopping:
             return  # we stopped this dial ourselves: the link is up through the neighbour's
         link.last_error = f"dial {link.address} failed: {reason.getErrorMessage()}"
-        self.log.debug("{error}", error=link.last_error)
+        self.log.debug("{error}", node=self.node_id, peer=peer, error=link.last_error)
 
     # -- used by the node --------------------------------------------------
 
@@ -446,6 +467,8 @@ class LinkTable:
                 link.since,
                 link.times_up,
                 link.last_error,
+                link.times_down,
+                tuple(link.recent_downs),
             )
             for link in self.links.values()
         ]
@@ -538,6 +561,7 @@ class LinkTable:
         self._set_dialing(link, proto)
         self.log.info(
             "link to node {peer} up ({direction})",
+            node=self.node_id,
             peer=link.peer,
             direction="outbound" if proto.outbound else "inbound",
         )

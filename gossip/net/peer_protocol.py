@@ -252,6 +252,11 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
                 kind=NOT_READING,
             )
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held back while the transport is full (bounded by max_pending_bytes)."""
+        return self._pending_bytes
+
     def when_writable(self) -> Deferred[None]:
         """Fires when the transport drains (or the connection ends)."""
         d: Deferred[None] = Deferred()

@@ -167,6 +167,7 @@ from twisted.python.failure import Failure
 
 from gossip import logs
 from gossip.core.message import ID_BYTES, Message
+from gossip.latency import LatencyHistogram
 from gossip.store.interface import StoreError, ids_between
 
 MAGIC = b"GSPLOG1\n"
@@ -595,6 +596,8 @@ class LogStore:
         self._closed = False
         self._fsyncs = 0
         self._last_fsync = 0.0
+        # Every fsync of appends, timed (gossip_store_fsync_seconds).
+        self.fsync_latency = LatencyHistogram()
         self._duplicates_at_open = recovered.duplicates
 
     # -- opening -------------------------------------------------------------
@@ -955,6 +958,7 @@ class LogStore:
             raise StoreError(self._broken) from None
         self._fsyncs += 1
         self._last_fsync = time.monotonic() - started
+        self.fsync_latency.observe(self._last_fsync)
 
     def _schedule(self) -> None:
         """Make sure an fsync starts within batch_interval (or right after the one in flight)."""
@@ -991,6 +995,7 @@ class LogStore:
         self._in_flight = False
         self._fsyncs += 1
         self._last_fsync = seconds
+        self.fsync_latency.observe(seconds)
         self._durable = max(self._durable, target)
         self._fire_waiters(None)
         if not self._closed and self._durable < self._end:
