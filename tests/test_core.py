@@ -9,8 +9,7 @@ from gossip.core.dissemination import Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send
 from gossip.core.frames import Envelope, GossipFrame, IHaveFrame, PeerFrame
 from gossip.core.message import ID_BYTES, Message, message_id
-from gossip.core.paths import REFUSALS
-from gossip.core.state import GossipCore, SubmitRejected
+from gossip.core.state import REFUSED_KEYS, GossipCore, SubmitRejected
 from gossip.store.memory import MemoryStore
 
 MAX_BODY = 64
@@ -229,7 +228,7 @@ def test_refused_envelope_drops_the_message_not_the_link(reason: str) -> None:
     )
     assert [p.message.body for p in persists(effects)] == [b"first", b"after"]
     assert [type(e) for e in effects] == [Persist, Send, Persist, Send]
-    assert core.refused == {r: int(r == reason) for r in REFUSALS}
+    assert core.refused == {r: int(r == reason) for r in REFUSED_KEYS}
     assert core.receive(2, frame(env(b"nowhere", ())), NOW) == []
     assert core.refused["path_not_from_sender"] == 1 + (reason == "path_not_from_sender")
 

@@ -171,6 +171,7 @@ from twisted.python.failure import Failure
 
 from gossip import logs
 from gossip.core.message import ID_BYTES, Message
+from gossip.latency import LatencyHistogram
 from gossip.store.fsync_pacing import FsyncPacer, timed_sync
 from gossip.store.interface import StoreError, ids_between
 
@@ -602,6 +603,8 @@ class LogStore:
         self._closed = False
         self._fsyncs = 0
         self._last_fsync = 0.0
+        # Every fsync of appends, timed (gossip_store_fsync_seconds).
+        self.fsync_latency = LatencyHistogram()
         self._duplicates_at_open = recovered.duplicates
 
     # -- opening -------------------------------------------------------------
@@ -962,6 +965,7 @@ class LogStore:
             raise StoreError(self._broken) from None
         self._fsyncs += 1
         self._last_fsync = time.monotonic() - started
+        self.fsync_latency.observe(self._last_fsync)
 
     def _schedule(self) -> None:
         """Make sure an fsync starts when the pacer says (or right after the one in flight)."""
@@ -1000,6 +1004,7 @@ class LogStore:
         self._in_flight = False
         self._fsyncs += 1
         self._last_fsync = disk_seconds
+        self.fsync_latency.observe(seconds)
         self._pacer.done(self._reactor.seconds(), seconds, disk_seconds)
         self._durable = max(self._durable, target)
         self._fire_waiters(None)
