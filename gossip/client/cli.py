@@ -103,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
         "--window", type=float, default=60.0, help="seconds back for --cluster-stats (60)"
     )
     p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    p.set_defaults(token=None, token_note="")  # filled in by main from --token-file
     p.add_argument("--full-id", action="store_true", help="print whole ids, not the short form")
     p.add_argument("--ids", action="store_true", help="with --list: print 'id<TAB>message'")
     p.add_argument(
