@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from gossip import pidfile
 from gossip.client.api import GossipClient, NodeUnreachable
-from gossip.config import ClusterConfig, ConfigError, dump_config, load_config
+from gossip.config import ClusterConfig, ConfigError, dump_config, load_config, web_url
 from gossip.core.message import message_id, short_id
 from gossip.locations import state_dir
 from gossip.topology import generate_config
@@ -480,6 +480,7 @@ def _cluster_file(args: argparse.Namespace, directory: Path) -> tuple[Path, Clus
     config = generate_config(
         args.nodes if args.nodes is not None else 16,
         base_peer_port=args.base_port if args.base_port is not None else 17000,
+        web=True,
     )
     text = dump_config(config)
     if path.exists():
@@ -570,10 +571,18 @@ def ready_banner(config: ClusterConfig, config_path: Path, directory: Path) -> s
     ctl = _command_name("gossip-cluster")
     apple = short_id(message_id(b"Apple"))
     third = ids[min(2, len(ids) - 1)]
+    web = web_url(config.nodes[first].web_listen)
+    metrics = (
+        f"  dashboard: {web}dashboard/ (any node's web_listen shows the whole cluster)\n"
+        f"  metrics: {web}metrics (each node on its web_listen)\n"
+        if web
+        else ""
+    )
     return (
         f"{len(ids)} nodes of cluster '{config.name}' are up, every link connected.\n"
         f"  config: {config_path}\n"
         f"  logs:   {directory}/node-N/node.log\n"
+        f"{metrics}"
         f"In another terminal:\n"
         f'  {gclient} --id {first} --message "Apple"\n'
         f"  {gclient} --id {ids[min(4, len(ids) - 1)]} --msgID {apple}\n"

@@ -40,7 +40,7 @@ from gossip.store.log import MAGIC, encode_record
 from gossip.wire import codec
 
 # Examples per target: together well under a minute on a loaded 2-core machine.
-EXAMPLES = {"codec": 600, "peer": 250, "core": 300, "amp": 250, "log": 200}
+EXAMPLES = {"codec": 500, "peer": 200, "core": 250, "amp": 200, "log": 150}
 # Seconds one input may take here before it counts as a hang.
 INPUT_SECONDS = 10.0
 
@@ -162,7 +162,7 @@ def test_command_name_that_is_not_ascii_is_unhandled() -> None:
 DAMAGE = [k for k in KINDS if k != "truncate"]
 
 
-@settings(max_examples=150, derandomize=True, database=None, deadline=None)
+@settings(max_examples=100, derandomize=True, database=None, deadline=None)
 @given(
     messages=st.lists(inputs.MESSAGES, min_size=1, max_size=6),
     which=st.integers(0, 5),
@@ -184,8 +184,11 @@ def test_log_recovery_keeps_every_record_but_the_damaged_one(
     with watchdog(INPUT_SECONDS):
         got = log_target.recovered_ids(content)
     others = [m.id for i, m in enumerate(messages) if i != k]
-    kept = [mid for mid in got if mid in set(others)]
-    assert kept == list(dict.fromkeys(others)), f"log: {content.hex()}"
+    assert set(others) <= set(got), f"log: {content.hex()}"
+    # In order, but for the damaged record's own id: damage such as a byte inserted
+    # before it leaves that record intact, so it may be recovered (first) too.
+    expected = [mid for mid in dict.fromkeys(others) if mid != messages[k].id]
+    assert [mid for mid in got if mid in set(expected)] == expected, f"log: {content.hex()}"
 
 
 # -- the long-run command ----------------------------------------------------------

@@ -8,7 +8,8 @@ escapes ``dataReceived``, nothing is logged as critical or with a traceback
 (AMP logs a responder's unexpected exception that way and answers it with
 ``UNKNOWN``), every error answer is one the commands declare, reading always
 resumes, the framing buffer stays within one AMP value, and afterwards another
-client still submits.
+client still submits. On a node with a client token, a connection that never
+sent the token stores nothing.
 """
 
 from __future__ import annotations
@@ -43,14 +44,17 @@ DECLARED = {b"UNHANDLED"} | {
 }
 # Clock turns allowed for a held connection to resume reading.
 RESUME_TURNS = 20
+# The client token of a node that has one (bit 7 of the input's first byte).
+TOKEN = b"fuzz-token"
 
 
 class AmpRun:
-    def __init__(self) -> None:
+    def __init__(self, token: bytes | None = None) -> None:
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1000.0)
         self.store = MemoryStore()
         self.node = GossipNode(_CONFIG, NODE, self.store, self.reactor)
+        self.node.client_token = token  # as read from client_token_file
 
     def connect(self) -> tuple[ClientProtocol, StringTransport]:
         proto = ClientProtocol(self.node, LIMITS)
@@ -67,11 +71,13 @@ class AmpRun:
 
 
 def amp_stream(data: bytes) -> None:
-    """``data``: a chunk-size byte (``CHUNKS``), then the bytes the client sends."""
+    """``data``: a byte (bits 0-6: the chunk size, ``CHUNKS``; bit 7: the node has the
+    client token ``TOKEN``), then the bytes the client sends."""
     if not data:
         return
-    run = AmpRun()
-    chunk = CHUNKS[data[0] % len(CHUNKS)]
+    token = TOKEN if data[0] & 0x80 else None
+    run = AmpRun(token)
+    chunk = CHUNKS[(data[0] & 0x7F) % len(CHUNKS)]
     stream = data[1:]
     limit = 2 + amp.BinaryBoxProtocol._MAX_VALUE_LENGTH
     with captured_log() as events:
@@ -95,6 +101,8 @@ def amp_stream(data: bytes) -> None:
             raise FuzzFailure("a closed connection is still watching")
         check_log(events)
     check_answers(transport.value())
+    if token is not None and token not in stream and len(run.store):
+        raise FuzzFailure(f"{len(run.store)} messages stored from a client without the token")
     check_alive(run)
 
 
@@ -115,7 +123,8 @@ def check_answers(written: bytes) -> None:
 def check_alive(run: AmpRun) -> None:
     proto, transport = run.connect()
     box = amp.AmpBox(_command=b"Submit", _ask=b"1", body=b"still alive")
-    proto.dataReceived(box.serialize())
+    login = amp.AmpBox(_command=b"Login", _ask=b"0", token=run.node.client_token or b"")
+    proto.dataReceived(login.serialize() + box.serialize())
     run.reactor.advance(0)
     answers = amp.parseString(transport.value())
     if not any(b.get(amp.ANSWER) == b"1" and b"id" in b for b in answers):

@@ -33,7 +33,7 @@ from gossip.core.frames import (
 )
 from gossip.core.message import ID_BYTES, Message, message_id
 from gossip.core.sync import make_key
-from gossip.fuzz import frame_targets, log_target, peer_target
+from gossip.fuzz import amp_target, frame_targets, log_target, peer_target
 from gossip.fuzz.harness import KINDS, Mutation, apply_mutations
 from gossip.wire import codec
 
@@ -208,6 +208,10 @@ def _command_args() -> dict[str, st.SearchStrategy[dict[str, Any]]]:
         "ListMessages": st.fixed_dictionaries({"start": ints, "limit": ints}),
         "Watch": st.fixed_dictionaries({"start": ints}),
         "Status": st.just({}),
+        "Login": st.fixed_dictionaries(
+            {"token": st.one_of(st.just(amp_target.TOKEN), st.binary(max_size=12))}
+        ),
+        "Arrivals": st.fixed_dictionaries({"since": st.floats(allow_nan=True), "before": ints}),
         "Delivered": st.fixed_dictionaries({"start": ints, "ids": st.binary(max_size=32)}),
     }
 
