@@ -33,7 +33,7 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from gossip.config import ClusterConfig, dump_config
+from gossip.config import ClusterConfig, address_description, dump_config, listen_description
 from gossip.lab.driver import network_namespace
 from gossip.lab.netns import Netns, sweep_leftovers
 from gossip.topology import generate_config
@@ -62,7 +62,17 @@ def lab_config(netns: Netns, name: str = "lab") -> ClusterConfig:
     """A degree-3 cluster whose node i is at its lab address, same ports everywhere."""
     base = generate_config(netns.size, name=name)
     nodes = {
-        n: attrs.evolve(spec, host=netns.address(n), peer_port=PEER_PORT, client_port=CLIENT_PORT)
+        n: attrs.evolve(
+            spec,
+            host=netns.address(n),
+            peer_port=PEER_PORT,
+            client_port=CLIENT_PORT,
+            peer_listen=listen_description(netns.address(n), PEER_PORT),
+            peer_address=address_description(netns.address(n), PEER_PORT),
+            client_listen=listen_description(netns.address(n), CLIENT_PORT),
+            client_address=address_description(netns.address(n), CLIENT_PORT),
+            web_listen=None,
+        )
         for n, spec in base.nodes.items()
     }
     return attrs.evolve(base, nodes=nodes, **LAB_TIMERS)  # type: ignore[arg-type]
