@@ -19,7 +19,6 @@ import atexit
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -33,6 +32,7 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from gossip.cluster import installed_command
 from gossip.config import ClusterConfig, address_description, dump_config, listen_description
 from gossip.lab.driver import network_namespace
 from gossip.lab.netns import Netns, sweep_leftovers
@@ -80,17 +80,9 @@ def lab_config(netns: Netns, name: str = "lab") -> ClusterConfig:
 
 def node_command() -> list[str]:
     """``gossip-node`` of this interpreter's environment."""
-    beside = Path(sys.executable).parent / "gossip-node"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("gossip-node")
-    if found:
-        return [found]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from gossip.tap import run_node; sys.exit(run_node())",
-    ]
+    return installed_command(
+        "gossip-node", "import sys; from gossip.tap import run_node; sys.exit(run_node())"
+    )
 
 
 class NodeProcess(ProcessProtocol):
