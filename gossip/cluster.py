@@ -35,15 +35,21 @@ from gossip.locations import state_dir
 from gossip.topology import generate_config
 
 
-def twistd_command() -> list[str]:
-    """The twistd of this interpreter's environment (a venv's bin/ first)."""
-    beside = Path(sys.executable).parent / "twistd"
+def installed_command(script: str, fallback_code: str) -> list[str]:
+    """The console script ``script`` of this interpreter's environment (a venv's bin/
+    first, then PATH), else this interpreter running ``fallback_code``."""
+    beside = Path(sys.executable).parent / script
     if beside.exists():
         return [str(beside)]
-    found = shutil.which("twistd")
+    found = shutil.which(script)
     if found:
         return [found]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    return [sys.executable, "-c", fallback_code]
+
+
+def twistd_command() -> list[str]:
+    """The twistd of this interpreter's environment."""
+    return installed_command("twistd", "from twisted.scripts.twistd import run; run()")
 
 
 class NodeProcess(ProcessProtocol):
@@ -331,20 +337,26 @@ def free_port_base(count: int, attempts: int = 50) -> int:
     top = min(_ephemeral_low(), 65536) - count
     for _ in range(attempts):
         base = rng.randrange(10000, max(top, 10001))
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
+        if ports_free(base, count):
             return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
     raise RuntimeError("no free block of loopback ports")
+
+
+def ports_free(base: int, count: int) -> bool:
+    """Whether loopback ports base .. base+count-1 can all be bound now."""
+    socks = []
+    try:
+        for port in range(base, base + count):
+            s = socket.socket()
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
 
 
 def tail(path: Path) -> str:

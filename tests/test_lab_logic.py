@@ -27,6 +27,9 @@ def test_lab_cluster_file_puts_each_node_at_its_lab_address() -> None:
     assert {(s.peer_port, s.client_port) for s in config.nodes.values()} == {
         (PEER_PORT, CLIENT_PORT)
     }
+    for i, s in config.nodes.items():  # what nodes bind and dial, not only the shorthand
+        assert s.peer_listen == f"tcp:{PEER_PORT}:interface=10.77.0.{i}"
+        assert s.client_address == f"tcp:host=10.77.0.{i}:port={CLIENT_PORT}"
     assert config.sync_interval == LAB_TIMERS["sync_interval"]
     assert config.idle_timeout == LAB_TIMERS["idle_timeout"]
     assert parse_config(dump_config(config)) == config

@@ -340,3 +340,27 @@ def test_summaries_are_honest_about_missing_data() -> None:
     assert s["full_coverage_seconds_p50"] == pytest.approx(0.2)
     assert s["redundant_copies_per_message"] == 1 and s["link_flaps"] == 1
     assert s["resync_messages"] == 1 and s["resync_body_bytes"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_follow_that_falls_behind_stops_with_one_line(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--follow holds at most FOLLOW_BACKLOG ids not yet printed: a follower that falls
+    further behind stops with one line saying so instead of queueing without bound."""
+    from twisted.internet import reactor
+
+    config, _ = cluster
+    monkeypatch.setattr(cli, "FOLLOW_BACKLOG", 0)
+    monkeypatch.setattr(cli, "_out", lambda line: None)
+    client = await GossipClient.connect_node(reactor, 4, config)
+    args = cli.parser().parse_args(["--id", "4", "--follow"])
+    follow = defer.ensureDeferred(cli._follow(client, args))
+    try:
+        sender = await GossipClient.connect_node(reactor, 1, config)
+        await sender.submit_message("Damson")
+        sender.close()
+        with pytest.raises(cli.CliError, match="behind"):
+            await follow.addTimeout(10, reactor)
+    finally:
+        client.close()

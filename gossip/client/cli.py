@@ -331,6 +331,10 @@ def _message_json(m: Any) -> dict[str, Any]:
     }
 
 
+# Ids a --follow may hold not yet printed (16 bytes each).
+FOLLOW_BACKLOG = 100_000
+
+
 async def _follow(client: GossipClient, args: argparse.Namespace) -> None:
     """Print each message as the node holds it durably, from now on, until the node
     closes the connection (or Ctrl-C). Bodies are fetched one at a time, in order."""
@@ -347,13 +351,26 @@ async def _follow(client: GossipClient, args: argparse.Namespace) -> None:
     status = await client.status()
     now = status["store"][0]["durable"] if status["store"] else status["message_count"]
 
+    behind = [False]
+
     def delivered(_start: int, ids: list[bytes]) -> None:
+        # Bounded: a follower printing slower than the node receives falls behind by at
+        # most FOLLOW_BACKLOG ids, then stops with one line instead of growing.
+        if len(queue.pending) + len(ids) > FOLLOW_BACKLOG:
+            behind[0] = True
+            queue.put(None)
+            return
         for mid in ids:
             queue.put(mid)
 
     await client.watch(delivered, start=now)
     while True:
         mid = await queue.get()
+        if behind[0]:
+            raise CliError(
+                f"fell over {FOLLOW_BACKLOG} messages behind {client.name}; follow again,"
+                " or use --list"
+            )
         if mid is None:
             raise CliError(f"{client.name} closed the connection")
         m = await client.get_message(id_text(mid))

@@ -19,7 +19,6 @@ import atexit
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -33,7 +32,8 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from gossip.config import ClusterConfig, dump_config
+from gossip.cluster import installed_command
+from gossip.config import ClusterConfig, address_description, dump_config, listen_description
 from gossip.lab.driver import network_namespace
 from gossip.lab.netns import Netns, sweep_leftovers
 from gossip.topology import generate_config
@@ -62,7 +62,17 @@ def lab_config(netns: Netns, name: str = "lab") -> ClusterConfig:
     """A degree-3 cluster whose node i is at its lab address, same ports everywhere."""
     base = generate_config(netns.size, name=name)
     nodes = {
-        n: attrs.evolve(spec, host=netns.address(n), peer_port=PEER_PORT, client_port=CLIENT_PORT)
+        n: attrs.evolve(
+            spec,
+            host=netns.address(n),
+            peer_port=PEER_PORT,
+            client_port=CLIENT_PORT,
+            peer_listen=listen_description(netns.address(n), PEER_PORT),
+            peer_address=address_description(netns.address(n), PEER_PORT),
+            client_listen=listen_description(netns.address(n), CLIENT_PORT),
+            client_address=address_description(netns.address(n), CLIENT_PORT),
+            web_listen=None,
+        )
         for n, spec in base.nodes.items()
     }
     return attrs.evolve(base, nodes=nodes, **LAB_TIMERS)  # type: ignore[arg-type]
@@ -70,17 +80,9 @@ def lab_config(netns: Netns, name: str = "lab") -> ClusterConfig:
 
 def node_command() -> list[str]:
     """``gossip-node`` of this interpreter's environment."""
-    beside = Path(sys.executable).parent / "gossip-node"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("gossip-node")
-    if found:
-        return [found]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from gossip.tap import run_node; sys.exit(run_node())",
-    ]
+    return installed_command(
+        "gossip-node", "import sys; from gossip.tap import run_node; sys.exit(run_node())"
+    )
 
 
 class NodeProcess(ProcessProtocol):
