@@ -29,21 +29,27 @@ from twisted.python.failure import Failure
 
 from gossip import pidfile
 from gossip.client.api import GossipClient, NodeUnreachable
-from gossip.config import ClusterConfig, ConfigError, dump_config, load_config
+from gossip.config import ClusterConfig, ConfigError, dump_config, load_config, web_url
 from gossip.core.message import message_id, short_id
 from gossip.locations import state_dir
 from gossip.topology import generate_config
 
 
-def twistd_command() -> list[str]:
-    """The twistd of this interpreter's environment (a venv's bin/ first)."""
-    beside = Path(sys.executable).parent / "twistd"
+def installed_command(script: str, fallback_code: str) -> list[str]:
+    """The console script ``script`` of this interpreter's environment (a venv's bin/
+    first, then PATH), else this interpreter running ``fallback_code``."""
+    beside = Path(sys.executable).parent / script
     if beside.exists():
         return [str(beside)]
-    found = shutil.which("twistd")
+    found = shutil.which(script)
     if found:
         return [found]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    return [sys.executable, "-c", fallback_code]
+
+
+def twistd_command() -> list[str]:
+    """The twistd of this interpreter's environment."""
+    return installed_command("twistd", "from twisted.scripts.twistd import run; run()")
 
 
 class NodeProcess(ProcessProtocol):
@@ -331,20 +337,26 @@ def free_port_base(count: int, attempts: int = 50) -> int:
     top = min(_ephemeral_low(), 65536) - count
     for _ in range(attempts):
         base = rng.randrange(10000, max(top, 10001))
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
+        if ports_free(base, count):
             return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
     raise RuntimeError("no free block of loopback ports")
+
+
+def ports_free(base: int, count: int) -> bool:
+    """Whether loopback ports base .. base+count-1 can all be bound now."""
+    socks = []
+    try:
+        for port in range(base, base + count):
+            s = socket.socket()
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
 
 
 def tail(path: Path) -> str:
@@ -480,6 +492,7 @@ def _cluster_file(args: argparse.Namespace, directory: Path) -> tuple[Path, Clus
     config = generate_config(
         args.nodes if args.nodes is not None else 16,
         base_peer_port=args.base_port if args.base_port is not None else 17000,
+        web=True,
     )
     text = dump_config(config)
     if path.exists():
@@ -570,10 +583,18 @@ def ready_banner(config: ClusterConfig, config_path: Path, directory: Path) -> s
     ctl = _command_name("gossip-cluster")
     apple = short_id(message_id(b"Apple"))
     third = ids[min(2, len(ids) - 1)]
+    web = web_url(config.nodes[first].web_listen)
+    metrics = (
+        f"  dashboard: {web}dashboard/ (any node's web_listen shows the whole cluster)\n"
+        f"  metrics: {web}metrics (each node on its web_listen)\n"
+        if web
+        else ""
+    )
     return (
         f"{len(ids)} nodes of cluster '{config.name}' are up, every link connected.\n"
         f"  config: {config_path}\n"
         f"  logs:   {directory}/node-N/node.log\n"
+        f"{metrics}"
         f"In another terminal:\n"
         f'  {gclient} --id {first} --message "Apple"\n'
         f"  {gclient} --id {ids[min(4, len(ids) - 1)]} --msgID {apple}\n"

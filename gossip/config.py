@@ -17,6 +17,10 @@ Format::
     tls_ca = "tls/ca-bundle.crt"   # CA certificates peers must be signed by (a bundle)
     tls_cert = "tls/node-{id}.crt" # each node's certificate and key; {id} = the node's id;
     tls_key = "tls/node-{id}.key"  # paths are relative to the cluster file's directory
+    client_token_file = "client.token"  # clients must Login with this token (default: none)
+    client_read_without_token = false   # true: reading needs no token (submitting does)
+    # Rates and bounds (client_submit_rate, origin_rate, client_max_connections, ...):
+    # see gossip.settings and the README's configuration reference.
 
     [[node]]                       # one table per node, at least one
     id = 1                         # integer, 0 <= id < 2**31, unique
@@ -32,6 +36,7 @@ Format::
     client_address = "tcp:host=gossip-0.gossip:port=17101"
     tls_cert = "/etc/gossip/node.crt"  # optional: this node's files instead of the
     tls_key = "/etc/gossip/node.key"   # cluster's tls_cert / tls_key
+    client_token_file = "..."          # optional: this node's client token file
 
 host, peer_port and client_port are needed only for the endpoints they derive.
 The [cluster] keys, their defaults and bounds are declared in ``gossip.settings``.
@@ -92,6 +97,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "web_url",
 ]
 
 DEGREE = 3
@@ -176,6 +182,19 @@ def address_key(description: str) -> tuple[str, str, str]:
     return "tcp", kw.get("port", rest[0] if rest else ""), host
 
 
+def web_url(listen: str | None) -> str | None:
+    """``http://HOST:PORT/`` for a TCP ``web_listen`` (a wildcard interface: 127.0.0.1)."""
+    if listen is None:
+        return None
+    kind, port, interface = listen_key(listen)
+    if kind != "tcp":
+        return None
+    if interface in _WILDCARDS:
+        interface = "127.0.0.1"
+    host = f"[{interface}]" if ":" in interface else interface
+    return f"http://{host}:{port}/"
+
+
 def _machine(spec: NodeSpec) -> str:
     """Which host a node runs on, as far as the file tells: its host, else its peer address's."""
     if spec.host is not None:
@@ -211,6 +230,10 @@ class NodeSpec:
     # This node's TLS files when the file names them for it (else the cluster's).
     tls_cert: str | None = None
     tls_key: str | None = None
+    # This node's client token file when the file names one for it (else the cluster's).
+    client_token_file: str | None = None
+    # The HTTP site (metrics, dashboard): only when the file gives it; never derived.
+    web_listen: str | None = None
 
 
 @attrs.frozen
@@ -242,6 +265,23 @@ class ClusterConfig:
     tls_ca: str = settings.TLS_CA.default
     tls_cert: str = settings.TLS_CERT.default
     tls_key: str = settings.TLS_KEY.default
+    client_token_file: str = settings.CLIENT_TOKEN_FILE.default
+    client_read_without_token: bool = settings.CLIENT_READ_WITHOUT_TOKEN.default
+    client_submit_rate: int = settings.CLIENT_SUBMIT_RATE.default
+    client_submit_burst: int = settings.CLIENT_SUBMIT_BURST.default
+    origin_rate: int = settings.ORIGIN_RATE.default
+    origin_burst: int = settings.ORIGIN_BURST.default
+    client_max_connections: int = settings.CLIENT_MAX_CONNECTIONS.default
+    client_max_per_source: int = settings.CLIENT_MAX_PER_SOURCE.default
+    client_idle_timeout: float = settings.CLIENT_IDLE_TIMEOUT.default
+    client_max_outstanding: int = settings.CLIENT_MAX_OUTSTANDING.default
+    client_max_buffered_bytes: int = settings.CLIENT_MAX_BUFFERED_BYTES.default
+    client_max_watchers: int = settings.CLIENT_MAX_WATCHERS.default
+    max_waiting_submit_bytes: int = settings.MAX_WAITING_SUBMIT_BYTES.default
+    peer_max_handshakes: int = settings.PEER_MAX_HANDSHAKES.default
+    peer_max_handshakes_per_source: int = settings.PEER_MAX_HANDSHAKES_PER_SOURCE.default
+    peer_hello_timeout: float = settings.PEER_HELLO_TIMEOUT.default
+    peer_max_queued_bytes: int = settings.PEER_MAX_QUEUED_BYTES.default
     # Where the config came from (a path or "<string>"); not part of equality.
     source: str = attrs.field(default="<string>", eq=False)
 
@@ -269,6 +309,16 @@ class ClusterConfig:
             path(spec.tls_cert if spec.tls_cert is not None else self.tls_cert),
             path(spec.tls_key if spec.tls_key is not None else self.tls_key),
         )
+
+    def client_token_path(self, node_id: int) -> str | None:
+        """Node ``node_id``'s client token file (``{id}`` replaced, relative to the cluster
+        file's directory), or None when its clients need no token."""
+        spec = self.node(node_id)
+        template = spec.client_token_file or self.client_token_file
+        if not template:
+            return None
+        base = os.path.dirname(self.source) if not self.source.startswith("<") else ""
+        return os.path.join(base, template.replace("{id}", str(node_id)))
 
     def edges(self) -> list[tuple[int, int]]:
         """Every link once, as sorted (low id, high id) pairs."""
@@ -349,7 +399,10 @@ def dump_config(config: ClusterConfig) -> str:
     """TOML text for ``config``, with per-node neighbours lists."""
     lines = [f"# gossip cluster {config.name!r}: {len(config.nodes)} nodes", "[cluster]"]
     for s in settings.CLUSTER_SETTINGS:
-        lines.append(f"{s.name} = {_toml_value(getattr(config, s.name))}")
+        value = getattr(config, s.name)
+        if s.kind == settings.PATH and value == "":
+            continue  # an optional file that is not set (client_token_file)
+        lines.append(f"{s.name} = {_toml_value(value)}")
     for spec in config.nodes.values():
         lines += ["", "[[node]]", f"id = {spec.id}"]
         for key in ("host", "peer_port", "client_port"):
@@ -360,10 +413,12 @@ def dump_config(config: ClusterConfig) -> str:
             value = getattr(spec, key)
             if value != _derived(spec, key):
                 lines.append(f"{key} = {_toml_str(value)}")
-        for key in ("tls_cert", "tls_key"):
+        for key in ("tls_cert", "tls_key", "client_token_file"):
             value = getattr(spec, key)
             if value is not None:
                 lines.append(f"{key} = {_toml_str(value)}")
+        if spec.web_listen is not None:
+            lines.append(f"web_listen = {_toml_str(spec.web_listen)}")
         lines.append(f"neighbours = [{', '.join(str(nb) for nb in spec.neighbours)}]")
     return "\n".join(lines) + "\n"
 
@@ -660,11 +715,16 @@ class _Checker:
                         self.fail(f"{where}.{key}", f"port {port} is already used by {ports[addr]}")
                     ports[addr] = f"{where}.{key}"
             files = {
-                key: self.get_str(t, key, where) for key in ("tls_cert", "tls_key") if key in t
+                key: self.get_str(t, key, where)
+                for key in ("tls_cert", "tls_key", "client_token_file")
+                if key in t
             }
-            spec = NodeSpec(node_id, host, peer, client, (), **given, **files)
+            web = self.get_str(t, "web_listen", where) if "web_listen" in t else None
+            spec = NodeSpec(node_id, host, peer, client, (), **given, **files, web_listen=web)
             for key in ENDPOINT_KEYS:
                 self.endpoint(getattr(spec, key), key.endswith("listen"), f"{where}.{key}")
+            if web is not None:
+                self.endpoint(web, True, f"{where}.web_listen")
             nodes[node_id] = spec
         self.unique_endpoints(nodes, where_id)
         return nodes
@@ -716,8 +776,10 @@ class _Checker:
         for node_id, spec in nodes.items():
             where = where_id[node_id]
             machine = _machine(spec)
-            for key in ("peer_listen", "client_listen"):
+            for key in ("peer_listen", "client_listen", "web_listen"):
                 field = f"{where}.{key}"
+                if getattr(spec, key) is None:
+                    continue
                 kind, port, interface = listen_key(getattr(spec, key))
                 for (okind, _, ointerface), other in listens.get((machine, port), []):
                     wildcard = interface in _WILDCARDS or ointerface in _WILDCARDS

@@ -30,7 +30,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 
-from gossip import logs
+from gossip import logs, settings
+from gossip.client.tokens import TokenError, read_token
 from gossip.config import ClusterConfig
 from gossip.core.dissemination import Dissemination, Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
@@ -40,9 +41,10 @@ from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
 from gossip.net.links import LinkEvents, LinkTable
+from gossip.net.peer_protocol import NOT_READING
 from gossip.net.tls import PeerTLS, TLSSetupError, load_peer_tls
 from gossip.store.interface import MessageStore, StoreError
-from gossip.submit_gate import SubmitGate
+from gossip.submit_gate import SubmitBusy, SubmitGate
 from gossip.sync_streams import SyncStreams
 from gossip.traffic import Traffic
 from gossip.wire import codec
@@ -62,8 +64,11 @@ LINK_STALL_SECONDS = 30.0
 # A node whose TLS certificate expires sooner than this warns at start.
 CERT_EXPIRY_WARNING = datetime.timedelta(days=30)
 # Body bytes of submits that may wait while a neighbour's link is full; beyond it a
-# submit is refused at once as "busy" (retryable).
-MAX_WAITING_SUBMIT_BYTES = 4 * 1024 * 1024
+# submit is refused at once as "busy" (retryable). The setting max_waiting_submit_bytes.
+MAX_WAITING_SUBMIT_BYTES = settings.MAX_WAITING_SUBMIT_BYTES.default
+# What became of a client's submit: a new message stored, one already held, refused
+# (size, encoding), refused as busy (retryable), or not stored (the store failed).
+SUBMIT_OUTCOMES = ("stored", "duplicate", "rejected", "busy", "failed")
 
 
 def frame_limit(max_body: int) -> int:
@@ -108,8 +113,12 @@ class GossipNode(service.Service):
             config.nodes,
             sync_interval=config.sync_interval,
             sync_timeout=config.sync_timeout,
+            origin_rate=config.origin_rate,
+            origin_burst=config.origin_burst,
         )
         self.peer_tls = self._load_tls(config, node_id)
+        # The token clients must Login with (None: the client port needs none).
+        self.client_token = self._load_client_token(config, node_id)
         self.links = LinkTable(
             node_id=node_id,
             cluster=config.name,
@@ -123,6 +132,10 @@ class GossipNode(service.Service):
             reconnect_max_delay=config.reconnect_max_delay,
             ping_interval=config.ping_interval,
             idle_timeout=config.idle_timeout,
+            hello_timeout=config.peer_hello_timeout,
+            max_pending_bytes=config.peer_max_queued_bytes,
+            max_unidentified=config.peer_max_handshakes,
+            max_handshakes_per_source=config.peer_max_handshakes_per_source,
             incarnation=incarnation,
             send_delay=send_delay,
             tls=self.peer_tls,
@@ -133,10 +146,18 @@ class GossipNode(service.Service):
         # so they add nothing to what cannot be sent; reads and relaying go on.
         # Per full link: since when it has not drained (a stalled one is dropped).
         self._congested: dict[int, float] = {}
-        self.submits = SubmitGate(MAX_WAITING_SUBMIT_BYTES, lambda f: self.clock.callLater(0, f))
+        # Client submits by outcome (Prometheus: gossip_submits_total{outcome}).
+        self.submit_outcomes: dict[str, int] = dict.fromkeys(SUBMIT_OUTCOMES, 0)
+        self.submits = SubmitGate(
+            config.max_waiting_submit_bytes, lambda f: self.clock.callLater(0, f)
+        )
         # Client connections following deliveries (Watch) that can take more pushes
         # now: one whose socket is full leaves this set until it drains.
         self.watchers: set[Any] = set()
+        # Every client connection that follows deliveries (bounded: client_max_watchers).
+        self.following: set[Any] = set()
+        # The client ports' factories (each counts its open connections, for metrics).
+        self.client_ports: list[Any] = []
         self._watchers_told = 0  # durable count every watcher in the set was pushed up to
         self._durability_wait = False
         self.failed: str | None = None  # why the store failed: every submit is refused
@@ -162,6 +183,16 @@ class GossipNode(service.Service):
         except TLSSetupError as e:
             raise StartupError(f"cluster.tls: {e}") from None
 
+    @staticmethod
+    def _load_client_token(config: ClusterConfig, node_id: int) -> bytes | None:
+        path = config.client_token_path(node_id)
+        if path is None:
+            return None
+        try:
+            return read_token(path)
+        except TokenError as e:
+            raise StartupError(f"client_token_file: {e}") from None
+
     # -- lifecycle ---------------------------------------------------------
 
     def startService(self) -> None:
@@ -181,6 +212,19 @@ class GossipNode(service.Service):
             count=len(self.store),
         )
         self._log_peer_security()
+        if self.client_token is None:
+            self.log.info(
+                "clients need no token (no client_token_file): anyone who can reach"
+                " {client_listen} can submit",
+                client_listen=spec.client_listen,
+            )
+        else:
+            self.log.info(
+                "clients must log in with the client token to submit{reads}",
+                reads=" (reading needs none)"
+                if self.config.client_read_without_token
+                else " or read",
+            )
 
     def _log_peer_security(self) -> None:
         """One line on how peer links are protected; a warning when they are not."""
@@ -218,7 +262,11 @@ class GossipNode(service.Service):
         or StoreError once the store has failed, or SubmitBusy while a neighbour's link is
         full and enough submits wait; the Deferred fails with StoreError if the store
         fails before the record is durable)."""
-        return self.submits.admit(len(body), lambda: self._submit_now(body))
+        try:
+            return self.submits.admit(len(body), lambda: self._submit_now(body))
+        except SubmitBusy:
+            self.submit_outcomes["busy"] += 1
+            raise
 
     def _submit_now(self, body: bytes) -> Deferred[tuple[bytes, bool]]:
         accepted = self._accept(body, self.clock.seconds())
@@ -231,7 +279,11 @@ class GossipNode(service.Service):
         accepted body and the reason for each refused one, in order (waits, or raises
         SubmitBusy, as ``submit`` does)."""
         size = sum(len(b) for b in bodies)
-        return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+        try:
+            return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+        except SubmitBusy:
+            self.submit_outcomes["busy"] += len(bodies)
+            raise
 
     def _submit_many_now(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
         now = self.clock.seconds()
@@ -247,12 +299,20 @@ class GossipNode(service.Service):
 
     def _accept(self, body: bytes, now: float) -> tuple[bytes, bool]:
         """One submit into the core, its effects carried out: (id, new)."""
+        outcomes = self.submit_outcomes
         if self.failed is not None:
+            outcomes["failed"] += 1
             raise StoreError(self.failed)
-        result = self.core.submit(body, now)
+        try:
+            result = self.core.submit(body, now)
+        except SubmitRejected:
+            outcomes["rejected"] += 1
+            raise
         self._apply(result.effects)
         if self.failed is not None:
+            outcomes["failed"] += 1
             raise StoreError(self.failed)
+        outcomes["stored" if result.new else "duplicate"] += 1
         return result.id, result.new
 
     def find(self, prefix: str, limit: int) -> list[Message]:
@@ -263,6 +323,28 @@ class GossipNode(service.Service):
             if m is not None:
                 out.append(m)
         return out
+
+    def arrivals(self, since: float, before: int, limit: int) -> tuple[list[Message], int]:
+        """Up to ``limit`` messages stored at or after ``since``, newest first, from
+        position ``before`` down (-1: the newest); and where the next page starts (-1:
+        done). Arrival order follows this node's clock, so the walk stops at the first
+        older message."""
+        end = len(self.store) if before < 0 else min(before, len(self.store))
+        start = max(0, end - limit)
+        out: list[Message] = []
+        ids = self.store.ids_from(start, end - start)
+        for mid in reversed(ids):
+            m = self.store.get(mid)
+            if m is None:
+                continue
+            if m.received_at < since:
+                return out, -1
+            out.append(m)
+        return out, (start if start > 0 else -1)
+
+    def client_connections(self) -> int:
+        """Client (AMP) connections open on this node's client ports."""
+        return sum(port.open for port in self.client_ports)
 
     def message_count(self) -> int:
         return len(self.store)
@@ -280,6 +362,10 @@ class GossipNode(service.Service):
             "sync": [attrs.asdict(self.core.sync.counters)],
             # Messages dropped (links kept) for a path or size this node must refuse.
             "refused": [{"reason": r, "count": n} for r, n in self.core.refused.items()],
+            # Peer connections closed for breaking the rules, by reason.
+            "disconnects": [
+                {"reason": r, "count": n} for r, n in sorted(self.links.disconnects.items())
+            ],
             "store": [
                 {
                     "policy": stats["policy"],
@@ -296,6 +382,8 @@ class GossipNode(service.Service):
                     "since": s.since,
                     "times_up": s.times_up,
                     "last_error": s.last_error,
+                    "times_down": s.times_down,
+                    "recent_downs": list(s.recent_downs),
                 }
                 for s in self.links.status()
             ],
@@ -331,11 +419,13 @@ class GossipNode(service.Service):
         neighbour is not reading, and holding on would hold every new submit."""
         for peer, since in list(self._congested.items()):
             if now - since >= LINK_STALL_SECONDS:
-                self.links.drop(peer, f"link full for {LINK_STALL_SECONDS:g} s without draining")
+                self.links.drop(
+                    peer, f"link full for {LINK_STALL_SECONDS:g} s without draining", NOT_READING
+                )
                 self._congestion(peer, False)  # what is sent to it from now on is dropped
 
     def _frame(self, peer: int, frame: PeerFrame, size: int) -> None:
-        self.traffic.received(frame, size)
+        self.traffic.received(peer, frame, size)
         self._apply(self.core.receive(peer, frame, self.clock.seconds()))
 
     def tick(self) -> None:
@@ -372,11 +462,11 @@ class GossipNode(service.Service):
                 if data is None:
                     data = encoded[key] = codec.encode(effect.frame)
                 if self.links.send(effect.peer, data):
-                    self.traffic.sent(effect.frame, len(data))
+                    self.traffic.sent(effect.peer, effect.frame, len(data))
             elif isinstance(effect, StreamMessages):
                 self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
-                self.links.drop(effect.peer, effect.reason)
+                self.links.drop(effect.peer, effect.reason, effect.kind)
 
     def _store_failed(self, error: StoreError) -> None:
         """The log cannot take records (disk full, failed fsync): the node must stop, as
@@ -410,7 +500,7 @@ class GossipNode(service.Service):
             for peer, envelopes in outbox.items():
                 for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
                     if self.links.send(peer, data):
-                        self.traffic.sent_kind("gossip", len(data), count)
+                        self.traffic.sent_kind(peer, "gossip", len(data), count)
         if self.watchers:
             self.notify_watchers()
 

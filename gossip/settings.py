@@ -154,6 +154,146 @@ TLS_KEY: Setting[str] = Setting(
     "PEM file of a node's private key (`{id}` is the node's id)",
 )
 
+CLIENT_TOKEN_FILE: Setting[str] = Setting(
+    "client_token_file",
+    PATH,
+    "",
+    "file holding the token a client must present (AMP `Login`) to submit, and to read"
+    " unless `client_read_without_token`; `{id}` is the node's id (none: no client"
+    " authentication, one warning at start)",
+)
+CLIENT_READ_WITHOUT_TOKEN: Setting[bool] = Setting(
+    "client_read_without_token",
+    BOOLEAN,
+    False,
+    "with a client token: true lets clients without it read (`Get`, `ListMessages`,"
+    " `ListIds`, `Watch`, `Status`); submitting always needs the token",
+)
+CLIENT_SUBMIT_RATE: Setting[int] = Setting(
+    "client_submit_rate",
+    INTEGER,
+    2000,
+    "messages per second one client connection may submit (token bucket; over it a"
+    ' submit is refused with the retryable "rate limit")',
+    low=1,
+    high=10_000_000,
+)
+CLIENT_SUBMIT_BURST: Setting[int] = Setting(
+    "client_submit_burst",
+    INTEGER,
+    4000,
+    "messages one client connection may submit at once beyond its rate",
+    low=1,
+    high=10_000_000,
+)
+ORIGIN_RATE: Setting[int] = Setting(
+    "origin_rate",
+    INTEGER,
+    5000,
+    "new messages per second a node accepts from all its clients together (the node"
+    " as origin); a peer's frames may carry 2x this per origin before the excess is"
+    " dropped and counted",
+    low=1,
+    high=10_000_000,
+)
+ORIGIN_BURST: Setting[int] = Setting(
+    "origin_burst",
+    INTEGER,
+    20000,
+    "new messages a node accepts from its clients at once beyond `origin_rate` (peers:"
+    " 2x this per origin)",
+    low=1,
+    high=100_000_000,
+)
+CLIENT_MAX_CONNECTIONS: Setting[int] = Setting(
+    "client_max_connections",
+    INTEGER,
+    1024,
+    "client connections a node serves at once (over it a new one is closed at once)",
+    low=1,
+    high=1_000_000,
+)
+CLIENT_MAX_PER_SOURCE: Setting[int] = Setting(
+    "client_max_per_source",
+    INTEGER,
+    64,
+    "client connections from one source address (clients on the node's host share one)",
+    low=1,
+    high=1_000_000,
+)
+CLIENT_IDLE_TIMEOUT: Setting[float] = Setting(
+    "client_idle_timeout",
+    SECONDS,
+    120.0,
+    "a client connection with no request in progress and no `Watch` is closed after this",
+)
+CLIENT_MAX_OUTSTANDING: Setting[int] = Setting(
+    "client_max_outstanding",
+    INTEGER,
+    64,
+    "requests one client connection may have in progress; beyond it the node stops"
+    " reading that connection until answers went out",
+    low=1,
+    high=100_000,
+)
+CLIENT_MAX_BUFFERED_BYTES: Setting[int] = Setting(
+    "client_max_buffered_bytes",
+    INTEGER,
+    256 * 1024,
+    "bytes of an unfinished client request a node holds; a connection over it is closed",
+    low=70_000,
+    high=64 * 1024 * 1024,
+    why=" (one request may be 64 KiB)",
+)
+CLIENT_MAX_WATCHERS: Setting[int] = Setting(
+    "client_max_watchers",
+    INTEGER,
+    256,
+    "client connections that may follow the node (`Watch`) at once; more are refused",
+    low=1,
+    high=1_000_000,
+)
+MAX_WAITING_SUBMIT_BYTES: Setting[int] = Setting(
+    "max_waiting_submit_bytes",
+    INTEGER,
+    4 * 1024 * 1024,
+    "bytes of submits that may wait while a neighbour's link is full; beyond it submits"
+    ' are refused at once as "busy"',
+    low=65_536,
+    high=1 << 34,
+)
+PEER_MAX_HANDSHAKES: Setting[int] = Setting(
+    "peer_max_handshakes",
+    INTEGER,
+    64,
+    "inbound peer connections still in their handshake, in all",
+    low=1,
+    high=1_000_000,
+)
+PEER_MAX_HANDSHAKES_PER_SOURCE: Setting[int] = Setting(
+    "peer_max_handshakes_per_source",
+    INTEGER,
+    8,
+    "inbound peer connections still in their handshake from one source address",
+    low=1,
+    high=1_000_000,
+)
+PEER_HELLO_TIMEOUT: Setting[float] = Setting(
+    "peer_hello_timeout",
+    SECONDS,
+    3.0,
+    "an inbound peer connection must deliver its whole `Hello` within this",
+)
+PEER_MAX_QUEUED_BYTES: Setting[int] = Setting(
+    "peer_max_queued_bytes",
+    INTEGER,
+    64 * 1024 * 1024,
+    "bytes queued for a neighbour that does not read; over it the link is dropped"
+    " (it catches up by re-sync)",
+    low=1 << 20,
+    high=1 << 34,
+)
+
 # The [cluster] table, in the order the file and the reference list them.
 CLUSTER_SETTINGS: tuple[Setting[object], ...] = (
     NAME,
@@ -170,6 +310,23 @@ CLUSTER_SETTINGS: tuple[Setting[object], ...] = (
     TLS_CA,
     TLS_CERT,
     TLS_KEY,
+    CLIENT_TOKEN_FILE,
+    CLIENT_READ_WITHOUT_TOKEN,
+    CLIENT_SUBMIT_RATE,
+    CLIENT_SUBMIT_BURST,
+    ORIGIN_RATE,
+    ORIGIN_BURST,
+    CLIENT_MAX_CONNECTIONS,
+    CLIENT_MAX_PER_SOURCE,
+    CLIENT_IDLE_TIMEOUT,
+    CLIENT_MAX_OUTSTANDING,
+    CLIENT_MAX_BUFFERED_BYTES,
+    CLIENT_MAX_WATCHERS,
+    MAX_WAITING_SUBMIT_BYTES,
+    PEER_MAX_HANDSHAKES,
+    PEER_MAX_HANDSHAKES_PER_SOURCE,
+    PEER_HELLO_TIMEOUT,
+    PEER_MAX_QUEUED_BYTES,
 )
 
 # The keys of a [[node]] table (validated in gossip.config, where they depend on each other).
@@ -203,6 +360,12 @@ NODE_KEYS: tuple[Setting[object], ...] = (
         "client endpoint gclient and the Python API dial",
     ),
     Setting(
+        "web_listen",
+        ENDPOINT,
+        "",
+        "server endpoint of the node's HTTP site (/metrics for Prometheus); none when left out",
+    ),
+    Setting(
         "neighbours",
         NODE_IDS,
         (),
@@ -210,6 +373,12 @@ NODE_KEYS: tuple[Setting[object], ...] = (
     ),
     Setting("tls_cert", PATH, "", "this node's certificate, instead of `cluster.tls_cert`"),
     Setting("tls_key", PATH, "", "this node's private key, instead of `cluster.tls_key`"),
+    Setting(
+        "client_token_file",
+        PATH,
+        "",
+        "this node's client token file, instead of `cluster.client_token_file`",
+    ),
 )
 
 
@@ -221,9 +390,9 @@ def _show_default(s: Setting[object]) -> str:
     if s.kind == NODE_IDS:
         return "required"
     if s.kind == ENDPOINT:
-        return f"`{s.default}`"
+        return f"`{s.default}`" if s.default else "—"
     if s.kind == PATH and s.default == "":
-        return "the cluster's"
+        return "none" if s in CLUSTER_SETTINGS else "the cluster's"
     if s.kind == INTEGER and s.default == 0:
         return "—"
     if s.kind == STRING and s.default == "":

@@ -22,7 +22,7 @@ from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 
 from gossip import logs
-from gossip.core.effects import StreamMessages
+from gossip.core.effects import BAD_SYNC_REQUEST, StreamMessages
 from gossip.core.frames import SyncDataFrame
 from gossip.net.links import LinkTable
 from gossip.traffic import Traffic
@@ -72,7 +72,9 @@ class SyncStreams:
         if len(queue.orders) + queue.busy >= MAX_QUEUED_WANTS:
             queue.refused = True
             queue.orders.clear()
-            self.links.drop(peer, f"over {MAX_QUEUED_WANTS} re-sync requests queued")
+            self.links.drop(
+                peer, f"over {MAX_QUEUED_WANTS} re-sync requests queued", BAD_SYNC_REQUEST
+            )
             return
         queue.orders.append(order)
         if not queue.busy:
@@ -111,5 +113,5 @@ class SyncStreams:
                 return
             data = codec.encode(frame)
             self.links.send(peer, data)
-            self.traffic.sent(frame, len(data))
+            self.traffic.sent(peer, frame, len(data))
             yield self.links.when_writable(peer)

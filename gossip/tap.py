@@ -60,6 +60,13 @@ class Options(usage.Options):
         ["fsync", None, None, settings.FSYNC.help()],
         ["log-level", "l", "info", f"One of: {', '.join(logs.LEVELS)}."],
         [
+            "log-format",
+            None,
+            "text",
+            "text (human-readable) or json (one object per line, with the keys"
+            " node, peer and msg_id on every event).",
+        ],
+        [
             "link-delay",
             None,
             "0",
@@ -83,6 +90,10 @@ class Options(usage.Options):
         if self["log-level"] not in logs.LEVELS:
             raise usage.UsageError(
                 f"--log-level must be one of {', '.join(logs.LEVELS)}, got {self['log-level']!r}"
+            )
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(
+                f"--log-format must be one of {', '.join(logs.FORMATS)}, got {self['log-format']!r}"
             )
         if self["config"] is None:
             self["config"] = str(default_config())
@@ -154,7 +165,23 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         node.log.critical("{line}", line=line)
         fatal(line)
 
-    return node_services(node, reactor, _TwistdRoot(), on_fatal=listen_failed)
+    root = _TwistdRoot()
+    if options["log-format"] == "json":
+        root.log_observer = logs.json_observer(_twistd_log_stream(options))
+    return node_services(node, reactor, root, on_fatal=listen_failed)
+
+
+def _twistd_log_stream(options: Options) -> Any:
+    """Where twistd would log: its --logfile ("-" is stdout), else stdout with -n and
+    twistd.log without it."""
+    parent = getattr(options, "parent", None)
+    logfile = parent.get("logfile") if parent is not None else None
+    nodaemon = bool(parent.get("nodaemon")) if parent is not None else True
+    if logfile == "-" or (not logfile and nodaemon):
+        return sys.stdout
+    from twisted.python.logfile import LogFile
+
+    return LogFile.fromFullPath(logfile or "twistd.log")
 
 
 class ListenService(StreamServerEndpointService):
@@ -232,8 +259,11 @@ def node_services(
 ) -> service.MultiService:
     """The services of one node, in ``parent`` (a new MultiService by default):
     "node", "tick" (a TimerService), "peer-port" and "client-port" (listening on
-    the node's peer_listen and client_listen). Stopping runs in reverse: the ports
-    stop listening before the node closes its links and its store."""
+    the node's peer_listen and client_listen), and "web" (the HTTP site of
+    ``gossip.web.site`` on web_listen, when the node has one; the service's
+    ``factory`` is the site, whose ``resource`` takes more children). Stopping runs
+    in reverse: the ports stop listening before the node closes its links and its
+    store."""
     from twisted.internet.endpoints import serverFromString
 
     from gossip.client.responder import ClientFactory
@@ -254,10 +284,15 @@ def node_services(
     ticker.setName("tick")
     ticker.setServiceParent(top)
     spec = node.spec
-    for name, key, description, factory in (
+    ports: list[tuple[str, str, str, Any]] = [
         ("peer-port", "peer_listen", spec.peer_listen, node.links.server_factory()),
         ("client-port", "client_listen", spec.client_listen, ClientFactory(node)),
-    ):
+    ]
+    if spec.web_listen is not None:
+        from gossip.web.site import build_site
+
+        ports.append(("web", "web_listen", spec.web_listen, build_site(node, reactor)))
+    for name, key, description, factory in ports:
         endpoint = serverFromString(reactor, description)
         listen = ListenService(endpoint, factory, f"{key} {description}", fatal)
         listen.setName(name)
@@ -321,6 +356,7 @@ def build_node(
     from gossip.store.memory import MemoryStore
 
     logs.set_level(options["log-level"])
+    logs.set_node(options["id"])
     store: MessageStore
     if options["memory"]:
         store = MemoryStore()
@@ -350,7 +386,18 @@ def build_node(
 
 
 class _TwistdRoot(_NodeRoot):
-    """Turns a start-up failure into one line on stderr and exit status 1 under twistd."""
+    """Turns a start-up failure into one line on stderr and exit status 1 under twistd;
+    with ``--log-format json`` gives twistd the JSON observer: twistd adds this service
+    to its application, then starts logging to the application's ``ILogObserver``."""
+
+    log_observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         from gossip.node import StartupError
@@ -368,7 +415,7 @@ def run_node(argv: list[str] | None = None) -> int:
     use, an unusable data directory) or stops on a fatal error, 2 for a usage error.
     """
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
 
     from gossip.node import StartupError
 
@@ -399,7 +446,9 @@ def run_node(argv: list[str] | None = None) -> int:
         node.store.close()
         print(f"gossip-node: {e}", file=sys.stderr)
         return 1
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [logs.observer_for(options["log-format"], sys.stderr)], redirectStandardIO=False
+    )
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

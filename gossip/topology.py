@@ -271,6 +271,7 @@ LOOPBACK = "127.0.0.1"
 BASE_PORT = 17000  # one host for all: node i listens on 17000 + i (peers), 17100 + i (clients)
 PEER_PORT = 17001  # a host per node: every node listens on these two
 CLIENT_PORT = 17101
+WEB_PORT = 17201  # a host per node with --web: every node's HTTP site
 
 
 def host_names(template: str, n: int) -> list[str]:
@@ -307,6 +308,8 @@ def generate_config(
     peer_port: int | None = None,
     client_port: int | None = None,
     listen_interface: str | None = None,
+    web: bool = False,
+    web_port: int | None = None,
 ) -> ClusterConfig:
     """A cluster of n degree-3 nodes.
 
@@ -317,6 +320,10 @@ def generate_config(
     port ranges never overlap. When it gives each node its own host, every node
     uses ``peer_port`` and ``client_port`` (17001, 17101). Nodes listen on
     ``listen_interface``, by default ``default_interface(host)``.
+
+    With ``web`` (or a ``web_port``) each node also gets ``web_listen``, its HTTP
+    site: on one host at the client ports' base + 100 + i (17200 + i), with a host
+    per node at ``web_port`` (default 17201).
     """
     hosts = host_names(host, n)
     shared = len(set(hosts)) == 1 and n > 1
@@ -326,10 +333,18 @@ def generate_config(
             " --peer-port and --client-port need a --host-template with {id} or {index}"
         )
     ports: list[tuple[int, int]]
+    web = web or web_port is not None
+    web_ports: list[int] = []
     if shared or (n == 1 and peer_port is None and client_port is None):
         if base_client_port is None:
             base_client_port = base_peer_port + 100 * max(1, math.ceil(n / 100))
         top = max(base_peer_port, base_client_port) + n
+        if web:
+            if web_port is not None:
+                raise ValueError("with one host for every node, node i's web port is derived")
+            base_web = max(base_peer_port, base_client_port) + 100 * max(1, math.ceil(n / 100))
+            web_ports = [base_web + i for i in range(1, n + 1)]
+            top = base_web + n
         if min(base_peer_port, base_client_port) < 0 or top > 65535:
             raise ValueError(
                 f"ports {base_peer_port + 1}.. and {base_client_port + 1}.. for {n} nodes"
@@ -342,6 +357,11 @@ def generate_config(
         if peer == client:
             raise ValueError(f"--peer-port and --client-port are both {peer}")
         ports = [(peer, client)] * n
+        if web:
+            web_port = WEB_PORT if web_port is None else web_port
+            if web_port in (peer, client):
+                raise ValueError(f"the web port {web_port} is also the peer or client port")
+            web_ports = [web_port] * n
     adj: dict[int, list[int]] = {i: [] for i in range(1, n + 1)}
     for a, b in generate_graph(n, DEGREE, seed):
         adj[a].append(b)
@@ -360,6 +380,8 @@ def generate_config(
         if interface != node_host:
             node["peer_listen"] = listen_description(interface, peer)
             node["client_listen"] = listen_description(interface, client)
+        if web_ports:
+            node["web_listen"] = listen_description(interface, web_ports[i - 1])
         node["neighbours"] = sorted(nbs)
         nodes.append(node)
     return config_from_dict({"cluster": {"name": name}, "node": nodes}, "<generated>")
@@ -420,6 +442,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="P",
         help=f"with one host for all: node i listens for peers on P + i (default {BASE_PORT})",
     )
+    parser.add_argument(
+        "--web",
+        action="store_true",
+        help="give every node an HTTP site (web_listen: /metrics): at 17200 + id on one"
+        f" host, else at --web-port (default {WEB_PORT})",
+    )
+    parser.add_argument(
+        "--web-port",
+        type=whole(1, 65535),
+        metavar="P",
+        help="with a host per node: every node's web port (implies --web)",
+    )
     parser.add_argument("--name", default="local", help="cluster name (default local)")
     parser.add_argument("-o", "--output", metavar="FILE", help="write here, not to stdout")
     try:
@@ -449,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
             peer_port=args.peer_port,
             client_port=args.client_port,
             listen_interface=args.listen_interface,
+            web=args.web,
+            web_port=args.web_port,
         )
     except (ValueError, ConfigError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -96,6 +96,31 @@ def test_bench_hotpath_delivers_everything_and_reports_figures(tmp_path: Path) -
     assert 3 <= plumtree["payload_sends_per_broadcast"] < flood["payload_sends_per_broadcast"]
 
 
+def test_bench_hotpath_compares_every_variant_with_the_reference_relay(tmp_path: Path) -> None:
+    """The reference relay runs as a variant in the same session, the variants' order
+    rotates between rounds, both workloads report figures for every run, and each node
+    variant is quoted as a ratio to the relay. On 4 nodes (a complete graph) flooding
+    relays send 3 + 3 * 2 = 9 copies per message."""
+    out = tmp_path / "ref.json"
+    argv = [
+        "--nodes", "4", "--messages", "200", "--latency-messages", "10", "--rounds", "2",
+        "--strategy", "reference,plumtree", "--timeout", "60", "--json", str(out),
+        "--dir", str(tmp_path / "w"),
+    ]  # fmt: skip
+    r = run_main("gossip.bench.hotpath", argv)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    assert [(x["round"], x["strategy"]) for x in runs] == [
+        (1, "reference"), (1, "plumtree"), (2, "plumtree"), (2, "reference"),
+    ]  # fmt: skip
+    for x in runs:
+        assert x["messages"] == 200 and x["messages_per_second"] > 0
+        assert x["latency_p50_ms"] > 0 and x["cpu_us_per_node_message"] > 0
+    assert {x["payload_sends_per_broadcast"] for x in runs if x["strategy"] == "reference"} == {9.0}
+    assert "ratio to the reference relay" in r.stdout
+    assert "plumtree   p50 latency to the last node" in r.stdout
+
+
 def test_bench_hotpath_bad_argument_is_one_line() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "gossip.bench.hotpath", "--strategy", "gosip"],

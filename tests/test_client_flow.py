@@ -367,7 +367,7 @@ def test_a_link_full_without_draining_for_the_stall_bound_is_dropped(h: Harness)
     (its neighbour re-syncs later) and submits flow again; a link that drained and
     filled again in between made progress and is kept."""
     dropped: list[tuple[int, str]] = []
-    h.node.links.drop = lambda peer, reason: dropped.append((peer, reason))  # type: ignore[method-assign]
+    h.node.links.drop = lambda peer, reason, kind=None: dropped.append((peer, reason))  # type: ignore[method-assign]
     h.node._congestion(2, True)
     h.node._congestion(3, True)
     h.reactor.advance(20)

@@ -38,7 +38,7 @@ from gossip.client.responder import ClientProtocol
 from gossip.config import ClusterConfig, dump_config, parse_config
 from gossip.core.frames import Envelope, GossipFrame
 from gossip.core.message import ID_BYTES, ID_CHARS, Message, id_text, message_id
-from gossip.core.paths import REFUSALS
+from gossip.core.state import REFUSED_KEYS
 from gossip.node import GossipNode
 from gossip.store.log import LogStore, StoreError
 from gossip.store.memory import MemoryStore
@@ -149,11 +149,19 @@ def test_submitted_message_is_stored_with_receive_time(h: Harness) -> None:
 
 @pytest.mark.parametrize("length", [ID_CHARS, 10, 4], ids=["full-id", "10-chars", "4-chars"])
 def test_get_by_id_or_prefix(h: Harness, length: int) -> None:
-    """Get by the full id or a unique 10- or 4-character prefix returns body, path and time."""
+    """Get by the full id or a unique 10- or 4-character prefix returns body, path and time,
+    and how the node got it (a submit here) with its redundant copies (none)."""
     mid = h.call(Submit, body="Cherry")["id"]
     h.call(Submit, body="Damson")
     r = h.call(Get, id=mid[:length])
-    assert r == {"id": mid, "body": "Cherry", "received_at": NOW, "path": []}
+    assert r == {
+        "id": mid,
+        "body": "Cherry",
+        "received_at": NOW,
+        "path": [],
+        "via": "submit",
+        "duplicates": 0,
+    }
 
 
 def test_get_returns_the_path_of_a_relayed_message(h: Harness) -> None:
@@ -344,20 +352,21 @@ def test_submit_many_answers_each_body_in_order(h: Harness) -> None:
 
 def test_submits_made_in_one_turn_go_as_one_submit_many(h: Harness) -> None:
     """A GossipClient given the reactor sends the submits of one reactor turn as one
-    SubmitMany; each caller still gets its own id, or its own MessageRejected."""
+    SubmitMany; each caller still gets its own id, or its own MessageRejected (an empty
+    message is refused by the client before it is sent, so the batch has 20)."""
     api = GossipClient(h.client, "test", reactor=h.reactor)
     calls: list[int] = []
     real = h.node.submit_many
     h.node.submit_many = lambda bodies: (calls.append(len(bodies)), real(bodies))[1]  # type: ignore[method-assign]
     bodies = [f"message {i}" for i in range(20)] + [""]
     done = [Deferred.fromCoroutine(api.submit_message(b)) for b in bodies]
-    outcomes: list[object] = []
-    for d in done:
-        d.addBoth(outcomes.append)
+    outcomes: list[object] = [None] * len(done)
+    for i, d in enumerate(done):
+        d.addBoth(lambda r, i=i: outcomes.__setitem__(i, r))
     for _ in range(100):
         h.reactor.advance(0)
         h.pump.flush()
-    assert calls == [21]
+    assert calls == [20]
     assert outcomes[:20] == [id_text(message_id(b.encode())) for b in bodies[:20]]
     assert isinstance(outcomes[20], Failure) and outcomes[20].check(MessageRejected)
     assert len(h.store) == 20
@@ -618,7 +627,7 @@ def test_resync_requests_are_queued_and_only_a_far_excess_drops_the_peer() -> No
 
     h = Harness()
     dropped: list[tuple[int, str]] = []
-    h.node.links.drop = lambda peer, reason: dropped.append((peer, reason))  # type: ignore[method-assign]
+    h.node.links.drop = lambda peer, reason, kind=None: dropped.append((peer, reason))  # type: ignore[method-assign]
     h.node.links.is_up = lambda peer: True  # type: ignore[method-assign]
     orders = [StreamMessages(2, n, (), (0,)) for n in range(MAX_QUEUED_WANTS + 1)]
     h.node._apply(orders[:MAX_QUEUED_WANTS])  # type: ignore[arg-type]
@@ -639,4 +648,4 @@ def test_status_counts_messages_refused_for_their_path(h: Harness) -> None:
     h.node._frame(2, GossipFrame((looped,)), 100)
     assert message_id(b"loop") not in h.store
     rows = {r["reason"]: r["count"] for r in h.call(Status)["refused"]}
-    assert rows == {r: int(r == "path_has_receiver") for r in REFUSALS}
+    assert rows == {r: int(r == "path_has_receiver") for r in REFUSED_KEYS}

@@ -647,12 +647,19 @@ def test_cluster_config_defaults_are_the_settings_table() -> None:
 
 
 def test_every_cluster_key_is_a_setting_and_dumped() -> None:
-    """The allowed [cluster] keys are the table's names, and dump_config writes each."""
+    """The allowed [cluster] keys are the table's names, and dump_config writes each
+    (an optional file that is not set, as client_token_file by default, is left out)."""
     from gossip import settings
 
     dumped = dump_config(parse_config(k4()))
     for s in settings.CLUSTER_SETTINGS:
-        assert f"\n{s.name} = " in dumped
+        if s.kind == settings.PATH and s.default == "":
+            assert f"\n{s.name} = " not in dumped
+        else:
+            assert f"\n{s.name} = " in dumped
+    with_token = parse_config(k4().replace("[cluster]", '[cluster]\nclient_token_file = "t"'))
+    assert '\nclient_token_file = "t"' in dump_config(with_token)
+    assert parse_config(dump_config(with_token)) == with_token
 
 
 def test_readme_configuration_reference_is_the_generated_one() -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from gossip.core import state as state_module
 from gossip.core.dissemination import Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send
 from gossip.core.frames import Envelope, GossipFrame, IHaveFrame, PeerFrame
 from gossip.core.message import ID_BYTES, Message, message_id
-from gossip.core.paths import REFUSALS
-from gossip.core.state import GossipCore, SubmitRejected
+from gossip.core.state import REFUSED_KEYS, GossipCore, SubmitRejected
 from gossip.store.memory import MemoryStore
 
 MAX_BODY = 64
@@ -228,7 +228,7 @@ def test_refused_envelope_drops_the_message_not_the_link(reason: str) -> None:
     )
     assert [p.message.body for p in persists(effects)] == [b"first", b"after"]
     assert [type(e) for e in effects] == [Persist, Send, Persist, Send]
-    assert core.refused == {r: int(r == reason) for r in REFUSALS}
+    assert core.refused == {r: int(r == reason) for r in REFUSED_KEYS}
     assert core.receive(2, frame(env(b"nowhere", ())), NOW) == []
     assert core.refused["path_not_from_sender"] == 1 + (reason == "path_not_from_sender")
 
@@ -286,3 +286,27 @@ def test_peer_up_and_down_are_idempotent() -> None:
     assert core.peer_down(3, NOW) == []
     assert core.up == frozenset({2})
     assert [s.peer for s in sends(core.submit(b"x", NOW).effects)] == [2]
+
+
+def test_copy_of_a_held_message_is_deduplicated_before_its_body_is_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dedup comes before validation: a copy whose id is held (stored, or earlier in the
+    same frame) is not hashed and its body is not checked, so it costs a set lookup and
+    a path check; a copy with a held id but another body is ignored, not a reason to
+    drop the link. Its path is still checked and a bad one counted."""
+    core, store = make_core(node=1, neighbours=(2, 3, 4))
+    apply(store, core.receive(2, frame(env(b"dup", (2,))), NOW))
+    hashed: list[bytes] = []
+    real = state_module.message_id
+    monkeypatch.setattr(state_module, "message_id", lambda b: hashed.append(b) or real(b))
+    mid = message_id(b"dup")
+    assert core.receive(3, frame(Envelope(mid, b"dup", (9, 3))), NOW + 1) == []
+    assert core.receive(4, frame(Envelope(mid, b"not the body", (4,))), NOW + 1) == []
+    assert core.receive(4, frame(Envelope(mid, b"dup", (1, 4))), NOW + 1) == []
+    assert core.refused["path_has_receiver"] == 1
+    e = env(b"twice", (2,))
+    effects = core.receive(2, frame(e, e, e), NOW + 2)
+    assert [p.message.body for p in persists(effects)] == [b"twice"]
+    assert hashed == [b"twice"]
+    assert len(store) == 1

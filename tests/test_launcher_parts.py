@@ -147,6 +147,14 @@ def test_banner_shows_the_id_the_first_command_prints(tmp_path: Path) -> None:
     assert "<" not in text and ">" not in text
 
 
+def test_banner_prints_the_dashboard_address(tmp_path: Path) -> None:
+    """With web_listen (as the launcher writes it), the banner gives node 1's dashboard."""
+    config_path = tmp_path / "cluster.toml"
+    config_path.write_text(dump_config(generate_config(16, web=True)))
+    text = ready_banner(load_config(config_path), config_path, tmp_path)
+    assert "  dashboard: http://127.0.0.1:17201/dashboard/ " in text
+
+
 def test_stale_pid_files_are_cleared_and_live_nodes_kept(tmp_path: Path) -> None:
     """A pid file naming a dead process, a zombie, or a live process that is not a gossip
     node is stale and cleared; one naming a live gossip node is kept."""

@@ -33,7 +33,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger, LogLevel, formatEvent
 
 from gossip.core.message import Message, message_id
+from gossip.store import fsync_pacing
 from gossip.store import log as log_module
+from gossip.store.fsync_pacing import GAP_FACTOR, FsyncPacer
 from gossip.store.log import (
     LOG_NAME,
     MAGIC,
@@ -351,8 +353,8 @@ def test_failed_end_of_turn_write_breaks_the_store(tmp_path: Path) -> None:
     store, cap = open_store(tmp_path, reactor=clock, fsync="batch")
     written, lost = msg(1), msg(2)
     store.add(written)
-    clock.advance(0)  # the end of the turn writes msg(1)
-    waiter = store.when_durable()  # its fsync is not due before the next turn ends
+    store.write_buffered()  # msg(1) is written; its fsync is due at the end of the turn
+    waiter = store.when_durable()
     failures: list[BaseException] = []
     waiter.addErrback(lambda f: failures.append(f.value))
     broken: list[StoreError] = []
@@ -1150,9 +1152,10 @@ async def test_batch_fsync_runs_inline_while_fast_and_in_a_thread_once_slow(
 ) -> None:
     """A fast fsync runs in the reactor thread (no thread round trip); one that takes
     longer than inline_fsync_below moves the next ones to a thread, so a slow disk
-    stalls the reactor for one fsync at most; fast again, they come back inline."""
+    stalls the reactor for one fsync at most; fast again a few times (the 50 ms
+    estimate halves per fsync: 25, 12.5 ms, then under 10), they come back inline."""
     threads: list[str] = []
-    delays = [0.0, 0.05, 0.0, 0.0]
+    delays = [0.0, 0.05, 0.0, 0.0, 0.0, 0.0]
 
     def timed_fsync(fd: int) -> None:
         threads.append(threading.current_thread().name)
@@ -1163,11 +1166,96 @@ async def test_batch_fsync_runs_inline_while_fast_and_in_a_thread_once_slow(
     )
     main = threading.current_thread().name
     try:
-        for i in range(4):
+        for i in range(6):
             store.add(msg(i))
             await store.when_durable()
         assert threads[0] == main and threads[1] == main  # the slow one was inline too
-        assert threads[2] != main  # after it: a thread
-        assert threads[3] == main  # the thread's fsync was fast: inline again
+        assert main not in threads[2:5]  # after it: a thread until the estimate is low
+        assert threads[5] == main  # fast three times: inline again
+    finally:
+        store.close()
+
+
+# -- group commit pacing (gossip/store/fsync_pacing.py) --------------------------
+
+
+def test_pacer_syncs_at_once_when_quiet_and_leaves_a_gap_after_each_fsync() -> None:
+    """The next fsync is due at the end of the turn unless the last one ended less than
+    GAP_FACTOR times its own duration ago; the wait is capped; fsyncs stay inline while
+    the disk wait (not the wall time) is under the threshold, and after a slow one come
+    back inline only once the disk has been fast a few times (the estimate halves per
+    fsync)."""
+    pacer = FsyncPacer(max_delay=0.01, inline_below=0.002)
+    assert pacer.delay(100.0) == 0.0 and pacer.inline()
+    pacer.done(100.0, 0.001, 0.001)
+    gap = GAP_FACTOR * 0.001
+    assert pacer.delay(100.0) == pytest.approx(gap)
+    assert pacer.delay(100.0 + gap / 2) == pytest.approx(gap / 2)
+    assert pacer.delay(100.0 + gap) == 0.0
+    pacer.done(150.0, 0.005, 0.0001)  # slow only for want of a CPU: still inline
+    assert pacer.inline()
+    pacer.done(200.0, 0.010, 0.010)  # a slow disk: wait at most max_delay, and use a thread
+    assert pacer.delay(200.0) == pytest.approx(0.01) and not pacer.inline()
+    # Fast again: the 10 ms estimate halves per fsync (5, 2.5, 1.25 ms): inline after 3.
+    for k in range(3):
+        assert not pacer.inline()
+        pacer.done(300.0 + k, 0.0001, 0.0001)
+    assert pacer.inline()
+
+
+def test_batch_fsync_of_a_quiet_store_runs_at_the_end_of_the_turn_and_paces_under_load(
+    tmp_path: Path,
+) -> None:
+    """On a quiet store the record added in a turn is durable when the turn ends (no
+    fixed wait); right after an fsync that took d seconds, the next waits GAP_FACTOR * d
+    (here at most batch_interval, 20 ms)."""
+    clock = Clock()
+    store, _ = open_store(
+        tmp_path,
+        reactor=clock,
+        fsync="batch",
+        fsync_function=lambda fd: time.sleep(0.003),
+        inline_fsync_below=1.0,
+        batch_interval=0.02,
+    )
+    try:
+        store.add(msg(1))
+        d1 = store.when_durable()
+        clock.advance(0)
+        assert d1.called and store.stats()["fsyncs"] == 1
+        store.add(msg(2))
+        d2 = store.when_durable()
+        clock.advance(0)
+        clock.advance(0.011)
+        assert not d2.called  # the last fsync took 3 ms: wait at least 12 ms
+        clock.advance(0.009)
+        assert d2.called and store.stats()["fsyncs"] == 2
+    finally:
+        store.close()
+
+
+def test_batch_fsync_slowed_only_by_a_busy_cpu_stays_inline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync whose wall time passed the inline threshold only because its thread was
+    waiting for a CPU (the kernel's run-queue time) is not a slow disk: the next fsync
+    still runs in the reactor thread instead of paying a thread round trip."""
+    queued = iter([0.0, 0.05, 0.05, 0.05, 0.05, 0.05])
+    monkeypatch.setattr(fsync_pacing, "run_queue_seconds", lambda: next(queued))
+    threads: list[str] = []
+
+    def descheduled_fsync(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.05)  # stands for 50 ms without a CPU (the fake run-queue says so)
+
+    clock = Clock()
+    store, _ = open_store(tmp_path, reactor=clock, fsync="batch", fsync_function=descheduled_fsync)
+    try:
+        for i in range(2):
+            store.add(msg(i))
+            d = store.when_durable()
+            clock.advance(0.01)
+            assert d.called
+        assert threads == [threading.current_thread().name] * 2
     finally:
         store.close()

@@ -51,7 +51,8 @@ def test_generated_protobuf_code_is_current(tmp_path: Path) -> None:
 def test_wheel_has_plugin_and_no_plugin_cache(tmp_path: Path) -> None:
     """The wheel ships twisted/plugins/gossip_plugin.py without any dropin.cache and
     without an __init__.py that would shadow Twisted's own plugin package, and the
-    LICENSE; building it prints no setuptools deprecation warning."""
+    LICENSE and the dashboard's static files; building it prints no setuptools
+    deprecation warning."""
     src = tmp_path / "src"
     shutil.copytree(
         ROOT,
@@ -84,6 +85,8 @@ def test_wheel_has_plugin_and_no_plugin_cache(tmp_path: Path) -> None:
     assert not [n for n in names if n.endswith("dropin.cache")]
     assert "twisted/__init__.py" not in names and "twisted/plugins/__init__.py" not in names
     assert "gossip/wire/peer_pb2.pyi" in names
+    for static in ("index.html", "dashboard.js", "dashboard.css"):
+        assert f"gossip/web/static/{static}" in names
 
 
 def _copy_tree(dest: Path) -> Path:

@@ -936,7 +936,7 @@ def test_duplicate_envelope_in_one_sync_data_frame_is_stored_once() -> None:
     core, _ = make_core(1, (2,))
     core.peer_up(2, 0.0)
     env = Envelope(b"", b"twice", (2,))
-    effects = core.receive(2, SyncDataFrame(9, (env, env), True), 1.0)
+    effects = core.receive(2, SyncDataFrame(1, (env, env), True), 1.0)  # the link-up session
     assert len([e for e in effects if isinstance(e, Persist)]) == 1
     assert core.tree.total == 1
 

@@ -56,7 +56,7 @@ class FakeLinks:
         for d in waiting:
             d.callback(None)
 
-    def drop(self, peer: int, reason: str) -> None:
+    def drop(self, peer: int, reason: str, kind: str | None = None) -> None:
         self.drops.append((peer, reason))
 
 

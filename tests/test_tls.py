@@ -14,7 +14,6 @@ node stores anything a stranger sent.
 from __future__ import annotations
 
 import datetime
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from gossip import certs
+from gossip.cluster import ports_free
 from gossip.config import load_config
 from gossip.core.frames import Envelope, GossipFrame
 from gossip.core.message import message_id
@@ -90,19 +90,8 @@ def stranger_files(
 def port_block(count: int) -> int:
     """A base port in 29000-29999 with ``count`` free loopback ports from it."""
     for base in range(29000, 30000 - count, count):
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
+        if ports_free(base, count):
             return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
     raise RuntimeError("no free block of ports in 29000-29999")
 
 

@@ -9,6 +9,13 @@ bounded number of submits in flight. It times the work every node does for
 every message without the cost of separate processes; on our machines its
 figures still move by up to 20%.
 
+Every round also runs the ``reference`` variant (``gossip.bench.relay``: a
+minimal Twisted + protobuf flooding relay, no storage) on the same topology,
+alternating with the nodes (the order rotates from round to round), and the
+summary quotes each variant's median figure over the relay's: delivered-to-all
+throughput, CPU per message per node under that load, and p50 latency to the
+last node (durable, for nodes) at one message every ``--latency-interval``.
+
 ``--relay`` measures less but steadily (within a few percent): one node, with
 its neighbours' links joined to in-memory transports (``StringTransport``), is
 fed ``--messages`` messages in Gossip frames of ``--batch`` from one neighbour
@@ -28,11 +35,13 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +49,9 @@ import attrs
 from twisted.internet import defer, task
 
 from gossip.argtypes import OneLineParser, real, whole
+from gossip.bench.relay import start_relays
 from gossip.cluster import free_port_base
+from gossip.core.message import message_id
 from gossip.node import STRATEGIES, GossipNode
 from gossip.store.interface import MessageStore
 from gossip.store.log import POLICIES, LogStore
@@ -49,6 +60,9 @@ from gossip.tap import node_services
 from gossip.topology import generate_config
 
 BODY_BYTES = 100
+# The variant that runs the reference relay (gossip.bench.relay) instead of nodes.
+REFERENCE = "reference"
+WORKLOADS = ("latency", "throughput")
 ALPHABET = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:-_"
 
 
@@ -61,8 +75,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--messages", type=whole(1, 10_000_000), default=20_000)
     p.add_argument(
         "--strategy",
-        default="plumtree,flood",
-        help="comma-separated dissemination strategies, run in turn (default plumtree,flood)",
+        default=f"{REFERENCE},plumtree,flood",
+        help=f"comma-separated variants, run in turn each round: dissemination strategies and"
+        f" {REFERENCE!r}, the minimal flooding relay every figure is compared with"
+        f" (default {REFERENCE},plumtree,flood)",
+    )
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma-separated, run on each cluster in this order (default latency,throughput)",
+    )
+    p.add_argument("--latency-messages", type=whole(1, 100_000), default=200)
+    p.add_argument(
+        "--latency-interval", type=real(above=0), default=0.02, help="seconds between submits"
     )
     p.add_argument("--rounds", type=whole(1, 100), default=2, help="runs of each strategy")
     p.add_argument("--window", type=whole(1, 100_000), default=256, help="submits in flight")
@@ -82,14 +107,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
     for s in args.strategies:
-        if s not in STRATEGIES:
-            p.error(f"unknown strategy {s!r} (known: {', '.join(sorted(STRATEGIES))})")
+        if s not in STRATEGIES and s != REFERENCE:
+            known = ", ".join(sorted([*STRATEGIES, REFERENCE]))
+            p.error(f"unknown strategy {s!r} (known: {known})")
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w!r} (known: {', '.join(WORKLOADS)})")
     return args
 
 
-def bodies(n: int, seed: int) -> list[bytes]:
+def bodies(n: int, seed: int, tag: bytes = b"") -> list[bytes]:
     rnd = random.Random(seed)
-    return [bytes(rnd.choices(ALPHABET, k=BODY_BYTES)) for _ in range(n)]
+    return [tag + bytes(rnd.choices(ALPHABET, k=BODY_BYTES - len(tag))) for _ in range(n)]
 
 
 def open_store(args: argparse.Namespace, directory: Path, reactor: Any) -> MessageStore:
@@ -103,13 +133,78 @@ class BenchTimeout(Exception):
     pass
 
 
-async def run_once(
-    reactor: Any, args: argparse.Namespace, strategy: str, directory: Path, seed: int
-) -> dict[str, Any]:
+class Arrivals:
+    """When each message reached the last of ``target`` nodes (stamped in-process)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.count: dict[bytes, int] = {}
+        self.full_at: dict[bytes, float] = {}
+
+    def arrived(self, mid: bytes) -> None:
+        c = self.count.get(mid, 0) + 1
+        self.count[mid] = c
+        if c == self.target:
+            self.full_at[mid] = time.perf_counter()
+
+
+@attrs.define(eq=False)
+class DurableFeed:
+    """A node's deliveries as ``gossip-bench`` sees them through ``Watch``: the node
+    calls ``push_delivered`` when records became durable under its fsync policy."""
+
+    node: GossipNode
+    arrivals: Arrivals
+    cursor: int = 0
+
+    def push_delivered(self) -> None:
+        store = self.node.store
+        durable = store.durable_count()
+        if durable > self.cursor:
+            arrived = self.arrivals.arrived
+            for mid in store.ids_from(self.cursor, durable - self.cursor):
+                arrived(mid)
+            self.cursor = durable
+
+
+@attrs.define
+class Variant:
+    """A running cluster of one variant: submit by node index, count payload sends."""
+
+    submit: Callable[[int, bytes], defer.Deferred[Any]]
+    size: int
+    all_up: Callable[[], bool]
+    payload: Callable[[], tuple[int, int]]  # (messages sent, frames sent), all nodes
+    stop: Callable[[], defer.Deferred[Any]]
+    track: Callable[[Arrivals], None]  # count deliveries there from now on
+
+
+async def start_variant(
+    reactor: Any, args: argparse.Namespace, variant: str, directory: Path
+) -> Variant:
     config = attrs.evolve(
         generate_config(args.nodes, base_peer_port=free_port_base(2 * args.nodes + 2)),
-        dissemination=strategy,
+        dissemination="flood" if variant == REFERENCE else variant,
     )
+    if variant == REFERENCE:
+        current = [Arrivals(args.nodes)]
+        relays = await start_relays(config, reactor, lambda _n, mid: current[0].arrived(mid))
+
+        def relay_payload() -> tuple[int, int]:
+            return sum(r.messages_out for r in relays), sum(r.frames_out for r in relays)
+
+        async def stop_relays() -> None:
+            for r in relays:
+                await r.stop()
+
+        return Variant(
+            lambda i, body: defer.succeed(relays[i].submit(body)),
+            len(relays),
+            lambda: all(r.all_up() for r in relays),
+            relay_payload,
+            lambda: defer.Deferred.fromCoroutine(stop_relays()),
+            lambda arrivals: current.__setitem__(0, arrivals),
+        )
     nodes: list[GossipNode] = []
     services = []
     for i in sorted(config.nodes):
@@ -118,10 +213,46 @@ async def run_once(
         services[-1].privilegedStartService()
         services[-1].startService()
         nodes.append(node)
+    feeds = [DurableFeed(n, Arrivals(args.nodes)) for n in nodes]
+    for n, f in zip(nodes, feeds, strict=True):
+        n.watcher_ready(f)
+
+    def node_payload() -> tuple[int, int]:
+        gossip = [x.traffic.kinds.get("gossip") for x in nodes]
+        return (
+            sum(c.messages_out for c in gossip if c is not None),
+            sum(c.frames_out for c in gossip if c is not None),
+        )
+
+    def track(arrivals: Arrivals) -> None:
+        for f in feeds:
+            f.arrivals = arrivals
+
+    return Variant(
+        lambda i, body: nodes[i].submit(body),
+        len(nodes),
+        lambda: all(all(s.state == "up" for s in n.links.status()) for n in nodes),
+        node_payload,
+        lambda: defer.gatherResults([defer.maybeDeferred(s.stopService) for s in services]),
+        track,
+    )
+
+
+async def run_once(
+    reactor: Any, args: argparse.Namespace, variant: str, directory: Path, seed: int
+) -> dict[str, Any]:
+    cluster = await start_variant(reactor, args, variant, directory)
     try:
-        return await _measure(reactor, args, nodes, seed, strategy)
+        deadline = time.monotonic() + args.timeout
+        await _wait(reactor, cluster.all_up, deadline, "every link to come up")
+        result: dict[str, Any] = {"strategy": variant, "nodes": cluster.size}
+        if "latency" in args.workloads:
+            result.update(await _latency(reactor, args, cluster, seed, deadline))
+        if "throughput" in args.workloads:
+            result.update(await _throughput(reactor, args, cluster, seed, deadline))
+        return result
     finally:
-        await defer.gatherResults([defer.maybeDeferred(s.stopService) for s in services])
+        await cluster.stop()
 
 
 async def _wait(reactor: Any, until: Any, deadline: float, what: str) -> None:
@@ -131,26 +262,58 @@ async def _wait(reactor: Any, until: Any, deadline: float, what: str) -> None:
         await task.deferLater(reactor, 0.002, lambda: None)
 
 
-async def _measure(
-    reactor: Any, args: argparse.Namespace, nodes: list[GossipNode], seed: int, strategy: str
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, int(-(-p * len(ordered) // 100)) - 1))]
+
+
+async def _latency(
+    reactor: Any, args: argparse.Namespace, cluster: Variant, seed: int, deadline: float
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + args.timeout
+    """``--latency-messages`` messages, one every ``--latency-interval`` s, each at a
+    random node: time from the submit call until the last node has it durably."""
+    arrivals = Arrivals(cluster.size)
+    cluster.track(arrivals)
+    rnd = random.Random(seed + 7)
+    messages = bodies(args.latency_messages, seed + 7, tag=b"L")
+    submitted: dict[bytes, float] = {}
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    for k, body in enumerate(messages):
+        delay = t0 + k * args.latency_interval - time.perf_counter()
+        if delay > 0:
+            await task.deferLater(reactor, delay, lambda: None)
+        submitted[message_id(body)] = time.perf_counter()
+        cluster.submit(rnd.randrange(cluster.size), body)
     await _wait(
-        reactor,
-        lambda: all(all(s.state == "up" for s in n.links.status()) for n in nodes),
-        deadline,
-        "every link to come up",
+        reactor, lambda: len(arrivals.full_at) >= len(messages), deadline, "latency delivery"
     )
+    c1 = time.process_time()
+    lat = [(arrivals.full_at[m] - t) * 1000 for m, t in submitted.items()]
+    return {
+        "latency_p50_ms": _percentile(lat, 50),
+        "latency_p99_ms": _percentile(lat, 99),
+        "latency_max_ms": max(lat),
+        "latency_cpu_us_per_node_message": (c1 - c0) / len(messages) / cluster.size * 1e6,
+    }
+
+
+async def _throughput(
+    reactor: Any, args: argparse.Namespace, cluster: Variant, seed: int, deadline: float
+) -> dict[str, Any]:
+    arrivals = Arrivals(cluster.size)
+    cluster.track(arrivals)
     messages = bodies(args.messages, seed)
     rnd = random.Random(seed)
     window = defer.DeferredSemaphore(args.window)
     profiler = cProfile.Profile() if args.profile else None
+    sent0, frames0 = cluster.payload()
     t0, c0 = time.perf_counter(), time.process_time()
     if profiler is not None:
         profiler.enable()
     acks = []
     for k, body in enumerate(messages, 1):
-        acks.append(window.run(nodes[rnd.randrange(len(nodes))].submit, body))
+        acks.append(window.run(cluster.submit, rnd.randrange(cluster.size), body))
         if k % args.window == 0:
             # Let the reactor run: with stores that acknowledge at once (memory,
             # fsync "never") the window alone would submit everything in one turn.
@@ -158,23 +321,21 @@ async def _measure(
     await defer.gatherResults(acks)
     t_acked = time.perf_counter()
     n = len(messages)
-    await _wait(reactor, lambda: all(len(x.store) >= n for x in nodes), deadline, "delivery")
-    t1, c1 = time.perf_counter(), time.process_time()
+    await _wait(reactor, lambda: len(arrivals.full_at) >= n, deadline, "delivery")
+    c1 = time.process_time()
+    t1 = max(arrivals.full_at.values())
     if profiler is not None:
         profiler.disable()
-    gossip = [x.traffic.kinds.get("gossip") for x in nodes]
-    payload = sum(c.messages_out for c in gossip if c is not None)
-    frames = sum(c.frames_out for c in gossip if c is not None)
+    sent1, frames1 = cluster.payload()
+    payload, frames = sent1 - sent0, frames1 - frames0
     result: dict[str, Any] = {
-        "strategy": strategy,
-        "nodes": len(nodes),
         "messages": n,
         "seconds": t1 - t0,
         "acked_seconds": t_acked - t0,
         "messages_per_second": n / (t1 - t0),
         "cpu_seconds": c1 - c0,
         "cpu_seconds_per_1000_messages": (c1 - c0) / n * 1000,
-        "cpu_us_per_node_message": (c1 - c0) / n / len(nodes) * 1e6,
+        "cpu_us_per_node_message": (c1 - c0) / n / cluster.size * 1e6,
         "payload_sends_per_broadcast": payload / n,
         "payload_messages_per_frame": payload / frames if frames else 0.0,
         "profiled": profiler is not None,
@@ -231,7 +392,7 @@ def relay_once(args: argparse.Namespace, strategy: str, directory: Path, seed: i
 
 def run_relay(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
     results = []
-    for strategy in args.strategies:
+    for strategy in [s for s in args.strategies if s != REFERENCE]:
         runs = sorted(
             relay_once(args, strategy, base / f"relay-{strategy}-{r}", args.seed + r)
             for r in range(args.rounds)
@@ -257,31 +418,86 @@ def run_relay(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
     return results
 
 
+# (JSON key, column head, width, format) of the per-run table.
+COLUMNS = (
+    ("messages_per_second", "msg/s all", 9, ",.0f"),
+    ("cpu_us_per_node_message", "us/node-msg", 11, ".1f"),
+    ("payload_sends_per_broadcast", "sends/bcast", 11, ".2f"),
+    ("payload_messages_per_frame", "msgs/frame", 10, ".1f"),
+    ("latency_p50_ms", "p50 ms", 7, ".2f"),
+    ("latency_p99_ms", "p99 ms", 7, ".2f"),
+    ("latency_cpu_us_per_node_message", "lat us/n-m", 10, ".0f"),
+)
+# Figures quoted as a ratio to the reference relay's (median over rounds).
+RATIOS = (
+    ("messages_per_second", "throughput delivered to all"),
+    ("cpu_us_per_node_message", "CPU per message per node, throughput load"),
+    ("latency_p50_ms", "p50 latency to the last node"),
+)
+
+
+def format_row(r: dict[str, Any]) -> str:
+    cells = [f"{r['strategy']:<10}", f"{r.get('round', ''):>5}"]
+    for key, _head, width, fmt in COLUMNS:
+        value = r.get(key)
+        cells.append(f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}")
+    return " ".join(cells) + ("  (profiled)" if r.get("profiled") else "")
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
-    head = (
-        f"{'strategy':<10} {'msgs':>8} {'msg/s':>8} {'CPU s/1000':>11}"
-        f" {'us/node-msg':>12} {'sends/bcast':>12} {'msgs/frame':>11}"
-    )
-    rows = [head, "-" * len(head)]
+    head = f"{'variant':<10} {'round':>5} " + " ".join(f"{h:>{w}}" for _k, h, w, _f in COLUMNS)
+    return "\n".join([head, "-" * len(head), *(format_row(r) for r in results)])
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """variant -> figure -> its median over rounds divided by the reference's."""
+    by: dict[str, dict[str, list[float]]] = {}
     for r in results:
-        rows.append(
-            f"{r['strategy']:<10} {r['messages']:>8,} {r['messages_per_second']:>8,.0f}"
-            f" {r['cpu_seconds_per_1000_messages']:>11.3f} {r['cpu_us_per_node_message']:>12.1f}"
-            f" {r['payload_sends_per_broadcast']:>12.2f} {r['payload_messages_per_frame']:>11.1f}"
-            + ("  (profiled)" if r["profiled"] else "")
-        )
+        for key, _what in RATIOS:
+            if r.get(key) is not None:
+                by.setdefault(r["strategy"], {}).setdefault(key, []).append(r[key])
+    ref = by.get(REFERENCE)
+    if not ref:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for variant, figures in by.items():
+        if variant == REFERENCE:
+            continue
+        out[variant] = {
+            key: _median(values) / _median(ref[key])
+            for key, values in figures.items()
+            if ref.get(key) and _median(ref[key]) > 0
+        }
+    return out
+
+
+def format_ratios(table: dict[str, dict[str, float]]) -> str:
+    rows = [f"ratio to the reference relay (median over rounds; {REFERENCE} = 1)"]
+    for variant, figures in table.items():
+        for key, what in RATIOS:
+            if key in figures:
+                rows.append(f"  {variant:<10} {what:<42} {figures[key]:6.2f}")
     return "\n".join(rows)
 
 
 async def run(reactor: Any, args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
+    """Every variant once per round, the order rotated from round to round."""
     results = []
+    print(format_table([]), flush=True)
     for r in range(args.rounds):
-        for strategy in args.strategies:
-            directory = base / f"{strategy}-r{r + 1}"
-            result = await run_once(reactor, args, strategy, directory, args.seed + r)
+        k = r % len(args.strategies)
+        for variant in args.strategies[k:] + args.strategies[:k]:
+            directory = base / f"{variant}-r{r + 1}"
+            result = await run_once(reactor, args, variant, directory, args.seed + r)
             result["round"] = r + 1
             results.append(result)
-            print(format_table([result]).splitlines()[-1], flush=True)
+            print(format_row(result), flush=True)
     return results
 
 
@@ -316,9 +532,12 @@ def main(argv: list[str] | None = None) -> int:
             reactor.stop()
 
     print(
-        f"gossip-bench-hotpath: {args.nodes} nodes in one process, {args.messages:,} messages"
-        f" of {BODY_BYTES} bytes, {args.window} in flight, store {args.store}"
-        + (f" (fsync {args.fsync})" if args.store == "log" else ""),
+        f"gossip-bench-hotpath: {args.nodes} nodes in one process over loopback TCP;"
+        f" {', '.join(args.workloads)}; {BODY_BYTES}-byte bodies; latency:"
+        f" {args.latency_messages} messages every {args.latency_interval * 1000:g} ms;"
+        f" throughput: {args.messages:,} messages, {args.window} in flight; store {args.store}"
+        + (f" (fsync {args.fsync})" if args.store == "log" else "")
+        + f"; load {os.getloadavg()[0]:.1f}; rounds alternate the variants",
         flush=True,
     )
     reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(body()))
@@ -327,8 +546,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gossip-bench-hotpath: {outcome['error']}", file=sys.stderr)
         return 1
     results = outcome["results"]
-    print()
-    print(format_table(results))
+    table = ratios(results)
+    if table:
+        print()
+        print(format_ratios(table))
     for r in results:
         if "profile" in r:
             print(f"\nprofile of {r['strategy']} round {r['round']}:\n{r['profile']}")

@@ -1,4 +1,4 @@
-"""The output of ``gossip-bench``: the table, the JSON file and the latency plot.
+"""The output of ``gossip-bench``: the table, the JSON file and the plots.
 
 The table has one row per figure and one column per run (each variant's
 rounds side by side); with several variants, a last column per extra variant
@@ -222,43 +222,80 @@ def plot_unavailable() -> str | None:
 
 
 def write_plot(result: Mapping[str, Any], path: Path) -> None:
-    """Latency distributions (CDF) of the latency and wan runs, one panel per workload."""
+    """One figure: a latency distribution (CDF) panel per workload that has latencies
+    (latency, wan, throughput) and, for throughput runs, throughput over time."""
     # Imported here: matplotlib is an optional extra (gossip[bench]).
     matplotlib: Any = importlib.import_module("matplotlib")
     matplotlib.use("Agg")
     plt: Any = importlib.import_module("matplotlib.pyplot")
 
-    workloads = [w for w in result["settings"]["workloads"] if w in ("latency", "wan")]
-    if not workloads:
-        raise ValueError("no latency or wan runs to plot")
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
-    for ax, workload in zip(axes[0], workloads, strict=True):
-        for run in result["runs"]:
-            if run["workload"] != workload:
-                continue
-            lat = run.get("latencies_ms") or []
-            if not lat:
-                continue
-            ys = [(i + 1) / len(lat) for i in range(len(lat))]
-            line = ax.step(
-                lat, ys, where="post", label=f"{run['strategy']} r{run['round']} durable"
-            )
-            stamped = run.get("stamped_latencies_ms") or []
-            if stamped:
-                ys = [(i + 1) / len(stamped) for i in range(len(stamped))]
-                ax.step(
-                    stamped,
-                    ys,
-                    where="post",
-                    linestyle="--",
-                    color=line[0].get_color(),
-                    label=f"{run['strategy']} r{run['round']} node clocks",
-                )
-        ax.set_title(f"{workload}: submit to last of {result['settings']['nodes']} nodes")
-        ax.set_xlabel("ms")
-        ax.set_ylabel("fraction of messages")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+    runs = result["runs"]
+    workloads = [
+        w
+        for w in result["settings"]["workloads"]
+        if any(r["workload"] == w and r.get("latencies_ms") for r in runs)
+    ]
+    timelines = [r for r in runs if r.get("timeline")]
+    panels = len(workloads) + (1 if timelines else 0)
+    if not panels:
+        raise ValueError("no latency, wan or throughput runs to plot")
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    for ax, workload in zip(axes[0], workloads, strict=False):
+        _latency_panel(ax, result, workload)
+    if timelines:
+        _throughput_panel(axes[0][-1], timelines)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _latency_panel(ax: Any, result: Mapping[str, Any], workload: str) -> None:
+    for run in result["runs"]:
+        if run["workload"] != workload:
+            continue
+        lat = run.get("latencies_ms") or []
+        if not lat:
+            continue
+        ys = [(i + 1) / len(lat) for i in range(len(lat))]
+        line = ax.step(lat, ys, where="post", label=f"{run['strategy']} r{run['round']} durable")
+        stamped = run.get("stamped_latencies_ms") or []
+        if stamped:
+            ys = [(i + 1) / len(stamped) for i in range(len(stamped))]
+            ax.step(
+                stamped,
+                ys,
+                where="post",
+                linestyle="--",
+                color=line[0].get_color(),
+                label=f"{run['strategy']} r{run['round']} node clocks",
+            )
+    ax.set_title(f"{workload}: submit to last of {result['settings']['nodes']} nodes")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("fraction of messages")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+
+
+def _throughput_panel(ax: Any, runs: Sequence[Mapping[str, Any]]) -> None:
+    for run in runs:
+        t = run["timeline"]
+        width = t["bin_seconds"]
+        delivered = t["delivered_per_second"]
+        xs = [i * width for i in range(len(delivered))]
+        line = ax.step(
+            xs, delivered, where="post", label=f"{run['strategy']} r{run['round']} delivered to all"
+        )
+        acked = t["acknowledged_per_second"]
+        ax.step(
+            [i * width for i in range(len(acked))],
+            acked,
+            where="post",
+            linestyle="--",
+            color=line[0].get_color(),
+            label=f"{run['strategy']} r{run['round']} acknowledged",
+        )
+    ax.set_title("throughput over time")
+    ax.set_xlabel(f"s since the first submit ({runs[0]['timeline']['bin_seconds']:g} s bins)")
+    ax.set_ylabel("messages / s")
+    ax.grid(True, alpha=0.3)
+    ax.legend()

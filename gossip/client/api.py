@@ -16,12 +16,23 @@ The blocking functions run Twisted's reactor in a daemon thread and wait on it
 with ``blockingCallFromThread`` (Twisted's own tool for this), so do not call
 them from code that already runs a reactor.
 
+Credentials: a node with a ``client_token_file`` needs its token (``Login``)
+before a submit, and before reads unless ``client_read_without_token``.
+``connect_node`` and the blocking functions read the token from the file the
+cluster file names for that node, or from ``token_file=``; ``connect_endpoint``
+takes the token itself (``token=``).
+
 Errors: ``NodeUnreachable`` (cannot connect), ``NodeClosedConnection`` (the node
 closed the connection before answering: it serves too many client connections,
 this one was idle too long, or it stopped; connect again later), ``NodeBusy``
 from a submit (the node takes no new submits for now; retry later),
-``MessageRejected``, ``NotFound``, ``AmbiguousId``, ``BadId`` and ``BadRequest``
-(from ``gossip.client.commands``), each with a one-line text.
+``RateLimited`` (over a submit rate; retry later), ``NotAuthenticated`` (no or a
+wrong client token), ``TokenError`` (a token file named by ``token_file=``
+cannot be read), ``MessageRejected`` (also raised before sending for a message
+that is not valid UTF-8 -- such as ``str`` from ``sys.argv`` holding undecodable
+bytes as surrogates -- empty, or over the size limit), ``NotFound``,
+``AmbiguousId``, ``BadId`` and ``BadRequest`` (from ``gossip.client.commands``),
+each with a one-line text.
 """
 
 from __future__ import annotations
@@ -40,15 +51,21 @@ from twisted.python.failure import Failure
 
 from gossip.client.commands import (
     BATCH_BYTES,
+    MAX_BODY_LIMIT,
+    Arrivals,
     Delivered,
     Get,
     ListMessages,
+    Login,
     MessageRejected,
+    NotAuthenticated,
+    RateLimited,
     Status,
     Submit,
     SubmitMany,
     Watch,
 )
+from gossip.client.tokens import TokenError, read_token
 from gossip.config import ClusterConfig, address_description, load_config
 from gossip.core.message import ID_BYTES
 from gossip.locations import default_config
@@ -66,6 +83,10 @@ class StoredMessage:
     body: str
     received_at: float
     path: tuple[int, ...]
+    # How this node got it and the redundant copies since; what the node reports about
+    # its copy, not part of the message (left out of equality). "" / -1: not known.
+    via: str = attrs.field(default="", eq=False)
+    duplicates: int = attrs.field(default=-1, eq=False)
 
 
 class ClientAMP(amp.AMP):
@@ -82,10 +103,43 @@ class ClientAMP(amp.AMP):
         return {}
 
 
+__all__ = [
+    "GossipClient",
+    "MessageRejected",
+    "NodeClosedConnection",
+    "NodeUnreachable",
+    "NotAuthenticated",
+    "RateLimited",
+    "StoredMessage",
+    "TokenError",
+    "get_message",
+    "get_messages",
+    "message_problem",
+    "submit_message",
+]
+
+
+def message_problem(message: str, max_bytes: int = MAX_BODY_LIMIT) -> str | None:
+    """Why a node would refuse ``message`` (checked before sending), or None."""
+    try:
+        size = len(message.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        return (
+            f"message is not valid UTF-8 text (undecodable byte or lone surrogate at"
+            f" character {e.start})"
+        )
+    if not size:
+        return "message is empty"
+    if size > max_bytes:
+        return f"message is {size} bytes, over the limit of {max_bytes}"
+    return None
+
+
 def _answer_batch(r: dict[str, Any], batch: list[tuple[str, Deferred[str]]]) -> None:
     for (_, d), mid, error in zip(batch, r["ids"], r["errors"], strict=True):
         if error:
-            d.errback(MessageRejected(error))
+            limited = "rate limit" in error
+            d.errback(RateLimited(error) if limited else MessageRejected(error))
         else:
             d.callback(str(mid))
 
@@ -109,11 +163,21 @@ class GossipClient:
     """One AMP connection to one node (``name`` says which in error texts)."""
 
     def __init__(
-        self, proto: ClientAMP, address: str, reactor: Any = None, name: str | None = None
+        self,
+        proto: ClientAMP,
+        address: str,
+        reactor: Any = None,
+        name: str | None = None,
+        max_message_bytes: int = MAX_BODY_LIMIT,
     ) -> None:
         self.proto = proto
         self.address = address
         self.name = name or f"the node at {address}"
+        # Messages over this are refused here, before sending (the cluster's limit when
+        # known, else the largest any node may be configured with).
+        self.max_message_bytes = max_message_bytes
+        # Added to a NotAuthenticated text: why no token was sent (an unreadable file).
+        self.token_note = ""
         # With a reactor, the submits made in one reactor turn go out as one
         # SubmitMany: a round trip per message costs the node (and us) more than
         # storing and relaying it. Without one, each is its own Submit.
@@ -129,8 +193,11 @@ class GossipClient:
         description: str,
         timeout: float = CONNECT_TIMEOUT,
         name: str | None = None,
+        token: bytes | None = None,
+        max_message_bytes: int = MAX_BODY_LIMIT,
     ) -> GossipClient:
-        """Connect to the node at a client endpoint description (a ``client_address``)."""
+        """Connect to the node at a client endpoint description (a ``client_address``)
+        and, with ``token``, log in (raises NotAuthenticated for a wrong one)."""
         try:
             endpoint = clientFromString(reactor, description)
             attempt = connectProtocol(endpoint, ClientAMP())
@@ -142,7 +209,14 @@ class GossipClient:
         except Exception as e:
             raise NodeUnreachable(f"{description} is not reachable: {_reason(e)}") from None
         set_no_delay(proto.transport)
-        return cls(proto, description, reactor, name)
+        client = cls(proto, description, reactor, name, max_message_bytes)
+        if token is not None:
+            try:
+                await client.login(token).addTimeout(timeout, reactor)
+            except BaseException:
+                client.close()
+                raise
+        return client
 
     @classmethod
     async def connect(
@@ -165,14 +239,33 @@ class GossipClient:
         node: int,
         config: ClusterConfig | str | Path | None = None,
         timeout: float = CONNECT_TIMEOUT,
+        token_file: str | Path | None = None,
     ) -> GossipClient:
-        """Connect to node ``node`` at its ``client_address`` in the cluster file."""
-        spec = _config(config).node(node)
+        """Connect to node ``node`` at its ``client_address`` in the cluster file and log
+        in with the client token from ``token_file`` (raises TokenError if unreadable),
+        else from the file the cluster file names for that node (if this process can
+        read it: reading may not need it)."""
+        cluster = _config(config)
+        spec = cluster.node(node)
         where = f"node {node} at {spec.client_address}"
+        token, note = client_token(cluster, node, token_file)
         try:
-            return await cls.connect_endpoint(reactor, spec.client_address, timeout, name=where)
+            client = await cls.connect_endpoint(
+                reactor,
+                spec.client_address,
+                timeout,
+                name=where,
+                token=token,
+                max_message_bytes=cluster.max_message_bytes,
+            )
         except NodeUnreachable as e:
             raise NodeUnreachable(f"node {node} at {e}") from None
+        client.token_note = note
+        return client
+
+    def login(self, token: bytes) -> Deferred[dict[str, Any]]:
+        """Present the client token (see ``Login``)."""
+        return self._call(Login, token=token)
 
     def close(self) -> None:
         if self.proto.transport is not None:
@@ -180,7 +273,14 @@ class GossipClient:
 
     def _call(self, command: type[amp.Command], **arguments: Any) -> Deferred[dict[str, Any]]:
         sent: Deferred[dict[str, Any]] = self.proto.callRemote(command, **arguments)
-        return sent.addErrback(self._closed_early)
+        sent.addErrback(self._closed_early)
+        if self.token_note:
+            sent.addErrback(self._explain_refusal)
+        return sent
+
+    def _explain_refusal(self, failure: Failure) -> Failure:
+        failure.trap(NotAuthenticated)
+        raise NotAuthenticated(f"{failure.value} ({self.token_note})")
 
     def _closed_early(self, failure: Failure) -> Failure:
         failure.trap(ConnectionClosed)  # ConnectionDone, ConnectionLost
@@ -190,8 +290,13 @@ class GossipClient:
         )
 
     async def submit_message(self, message: str) -> str:
-        """Submit ``message``; returns its full id once the node has stored it."""
-        size = len(message.encode("utf-8", "surrogatepass"))
+        """Submit ``message``; returns its full id once the node has stored it. A message
+        the node would refuse (not UTF-8, empty, too large) raises MessageRejected here,
+        before anything is sent."""
+        problem = message_problem(message, self.max_message_bytes)
+        if problem is not None:
+            raise MessageRejected(problem)
+        size = len(message.encode("utf-8"))
         if self._reactor is None or size > BATCH_BYTES // 4:
             return await self._submit_one(message)
         if self._batch_bytes + size > BATCH_BYTES:
@@ -217,13 +322,36 @@ class GossipClient:
             message, d = batch[0]
             self._submit_one(message).chainDeferred(d)
             return
-        many = self._call(SubmitMany, bodies=[m for m, _ in batch])
+        try:
+            many = self._call(SubmitMany, bodies=[m for m, _ in batch])
+        except Exception:  # cannot be encoded: every waiting caller hears it
+            _fail_batch(Failure(), batch)
+            return
         many.addCallbacks(_answer_batch, _fail_batch, callbackArgs=(batch,), errbackArgs=(batch,))
 
     async def get_message(self, msg_id: str) -> StoredMessage:
         """The message with this id or unique id prefix (raises NotFound, AmbiguousId, BadId)."""
         r = await self._call(Get, id=msg_id)
-        return StoredMessage(r["id"], r["body"], r["received_at"], tuple(r["path"]))
+        return StoredMessage(
+            r["id"],
+            r["body"],
+            r["received_at"],
+            tuple(r["path"]),
+            r.get("via") or "",
+            r.get("duplicates", -1) if r.get("duplicates") is not None else -1,
+        )
+
+    async def arrivals(self, since: float) -> list[dict[str, Any]]:
+        """Every message the node stored at or after ``since`` (its clock), newest first:
+        id, received_at, path, via, duplicates, size (see the ``Arrivals`` command)."""
+        out: list[dict[str, Any]] = []
+        before = -1
+        while True:
+            r = await self._call(Arrivals, since=since, before=before)
+            out.extend(dict(a) for a in r["arrivals"])
+            before = r["next"]
+            if before < 0:
+                return out
 
     async def iter_pages(self) -> AsyncIterator[list[tuple[str, str]]]:
         """Every (id, body) the node holds, a page at a time, in the node's arrival order."""
@@ -258,6 +386,22 @@ class GossipClient:
 def _reason(e: BaseException) -> str:
     text = str(e).strip().rstrip(".")
     return text.rsplit(": ", 1)[-1] if text else type(e).__name__
+
+
+def client_token(
+    config: ClusterConfig, node: int, token_file: str | Path | None = None
+) -> tuple[bytes | None, str]:
+    """(token, note): the token from ``token_file`` (TokenError if unreadable), else from
+    the file the cluster file names for ``node``; the note says why none was read."""
+    if token_file is not None:
+        return read_token(token_file), ""
+    path = config.client_token_path(node)
+    if path is None:
+        return None, ""
+    try:
+        return read_token(path), ""
+    except TokenError as e:
+        return None, f"no token sent: {e}"
 
 
 def _config(config: ClusterConfig | str | Path | None) -> ClusterConfig:
@@ -300,9 +444,13 @@ async def _as_coroutine(aw: Awaitable[T]) -> T:
 
 
 async def _with_node(
-    reactor: Any, node: int, config: Any, op: Callable[[GossipClient], Awaitable[T]]
+    reactor: Any,
+    node: int,
+    config: Any,
+    op: Callable[[GossipClient], Awaitable[T]],
+    token_file: str | Path | None = None,
 ) -> T:
-    client = await GossipClient.connect_node(reactor, node, config)
+    client = await GossipClient.connect_node(reactor, node, config, token_file=token_file)
     try:
         return await op(client)
     finally:
@@ -310,16 +458,33 @@ async def _with_node(
 
 
 def submit_message(
-    message: str, node: int = 1, config: ClusterConfig | str | Path | None = None
+    message: str,
+    node: int = 1,
+    config: ClusterConfig | str | Path | None = None,
+    token_file: str | Path | None = None,
 ) -> str:
-    return _blocking(lambda r: _with_node(r, node, config, lambda c: c.submit_message(message)))
+    problem = message_problem(message)  # before any reactor or connection
+    if problem is not None:
+        raise MessageRejected(problem)
+    return _blocking(
+        lambda r: _with_node(r, node, config, lambda c: c.submit_message(message), token_file)
+    )
 
 
-def get_messages(node: int = 1, config: ClusterConfig | str | Path | None = None) -> list[str]:
-    return _blocking(lambda r: _with_node(r, node, config, lambda c: c.get_messages()))
+def get_messages(
+    node: int = 1,
+    config: ClusterConfig | str | Path | None = None,
+    token_file: str | Path | None = None,
+) -> list[str]:
+    return _blocking(lambda r: _with_node(r, node, config, lambda c: c.get_messages(), token_file))
 
 
 def get_message(
-    msg_id: str, node: int = 1, config: ClusterConfig | str | Path | None = None
+    msg_id: str,
+    node: int = 1,
+    config: ClusterConfig | str | Path | None = None,
+    token_file: str | Path | None = None,
 ) -> StoredMessage:
-    return _blocking(lambda r: _with_node(r, node, config, lambda c: c.get_message(msg_id)))
+    return _blocking(
+        lambda r: _with_node(r, node, config, lambda c: c.get_message(msg_id), token_file)
+    )

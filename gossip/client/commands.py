@@ -5,8 +5,10 @@ each ``ListMessages`` page up to ``PAGE_BYTES`` and the client asks again from
 the cursor it got back until ``next`` reaches ``total``.
 
 Any command with missing or malformed arguments is answered with ``BadRequest``
-(the connection stays open). ``Submit`` and ``SubmitMany`` are answered with
-``NodeBusy`` when the node takes no new submits for now: retry later.
+(the connection stays open); a command the connection may not use before
+``Login`` with ``NotAuthenticated``. ``Submit`` and ``SubmitMany`` are answered
+with ``NodeBusy`` when the node takes no new submits for now and with
+``RateLimited`` over a submit rate: retry later.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ PAGE_BYTES = 60_000
 BATCH_BYTES = 60_000
 # Raw 16-byte ids per ListIds page (under the value limit).
 IDS_PER_PAGE = 4000
+# Entries per Arrivals page: 22-character ids, a path of up to a few dozen hops.
+ARRIVALS_PER_PAGE = 200
 # The largest message body a node may be configured to accept (one per page).
 MAX_BODY_LIMIT = PAGE_BYTES - 200
 
@@ -36,6 +40,17 @@ class BadRequest(Exception):
     """The request's arguments are missing or malformed (a client bug, not a node fault)."""
 
 
+class NotAuthenticated(Exception):
+    """The node needs the client token for this command (submitting, and reading unless
+    ``client_read_without_token``) and the connection has not logged in with it, or the
+    token given is wrong (the node then closes the connection)."""
+
+
+class RateLimited(Exception):
+    """Over a submit rate (this connection's ``client_submit_rate`` or the node's
+    ``origin_rate``): nothing was stored, retry later."""
+
+
 class NotFound(Exception):
     pass
 
@@ -49,8 +64,28 @@ class BadId(Exception):
 
 
 # Every command can be answered with BadRequest; submits also with NodeBusy.
-COMMON_ERRORS: dict[type[Exception], bytes] = {BadRequest: b"BAD_REQUEST"}
-SUBMIT_ERRORS = {**COMMON_ERRORS, MessageRejected: b"REJECTED", NodeBusy: b"BUSY"}
+COMMON_ERRORS: dict[type[Exception], bytes] = {
+    BadRequest: b"BAD_REQUEST",
+    NotAuthenticated: b"NOT_AUTHENTICATED",
+}
+SUBMIT_ERRORS = {
+    **COMMON_ERRORS,
+    MessageRejected: b"REJECTED",
+    NodeBusy: b"BUSY",
+    RateLimited: b"RATE_LIMIT",
+}
+
+
+class Login(amp.Command):
+    """Present the client token (the bytes of the node's ``client_token_file``, without
+    surrounding whitespace). Needed first on a node that has a token, for submitting
+    and, unless ``client_read_without_token``, for everything else; accepted (and not
+    needed) on a node without one. A wrong token is answered with
+    ``NotAuthenticated`` and the connection is closed."""
+
+    arguments = [(b"token", amp.String())]
+    response = []
+    errors = COMMON_ERRORS
 
 
 class Submit(amp.Command):
@@ -71,7 +106,10 @@ class SubmitMany(amp.Command):
 
 
 class Get(amp.Command):
-    """Look a message up by its id or a unique prefix of it."""
+    """Look a message up by its id or a unique prefix of it. ``via`` says how it came
+    (submit, gossip, sync) and ``duplicates`` how many redundant copies arrived since;
+    both are known for the node's recent messages only ("" and -1 otherwise, and
+    missing from older nodes)."""
 
     arguments = [(b"id", amp.Unicode())]
     response = [
@@ -79,6 +117,8 @@ class Get(amp.Command):
         (b"body", amp.Unicode()),
         (b"received_at", amp.Float()),
         (b"path", amp.ListOf(amp.Integer())),
+        (b"via", amp.Unicode(optional=True)),
+        (b"duplicates", amp.Integer(optional=True)),
     ]
     errors = {
         **COMMON_ERRORS,
@@ -106,7 +146,7 @@ class Watch(amp.Command):
 
     arguments = [(b"start", amp.Integer())]
     response = [(b"durable", amp.Integer())]
-    errors = COMMON_ERRORS
+    errors = {**COMMON_ERRORS, NodeBusy: b"BUSY"}  # busy: as many watchers as allowed
 
 
 class Delivered(amp.Command):
@@ -114,6 +154,32 @@ class Delivered(amp.Command):
 
     arguments = [(b"start", amp.Integer()), (b"ids", amp.String())]
     requiresAnswer = False
+
+
+class Arrivals(amp.Command):
+    """The messages this node stored at or after ``since`` (its clock), newest first,
+    from position ``before`` down (-1: from the newest): per message its id, arrival
+    time, path, how it came and its redundant copies (-1: not known). At most
+    ``ARRIVALS_PER_PAGE``; ``next`` is the ``before`` of the next page, -1 when done."""
+
+    arguments = [(b"since", amp.Float()), (b"before", amp.Integer())]
+    response = [
+        (
+            b"arrivals",
+            amp.AmpList(
+                [
+                    (b"id", amp.Unicode()),
+                    (b"received_at", amp.Float()),
+                    (b"path", amp.ListOf(amp.Integer())),
+                    (b"via", amp.Unicode()),
+                    (b"duplicates", amp.Integer()),
+                    (b"size", amp.Integer()),
+                ]
+            ),
+        ),
+        (b"next", amp.Integer()),
+    ]
+    errors = COMMON_ERRORS
 
 
 class ListMessages(amp.Command):
@@ -162,6 +228,11 @@ class Status(amp.Command):
             ),
         ),
         (b"refused", amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())])),
+        # Peer connections closed for what the peer did, by reason (optional: older nodes).
+        (
+            b"disconnects",
+            amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())], optional=True),
+        ),
         (
             b"store",
             amp.AmpList(
@@ -183,6 +254,8 @@ class Status(amp.Command):
                     (b"since", amp.Float()),
                     (b"times_up", amp.Integer()),
                     (b"last_error", amp.Unicode()),
+                    (b"times_down", amp.Integer(optional=True)),
+                    (b"recent_downs", amp.ListOf(amp.Float(), optional=True)),
                 ]
             ),
         ),

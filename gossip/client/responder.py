@@ -20,26 +20,34 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gossip import logs
+from gossip import logs, settings
 from gossip.client.commands import (
+    ARRIVALS_PER_PAGE,
     IDS_PER_PAGE,
     PAGE_BYTES,
     AmbiguousId,
+    Arrivals,
     BadId,
     Delivered,
     Get,
     ListIds,
     ListMessages,
+    Login,
     MessageRejected,
     NodeBusy,
+    NotAuthenticated,
     NotFound,
+    RateLimited,
     Status,
     Submit,
     SubmitMany,
     Watch,
 )
+from gossip.client.tokens import token_matches
+from gossip.config import ClusterConfig
 from gossip.core.message import BadIdText, id_text
-from gossip.core.state import SubmitRejected
+from gossip.core.rate import TokenBucket
+from gossip.core.state import OriginRateLimited, SubmitRejected
 from gossip.log_throttle import LogThrottle, shown
 from gossip.net.peer_protocol import set_no_delay
 from gossip.store.log import StoreError
@@ -51,19 +59,50 @@ if TYPE_CHECKING:
 
 @attrs.frozen
 class ClientLimits:
-    """Bounds of the client port (each a named default; tests pass smaller ones)."""
+    """Bounds of the client port. The defaults are the cluster settings' (see
+    ``gossip.settings``; ``from_config`` reads a cluster file's); tests pass smaller ones."""
 
     # Client connections served at once, and from one source address (fewer, so one
     # host cannot take every place; clients on the node's own host share one address).
-    connections: int = 1024
-    per_source: int = 64
+    connections: int = settings.CLIENT_MAX_CONNECTIONS.default
+    per_source: int = settings.CLIENT_MAX_PER_SOURCE.default
     # A connection with no request in progress and no Watch is closed after this long.
-    idle_timeout: float = 120.0
+    idle_timeout: float = settings.CLIENT_IDLE_TIMEOUT.default
     # Requests one connection may have in progress; over it the node reads no more from
     # that connection until answers went out (AMP answers each as it completes).
-    outstanding: int = 64
+    outstanding: int = settings.CLIENT_MAX_OUTSTANDING.default
+    # Bytes of the request being received (an unfinished AMP box): over it the
+    # connection is closed, so a client that never ends a box cannot grow memory.
+    buffered_bytes: int = settings.CLIENT_MAX_BUFFERED_BYTES.default
+    # Connections following the node (Watch) at once.
+    watchers: int = settings.CLIENT_MAX_WATCHERS.default
+    # Submits per second per connection, and the burst (token bucket).
+    submit_rate: float = settings.CLIENT_SUBMIT_RATE.default
+    submit_burst: float = settings.CLIENT_SUBMIT_BURST.default
+    # With a client token: may a connection that has not logged in read?
+    read_without_token: bool = settings.CLIENT_READ_WITHOUT_TOKEN.default
     # At most one log line per this many seconds for refused connections and bad requests.
     log_interval: float = 10.0
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig) -> ClientLimits:
+        return cls(
+            connections=config.client_max_connections,
+            per_source=config.client_max_per_source,
+            idle_timeout=config.client_idle_timeout,
+            outstanding=config.client_max_outstanding,
+            buffered_bytes=config.client_max_buffered_bytes,
+            watchers=config.client_max_watchers,
+            submit_rate=config.client_submit_rate,
+            submit_burst=config.client_submit_burst,
+            read_without_token=config.client_read_without_token,
+        )
+
+
+# Commands a connection may use before Login: Login itself always; reading only with
+# client_read_without_token.
+_ALWAYS_OPEN = frozenset({Login.commandName})
+_READS = frozenset(c.commandName for c in (Get, ListIds, ListMessages, Watch, Status))
 
 
 # Each page entry costs its id and body plus AMP's per-key framing.
@@ -114,6 +153,10 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         self._holds: set[str] = set()  # why reading is stopped (empty: reading)
         self._resume_call: IDelayedCall | None = None
         self._outstanding = 0  # requests received and not yet answered
+        self._box_bytes = 0  # bytes of the AMP box being received
+        # Logged in with the node's client token (or the node has none).
+        self.authenticated = node.client_token is None
+        self._submits = TokenBucket(limits.submit_rate, limits.submit_burst)
 
     # AMP logs every connection at info level; a client per command makes that noise.
     def makeConnection(self, transport: Any) -> None:
@@ -136,6 +179,7 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
             self._resume_call.cancel()
         self._resume_call = None
         self.node.watchers.discard(self)
+        self.node.following.discard(self)
         self._watching = False
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
@@ -191,7 +235,9 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.log.debug(
-            "closing a client connection idle for {seconds:g} s", seconds=self.limits.idle_timeout
+            "closing a client connection idle for {seconds:g} s",
+            node=self.node.node_id,
+            seconds=self.limits.idle_timeout,
         )
         if self.transport is not None:
             # Nothing is owed to it: do not wait for it to read what is buffered.
@@ -199,9 +245,21 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
 
     # -- requests and answers --------------------------------------------------
 
+    def proto_value(self, string: bytes) -> str:
+        # Every key and value of the box being received counts until the box ends: a
+        # client that never ends one is cut off at limits.buffered_bytes.
+        self._box_bytes += len(string) + len(self._currentKey or b"") + 4
+        if self._box_bytes > self.limits.buffered_bytes and self.transport is not None:
+            self._bad_request("(unfinished)", f"a request over {self.limits.buffered_bytes} bytes")
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.paused = True  # parse nothing more of what was read
+        return super().proto_value(string)  # type: ignore[no-any-return]
+
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
-        if amp.COMMAND not in box:
-            # Clients only ask: the node never asks them anything that wants an answer.
+        self._box_bytes = 0
+        if amp.COMMAND not in box or amp.ANSWER in box or amp.ERROR in box:
+            # Clients only ask: the node never asks them anything that wants an answer
+            # (AMP would look an answer's id up among our questions and raise KeyError).
             self._bad_request("(none)", "a box that is not a command")
             return
         if amp.ASK in box:
@@ -220,9 +278,14 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         super().sendBox(box)
 
     def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Deferred[Any]] | None:
+        if not name.isascii():  # AMP's own lookup decodes the name as ASCII and raises
+            return None
         responder = super().locateResponder(name)
         if responder is None:
             return None
+        readable = name in _READS and self.limits.read_without_token
+        if not self.authenticated and name not in _ALWAYS_OPEN and not readable:
+            return self._not_authenticated
 
         def parse_then_answer(box: amp.AmpBox) -> Deferred[Any]:
             try:
@@ -248,13 +311,46 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         skipped = self._bad_requests.due()
         if skipped is None:
             return
-        peer = getattr(self.transport.getPeer(), "host", "?") if self.transport else "?"
+        client = getattr(self.transport.getPeer(), "host", "?") if self.transport else "?"
+        # "peer" is a neighbour's node id in every log event; a client is "client".
         self.log.warn(
-            "bad client request {command} from {peer}: {why}{more}",
+            "bad client request {command} from {client}: {why}{more}",
+            node=self.node.node_id,
             command=command,
-            peer=peer,
+            client=client,
             why=why,
             more=f" ({skipped} more bad requests not logged)" if skipped else "",
+        )
+
+    def _not_authenticated(self, box: amp.AmpBox) -> Deferred[Any]:
+        what = "this" if self.limits.read_without_token else "any"
+        return fail(
+            amp.RemoteAmpError(
+                b"NOT_AUTHENTICATED",
+                f"node {self.node.node_id} refused: not authenticated ({what} command"
+                " needs the client token: give --token-file, or token_file= in Python)",
+            )
+        )
+
+    @Login.responder
+    def login(self, token: bytes) -> dict[str, Any]:
+        expected = self.node.client_token
+        if expected is None or token_matches(expected, token):
+            self.authenticated = True
+            return {}
+        # A wrong token ends the connection (after this answer): guesses cost a connection.
+        self.node.clock.callLater(0, self._close_after_refusal)
+        self._bad_request("Login", "wrong client token")
+        raise NotAuthenticated(f"node {self.node.node_id} refused: not authenticated (wrong token)")
+
+    def _close_after_refusal(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _rate_limited(self) -> RateLimited:
+        return RateLimited(
+            f"node {self.node.node_id} refused: rate limit ({self.limits.submit_rate:g}"
+            " submits per second per connection); retry later"
         )
 
     @Submit.responder
@@ -265,6 +361,8 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
             encoded = body.encode("utf-8")
         except UnicodeEncodeError:
             raise MessageRejected("message is not valid Unicode text") from None
+        if not self._submits.take(self.node.clock.seconds()):
+            raise self._rate_limited()
         try:
             stored = self.node.submit(encoded)
         except (SubmitRejected, StoreError, SubmitBusy) as e:
@@ -275,20 +373,26 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
     def submit_many(self, bodies: list[str]) -> Deferred[dict[str, Any]]:
         # AMP bounds the list (one value: at most 65,535 bytes on the wire).
         encoded: list[bytes] = []
-        unencodable: list[int] = []
+        unencodable: list[tuple[int, str]] = []
+        now = self.node.clock.seconds()
         for i, body in enumerate(bodies):
             try:
-                encoded.append(body.encode("utf-8"))
+                data = body.encode("utf-8")
             except UnicodeEncodeError:
-                unencodable.append(i)
+                unencodable.append((i, "message is not valid Unicode text"))
+                continue
+            if not self._submits.take(now):
+                unencodable.append((i, str(self._rate_limited())))
+                continue
+            encoded.append(data)
         try:
             stored = self.node.submit_many(encoded)
         except (StoreError, SubmitBusy) as e:
             raise self._refusal(e) from None
 
         def answer(results: list[tuple[bytes, bool] | str]) -> dict[str, Any]:
-            for i in unencodable:
-                results.insert(i, "message is not valid Unicode text")
+            for i, why in unencodable:
+                results.insert(i, why)
             return _submitted_many(results)
 
         return stored.addCallbacks(answer, self._submit_failed)
@@ -297,6 +401,8 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         """The client's one-line error for a submit the node did not take."""
         if isinstance(e, SubmitBusy):
             return NodeBusy(f"node {self.node.node_id} is {e}")
+        if isinstance(e, OriginRateLimited):
+            return RateLimited(f"node {self.node.node_id} refused: {e}")
         if isinstance(e, StoreError):
             return MessageRejected(f"not stored: {e}")
         return MessageRejected(str(e))
@@ -318,12 +424,33 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
             shown = ", ".join(id_text(m.id) for m in matches[:4])
             raise AmbiguousId(f"{id} matches several messages: {shown}")
         m = matches[0]
+        via, duplicates = self.node.core.arrivals.of(m.id)
         return {
             "id": id_text(m.id),
             "body": m.text,
             "received_at": m.received_at,
             "path": list(m.path),
+            "via": via,
+            "duplicates": duplicates,
         }
+
+    @Arrivals.responder
+    def arrivals(self, since: float, before: int) -> dict[str, Any]:
+        messages, after = self.node.arrivals(since, before, ARRIVALS_PER_PAGE)
+        rows = []
+        for m in messages:
+            via, duplicates = self.node.core.arrivals.of(m.id)
+            rows.append(
+                {
+                    "id": id_text(m.id),
+                    "received_at": m.received_at,
+                    "path": list(m.path),
+                    "via": via,
+                    "duplicates": duplicates,
+                    "size": len(m.body),
+                }
+            )
+        return {"arrivals": rows, "next": after}
 
     @ListMessages.responder
     def list_messages(self, start: int, limit: int) -> dict[str, Any]:
@@ -354,6 +481,12 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         # Pushes stop while the client's socket is full and go on from the cursor
         # when it drains (``write_full``): a slow watcher costs no memory here. A
         # watched connection is never idle.
+        if not self._watching and len(self.node.following) >= self.limits.watchers:
+            raise NodeBusy(
+                f"node {self.node.node_id} is busy: {len(self.node.following)} connections"
+                " follow it (Watch), the limit; retry later"
+            )
+        self.node.following.add(self)
         self._watch_at = max(0, start)
         self._watching = True
         self._idle_check()
@@ -413,11 +546,13 @@ class ClientFactory(ServerFactory):
     noisy = False
     log = logs.logger()
 
-    def __init__(self, node: GossipNode, limits: ClientLimits = ClientLimits()) -> None:
+    def __init__(self, node: GossipNode, limits: ClientLimits | None = None) -> None:
         self.node = node
+        limits = limits or ClientLimits.from_config(node.config)
         self.limits = limits
         self.open = 0
         self.per_source: dict[str, int] = {}
+        node.client_ports.append(self)
         self._refusals = LogThrottle(node.clock, limits.log_interval)
         self._bad_requests = LogThrottle(node.clock, limits.log_interval)
 
@@ -450,6 +585,7 @@ class ClientFactory(ServerFactory):
             return
         self.log.warn(
             "refusing a client connection from {source}: {why}{more}",
+            node=self.node.node_id,
             source=source,
             why=why,
             more=f" ({skipped} more refused since the last report)" if skipped else "",

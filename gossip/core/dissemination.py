@@ -31,7 +31,8 @@ class Dissemination(Protocol):
         ...
 
     def on_duplicate(self, env: Envelope, sender: int) -> list[Effect]:
-        """``env`` (checked, its path ends with ``sender``) is a copy of a held message."""
+        """``env`` carries the id of a held message: a copy. Only its path is checked (it
+        ends with ``sender``); its body is not (the core keeps nothing of it)."""
         ...
 
     def on_control(self, peer: int, frame: PeerFrame) -> list[Effect]: ...

@@ -24,12 +24,33 @@ class Send:
     frame: PeerFrame
 
 
+# Why a peer was disconnected for breaking the rules (the keys of the node's
+# "disconnects" counters, in the order shown; the link layer adds its own).
+FORGED_ID = "forged_id"  # a message whose id is not the hash of its body
+BAD_MESSAGE = "bad_message"  # an id of the wrong length, an empty or non-UTF-8 body
+OVERSIZED_BATCH = "oversized_batch"  # more messages or ids in one frame than honest nodes send
+BAD_IDS = "bad_ids"  # ids of the wrong length, origins not parallel to ids
+UNSOLICITED_SYNC = "unsolicited_sync_data"  # SyncData for no session this node started
+BAD_SYNC_REQUEST = "bad_sync_request"  # a sync query or want out of bounds
+NOT_UP = "frame_before_link_up"
+DISCONNECTS = (
+    FORGED_ID,
+    BAD_MESSAGE,
+    OVERSIZED_BATCH,
+    BAD_IDS,
+    UNSOLICITED_SYNC,
+    BAD_SYNC_REQUEST,
+    NOT_UP,
+)
+
+
 @attrs.frozen(slots=True)
 class DropPeer:
-    """The peer broke the protocol: close its link and log why."""
+    """The peer broke the protocol: close its link, log why, count ``kind``."""
 
     peer: int
     reason: str
+    kind: str = BAD_MESSAGE
 
 
 @attrs.frozen(slots=True)

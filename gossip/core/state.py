@@ -14,8 +14,19 @@ from typing import Protocol
 import attrs
 
 from gossip import settings
+from gossip.core.arrivals import Arrivals
 from gossip.core.dissemination import Dissemination
-from gossip.core.effects import DropPeer, Effect, Persist
+from gossip.core.effects import (
+    BAD_MESSAGE,
+    BAD_SYNC_REQUEST,
+    FORGED_ID,
+    NOT_UP,
+    UNSOLICITED_SYNC,
+    DropPeer,
+    Effect,
+    Persist,
+)
+from gossip.core.frame_rules import frame_problem
 from gossip.core.frames import (
     Envelope,
     GossipFrame,
@@ -28,7 +39,15 @@ from gossip.core.frames import (
 )
 from gossip.core.message import ID_BYTES, Message, message_id
 from gossip.core.paths import BODY_TOO_LARGE, REFUSALS, path_problem
+from gossip.core.rate import KeyedBuckets, TokenBucket
 from gossip.core.sync import FingerprintTree, SyncEngine
+
+# Refused for coming faster than their origin may send (see ``GossipCore``).
+ORIGIN_RATE_LIMITED = "origin_rate_limited"
+# A peer's frames may carry this many times a node's own origin quota per origin.
+RELAY_HEADROOM = 2
+# The keys of ``GossipCore.refused`` (messages dropped, links kept), in the order shown.
+REFUSED_KEYS = (*REFUSALS, ORIGIN_RATE_LIMITED)
 
 
 class HeldIds(Protocol):
@@ -45,6 +64,11 @@ class HeldIds(Protocol):
 
 class SubmitRejected(ValueError):
     """A client's message cannot be accepted; the text says why."""
+
+
+class OriginRateLimited(SubmitRejected):
+    """The node accepted as many new messages from its clients as ``origin_rate``
+    allows for now: nothing was stored, retry later."""
 
 
 @attrs.frozen(slots=True)
@@ -79,7 +103,18 @@ class GossipCore:
         *,
         sync_interval: float = settings.SYNC_INTERVAL.default,
         sync_timeout: float = settings.SYNC_TIMEOUT.default,
+        origin_rate: float = settings.ORIGIN_RATE.default,
+        origin_burst: float = settings.ORIGIN_BURST.default,
     ) -> None:
+        """Per-origin limits (token buckets, ``now`` from the caller): the quota
+        ``origin_rate`` / ``origin_burst`` applies where a message enters the cluster,
+        to the new messages this node accepts from its clients. A message relayed by a
+        peer was admitted by its origin under the same quota, so an honest origin's
+        new messages reach any node at that rate; bursts may be compressed on the way
+        (a link that drained at once), so a peer's frames are allowed
+        ``RELAY_HEADROOM`` times the quota per origin, and only the excess of that is
+        dropped (counted, the link kept). A dropped message is not lost: re-sync,
+        which only pulls what this node asked for and is not limited, fetches it."""
         self.node_id = node_id
         self.neighbours = frozenset(neighbours)
         self.store = store
@@ -89,7 +124,13 @@ class GossipCore:
         # The configured node ids: the only ones a path may name (gossip.core.paths).
         self.members = frozenset(members)
         # Messages refused (dropped, the link kept), by reason: shown in status.
-        self.refused: dict[str, int] = dict.fromkeys(REFUSALS, 0)
+        self.refused: dict[str, int] = dict.fromkeys(REFUSED_KEYS, 0)
+        self.origin_quota = TokenBucket(origin_rate, origin_burst)
+        self.relay_quota = KeyedBuckets(RELAY_HEADROOM * origin_rate, RELAY_HEADROOM * origin_burst)
+        # Submits refused by origin_rate (shown in status beside the client ones).
+        self.submits_rate_limited = 0
+        # Messages stored and redundant copies dropped, by route (and per recent message).
+        self.arrivals = Arrivals()
         self.up: frozenset[int] = frozenset()
         self.tree = FingerprintTree(store.ids())
         self.sync = SyncEngine(
@@ -102,7 +143,15 @@ class GossipCore:
             raise SubmitRejected(problem)
         mid = message_id(body)
         if mid in self.store:
+            self.arrivals.duplicate(mid, "submit")
             return SubmitResult(mid, False, [])
+        if not self.origin_quota.take(now):
+            self.submits_rate_limited += 1
+            raise OriginRateLimited(
+                f"rate limit: node {self.node_id} takes at most {self.origin_quota.rate:g}"
+                " new messages per second from its clients; retry later"
+            )
+        self.arrivals.stored_new(mid, "submit")
         effects: list[Effect] = [self._persist(Message(mid, body, now, ()))]
         effects += self.strategy.on_new(Envelope(mid, body, ()), None, self.up)
         return SubmitResult(mid, True, effects)
@@ -124,7 +173,10 @@ class GossipCore:
 
     def receive(self, peer: int, frame: PeerFrame, now: float) -> list[Effect]:
         if peer not in self.up:
-            return [DropPeer(peer, "frame from a peer whose link is not up")]
+            return [DropPeer(peer, "frame from a peer whose link is not up", NOT_UP)]
+        problem = frame_problem(frame, len(self.members))
+        if problem is not None:
+            return [DropPeer(peer, problem[1], problem[0])]
         if isinstance(frame, GossipFrame):
             return self._receive_gossip(peer, frame, now)
         if isinstance(frame, SyncDataFrame):
@@ -132,7 +184,9 @@ class GossipCore:
         if isinstance(frame, SyncQueryFrame | SyncWantFrame):
             on = self.sync.on_query if isinstance(frame, SyncQueryFrame) else self.sync.on_want
             result = on(peer, frame)  # type: ignore[arg-type]
-            return [DropPeer(peer, result)] if isinstance(result, str) else result
+            if isinstance(result, str):
+                return [DropPeer(peer, result, BAD_SYNC_REQUEST)]
+            return result
         if isinstance(frame, SyncReplyFrame):
             return self.sync.on_reply(peer, frame, self.up, now)
         if isinstance(frame, SyncHintFrame):
@@ -142,23 +196,41 @@ class GossipCore:
     def _receive_gossip(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:
         effects: list[Effect] = []
         fresh: set[bytes] = set()
+        held = self.store
         for sent in frame.messages:
+            if sent.id in fresh or sent.id in held:
+                # Dedup before validation: a copy of a held message is a set lookup and
+                # a path check (the strategy learns who sent it); its body is neither
+                # hashed nor checked, since nothing of it is kept.
+                problem = path_problem(sent.path, peer, self.node_id, self.members)
+                if problem is None:
+                    self.arrivals.duplicate(sent.id, "gossip")
+                    effects += self.strategy.on_duplicate(sent, peer)
+                else:
+                    self.refused[problem] += 1
+                continue
             env = self._checked(sent, peer)
             if env is None:
                 continue
-            if isinstance(env, str):
-                effects.append(DropPeer(peer, env))
+            if isinstance(env, DropPeer):
+                effects.append(env)
                 return effects
-            if env.id in fresh or env.id in self.store:
-                effects += self.strategy.on_duplicate(env, peer)
+            if not self.relay_quota.take(env.path[0], now):
+                self.refused[ORIGIN_RATE_LIMITED] += 1
                 continue
             fresh.add(env.id)
+            self.arrivals.stored_new(env.id, "gossip")
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
             effects += self.strategy.on_new(env, peer, self.up)
         return effects
 
     def _receive_sync_data(self, peer: int, frame: SyncDataFrame, now: float) -> list[Effect]:
-        """Store pulled messages; they are not forwarded (see gossip.core.sync)."""
+        """Store pulled messages; they are not forwarded (see gossip.core.sync). Only
+        data for a session this node started with ``peer`` is taken: anything else
+        is a peer pushing messages unasked, and costs it the link."""
+        if not self.sync.solicited(peer, frame.session):
+            reason = f"SyncData for session {frame.session}, which this node did not start with it"
+            return [DropPeer(peer, reason, UNSOLICITED_SYNC)]
         effects: list[Effect] = []
         learned = 0
         fresh: set[bytes] = set()
@@ -167,11 +239,13 @@ class GossipCore:
             env = self._checked(sent, peer, id_optional=True)
             if env is None:
                 continue
-            if isinstance(env, str):
-                return [*effects, DropPeer(peer, env)]
+            if isinstance(env, DropPeer):
+                return [*effects, env]
             if env.id in fresh or env.id in self.store:
+                self.arrivals.duplicate(env.id, "sync")
                 continue
             fresh.add(env.id)
+            self.arrivals.stored_new(env.id, "sync")
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
             learned += 1
         return effects + self.sync.on_data(peer, frame, learned, self.up, now)
@@ -182,13 +256,13 @@ class GossipCore:
 
     def _checked(
         self, env: Envelope, sender: int, *, id_optional: bool = False
-    ) -> Envelope | str | None:
+    ) -> Envelope | DropPeer | None:
         """``env`` with its id (hashed from the body when left out); None for a message
         refused and counted (a path or size an honest node with another cluster file
-        or an old log could send: the link stays); else why the link must be dropped
+        or an old log could send: the link stays); else the link must be dropped
         (what only a broken or hostile sender produces)."""
         if len(env.id) != ID_BYTES and not (id_optional and not env.id):
-            return f"message id of {len(env.id)} bytes"
+            return DropPeer(sender, f"message id of {len(env.id)} bytes", BAD_MESSAGE)
         problem = path_problem(env.path, sender, self.node_id, self.members)
         if problem is None and len(env.body) > self.max_body:
             problem = BODY_TOO_LARGE
@@ -197,8 +271,8 @@ class GossipCore:
             return None
         problem = check_body(env.body, self.max_body)
         if problem:
-            return problem
+            return DropPeer(sender, problem, BAD_MESSAGE)
         digest = message_id(env.body)
         if env.id and digest != env.id:
-            return "message id does not match its body"
+            return DropPeer(sender, "message id does not match its body", FORGED_ID)
         return env if env.id else Envelope(digest, env.body, env.path)

@@ -69,6 +69,9 @@ MAX_IDS_PER_WANT = 16_384
 # than one keeps the responder's link busy while the next want travels; the
 # responder queues up to gossip.sync_streams.MAX_QUEUED_WANTS per peer, well above.
 WANT_WINDOW = 4
+# Sessions this node started that still take SyncData (the active one and those
+# given up on lately: their data may still be on the way, and is honest).
+RECENT_SESSIONS = 8
 
 
 def make_key(level: int, index: int) -> int:
@@ -243,6 +246,7 @@ class SyncEngine:
         self.active: Session | None = None
         self.counters = SyncCounters()
         self._next_session = 1
+        self._recent: deque[tuple[int, int]] = deque(maxlen=RECENT_SESSIONS)
         self._next_periodic: float | None = None
         self._turn = 0
 
@@ -290,6 +294,7 @@ class SyncEngine:
             s = Session(peer, self._next_session, now, now)
             self._next_session += 1
             self.active = s
+            self._recent.append((peer, s.id))
             self.counters.sessions_started += 1
             root = self.tree.node(ROOT)
             if root.count == 0:
@@ -298,6 +303,11 @@ class SyncEngine:
             s.queries = 1
             return [Send(peer, SyncQueryFrame(s.id, (root,), ()))]
         return []
+
+    def solicited(self, peer: int, session: int) -> bool:
+        """Whether SyncData for ``session`` from ``peer`` answers a session this node
+        started with that peer (the active one or one of the last few)."""
+        return (peer, session) in self._recent
 
     # -- as responder ------------------------------------------------------
 

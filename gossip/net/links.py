@@ -38,6 +38,7 @@ certificate names (so also the one we dialed).
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -59,7 +60,7 @@ from gossip import logs, settings
 from gossip.core.frames import PeerFrame
 from gossip.log_guard import LogRateLimit, shorten
 from gossip.net.dialing import EndpointConnector
-from gossip.net.peer_protocol import PeerProtocol
+from gossip.net.peer_protocol import BAD_FRAME, HANDSHAKE_REFUSED, PeerProtocol
 from gossip.net.tls import PeerTLS, handshake_problem, peer_identity
 from gossip.wire import codec
 
@@ -83,6 +84,8 @@ STABLE_AFTER = 2.0
 HANDSHAKE_LOG_BURST = 20
 HANDSHAKE_LOG_PER_SECOND = 1.0
 # What a refused peer is told: nothing about this cluster or its neighbours.
+# Down times remembered per link (for flaps over a window: gclient --cluster-stats).
+RECENT_DOWNS = 64
 REFUSED = "handshake refused (the reason is in the refusing node's log)"
 
 
@@ -111,6 +114,9 @@ class Link:
     incarnation: int = 0
     times_up: int = 0
     last_error: str = ""
+    times_down: int = 0  # an up link went down (a flap, when it comes back)
+    # When it last went down (for flaps over a window), newest last; bounded.
+    recent_downs: deque[float] = attrs.field(factory=lambda: deque(maxlen=RECENT_DOWNS))
 
 
 @attrs.frozen
@@ -121,6 +127,8 @@ class LinkStatus:
     since: float
     times_up: int
     last_error: str
+    times_down: int = 0
+    recent_downs: tuple[float, ...] = ()
 
 
 class PeerClientFactory(ReconnectingClientFactory):
@@ -252,6 +260,8 @@ class LinkTable:
             for peer, address in sorted(neighbours.items())
         }
         self.connections: set[PeerProtocol] = set()
+        # Connections closed for what the peer did, by reason (see report_failure).
+        self.disconnects: dict[str, int] = {}
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = clock
         self._stopping = False
@@ -311,7 +321,7 @@ class LinkTable:
             return
         if dropped:
             fmt += " ({dropped} similar lines left out)"
-        self.log.warn(fmt, dropped=dropped, **fields)
+        self.log.warn(fmt, node=self.node_id, dropped=dropped, **fields)
 
     def hello(self) -> codec.Hello:
         return codec.Hello(codec.PROTOCOL_VERSION, self.cluster, self.node_id, self.incarnation)
@@ -321,13 +331,25 @@ class LinkTable:
     def connection_made(self, proto: PeerProtocol) -> None:
         self.connections.add(proto)
 
-    def report_failure(self, proto: PeerProtocol, reason: str) -> None:
-        """Log why ``proto`` is being closed; strangers' failures within a rate."""
+    def report_failure(self, proto: PeerProtocol, reason: str, kind: str | None = None) -> None:
+        """Log why ``proto`` is being closed (strangers' failures within a rate) and
+        count ``kind``."""
+        if kind is not None:
+            self.disconnects[kind] = self.disconnects.get(kind, 0) + 1
         if proto.established:
-            self.log.warn("closing link to {who}: {reason}", who=proto.describe(), reason=reason)
+            self.log.warn(
+                "closing link to {who}: {reason}",
+                node=self.node_id,
+                peer=proto.peer,
+                who=proto.describe(),
+                reason=reason,
+            )
         else:
             self._warn_handshake(
-                "closing link to {who}: {reason}", who=proto.describe(), reason=reason
+                "closing link to {who}: {reason}",
+                peer=proto.peer,
+                who=proto.describe(),
+                reason=reason,
             )
 
     def handshake_frame(self, proto: PeerProtocol, frame: codec.AnyFrame) -> None:
@@ -338,13 +360,13 @@ class LinkTable:
             proto.fail(reason)
             return
         if not isinstance(frame, codec.Hello):
-            proto.fail(f"expected Hello, got {type(frame).__name__}")
+            proto.fail(f"expected Hello, got {type(frame).__name__}", kind=BAD_FRAME)
             return
         problem = self._check_hello(proto, frame)
         if problem:
             if not proto.outbound:
                 proto.send_frame(codec.Reject(self._reject_reason(frame)))
-            proto.fail(f"handshake refused: {problem}")
+            proto.fail(f"handshake refused: {problem}", kind=HANDSHAKE_REFUSED)
             return
         if not proto.outbound:
             proto.send_frame(self.hello())
@@ -374,7 +396,11 @@ class LinkTable:
         now = self.clock.seconds()
         link.since = now
         link.last_error = proto.closing_reason or reason.getErrorMessage()
-        self.log.info("link to node {peer} down: {why}", peer=peer, why=link.last_error)
+        link.times_down += 1
+        link.recent_downs.append(now)
+        self.log.info(
+            "link to node {peer} down: {why}", node=self.node_id, peer=peer, why=link.last_error
+        )
         self.events.down(peer)
         if self._stopping:
             return
@@ -403,7 +429,7 @@ class LinkTable:
         if link.state == UP or self._stopping:
             return  # we stopped this dial ourselves: the link is up through the neighbour's
         link.last_error = f"dial {link.address} failed: {reason.getErrorMessage()}"
-        self.log.debug("{error}", error=link.last_error)
+        self.log.debug("{error}", node=self.node_id, peer=peer, error=link.last_error)
 
     # -- used by the node --------------------------------------------------
 
@@ -427,10 +453,10 @@ class LinkTable:
             return None
         return link.proto.when_writable()
 
-    def drop(self, peer: int, reason: str) -> None:
+    def drop(self, peer: int, reason: str, kind: str | None = None) -> None:
         link = self.links.get(peer)
-        if link is not None and link.proto is not None:
-            link.proto.fail(reason)
+        if link is not None and link.proto is not None and link.proto.closing_reason is None:
+            link.proto.fail(reason, kind=kind)
 
     def status(self) -> list[LinkStatus]:
         return [
@@ -441,6 +467,8 @@ class LinkTable:
                 link.since,
                 link.times_up,
                 link.last_error,
+                link.times_down,
+                tuple(link.recent_downs),
             )
             for link in self.links.values()
         ]
@@ -533,6 +561,7 @@ class LinkTable:
         self._set_dialing(link, proto)
         self.log.info(
             "link to node {peer} up ({direction})",
+            node=self.node_id,
             peer=link.peer,
             direction="outbound" if proto.outbound else "inbound",
         )

@@ -19,6 +19,23 @@ from zope.interface import implementer
 
 from gossip.wire import codec
 
+# Why the link layer closed a connection (counters in the node's status, beside the
+# core's gossip.core.effects.DISCONNECTS).
+BAD_FRAME = "bad_frame"  # undecodable, unknown kind, or a Hello/Reject after the handshake
+FRAME_TOO_LONG = "frame_too_long"
+NOT_READING = "not_reading"  # over the queued-bytes bound
+IDLE = "idle"
+HANDSHAKE_TIMEOUT = "handshake_timeout"
+HANDSHAKE_REFUSED = "handshake_refused"
+LINK_DISCONNECTS = (
+    BAD_FRAME,
+    FRAME_TOO_LONG,
+    NOT_READING,
+    IDLE,
+    HANDSHAKE_TIMEOUT,
+    HANDSHAKE_REFUSED,
+)
+
 if TYPE_CHECKING:
     from gossip.net.links import LinkTable
 
@@ -136,7 +153,7 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         try:
             frame = codec.decode(data)
         except codec.BadFrame as e:
-            self.fail(str(e))
+            self.fail(str(e), kind=BAD_FRAME)
             return
         if not self.established:
             self.table.handshake_frame(self, frame)
@@ -144,22 +161,29 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         if isinstance(frame, codec.Ping):
             return
         if isinstance(frame, codec.Hello | codec.Reject):
-            self.fail(f"unexpected {type(frame).__name__} after the handshake")
+            self.fail(f"unexpected {type(frame).__name__} after the handshake", kind=BAD_FRAME)
             return
         self.table.frame_received(self, frame, len(data))
 
     def lengthLimitExceeded(self, length: int) -> None:
-        self.fail(f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}")
+        self.fail(
+            f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}", kind=FRAME_TOO_LONG
+        )
 
     def timeoutConnection(self) -> None:
         what = "link idle" if self.established else "handshake not finished"
-        self.fail(f"{what} for {self.timeOut} s", abort=True)
+        self.fail(
+            f"{what} for {self.timeOut} s",
+            abort=True,
+            kind=IDLE if self.established else HANDSHAKE_TIMEOUT,
+        )
 
-    def fail(self, reason: str, abort: bool = False) -> None:
-        """Close this connection because of what the peer did; the node carries on."""
+    def fail(self, reason: str, abort: bool = False, kind: str | None = None) -> None:
+        """Close this connection because of what the peer did; the node carries on.
+        ``kind`` is the reason's counter in the node's status (None: not counted)."""
         self._failed = True
         if self.closing_reason is None:
-            self.table.report_failure(self, reason)
+            self.table.report_failure(self, reason, kind)
         self.close(reason, abort)
 
     def close(self, reason: str, abort: bool = False) -> None:
@@ -225,7 +249,13 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
             self.fail(
                 f"peer is not reading: over {self.table.max_pending_bytes} bytes queued",
                 abort=True,
+                kind=NOT_READING,
             )
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held back while the transport is full (bounded by max_pending_bytes)."""
+        return self._pending_bytes
 
     def when_writable(self) -> Deferred[None]:
         """Fires when the transport drains (or the connection ends)."""

@@ -1,0 +1,49 @@
+"""How this node got its recent messages: by which route, and how many redundant copies.
+
+Pure and bounded. ``Arrivals`` keeps, for the ``RECENT_ARRIVALS`` most recently
+stored messages, how each came (``submit``, ``gossip`` or ``sync``) and how
+many more copies of it arrived after the first (redundant receptions). That
+is what ``gclient --trace`` and ``--cluster-stats`` report per message; for an
+older message the node says it does not know (-1) rather than guess. The
+totals since start (``stored``, ``duplicates``) cover every message and feed
+the Prometheus counters.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+# Messages whose route and duplicate count are remembered (about 120 bytes each).
+RECENT_ARRIVALS = 8192
+VIAS = ("submit", "gossip", "sync")
+UNKNOWN = -1
+
+
+class Arrivals:
+    def __init__(self, limit: int = RECENT_ARRIVALS) -> None:
+        self.limit = limit
+        # id -> [via index, redundant copies]; oldest first.
+        self._recent: OrderedDict[bytes, list[int]] = OrderedDict()
+        self.stored: dict[str, int] = dict.fromkeys(VIAS, 0)
+        self.duplicates: dict[str, int] = dict.fromkeys(VIAS, 0)
+
+    def stored_new(self, mid: bytes, via: str) -> None:
+        self.stored[via] += 1
+        self._recent[mid] = [VIAS.index(via), 0]
+        if len(self._recent) > self.limit:
+            self._recent.popitem(last=False)
+
+    def duplicate(self, mid: bytes, via: str) -> None:
+        """Another copy of a held message arrived (and was dropped). A client's resubmit
+        counts in ``duplicates`` but is no redundant copy of the message's spread."""
+        self.duplicates[via] += 1
+        entry = self._recent.get(mid)
+        if entry is not None and via != "submit":
+            entry[1] += 1
+
+    def of(self, mid: bytes) -> tuple[str, int]:
+        """(how it came, redundant copies since) or ("", UNKNOWN) once forgotten."""
+        entry = self._recent.get(mid)
+        if entry is None:
+            return "", UNKNOWN
+        return VIAS[entry[0]], entry[1]

@@ -1,0 +1,77 @@
+"""The fault-test lab's pure parts, which run anywhere (no root, no namespaces): its
+cluster file, the flap count, the nemesis' fault order, the driver's route guard and
+the soak command's durations."""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import pytest
+
+from gossip.config import dump_config, parse_config
+from gossip.lab.checker import count_flaps
+from gossip.lab.driver import has_route_out
+from gossip.lab.lab import CLIENT_PORT, LAB_TIMERS, PEER_PORT, LinkCount, lab_config
+from gossip.lab.nemesis import FAULTS, fault_order
+from gossip.lab.netns import Netns
+from gossip.lab.soak import duration
+
+
+def test_lab_cluster_file_puts_each_node_at_its_lab_address() -> None:
+    """Node i is at 10.77.0.i with the lab's ports and short timers, and the file the
+    lab writes loads back to the same cluster."""
+    netns = Netns(16, tag="1x0000")
+    config = lab_config(netns, name="lab-1x0000")
+    assert [s.host for s in config.nodes.values()] == [f"10.77.0.{i}" for i in range(1, 17)]
+    assert {(s.peer_port, s.client_port) for s in config.nodes.values()} == {
+        (PEER_PORT, CLIENT_PORT)
+    }
+    for i, s in config.nodes.items():  # what nodes bind and dial, not only the shorthand
+        assert s.peer_listen == f"tcp:{PEER_PORT}:interface=10.77.0.{i}"
+        assert s.client_address == f"tcp:host=10.77.0.{i}:port={CLIENT_PORT}"
+    assert config.sync_interval == LAB_TIMERS["sync_interval"]
+    assert config.idle_timeout == LAB_TIMERS["idle_timeout"]
+    assert parse_config(dump_config(config)) == config
+
+
+def test_flaps_allow_one_up_per_link_end_and_count_ends_left_down() -> None:
+    """One re-connection per link end is the fault and its heal; more are flaps, and so
+    is an end down at the end; a restarted node's counters start again from 0."""
+    before = {
+        (1, 2): LinkCount(1, 4, True),
+        (2, 1): LinkCount(1, 4, True),
+        (3, 4): LinkCount(1, 2, True),
+        (4, 3): LinkCount(1, 7, True),
+    }
+    after = {
+        (1, 2): LinkCount(1, 5, True),  # came back once: no flap
+        (2, 1): LinkCount(1, 7, True),  # three ups: two flaps
+        (3, 4): LinkCount(1, 3, False),  # up once, down now: one flap
+        (4, 3): LinkCount(2, 1, True),  # node 4 restarted: its one up is no flap
+    }
+    assert count_flaps(before, after) == (3, 1 + 3 + 1 + 1)
+    assert count_flaps(before, before) == (0, 0)
+
+
+def test_nemesis_deals_every_fault_once_per_cycle() -> None:
+    """Any len(FAULTS) consecutive rounds from a cycle boundary hold every kind once."""
+    order = fault_order(random.Random(3))
+    for _ in range(3):
+        assert sorted(next(order) for _ in FAULTS) == sorted(FAULTS)
+
+
+def test_driver_refuses_a_namespace_with_a_default_route() -> None:
+    """The route guard sees a default route in /proc/net/route's format, and only that."""
+    header = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+    subnet = "eth0\t00004D0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n"
+    default = "eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\n"
+    assert not has_route_out(header + subnet)
+    assert has_route_out(header + subnet + default)
+
+
+def test_soak_durations() -> None:
+    """--duration takes seconds or a unit (s, m, h); anything else is one clear error."""
+    assert [duration(t) for t in ("90", "90s", "30m", "2h")] == [90, 90, 1800, 7200]
+    with pytest.raises(argparse.ArgumentTypeError, match="not a duration"):
+        duration("soon")
