@@ -25,6 +25,8 @@ ensure_venv() {
     VENV_PY="$(cd "$dir" && pwd)/bin/python"
 }
 
+# PYTHONWARNINGS: setuptools prints its notices (e.g. the page about strict editable
+# installs) as UserWarnings on every set-up; they say nothing the user must act on.
 quiet_pip() {
-    "$VENV_PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
+    PYTHONWARNINGS=ignore::UserWarning "$VENV_PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
 }
