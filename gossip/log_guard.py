@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from gossip.core.rate import TokenBucket
+
 # Characters of a stranger's string kept in a log line or a reply.
 PEER_TEXT_LIMIT = 100
 
@@ -28,27 +30,22 @@ def shorten(text: str, limit: int = PEER_TEXT_LIMIT) -> str:
 class LogRateLimit:
     """A token bucket for log lines: ``burst`` lines at once, then ``per_second``.
 
-    Twisted has no rate limiter; this is the smallest one that bounds a log an
-    attacker can write to. A dropped line is counted, so the next allowed line
-    says how many similar lines were left out.
+    The bucket is the core's ``TokenBucket`` (the same one that limits submits per
+    origin); this adds the clock and the count of dropped lines, so the next allowed
+    line says how many similar lines were left out.
     """
 
     def __init__(self, now: Callable[[], float], per_second: float, burst: int) -> None:
         self._now = now
         self.per_second = per_second
         self.burst = burst
-        self._tokens = float(burst)
-        self._at = now()
+        self._bucket = TokenBucket(per_second, burst, now())
         self.suppressed = 0
 
     def allow(self) -> int | None:
         """None if this line must be dropped; else how many were dropped before it."""
-        now = self._now()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second)
-        self._at = now
-        if self._tokens < 1:
+        if not self._bucket.take(self._now()):
             self.suppressed += 1
             return None
-        self._tokens -= 1
         dropped, self.suppressed = self.suppressed, 0
         return dropped
