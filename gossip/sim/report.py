@@ -354,7 +354,8 @@ def run_all(setup: Setup, progress: Callable[[str], None] | None = None) -> list
             if progress is not None:
                 progress(
                     f"{strategy} {scenario}: {figures['events']:,} events, "
-                    f"{figures['wall_seconds']:.1f} s"
+                    f"{figures['wall_seconds']:.1f} s, reliability "
+                    f"{figures['reliability_mean']:.4f}/{figures['reliability_min']:.4f}"
                 )
     return runs
 
