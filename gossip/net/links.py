@@ -13,8 +13,11 @@ that keep exactly one connection per neighbour pair:
   again because it already dropped that connection (it timed the link out
   first, say across a healed partition), so the old one is dead;
 - otherwise two live connections of the same incarnation mean both sides
-  dialed at once: both ends keep the one dialed by the lower node id and
-  close the other.
+  dialed at once: both ends keep the one dialed by the lower node id, and the
+  lower id's end closes the other (the higher id's end stops using it and
+  closes it only if it is still open ``handshake_timeout`` later): a close
+  from the higher id could arrive before the lower id has switched, and take
+  its link down and up again.
 
 While a link is up through the connection the neighbour dialed, our own
 dialing pauses; when the link goes down it resumes. The dialing backoff is
@@ -549,7 +552,18 @@ class LinkTable:
             loser = current
         else:
             loser = proto
-        loser.close("duplicate connection")
+        if self.node_id < peer:
+            loser.close("duplicate connection")
+        else:
+            # The lower id may still be using it while its own dial's handshake is on
+            # the way: our close could reach it first and take its link down and up.
+            # It closes the duplicate when it switches; if it never does, we do.
+            self.clock.callLater(self.handshake_timeout, self._close_duplicate, loser)
+
+    def _close_duplicate(self, proto: PeerProtocol) -> None:
+        peer = proto.peer
+        if proto in self.connections and peer is not None and self.links[peer].proto is not proto:
+            proto.close("duplicate connection")
 
     def _make_current(self, link: Link, proto: PeerProtocol) -> None:
         link.proto = proto
