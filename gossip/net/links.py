@@ -65,6 +65,7 @@ from gossip.log_guard import LogRateLimit, shorten
 from gossip.net.dialing import EndpointConnector
 from gossip.net.peer_protocol import BAD_FRAME, HANDSHAKE_REFUSED, PeerProtocol
 from gossip.net.tls import PeerTLS, handshake_problem, peer_identity
+from gossip.pause_watch import PauseWatch
 from gossip.wire import codec
 
 CONNECTING, UP, DOWN = "connecting", "up", "down"
@@ -267,6 +268,8 @@ class LinkTable:
         self.disconnects: dict[str, int] = {}
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = clock
+        # Idle and handshake timeouts judge silence from when the reactor last ran again.
+        self.pauses = PauseWatch(clock)
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -280,11 +283,13 @@ class LinkTable:
                 endpoint = self.tls.client_endpoint(endpoint)
             EndpointConnector(endpoint, link.factory, self.clock, link.address).connect()
         self._pinger.start(self.ping_interval, now=False)
+        self.pauses.start()
 
     def stop(self) -> None:
         self._stopping = True
         if self._pinger.running:
             self._pinger.stop()
+        self.pauses.stop()
         for link in self.links.values():
             link.factory.stopTrying()
         for proto in list(self.connections):
