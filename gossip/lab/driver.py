@@ -51,8 +51,10 @@ BODY_CHARS = 100
 # Longest request line the driver reads (requests are small).
 MAX_REQUEST_BYTES = 1 << 20
 POLL_INTERVAL = 0.25
-# The least time the checker's listing of every node may take after the converge wait.
+# How long the checker's listing of every node may take after the converge wait, and
+# the most a ``converge`` request can take beyond its deadline.
 LIST_DEADLINE = 30.0
+CONVERGE_EXTRA = LIST_DEADLINE + CALL_TIMEOUT
 
 
 def network_namespace() -> int:
@@ -279,7 +281,7 @@ class Driver:
         lost: set[str] = set()
         want_text = {id_text(mid): body for mid, body in want.items()}
         unlisted: list[int] = []
-        list_until = self.reactor.seconds() + max(LIST_DEADLINE, deadline - (done - start))
+        list_until = self.reactor.seconds() + LIST_DEADLINE
         for n in nodes:
             rows = await self.listing(n, list_until)
             if rows is None:
