@@ -311,7 +311,12 @@ class Lab:
         wait = REQUEST_TIMEOUT + float(args.get("timeout", 0)) + float(args.get("deadline", 0))
         if op == "converge":
             wait += CONVERGE_EXTRA  # then it lists every node (see ``Driver.converge``)
-        return await d.addTimeout(wait, self.reactor)
+        try:
+            return await d.addTimeout(wait, self.reactor)
+        except defer.TimeoutError:
+            raise LabFailed(
+                f"the client driver did not answer {op!r} within {wait:.0f} s"
+            ) from None
 
     async def stop(self) -> None:
         """Stop the driver and every node (SIGTERM, then SIGKILL), remove the namespaces."""
