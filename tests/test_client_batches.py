@@ -174,3 +174,27 @@ def test_a_failed_batch_fails_the_call_with_the_nodes_reason() -> None:
     pump(h)
     assert len(got) == 1 and isinstance(got[0], Failure)
     assert got[0].check(MessageRejected) and "No space left" in str(got[0].value)
+
+
+def test_per_turn_batches_of_single_submits_share_the_in_flight_bound() -> None:
+    """``submit_message`` calls made over many reactor turns go as one SubmitMany per
+    turn, and those count against the same MAX_BATCHES_IN_FLIGHT: while answers are held
+    back, no more than that many are on the wire; the rest follow as answers come."""
+    h, store = slow_harness()
+    sizes = record_batches(h)
+    client = GossipClient(h.client, "test", reactor=h.reactor)
+    turns = MAX_BATCHES_IN_FLIGHT + 4
+    got = []
+    for turn in range(turns):
+        for k in range(2):
+            got.append(outcome(Deferred.fromCoroutine(client.submit_message(f"t{turn}.{k}"))))
+        pump(h, rounds=1)
+    pump(h)
+    assert sizes == [2] * MAX_BATCHES_IN_FLIGHT
+    for _ in range(10):
+        store.make_durable()
+        pump(h)
+    assert sizes == [2] * turns
+    assert [g[0] for g in got] == [
+        id_text(message_id(f"t{t}.{k}".encode())) for t in range(turns) for k in range(2)
+    ]

@@ -397,11 +397,9 @@ class GossipClient:
             message, d = batch[0]
             self._submit_one(message).chainDeferred(d)
             return
-        try:
-            many = self._call(SubmitMany, bodies=[m for m, _ in batch])
-        except Exception:  # cannot be encoded: every waiting caller hears it
-            _fail_batch(Failure(), batch)
-            return
+        # Counted with submit_messages' calls: at most MAX_BATCHES_IN_FLIGHT on the wire.
+        # A batch that cannot be encoded fails here too: every waiting caller hears it.
+        many = self._in_flight.run(self._call, SubmitMany, bodies=[m for m, _ in batch])
         many.addCallbacks(_answer_batch, _fail_batch, callbackArgs=(batch,), errbackArgs=(batch,))
 
     async def get_message(self, msg_id: str) -> StoredMessage:
