@@ -194,3 +194,23 @@ def test_bench_throughput_submits_in_batches_and_counts_every_message(tmp_path: 
     assert 0 < figures["pushes_per_message"] * 300 < 300 * 4
     assert figures["cpu_us_per_message_per_node"] > 0
     assert figures["bench_cpu_share"] > 0
+
+
+def test_client_path_bench_times_every_way_and_refuses_an_unknown_one() -> None:
+    """``python -m gossip.bench.client_path`` stores every message each way (it raises
+    otherwise) and prints one row per way with its cost over the core; an unknown way
+    is one usage line, exit status 2."""
+    r = run_main(
+        "gossip.bench.client_path",
+        ["--messages", "64", "--rounds", "1", "--ways", "core,submit,many16"],
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["core", "submit", "many16"]
+    assert all(float(row[1]) > 0 for row in rows)
+    bad = run_main("gossip.bench.client_path", ["--ways", "core,sideways"])
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "python -m gossip.bench.client_path: error: --ways: unknown way 'sideways'"
+        " (core, submit, manyN) (see --help)"
+    ]
