@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +35,10 @@ from gossip import logs, settings
 from gossip.client.tokens import TokenError, read_token
 from gossip.config import ClusterConfig
 from gossip.core.dissemination import Dissemination, Flood
-from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
+from gossip.core.effects import Dial, DropPeer, Effect, Hangup, Persist, Send, StreamMessages
 from gossip.core.frames import Envelope, GossipFrame, PeerFrame
 from gossip.core.message import Message, id_range
+from gossip.core.overlay import Overlay
 from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
@@ -102,13 +104,27 @@ class GossipNode(service.Service):
         self.store = store
         self.reactor: IReactorTCP = reactor
         self.clock: IReactorTime = reactor
+        if incarnation is None:
+            incarnation = random.getrandbits(63) + 1
+        strategy = STRATEGIES[config.dissemination](
+            node_id, {n: spec.neighbours for n, spec in config.nodes.items()}
+        )
+        overlay = None
+        if config.overlay == "dynamic":
+            overlay = Overlay(
+                node_id,
+                self.spec.peer_address,
+                incarnation,
+                {n: config.nodes[n].peer_address for n in self.spec.neighbours},
+                strategy,
+                replace_after=config.replace_after,
+                max_degree=config.overlay_max_degree,
+            )
         self.core = GossipCore(
             node_id,
             self.spec.neighbours,
             store,
-            STRATEGIES[config.dissemination](
-                node_id, {n: spec.neighbours for n, spec in config.nodes.items()}
-            ),
+            strategy,
             config.max_message_bytes,
             config.nodes,
             sync_interval=config.sync_interval,
@@ -116,6 +132,8 @@ class GossipNode(service.Service):
             origin_rate=config.origin_rate,
             origin_burst=config.origin_burst,
         )
+        if overlay is not None:
+            self.core.use_overlay(overlay)
         self.peer_tls = self._load_tls(config, node_id)
         # The token clients must Login with (None: the client port needs none).
         self.client_token = self._load_client_token(config, node_id)
@@ -139,6 +157,8 @@ class GossipNode(service.Service):
             incarnation=incarnation,
             send_delay=send_delay,
             tls=self.peer_tls,
+            accept_peer=overlay.accepts if overlay is not None else None,
+            seeds=config.join if overlay is not None else (),
         )
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
@@ -201,6 +221,7 @@ class GossipNode(service.Service):
         self.started_at = self.clock.seconds()
         spec = self.spec
         super().startService()
+        self._apply(self.core.start(self.started_at))
         self.links.start()
         self.log.info(
             "node {node} of cluster {cluster} up: peers on {peer_listen},"
@@ -249,6 +270,10 @@ class GossipNode(service.Service):
 
     def stopService(self) -> None:
         super().stopService()
+        if self.running_links():
+            # Dynamic overlay: say we leave (queued before the links close), so the
+            # neighbours replace this node at once instead of suspecting it.
+            self._apply(self.core.leave(self.clock.seconds()))
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._cooperator.stop()
@@ -374,6 +399,7 @@ class GossipNode(service.Service):
                     "last_fsync_seconds": stats["last_fsync_seconds"],
                 }
             ],
+            **self._overlay_status(),
             "links": [
                 {
                     "peer": s.peer,
@@ -388,6 +414,17 @@ class GossipNode(service.Service):
                 for s in self.links.status()
             ],
         }
+
+    def running_links(self) -> bool:
+        """Whether the links were started and are not stopped yet."""
+        return self.links.running
+
+    def _overlay_status(self) -> dict[str, Any]:
+        """The dynamic overlay's part of the status (nothing with the static one)."""
+        overlay = self.core.overlay
+        if overlay is None:
+            return {}
+        return {"overlay": [overlay.status(self.clock.seconds())]}
 
     # -- events into the core ----------------------------------------------
 
@@ -467,6 +504,10 @@ class GossipNode(service.Service):
                 self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
                 self.links.drop(effect.peer, effect.reason, effect.kind)
+            elif isinstance(effect, Dial):
+                self.links.add_peer(effect.peer, effect.address)
+            elif isinstance(effect, Hangup):
+                self.links.remove_peer(effect.peer, effect.reason)
 
     def _store_failed(self, error: StoreError) -> None:
         """The log cannot take records (disk full, failed fsync): the node must stop, as

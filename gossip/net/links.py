@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import attrs
@@ -87,6 +87,8 @@ HANDSHAKE_LOG_PER_SECOND = 1.0
 # Down times remembered per link (for flaps over a window: gclient --cluster-stats).
 RECENT_DOWNS = 64
 REFUSED = "handshake refused (the reason is in the refusing node's log)"
+# What a seed's dial is marked with while the node id at that address is not known.
+SEED = -1
 
 
 @attrs.frozen
@@ -141,7 +143,8 @@ class PeerClientFactory(ReconnectingClientFactory):
 
     def __init__(self, table: LinkTable, peer: int, max_delay: float) -> None:
         self.table = table
-        self.peer = peer
+        self.peer = peer  # SEED while dialing a seed whose id is not known yet
+        self.seed_address = ""
         self.maxDelay = max_delay  # type: ignore[assignment]  # float is fine; stubs say int
         self.clock = cast(Any, table.clock)
         self.resetDelay()
@@ -228,8 +231,19 @@ class LinkTable:
         incarnation: int | None = None,
         send_delay: float = 0.0,
         tls: PeerTLS | None = None,
+        accept_peer: Callable[[int], bool] | None = None,
+        seeds: Sequence[str] = (),
     ) -> None:
+        """With ``accept_peer`` (the dynamic overlay) the set of peers changes: an
+        inbound Hello from a node not in the table is taken when ``accept_peer`` says
+        so, ``add_peer`` / ``remove_peer`` start and stop links, and ``seeds`` (peer
+        addresses of running nodes, ids unknown) are dialed at start until one
+        answers: its node joins the table as a peer."""
         self.node_id = node_id
+        self.accept_peer = accept_peer
+        self.seed_addresses = tuple(seeds)
+        self.seed_factories: list[PeerClientFactory] = []
+        self.reconnect_max_delay = reconnect_max_delay
         self.tls = tls
         self.cluster = cluster
         self.reactor = reactor
@@ -272,20 +286,76 @@ class LinkTable:
         now = self.clock.seconds()
         for link in self.links.values():
             link.since = now
-            endpoint = clientFromString(self.reactor, link.address)
-            if self.tls is not None:
-                endpoint = self.tls.client_endpoint(endpoint)
-            EndpointConnector(endpoint, link.factory, self.clock, link.address).connect()
+            self._dial(link.address, link.factory)
+        for address in self.seed_addresses:
+            factory = PeerClientFactory(self, SEED, self.reconnect_max_delay)
+            factory.seed_address = address
+            self.seed_factories.append(factory)
+            self._dial(address, factory)
         self._pinger.start(self.ping_interval, now=False)
+
+    def _dial(self, address: str, factory: PeerClientFactory) -> None:
+        endpoint = clientFromString(self.reactor, address)
+        if self.tls is not None:
+            endpoint = self.tls.client_endpoint(endpoint)
+        EndpointConnector(endpoint, factory, self.clock, address).connect()
+
+    def add_peer(self, peer: int, address: str) -> None:
+        """Keep a link to ``peer``: dial ``address`` (a client endpoint description) now
+        and whenever the link is down. A bad address is one log line, nothing more."""
+        link = self.links.get(peer)
+        if link is not None:
+            if link.address or not address:
+                return
+            link.address = address  # an accepted link this node now wants too
+        else:
+            factory = PeerClientFactory(self, peer, self.reconnect_max_delay)
+            link = self.links[peer] = Link(peer, address, factory, since=self.clock.seconds())
+        try:
+            self._dial(address, link.factory)
+        except Exception as e:  # clientFromString: an unusable description from a record
+            link.last_error = f"cannot dial {shorten(address)!r}: {e}"
+            self.log.warn("{error}", node=self.node_id, peer=peer, error=link.last_error)
+
+    def remove_peer(self, peer: int, reason: str) -> None:
+        """Stop keeping a link to ``peer``: stop dialing, close its connections; the node
+        hears ``down`` at once if the link was up."""
+        link = self.links.pop(peer, None)
+        if link is None:
+            return
+        self._stop_factory(link.factory)
+        was_up = link.proto is not None
+        for proto in list(self.connections):
+            if peer in (proto.peer, proto.dialed):
+                proto.close(reason)
+        if was_up:
+            self.log.info(
+                "link to node {peer} closed: {why}", node=self.node_id, peer=peer, why=reason
+            )
+            self.events.down(peer)
+
+    @staticmethod
+    def _stop_factory(factory: PeerClientFactory) -> None:
+        factory.stopTrying()
+        connector = factory.connector
+        if connector is not None and connector.state == "connecting":
+            connector.stopConnecting()
 
     def stop(self) -> None:
         self._stopping = True
         if self._pinger.running:
             self._pinger.stop()
+        for factory in self.seed_factories:
+            factory.stopTrying()
         for link in self.links.values():
             link.factory.stopTrying()
         for proto in list(self.connections):
             proto.close("node stopping")
+
+    @property
+    def running(self) -> bool:
+        """Started and not stopped."""
+        return bool(self._pinger.running)
 
     def server_factory(self) -> IProtocolFactory:
         """What the peer port listens with: TLS around ``PeerServerFactory`` when on."""
@@ -355,8 +425,9 @@ class LinkTable:
     def handshake_frame(self, proto: PeerProtocol, frame: codec.AnyFrame) -> None:
         if isinstance(frame, codec.Reject) and proto.outbound:
             reason = f"node {proto.dialed} rejected our handshake: {shorten(frame.reason)}"
-            if proto.dialed is not None:
-                self.links[proto.dialed].last_error = reason
+            dialed = self.links.get(proto.dialed) if proto.dialed is not None else None
+            if dialed is not None:
+                dialed.last_error = reason
             proto.fail(reason)
             return
         if not isinstance(frame, codec.Hello):
@@ -374,13 +445,15 @@ class LinkTable:
 
     def frame_received(self, proto: PeerProtocol, frame: PeerFrame, size: int) -> None:
         peer = proto.peer
-        if peer is not None and self.links[peer].state == UP:
-            self.events.frame(peer, frame, size)
+        link = self.links.get(peer) if peer is not None else None
+        if link is not None and link.proto is proto:
+            self.events.frame(link.peer, frame, size)
 
     def write_state(self, proto: PeerProtocol) -> None:
         peer = proto.peer
-        if peer is not None and self.links[peer].proto is proto:
-            self.events.congested(peer, proto.write_paused)
+        link = self.links.get(peer) if peer is not None else None
+        if link is not None and link.proto is proto:
+            self.events.congested(link.peer, proto.write_paused)
 
     def connection_lost(self, proto: PeerProtocol, reason: Failure) -> None:
         self.connections.discard(proto)
@@ -388,9 +461,9 @@ class LinkTable:
         if peer is None:
             self._handshake_lost(proto, reason)
             return
-        link = self.links[peer]
-        if link.proto is not proto:
-            return
+        link = self.links.get(peer)
+        if link is None or link.proto is not proto:
+            return  # a link removed meanwhile (remove_peer told the node already)
         link.proto = None
         link.state = DOWN
         now = self.clock.seconds()
@@ -405,6 +478,8 @@ class LinkTable:
         if self._stopping:
             return
         stable = now - proto.established_at >= self.stable_after
+        if not link.address:
+            return  # a link another node chose: this side never dials it
         if not proto.outbound:
             link.factory.resume(reset_backoff=stable)
         elif stable:
@@ -418,15 +493,16 @@ class LinkTable:
         problem = handshake_problem(proto.transport, reason)
         if problem is None:
             return
-        if proto.dialed is not None:
-            self.links[proto.dialed].last_error = f"TLS handshake failed: {problem}"
+        dialed = self.links.get(proto.dialed) if proto.dialed is not None else None
+        if dialed is not None:
+            dialed.last_error = f"TLS handshake failed: {problem}"
         self._warn_handshake(
             "TLS handshake with {who} failed: {problem}", who=proto.describe(), problem=problem
         )
 
     def dial_failed(self, peer: int, reason: Failure) -> None:
-        link = self.links[peer]
-        if link.state == UP or self._stopping:
+        link = self.links.get(peer)
+        if link is None or link.state == UP or self._stopping:
             return  # we stopped this dial ourselves: the link is up through the neighbour's
         link.last_error = f"dial {link.address} failed: {reason.getErrorMessage()}"
         self.log.debug("{error}", node=self.node_id, peer=peer, error=link.last_error)
@@ -503,9 +579,14 @@ class LinkTable:
                 )
         if hello.cluster != self.cluster:
             return f"cluster {shorten(hello.cluster)!r} is not this node's cluster {self.cluster!r}"
-        if proto.outbound and hello.node_id != proto.dialed:
+        if hello.node_id == self.node_id:
+            return f"node {self.node_id} reached itself"
+        if proto.outbound and proto.dialed != SEED and hello.node_id != proto.dialed:
             return f"dialed node {proto.dialed} but node {hello.node_id} answered"
-        if hello.node_id not in self.links:
+        if hello.node_id not in self.links and not (
+            proto.dialed == SEED
+            or (self.accept_peer is not None and self.accept_peer(hello.node_id))
+        ):
             return f"node {hello.node_id} is not a neighbour of node {self.node_id}"
         if hello.incarnation == 0:
             return "incarnation 0 is not allowed"
@@ -513,7 +594,15 @@ class LinkTable:
 
     def _establish(self, proto: PeerProtocol, hello: codec.Hello) -> None:
         peer = hello.node_id
-        link = self.links[peer]
+        if proto.dialed == SEED:
+            self._seed_answered(proto, peer)
+        link = self.links.get(peer)
+        if link is None:
+            # A node the overlay accepts (it chose this node, or is joining): kept
+            # while up, never dialed by this side.
+            factory = PeerClientFactory(self, peer, self.reconnect_max_delay)
+            factory.stopTrying()
+            link = self.links[peer] = Link(peer, "", factory)
         proto.peer = peer
         proto.incarnation = hello.incarnation
         proto.established = True
@@ -550,6 +639,22 @@ class LinkTable:
         else:
             loser = proto
         loser.close("duplicate connection")
+
+    def _seed_answered(self, proto: PeerProtocol, peer: int) -> None:
+        """A seed answered as node ``peer``: the other seeds are not needed any more;
+        this seed's dialer becomes the link's (unless the table has one already)."""
+        factory = proto.factory
+        assert isinstance(factory, PeerClientFactory)
+        for other in self.seed_factories:
+            if other is not factory:
+                self._stop_factory(other)
+        self.seed_factories = []
+        proto.dialed = peer
+        if peer in self.links:
+            factory.stopTrying()
+            return
+        factory.peer = peer
+        self.links[peer] = Link(peer, factory.seed_address, factory, since=self.clock.seconds())
 
     def _make_current(self, link: Link, proto: PeerProtocol) -> None:
         link.proto = proto
