@@ -174,6 +174,8 @@ class Overlay:
         self._on_time_since = 0.0
         self._flooded_at = -RECORD_REFRESH
         self._split_since: float | None = None
+        # False until a node named by no file (it came with --join) first has its links.
+        self.joined = bool(self.preferred)
         self.graph: dict[int, frozenset[int]] = {}
         self.known: frozenset[int] = frozenset({node_id})
 
@@ -460,11 +462,13 @@ class Overlay:
                 why = f"replaces {lost[0]}, {lost[1]}"
                 if lost[0] in self.preferred:
                     self.replaces[node] = lost[0]
-            elif not self.preferred and not self.up:
+            elif not self.joined:
                 why = "joining"
             else:
                 why = f"degree {self.degree} below {TARGET_DEGREE}"
             effects += self._link(node, why, now)
+        if self.degree >= TARGET_DEGREE:
+            self.joined = True
         return effects
 
     def _bridge(self, now: float) -> list[Effect]:
