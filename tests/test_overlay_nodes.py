@@ -122,3 +122,31 @@ def test_status_command_carries_the_overlay() -> None:
     wire = Status.makeResponse(status, None)  # type: ignore[no-untyped-call]
     back = Status.parseResponse(wire, None)  # type: ignore[no-untyped-call]
     assert back["overlay"][0]["neighbours"] == sorted(c.neighbours(1))
+
+
+def test_metrics_show_the_overlay_in_dynamic_mode_only() -> None:
+    """/metrics has the overlay's gauges (neighbours, suspects, live nodes) and its
+    change counter in dynamic mode; the static mode's metrics have none of them."""
+    from gossip.web.metrics import node_registry
+
+    c = dynamic("flood")
+    c.kill(c.neighbours(1)[0])
+    c.run(0.2)
+    registry = node_registry(c.nodes[1])
+    assert registry.get_sample_value("gossip_overlay_neighbours") == 3
+    assert registry.get_sample_value("gossip_overlay_suspects") == 1
+    assert registry.get_sample_value("gossip_overlay_live_nodes") == 16
+    c.run(2 * REPLACE_AFTER)
+    assert registry.get_sample_value("gossip_overlay_changes_total") >= 2
+    static = Cluster(4, allow_any_degree=True)
+    assert node_registry(static.nodes[1]).get_sample_value("gossip_overlay_neighbours") is None
+
+
+def test_every_node_learns_every_record_at_start() -> None:
+    """Right after a dynamic cluster's links come up, every node holds every node's
+    record and the same live graph: the file's (records sent on a connection that
+    lost a simultaneous-dial race still count while the link is up)."""
+    c = dynamic("flood")
+    want = {n: frozenset(c.neighbours(n)) for n in c.alive}
+    for n in c.alive:
+        assert c.nodes[n].core.overlay.graph == want, n

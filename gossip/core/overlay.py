@@ -168,6 +168,7 @@ class Overlay:
         # Neighbours lost and not yet replaced, with why (for the change list).
         self._unreplaced: deque[tuple[int, str]] = deque(maxlen=MAX_RECORD_NEIGHBOURS)
         self.changes: deque[tuple[float, str]] = deque(maxlen=RECENT_CHANGES)
+        self.change_count = 0  # changes noted since start (the list keeps the last few)
         self.bad_records: dict[str, int] = dict.fromkeys(BAD_RECORD_KEYS, 0)
         self.health = 0
         self._last_tick: float | None = None
@@ -230,8 +231,10 @@ class Overlay:
     def start(self, now: float) -> list[Effect]:
         """The node starts: its preferred neighbours are suspect until their links are
         up; its own record is in the table."""
+        # Neighbours that start at about the same time get one replace_after more
+        # before they count as missing (a cluster's nodes do not all start at once).
         for peer in self.wanted:
-            self.suspects.setdefault(peer, now)
+            self.suspects.setdefault(peer, now + self.replace_after)
         self._last_tick = now
         self._on_time_since = now
         return self._flood_own(now) + self._graph_changed(now)
@@ -349,6 +352,7 @@ class Overlay:
 
     def _note(self, now: float, what: str) -> None:
         self.changes.append((now, what))
+        self.change_count += 1
 
     def _health(self, now: float) -> None:
         last, self._last_tick = self._last_tick, now

@@ -446,7 +446,7 @@ class LinkTable:
     def frame_received(self, proto: PeerProtocol, frame: PeerFrame, size: int) -> None:
         peer = proto.peer
         link = self.links.get(peer) if peer is not None else None
-        if link is not None and link.proto is proto:
+        if link is not None and link.state == UP:
             self.events.frame(link.peer, frame, size)
 
     def write_state(self, proto: PeerProtocol) -> None:
