@@ -34,7 +34,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from gossip import logs, pidfile, settings
-from gossip.config import FSYNC_POLICIES, ConfigError, load_config
+from gossip.config import FSYNC_POLICIES, ConfigError, address_description, load_config
 from gossip.locations import default_config, default_data_dir
 
 if TYPE_CHECKING:
@@ -152,8 +152,7 @@ def join_addresses(text: str) -> tuple[str, ...]:
             host = host.strip("[]")
             if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
                 raise usage.UsageError(f"--join: {item!r} is not host:port")
-            kind = "tcp6" if ":" in host else "tcp"
-            item = f"{kind}:host={host}:port={port}"
+            item = address_description(host, int(port))
         try:
             clientFromString(MemoryReactor(), item)
         except Exception as e:
