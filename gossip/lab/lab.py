@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from gossip.cluster import installed_command
 from gossip.config import ClusterConfig, address_description, dump_config, listen_description
-from gossip.lab.driver import network_namespace
+from gossip.lab.driver import CONVERGE_EXTRA, network_namespace
 from gossip.lab.netns import Netns, sweep_leftovers
 from gossip.topology import generate_config
 
@@ -336,6 +336,8 @@ class Lab:
             raise LabFailed("the lab's client driver is not running")
         d = self.driver.request(op, **args)
         wait = REQUEST_TIMEOUT + float(args.get("timeout", 0)) + float(args.get("deadline", 0))
+        if op == "converge":
+            wait += CONVERGE_EXTRA  # then it lists every node (see ``Driver.converge``)
         return await d.addTimeout(wait, self.reactor)
 
     async def stop(self) -> None:
