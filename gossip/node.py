@@ -268,17 +268,23 @@ class GossipNode(service.Service):
             days=left.days,
         )
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None] | None:
+        """Close the links and the store. With the dynamic overlay the node first says
+        it leaves (queued before the links close, so the neighbours replace it at once
+        instead of suspecting it) and the stop waits until the connections have sent
+        what they hold (at most the close grace)."""
         super().stopService()
-        if self.running_links():
-            # Dynamic overlay: say we leave (queued before the links close), so the
-            # neighbours replace this node at once instead of suspecting it.
+        leaving = self.core.overlay is not None and self.links.running
+        if leaving:
             self._apply(self.core.leave(self.clock.seconds()))
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._cooperator.stop()
         self.links.stop()
         self.store.close()
+        if leaving:
+            return self.links.when_all_closed(self.links.close_grace)
+        return None
 
     # -- client operations -------------------------------------------------
 
@@ -414,10 +420,6 @@ class GossipNode(service.Service):
                 for s in self.links.status()
             ],
         }
-
-    def running_links(self) -> bool:
-        """Whether the links were started and are not stopped yet."""
-        return self.links.running
 
     def _overlay_status(self) -> dict[str, Any]:
         """The dynamic overlay's part of the status (nothing with the static one)."""

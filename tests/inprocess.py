@@ -196,12 +196,14 @@ class Cluster:
         self._settle()
         self.nodes[node_id].stopService()  # stops its dialing; closes its store
 
-    def stop(self, node_id: int) -> None:
-        """``node_id`` stops gracefully: ``stopService``, then its connections close."""
+    def stop(self, node_id: int) -> Any:
+        """``node_id`` stops gracefully: ``stopService``, then its connections close.
+        Returns what ``stopService`` returned (a Deferred when the stop waits)."""
         self._tickers.pop(node_id).stop()
-        self.nodes[node_id].stopService()
+        result = self.nodes[node_id].stopService()
         self._settle()
         self.alive.discard(node_id)
+        return result
 
     def add(self, node_id: int, config: ClusterConfig) -> GossipNode:
         """Start a new node ``node_id`` with its own cluster file ``config``."""

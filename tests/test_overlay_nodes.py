@@ -88,12 +88,16 @@ def test_a_node_in_no_ones_file_joins_through_a_seed_and_gets_every_message() ->
 
 
 def test_a_node_that_stops_gracefully_is_replaced_at_once() -> None:
-    """stopService floods leaving=true before the links close: the leaver's neighbours
-    replace it at once (well before replace_after) and keep receiving."""
+    """stopService floods leaving=true before the links close (and its Deferred fires
+    once the connections have sent it): the leaver's neighbours replace it at once
+    (well before replace_after) and keep receiving."""
     c = dynamic("flood")
     leaver = 5
     neighbours = c.neighbours(leaver)
-    c.stop(leaver)
+    stopped = c.stop(leaver)
+    fired: list[object] = []
+    stopped.addCallback(fired.append)
+    assert fired, "the stop waits only until its connections have closed"
     c.run(0.5)  # far less than replace_after
     for n in neighbours:
         assert len(linked(c, n)) >= 3, n

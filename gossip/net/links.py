@@ -87,6 +87,8 @@ HANDSHAKE_LOG_PER_SECOND = 1.0
 # Down times remembered per link (for flaps over a window: gclient --cluster-stats).
 RECENT_DOWNS = 64
 REFUSED = "handshake refused (the reason is in the refusing node's log)"
+# The address shown for a link another node chose (this side accepts it, never dials).
+ACCEPTED_ONLY = "(accepted: not dialed)"
 # What a seed's dial is marked with while the node id at that address is not known.
 SEED = -1
 
@@ -279,6 +281,7 @@ class LinkTable:
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = clock
         self._stopping = False
+        self._closed_waiters: list[Deferred[None]] = []
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -356,6 +359,28 @@ class LinkTable:
     def running(self) -> bool:
         """Started and not stopped."""
         return bool(self._pinger.running)
+
+    def when_all_closed(self, timeout: float) -> Deferred[None]:
+        """Fires once every connection has ended (a closed one sends what it has queued
+        first), or after ``timeout`` seconds: what a stopping node waits for."""
+        d: Deferred[None] = Deferred()
+        if not self.connections:
+            d.callback(None)
+            return d
+        self._closed_waiters.append(d)
+        call = self.clock.callLater(timeout, self._release_waiters)
+
+        def done(result: None) -> None:
+            if call.active():
+                call.cancel()
+
+        d.addCallback(done)
+        return d
+
+    def _release_waiters(self) -> None:
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def server_factory(self) -> IProtocolFactory:
         """What the peer port listens with: TLS around ``PeerServerFactory`` when on."""
@@ -446,7 +471,7 @@ class LinkTable:
     def frame_received(self, proto: PeerProtocol, frame: PeerFrame, size: int) -> None:
         peer = proto.peer
         link = self.links.get(peer) if peer is not None else None
-        if link is not None and link.state == UP:
+        if link is not None and link.state == UP and not self._stopping:
             self.events.frame(link.peer, frame, size)
 
     def write_state(self, proto: PeerProtocol) -> None:
@@ -457,6 +482,8 @@ class LinkTable:
 
     def connection_lost(self, proto: PeerProtocol, reason: Failure) -> None:
         self.connections.discard(proto)
+        if not self.connections and self._closed_waiters:
+            self._release_waiters()
         peer = proto.peer
         if peer is None:
             self._handshake_lost(proto, reason)
@@ -538,7 +565,7 @@ class LinkTable:
         return [
             LinkStatus(
                 link.peer,
-                link.address,
+                link.address or ACCEPTED_ONLY,
                 link.state,
                 link.since,
                 link.times_up,
