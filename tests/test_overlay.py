@@ -332,3 +332,20 @@ def test_any_four_of_sixteen_crashed_leave_a_connected_overlay(crashed: set[int]
         # Every survivor's view of the live graph is the truth.
         view = {m: nbs for m, nbs in net.nodes[n].graph.items() if m in net.alive}
         assert view == {m: frozenset(nbs) for m, nbs in graph.items()}
+
+
+def test_inbound_links_are_accepted_up_to_the_degree_bound() -> None:
+    """A node takes links others chose while its degree is below max_degree (and never
+    from itself, nor once it is leaving); links it keeps itself are always taken."""
+    net = Net({1: (2, 3, 4), 2: (1,), 3: (1,), 4: (1,)})
+    net.run(0.5)
+    node = net.nodes[1]
+    assert node.accepts(9) and node.accepts(2) and not node.accepts(1)
+    for peer in (5, 6):
+        net.start(peer, preferred=())
+        net.link(peer, 1)
+    net.settle()
+    assert node.degree == node.max_degree == 5
+    assert not node.accepts(9) and node.accepts(2)
+    node.leave(net.now)
+    assert not node.accepts(2)

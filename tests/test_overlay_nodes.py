@@ -65,11 +65,14 @@ def test_node_whose_three_neighbours_die_links_to_three_others_and_keeps_receivi
     c.run_until_everywhere([mid], deadline=3.0)
 
 
-def test_a_node_in_no_ones_file_joins_through_a_seed_and_gets_every_message() -> None:
+@pytest.mark.parametrize("dissemination", ["plumtree", "flood"])
+def test_a_node_in_no_ones_file_joins_through_a_seed_and_gets_every_message(
+    dissemination: str,
+) -> None:
     """A node whose cluster file names only itself, given one running node's peer
     address as a seed (``--join``), links to three nodes, re-syncs what was sent
     before it came, receives what is sent after, and every node counts it as a member."""
-    c = dynamic("flood")
+    c = dynamic(dissemination)
     before = [c.submit(n, f"before the join {n}".encode()) for n in (1, 8)]
     c.run(0.5)
     spec = generate_config(18).nodes[17]
@@ -87,11 +90,12 @@ def test_a_node_in_no_ones_file_joins_through_a_seed_and_gets_every_message() ->
     assert any("joining" in w for w in node.core.overlay.status(0)["changes"])
 
 
-def test_a_node_that_stops_gracefully_is_replaced_at_once() -> None:
+@pytest.mark.parametrize("dissemination", ["plumtree", "flood"])
+def test_a_node_that_stops_gracefully_is_replaced_at_once(dissemination: str) -> None:
     """stopService floods leaving=true before the links close (and its Deferred fires
     once the connections have sent it): the leaver's neighbours replace it at once
     (well before replace_after) and keep receiving."""
-    c = dynamic("flood")
+    c = dynamic(dissemination)
     leaver = 5
     neighbours = c.neighbours(leaver)
     stopped = c.stop(leaver)
