@@ -158,7 +158,8 @@ class GossipNode(service.Service):
             send_delay=send_delay,
             tls=self.peer_tls,
             accept_peer=overlay.accepts if overlay is not None else None,
-            seeds=config.join if overlay is not None else (),
+            # A seed list shared by every node names this one too: not dialed.
+            seeds=[s for s in config.join if s != self.spec.peer_address] if overlay else (),
         )
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}

@@ -158,3 +158,19 @@ def test_every_node_learns_every_record_at_start() -> None:
     want = {n: frozenset(c.neighbours(n)) for n in c.alive}
     for n in c.alive:
         assert c.nodes[n].core.overlay.graph == want, n
+
+
+def test_a_seed_list_shared_by_every_node_is_harmless() -> None:
+    """Every node's file names node 4 as a seed, node 4 included: node 4 does not dial
+    itself, every other node's seed answered, their seed links are extra links node 4 accepts
+    within its degree bound, and messages still reach everyone."""
+    config = generate_config(16, name="inprocess")
+    seed = config.nodes[4].peer_address
+    c = Cluster(16, overlay="dynamic", replace_after=REPLACE_AFTER, join=(seed,))
+    c.run(3.0)
+    assert c.nodes[4].links.seed_addresses == ()
+    assert all(c.nodes[n].links.seed_factories == [] for n in c.alive)  # all answered
+    for n in c.alive:
+        assert 3 <= len(linked(c, n)) <= c.config.overlay_max_degree, n
+    mid = c.submit(9, b"with seeds")
+    c.run_until_everywhere([mid], deadline=3.0)

@@ -239,8 +239,8 @@ class LinkTable:
         """With ``accept_peer`` (the dynamic overlay) the set of peers changes: an
         inbound Hello from a node not in the table is taken when ``accept_peer`` says
         so, ``add_peer`` / ``remove_peer`` start and stop links, and ``seeds`` (peer
-        addresses of running nodes, ids unknown) are dialed at start until one
-        answers: its node joins the table as a peer."""
+        addresses of running nodes, ids unknown) are dialed at start until a link is
+        up: a seed that answers joins the table as a peer."""
         self.node_id = node_id
         self.accept_peer = accept_peer
         self.seed_addresses = tuple(seeds)
@@ -528,6 +528,11 @@ class LinkTable:
         )
 
     def dial_failed(self, peer: int, reason: Failure) -> None:
+        if peer == SEED and not self._stopping:
+            self._warn_handshake(
+                "cannot reach a seed to join through: {error}", error=reason.getErrorMessage()
+            )
+            return
         link = self.links.get(peer)
         if link is None or link.state == UP or self._stopping:
             return  # we stopped this dial ourselves: the link is up through the neighbour's
@@ -684,6 +689,11 @@ class LinkTable:
         self.links[peer] = Link(peer, factory.seed_address, factory, since=self.clock.seconds())
 
     def _make_current(self, link: Link, proto: PeerProtocol) -> None:
+        if self.seed_factories:
+            # The node is in the cluster: the records it gets name every other node.
+            for factory in self.seed_factories:
+                self._stop_factory(factory)
+            self.seed_factories = []
         link.proto = proto
         link.state = UP
         link.since = self.clock.seconds()
