@@ -349,3 +349,19 @@ def test_inbound_links_are_accepted_up_to_the_degree_bound() -> None:
     assert not node.accepts(9) and node.accepts(2)
     node.leave(net.now)
     assert not node.accepts(2)
+
+
+def test_node_records_round_trip_through_the_codec() -> None:
+    """A NodeRecords frame decodes to the records encoded, field for field (field 13 of
+    Frame: no existing kind is renumbered)."""
+    from gossip.wire import codec
+
+    frame = NodeRecordsFrame(
+        (
+            NodeRecord(7, 2**62, 41, "tcp:host=gossip-6.gossip:port=17001", (1, 4, 6)),
+            NodeRecord(2**31 - 1, 1, 1, address(9), (), leaving=True),
+        )
+    )
+    data = codec.encode(frame)
+    assert data[0] == (13 << 3) | 2  # Frame.node_records: field 13, length-delimited
+    assert codec.decode(data) == frame
