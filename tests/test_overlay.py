@@ -19,6 +19,7 @@ from gossip.core.overlay import (
     BAD_ADDRESS,
     BAD_NEIGHBOURS,
     BAD_VERSION,
+    CUT_OFF_FACTOR,
     RECORD_MAX_AGE,
     RECORDS_PER_FRAME,
     TARGET_DEGREE,
@@ -54,6 +55,7 @@ class Net:
         self.listeners: dict[int, Graphs] = {}
         self.alive: set[int] = set()
         self.links: set[frozenset[int]] = set()
+        self.blocked: set[frozenset[int]] = set()  # pairs cut apart: no link between them
         self.queue: deque[tuple[int, Effect]] = deque()
         self.dropped: list[DropPeer] = []
         self.replace_after = replace_after
@@ -88,7 +90,7 @@ class Net:
 
     def link(self, a: int, b: int) -> None:
         pair = frozenset((a, b))
-        if pair in self.links or a not in self.alive or b not in self.alive:
+        if pair in self.links or pair in self.blocked or a not in self.alive or b not in self.alive:
             return
         self.links.add(pair)
         self.run_effects(a, self.nodes[a].link_up(b, self.now))
@@ -219,6 +221,33 @@ def test_news_of_a_suspect_restarts_its_wait() -> None:
     net.now += 0.5
     net.run_effects(1, node.tick(net.now))
     assert 2 in node.suspects and 2 not in node.unreachable
+
+
+def test_a_neighbour_alive_but_cut_off_from_this_node_is_replaced_in_the_end() -> None:
+    """News that a suspect is linked elsewhere restarts its wait, but a link that stays
+    down CUT_OFF_FACTOR suspicion timeouts is replaced anyway (the two nodes are cut
+    apart); the preferred neighbour stays dialed and comes back when the cut heals."""
+    net = Net(sixteen())
+    net.run(0.5)
+    node = net.nodes[1]
+    cut = net.preferred[1][0]
+    net.blocked.add(frozenset((1, cut)))
+    net.unlink(1, cut)
+    for _ in range(int(CUT_OFF_FACTOR * node.timeout() / 0.5) + 4):
+        net.run(0.5)
+        other = net.nodes[cut].own_record()  # the cut-off node's neighbours still hear it
+        news = NodeRecord(
+            cut, other.incarnation, other.version + 100, other.address, other.neighbours
+        )
+        net.nodes[cut].version += 100
+        net.run_effects(1, node.receive(net.preferred[1][1], NodeRecordsFrame((news,)), net.now))
+        net.settle()
+    assert cut in node.unreachable
+    assert any(f"{cut} unreachable from here" in what for _, what in node.changes)
+    assert net.degree(1) == TARGET_DEGREE
+    net.blocked.clear()
+    net.run(1.0)
+    assert cut not in node.unreachable and net.degree(1) == TARGET_DEGREE
 
 
 def test_late_timers_stretch_the_suspicion_timeout() -> None:

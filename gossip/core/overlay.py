@@ -13,7 +13,9 @@ Pure (events in, effects out; ``now`` passed in). Three parts, after their model
 - **Suspicion, not death** (SWIM with Lifeguard's local health): a wanted
   neighbour whose link is down is *suspect*; it is declared unreachable only when
   ``replace_after`` seconds pass with no news that it is linked (its own newer record,
-  or another node's newer record naming it, restarts the wait). A node whose own
+  or another node's newer record naming it, restarts the wait), or when its link
+  has been down ``CUT_OFF_FACTOR`` times that long whatever the news (it lives, but
+  this node cannot reach it). A node whose own
   timer ran late (it was paused or overloaded) raises its local health score, which
   stretches that wait, so it does not declare its neighbours dead for its own stall.
 - **Neighbour selection** (HyParView's active view): the file's neighbours are
@@ -66,6 +68,9 @@ MAX_HEALTH = 4
 HEALTH_RECOVERY = 10.0
 # Recent changes of the neighbour set kept for status, newest last.
 RECENT_CHANGES = 32
+# A suspect others keep reporting linked is replaced anyway once its link has been
+# down this many suspicion timeouts: the two are cut apart, not the node dead.
+CUT_OFF_FACTOR = 3
 # Seconds between the moments nodes that lost neighbours together decide (10 slots).
 STAGGER_STEP = 0.05
 # A node dialed as a replacement that never came up is not chosen again for this long.
@@ -154,6 +159,8 @@ class Overlay:
         self.accepted: set[int] = set()
         # Wanted neighbours whose link is down: since when (or last news of them).
         self.suspects: dict[int, float] = {}
+        # ... and since when their link has been down, news or not (see ``tick``).
+        self.down_since: dict[int, float] = {}
         # Preferred neighbours declared unreachable (still dialed): since when.
         self.unreachable: dict[int, float] = {}
         # Links this node dialed (replacements, bridges) that are not up yet: since when.
@@ -217,7 +224,7 @@ class Overlay:
         return {
             "neighbours": sorted(self.linked()),
             "suspects": [p for p, _ in suspects],
-            "suspect_for": [now - since for _, since in suspects],
+            "suspect_for": [max(0.0, now - self.down_since.get(p, since)) for p, since in suspects],
             "unreachable": sorted(self.unreachable),
             "members": len(self.graph),
             "health": self.health,
@@ -235,6 +242,7 @@ class Overlay:
         # before they count as missing (a cluster's nodes do not all start at once).
         for peer in self.wanted:
             self.suspects.setdefault(peer, now + self.replace_after)
+            self.down_since.setdefault(peer, now + self.replace_after)
         self._last_tick = now
         self._on_time_since = now
         return self._flood_own(now) + self._graph_changed(now)
@@ -247,6 +255,7 @@ class Overlay:
         if peer not in self.wanted:
             self.accepted.add(peer)
         self.suspects.pop(peer, None)
+        self.down_since.pop(peer, None)
         self.pending.pop(peer, None)
         self.failed.pop(peer, None)
         for entry in [e for e in self._unreplaced if e[0] == peer]:
@@ -276,6 +285,7 @@ class Overlay:
         elif peer in self.wanted and peer not in self.unreachable:
             self.pending.pop(peer, None)
             self.suspects[peer] = now
+            self.down_since[peer] = now
         effects += self._flood_own(now)
         leaving = self.records.get(peer)
         if leaving is not None and leaving.leaving:
@@ -332,8 +342,13 @@ class Overlay:
                 del self.failed[node]
         timeout = self.timeout() + self.stagger
         for peer, since in sorted(self.suspects.items()):
+            down = now - self.down_since.get(peer, since)
             if now - since >= timeout:
-                effects += self._lost(peer, now, f"unreachable {now - since:.1f} s")
+                effects += self._lost(peer, now, f"unreachable {down:.1f} s")
+            elif down >= CUT_OFF_FACTOR * timeout:
+                # Others still report it linked, but this node cannot reach it: a cut
+                # between the two. Replace it here; it stays dialed if preferred.
+                effects += self._lost(peer, now, f"unreachable from here {down:.1f} s")
         for peer, since in sorted(self.pending.items()):
             if now - since >= timeout:
                 effects += self._lost(peer, now, f"no link after {now - since:.1f} s")
@@ -394,6 +409,7 @@ class Overlay:
     def _lost(self, peer: int, now: float, why: str) -> list[Effect]:
         """Stop counting ``peer``: a preferred one stays dialed (it may come back)."""
         self.suspects.pop(peer, None)
+        self.down_since.pop(peer, None)
         self.pending.pop(peer, None)
         effects: list[Effect] = []
         if peer in self.preferred:
@@ -417,6 +433,7 @@ class Overlay:
         self.wanted.pop(peer, None)
         self.replaces.pop(peer, None)
         self.suspects.pop(peer, None)
+        self.down_since.pop(peer, None)
         self.pending.pop(peer, None)
         self._note(now, what)
         return [Hangup(peer, what)]
