@@ -394,3 +394,24 @@ def test_node_records_round_trip_through_the_codec() -> None:
     data = codec.encode(frame)
     assert data[0] == (13 << 3) | 2  # Frame.node_records: field 13, length-delimited
     assert codec.decode(data) == frame
+
+
+def test_a_graph_split_by_a_crash_is_bridged() -> None:
+    """Two groups joined only through node 9: when 9 crashes every survivor still has 3
+    links, so none replaces anything, yet the graph is in two parts. After the
+    suspicion timeout the lowest node of the smaller part (as its records show it) links
+    across, once (a "bridge" change), and the survivors are one connected graph again."""
+    k4 = {1: (2, 3, 4), 2: (1, 3, 4), 3: (1, 2, 4), 4: (1, 2, 3)}
+    other = {a + 4: tuple(b + 4 for b in nbs) for a, nbs in k4.items()}
+    preferred = {**k4, **other, 9: (1, 5)}
+    preferred[1] += (9,)
+    preferred[5] += (9,)
+    net = Net(preferred)
+    net.run(0.5)
+    net.crash(9)
+    net.run(0.5)
+    assert len(components(net.link_graph())) == 2
+    net.run(3 * REPLACE_AFTER)
+    assert len(components(net.link_graph())) == 1
+    bridges = [w for n in net.alive for _, w in net.nodes[n].changes if "bridge" in w]
+    assert len(bridges) == 1, bridges

@@ -185,6 +185,8 @@ class Overlay:
         # False until a node named by no file (it came with --join) first has its links.
         self.joined = bool(self.preferred)
         self.graph: dict[int, frozenset[int]] = {}
+        self._parts: list[frozenset[int]] = []  # the graph's connected parts (for _bridge)
+        self._dirty = True  # records changed since the graph was computed
         self.known: frozenset[int] = frozenset({node_id})
 
     # -- views ---------------------------------------------------------------
@@ -318,6 +320,7 @@ class Overlay:
                 self.bad_records[TABLE_FULL] += 1
                 continue
             self.records[record.node] = record
+            self._dirty = True
             self.heard[record.node] = now
             fresh.append(record)
         if refresh_own:
@@ -337,6 +340,7 @@ class Overlay:
             if now - heard > RECORD_MAX_AGE:
                 del self.heard[node]
                 del self.records[node]
+                self._dirty = True
         for node, when in list(self.failed.items()):
             if now - when > FAILED_DIAL_MEMORY:
                 del self.failed[node]
@@ -390,6 +394,7 @@ class Overlay:
         self.version += 1
         record = self.own_record()
         self.records[self.node_id] = record
+        self._dirty = True
         self._flooded_at = now
         return self._send_all(NodeRecordsFrame((record,)))
 
@@ -496,8 +501,7 @@ class Overlay:
         """If the live graph has fallen apart for ``timeout()`` seconds, the lowest node
         of each smaller part links to the largest part (every node computes the same
         parts from the same records)."""
-        graph = {n: nbs for n, nbs in self.graph.items() if nbs or n == self.node_id}
-        parts = components(graph)
+        parts = self._parts
         if len(parts) < 2:
             self._split_since = None
             return []
@@ -519,11 +523,16 @@ class Overlay:
         return self._link(choices[0], f"bridge to the {len(parts[0])} nodes apart", now)
 
     def _graph_changed(self, now: float) -> list[Effect]:
+        if not self._dirty:
+            return []
+        self._dirty = False
         graph = self._compute_graph(now)
         self.known = frozenset(self.records) | {self.node_id}
         if graph == self.graph:
             return []
         self.graph = graph
+        linked = {n: nbs for n, nbs in graph.items() if nbs or n == self.node_id}
+        self._parts = components(linked)
         return self.listener.on_graph(graph)
 
     def _compute_graph(self, now: float) -> dict[int, frozenset[int]]:
