@@ -33,6 +33,16 @@ class Arrivals:
         if len(self._recent) > self.limit:
             self._recent.popitem(last=False)
 
+    def stored_many(self, mids: tuple[bytes, ...], via: str) -> None:
+        """``stored_new`` for each of ``mids`` (the new messages of one frame)."""
+        self.stored[via] += len(mids)
+        recent = self._recent
+        k = VIAS.index(via)
+        for mid in mids:
+            recent[mid] = [k, 0]
+        for _ in range(len(recent) - self.limit):
+            recent.popitem(last=False)
+
     def duplicate(self, mid: bytes, via: str) -> None:
         """Another copy of a held message arrived (and was dropped). A client's resubmit
         counts in ``duplicates`` but is no redundant copy of the message's spread."""

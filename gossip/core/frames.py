@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import attrs
 
 
@@ -60,15 +62,19 @@ class GossipFrame:
         return frame
 
     def select(self, rows: list[int], path: tuple[int, ...] | None = None) -> GossipFrame:
-        """The messages at ``rows``, in that order; all with ``path`` when given."""
+        """The messages at ``rows`` (ascending, no repeats); all with ``path`` when given."""
         ids, bodies, heads = self.ids, self.bodies, self.heads
+        if len(rows) == len(ids):  # every row, in order (rows are ascending)
+            paths = self.paths if path is None else (path,) * len(rows)
+            return GossipFrame.of_columns(ids, bodies, paths, heads)
         paths = (path,) * len(rows) if path is not None else tuple(self.paths[i] for i in rows)
-        return GossipFrame.of_columns(
-            tuple(ids[i] for i in rows),
-            tuple(bodies[i] for i in rows),
-            paths,
-            None if heads is None else tuple(heads[i] for i in rows),
-        )
+        if len(rows) == 1:
+            row = rows[0]
+            heads_of = None if heads is None else (heads[row],)
+            return GossipFrame.of_columns((ids[row],), (bodies[row],), paths, heads_of)
+        pick = itemgetter(*rows)  # a tuple of the items, for two rows or more
+        heads_of = None if heads is None else pick(heads)
+        return GossipFrame.of_columns(pick(ids), pick(bodies), paths, heads_of)
 
     @property
     def messages(self) -> tuple[Envelope, ...]:

@@ -272,10 +272,10 @@ class GossipCore:
     def _stored_batch(self, frame: GossipFrame, sender: int, now: float) -> list[Effect]:
         """``frame``'s messages (new, checked) stored with one ``PersistBatch`` and handed
         on with one ``Send`` per neighbour and group of messages (``on_new_batch``)."""
-        arrivals, tree = self.arrivals, self.tree
+        self.arrivals.stored_many(frame.ids, "gossip")
+        add_to_tree = self.tree.add
         for mid in frame.ids:
-            arrivals.stored_new(mid, "gossip")
-            tree.add(mid)
+            add_to_tree(mid)
         messages = tuple(map(Message, frame.ids, frame.bodies, repeat(now), frame.paths))
         effects: list[Effect] = [PersistBatch(messages)]
         return effects + self.strategy.on_new_batch(frame, sender, self.up)
