@@ -462,14 +462,11 @@ class Plumtree:
                     eager, lazy, _ = self._plan(origin, sender)
         ids = frame.ids
         pushed_to_all: list[int] = []
-        if self.missing:
-            kept = []
-            for row in rows:
-                if self._arrived(ids[row], path, origin):
-                    pushed_to_all.append(row)
-                else:
-                    kept.append(row)
-            rows = kept
+        missing = self.missing
+        if missing and any(ids[row] in missing for row in rows):
+            pushed_to_all = [row for row in rows if self._arrived(ids[row], path, origin)]
+            if pushed_to_all:
+                rows = [row for row in rows if row not in pushed_to_all]
         relayed = (*path, self.node_id)
         for group, to_eager, to_lazy in (
             (rows, eager, lazy),
