@@ -420,9 +420,10 @@ class GossipNode(service.Service):
 
     def _drop_stalled_links(self, now: float) -> None:
         """Drop a link that stayed full ``LINK_STALL_SECONDS`` without draining: its
-        neighbour is not reading, and holding on would hold every new submit."""
+        neighbour is not reading, and holding on would hold every new submit. Time the
+        reactor stood still (SIGSTOP) does not count: it could not write meanwhile."""
         for peer, since in list(self._congested.items()):
-            if now - since >= LINK_STALL_SECONDS:
+            if now - self.links.pauses.running_since(since) >= LINK_STALL_SECONDS:
                 self.links.drop(
                     peer, f"link full for {LINK_STALL_SECONDS:g} s without draining", NOT_READING
                 )

@@ -13,8 +13,11 @@ that keep exactly one connection per neighbour pair:
   again because it already dropped that connection (it timed the link out
   first, say across a healed partition), so the old one is dead;
 - otherwise two live connections of the same incarnation mean both sides
-  dialed at once: both ends keep the one dialed by the lower node id and
-  close the other.
+  dialed at once: both ends keep the one dialed by the lower node id, and the
+  lower id's end closes the other (the higher id's end stops using it and
+  closes it only if it is still open ``handshake_timeout`` later): a close
+  from the higher id could arrive before the lower id has switched, and take
+  its link down and up again.
 
 While a link is up through the connection the neighbour dialed, our own
 dialing pauses; when the link goes down it resumes. The dialing backoff is
@@ -62,6 +65,7 @@ from gossip.log_guard import LogRateLimit, shorten
 from gossip.net.dialing import EndpointConnector
 from gossip.net.peer_protocol import BAD_FRAME, HANDSHAKE_REFUSED, PeerProtocol
 from gossip.net.tls import PeerTLS, handshake_problem, peer_identity
+from gossip.pause_watch import PauseWatch
 from gossip.wire import codec
 
 CONNECTING, UP, DOWN = "connecting", "up", "down"
@@ -264,6 +268,8 @@ class LinkTable:
         self.disconnects: dict[str, int] = {}
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = clock
+        # Idle and handshake timeouts judge silence from when the reactor last ran again.
+        self.pauses = PauseWatch(clock)
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -277,11 +283,13 @@ class LinkTable:
                 endpoint = self.tls.client_endpoint(endpoint)
             EndpointConnector(endpoint, link.factory, self.clock, link.address).connect()
         self._pinger.start(self.ping_interval, now=False)
+        self.pauses.start()
 
     def stop(self) -> None:
         self._stopping = True
         if self._pinger.running:
             self._pinger.stop()
+        self.pauses.stop()
         for link in self.links.values():
             link.factory.stopTrying()
         for proto in list(self.connections):
@@ -549,7 +557,18 @@ class LinkTable:
             loser = current
         else:
             loser = proto
-        loser.close("duplicate connection")
+        if self.node_id < peer:
+            loser.close("duplicate connection")
+        else:
+            # The lower id may still be using it while its own dial's handshake is on
+            # the way: our close could reach it first and take its link down and up.
+            # It closes the duplicate when it switches; if it never does, we do.
+            self.clock.callLater(self.handshake_timeout, self._close_duplicate, loser)
+
+    def _close_duplicate(self, proto: PeerProtocol) -> None:
+        peer = proto.peer
+        if proto in self.connections and peer is not None and self.links[peer].proto is not proto:
+            proto.close("duplicate connection")
 
     def _make_current(self, link: Link, proto: PeerProtocol) -> None:
         link.proto = proto
