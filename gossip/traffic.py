@@ -13,6 +13,7 @@ from gossip.core.frames import (
     GossipFrame,
     GraftFrame,
     IHaveFrame,
+    NodeRecordsFrame,
     PeerFrame,
     PruneFrame,
     SyncDataFrame,
@@ -32,6 +33,7 @@ KIND_NAMES: dict[type, str] = {
     SyncWantFrame: "sync_want",
     SyncDataFrame: "sync_data",
     SyncHintFrame: "sync_hint",
+    NodeRecordsFrame: "node_records",
 }
 # Kinds that carry message bodies; the rest are control.
 PAYLOAD_KINDS = frozenset({"gossip", "sync_data"})
@@ -77,7 +79,7 @@ class Traffic:
         return out
 
     def sent(self, peer: int, frame: PeerFrame, size: int) -> None:
-        messages = len(frame.messages) if isinstance(frame, GossipFrame | SyncDataFrame) else 0
+        messages = len(frame) if isinstance(frame, GossipFrame | SyncDataFrame) else 0
         self.sent_kind(peer, KIND_NAMES[type(frame)], size, messages)
 
     def sent_kind(self, peer: int, name: str, size: int, messages: int = 0) -> None:
@@ -91,7 +93,7 @@ class Traffic:
         c.frames_in += 1
         c.bytes_in += size
         if isinstance(frame, GossipFrame | SyncDataFrame):
-            c.messages_in += len(frame.messages)
+            c.messages_in += len(frame)
 
     def rows(self) -> list[dict[str, int | str]]:
         return [{"kind": k, **attrs.asdict(c)} for k, c in sorted(self.kinds.items())]

@@ -1,8 +1,9 @@
 """What the core asks its caller to do.
 
 The caller carries out the effects of one event, in order, before it hands the
-core the next event (as etcd raft's Ready/Advance): ``Persist`` first, so that
-a message is in the store before anyone can ask for it, then ``Send``.
+core the next event (as etcd raft's Ready/Advance): ``Persist`` (or
+``PersistBatch``) first, so that a message is in the store before anyone can
+ask for it, then ``Send``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from gossip.core.message import Message
 @attrs.frozen(slots=True)
 class Persist:
     message: Message
+
+
+@attrs.frozen(slots=True)
+class PersistBatch:
+    """Store these messages, in order (the new messages of one received frame)."""
+
+    messages: tuple[Message, ...]
 
 
 @attrs.frozen(slots=True)
@@ -65,4 +73,22 @@ class StreamMessages:
     ranges: tuple[int, ...]
 
 
-Effect = Persist | Send | DropPeer | StreamMessages
+@attrs.frozen(slots=True)
+class Dial:
+    """Keep a link to ``peer`` (dynamic overlay): dial ``address`` until it is up, and
+    again whenever it goes down, until a ``Hangup``. An empty address: accept the
+    peer's own dial (its link is kept while up) without dialing it."""
+
+    peer: int
+    address: str
+
+
+@attrs.frozen(slots=True)
+class Hangup:
+    """Stop keeping a link to ``peer`` (dynamic overlay): stop dialing, close it."""
+
+    peer: int
+    reason: str
+
+
+Effect = Persist | PersistBatch | Send | DropPeer | StreamMessages | Dial | Hangup

@@ -59,8 +59,9 @@ STOP_TIMEOUT = 5.0
 MAX_REPLY_BYTES = 16 << 20
 
 
-def lab_config(netns: Netns, name: str = "lab") -> ClusterConfig:
-    """A degree-3 cluster whose node i is at its lab address, same ports everywhere."""
+def lab_config(netns: Netns, name: str = "lab", **settings: Any) -> ClusterConfig:
+    """A degree-3 cluster whose node i is at its lab address, same ports everywhere;
+    ``settings`` override cluster settings (e.g. ``overlay="dynamic"``)."""
     base = generate_config(netns.size, name=name)
     nodes = {
         n: attrs.evolve(
@@ -76,7 +77,7 @@ def lab_config(netns: Netns, name: str = "lab") -> ClusterConfig:
         )
         for n, spec in base.nodes.items()
     }
-    return attrs.evolve(base, nodes=nodes, **LAB_TIMERS)  # type: ignore[arg-type]
+    return attrs.evolve(base, nodes=nodes, **{**LAB_TIMERS, **settings})
 
 
 def node_command() -> list[str]:
@@ -210,11 +211,14 @@ def _install_signal_teardown() -> None:
 class Lab:
     """``size`` gossip nodes in network namespaces under ``directory`` (data dirs, logs)."""
 
-    def __init__(self, reactor: Any, directory: Path, size: int = 16) -> None:
+    def __init__(
+        self, reactor: Any, directory: Path, size: int = 16, settings: dict[str, Any] | None = None
+    ) -> None:
+        """``settings`` override the cluster file's settings (e.g. the overlay)."""
         self.reactor = reactor
         self.directory = Path(directory)
         self.netns = Netns(size)
-        self.config = lab_config(self.netns, name=f"lab-{self.netns.tag}")
+        self.config = lab_config(self.netns, name=f"lab-{self.netns.tag}", **(settings or {}))
         self.config_path = self.directory / "cluster.toml"
         self.nodes: dict[int, NodeProcess] = {}
         self.paused: set[int] = set()
