@@ -35,6 +35,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from gossip.core.message import Message, message_id
 from gossip.store import fsync_pacing
 from gossip.store import log as log_module
+from gossip.store import recovery as recovery_module
 from gossip.store.fsync_pacing import GAP_FACTOR, FsyncPacer
 from gossip.store.log import (
     LOG_NAME,
@@ -727,7 +728,7 @@ def test_skipping_damage_through_crafted_bodies_computes_no_checksum_per_offset(
     flip(tmp_path / LOG_NAME, offsets[1])  # the crc: the record no longer checks out
     size = (tmp_path / LOG_NAME).stat().st_size
     counter = CountingCrc()
-    monkeypatch.setattr(log_module, "zlib", counter)
+    monkeypatch.setattr(recovery_module, "zlib", counter)
     store, cap = open_store(tmp_path)
     monkeypatch.undo()
     print(f"\ncrafted damage ({kind}): {counter.calls} checksums over {counter.bytes} bytes")
@@ -1240,13 +1241,15 @@ def test_batch_fsync_slowed_only_by_a_busy_cpu_stays_inline(
     """An fsync whose wall time passed the inline threshold only because its thread was
     waiting for a CPU (the kernel's run-queue time) is not a slow disk: the next fsync
     still runs in the reactor thread instead of paying a thread round trip."""
-    queued = iter([0.0, 0.05, 0.05, 0.05, 0.05, 0.05])
-    monkeypatch.setattr(fsync_pacing, "run_queue_seconds", lambda: next(queued))
+    queued = [0.0]  # the fake run-queue time: all of the fsync's sleep, however long
+    monkeypatch.setattr(fsync_pacing, "run_queue_seconds", lambda: queued[0])
     threads: list[str] = []
 
     def descheduled_fsync(fd: int) -> None:
         threads.append(threading.current_thread().name)
+        started = time.monotonic()
         time.sleep(0.05)  # stands for 50 ms without a CPU (the fake run-queue says so)
+        queued[0] += time.monotonic() - started
 
     clock = Clock()
     store, _ = open_store(tmp_path, reactor=clock, fsync="batch", fsync_function=descheduled_fsync)
