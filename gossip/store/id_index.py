@@ -38,11 +38,7 @@ LOAD = 16
 RANGE_LOAD = 32
 
 _POS = struct.Struct("<I")
-_TOP_BITS = 64  # id order buckets are chosen by the first 8 bytes of the id
-
-
-def _top(mid: bytes | bytearray) -> int:
-    return int.from_bytes(mid[:8], "big")
+_ID_BITS = 8 * ID_BYTES
 
 
 class IdIndex:
@@ -50,6 +46,7 @@ class IdIndex:
 
     __slots__ = (
         "_buckets",
+        "_grow_at",
         "_high",
         "_ids",
         "_level",
@@ -77,6 +74,7 @@ class IdIndex:
         self._ranges_fine: list[array[int]] = []
         self._ranges_level = 0
         self._ranges_split = 0
+        self._grow_at = 0  # the next position at which a bucket may need splitting
 
     # -- reading -------------------------------------------------------------
 
@@ -163,8 +161,13 @@ class IdIndex:
         """Number ``mid`` with the next position and return it; None if it is held."""
         if len(mid) != ID_BYTES:
             raise ValueError(f"a message id has {ID_BYTES} bytes, got {len(mid)}")
-        bucket = self._buckets[self._address(hash(mid))]
-        if _find_entry(bucket, mid) >= 0:
+        h = hash(mid)
+        a = h & self._low
+        if a < self._split:
+            a = h & self._high
+        bucket = self._buckets[a]
+        i = bucket.find(mid)
+        if i >= 0 and (i % ENTRY_BYTES == 0 or _find_entry(bucket, mid) >= 0):
             return None
         return self._append(mid, bucket)
 
@@ -175,18 +178,34 @@ class IdIndex:
         return self._append(mid, self._buckets[self._address(hash(mid))])
 
     def _append(self, mid: bytes, bucket: bytearray) -> int:
-        pos = len(self._ids) // ID_BYTES
+        ids = self._ids
+        pos = len(ids) // ID_BYTES
         if pos >= MAX_POSITIONS:
             raise ValueError(f"an index holds at most {MAX_POSITIONS} ids")
         bucket += mid
         bucket += _POS.pack(pos)
-        self._ids += mid
-        self._range_bucket(_top(mid)).append(pos)
+        ids += mid
+        # The id-order bucket, as _range_bucket finds it (inline: this runs per add).
+        top = int.from_bytes(mid, "big")
+        level = self._ranges_level
+        p = top >> (_ID_BITS - level)
+        if p < self._ranges_split:
+            self._ranges_fine[top >> (_ID_BITS - level - 1)].append(pos)
+        else:
+            self._ranges_coarse[p].append(pos)  # type: ignore[union-attr]
+        if pos >= self._grow_at:
+            self._grow(pos)
+        return pos
+
+    def _grow(self, pos: int) -> None:
+        """Split a bucket of each kind that has passed its load, and note when next."""
         if pos >= LOAD * len(self._buckets):
             self._split_bucket()
-        if pos >= RANGE_LOAD * (len(self._ranges_coarse) + self._ranges_split):
+        ranges = len(self._ranges_coarse) + self._ranges_split
+        if pos >= RANGE_LOAD * ranges:
             self._split_range()
-        return pos
+            ranges += 1
+        self._grow_at = min(LOAD * len(self._buckets), RANGE_LOAD * ranges)
 
     def truncate(self, count: int) -> list[bytes]:
         """Forget every id from position ``count`` on; return them (arrival order)."""
@@ -196,7 +215,7 @@ class IdIndex:
             bucket = self._buckets[self._address(hash(mid))]
             i = _find_entry(bucket, mid)
             del bucket[i : i + ENTRY_BYTES]
-            self._range_bucket(_top(mid)).remove(count + j)
+            self._range_bucket(int.from_bytes(mid, "big")).remove(count + j)
         del self._ids[ID_BYTES * count :]
         return gone
 
@@ -208,12 +227,14 @@ class IdIndex:
 
     def _split_bucket(self) -> None:
         """Linear hashing: split bucket ``_split`` by the next bit of the hash."""
-        old = self._buckets[self._split]
+        data = bytes(self._buckets[self._split])
         keep, move = bytearray(), bytearray()
         bit = 1 << self._level
-        for i in range(0, len(old), ENTRY_BYTES):
-            entry = old[i : i + ENTRY_BYTES]
-            (move if hash(bytes(entry[:ID_BYTES])) & bit else keep).extend(entry)
+        for i in range(0, len(data), ENTRY_BYTES):
+            if hash(data[i : i + ID_BYTES]) & bit:
+                move += data[i : i + ENTRY_BYTES]
+            else:
+                keep += data[i : i + ENTRY_BYTES]
         self._buckets[self._split] = keep
         self._buckets.append(move)
         self._split += 1
@@ -224,26 +245,25 @@ class IdIndex:
             self._high = (1 << (self._level + 1)) - 1
 
     def _range_bucket(self, top: int) -> array[int]:
+        """The id-order bucket of the id whose value (as a 128-bit number) is ``top``."""
         level = self._ranges_level
-        p = top >> (_TOP_BITS - level)
+        p = top >> (_ID_BITS - level)
         if p < self._ranges_split:
-            return self._ranges_fine[top >> (_TOP_BITS - level - 1)]
+            return self._ranges_fine[top >> (_ID_BITS - level - 1)]
         bucket = self._ranges_coarse[p]
         assert bucket is not None
         return bucket
 
     def _split_range(self) -> None:
-        """Split id-order bucket ``_ranges_split`` in two by the next bit of the prefix."""
+        """Split id-order bucket ``_ranges_split`` in two by the next bit of the ids."""
         level, p = self._ranges_level, self._ranges_split
-        if level >= _TOP_BITS - 1:
-            return  # 2**63 buckets: never reached
+        if level >= _ID_BITS - 1:
+            return  # 2**127 buckets: never reached
         old = self._ranges_coarse[p]
         assert old is not None
-        low, high = array("I"), array("I")
-        shift = _TOP_BITS - level - 1
-        ids = self._ids
-        for q in old:
-            (high if _top(ids[ID_BYTES * q : ID_BYTES * q + 8]) >> shift & 1 else low).append(q)
+        ids, byte, mask = self._ids, level >> 3, 0x80 >> (level & 7)
+        low = array("I", [q for q in old if not ids[ID_BYTES * q + byte] & mask])
+        high = array("I", [q for q in old if ids[ID_BYTES * q + byte] & mask])
         self._ranges_fine += (low, high)
         self._ranges_coarse[p] = None
         self._ranges_split = p + 1
