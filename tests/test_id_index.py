@@ -30,8 +30,8 @@ def test_ids_are_numbered_in_arrival_order_and_found_again() -> None:
     ids = random_ids(5000)
     index = IdIndex()
     for n, mid in enumerate(ids):
-        assert index.add(mid) == n
-    assert index.add(ids[17]) is None and len(index) == len(ids)
+        assert index.add_id(mid) == n
+    assert index.add_id(ids[17]) is None and len(index) == len(ids)
     assert all(mid in index for mid in ids)
     assert [index.position(mid) for mid in ids] == list(range(len(ids)))
     assert [index.id_at(n) for n in (0, 17, len(ids) - 1)] == [ids[0], ids[17], ids[-1]]
@@ -49,12 +49,12 @@ def test_only_whole_ids_match_never_a_part_or_a_straddle() -> None:
     ids = random_ids(300)
     index = IdIndex()
     for mid in ids:
-        index.add(mid)
+        index.add_id(mid)
     entry = ids[5] + (5).to_bytes(4, "little") + ids[6]  # how they sit in one bucket
     for probe in (b"", ids[5][:8], ids[5][3:], entry[8:24], entry[4:20]):
         assert probe not in index and index.position(probe) is None
     with pytest.raises(ValueError, match="16 bytes"):
-        index.add(ids[5][:8])
+        index.add_id(ids[5][:8])
 
 
 def test_ids_between_answers_like_a_sorted_list() -> None:
@@ -66,7 +66,7 @@ def test_ids_between_answers_like_a_sorted_list() -> None:
     held: list[bytes] = []
     for batch in range(6):
         for mid in random_ids(900 * batch + 50, seed=10 + batch):
-            if index.add(mid) is not None:
+            if index.add_id(mid) is not None:
                 held.append(mid)
         ordered = sorted(held)
         for _ in range(150):
@@ -85,14 +85,14 @@ def test_truncate_forgets_the_tail_everywhere() -> None:
     ids = random_ids(4000)
     index = IdIndex()
     for mid in ids:
-        index.add(mid)
-    gone = index.truncate(2500)
+        index.add_id(mid)
+    gone = index.truncate_ids(2500)
     assert gone == ids[2500:] and len(index) == 2500
     assert not any(mid in index for mid in gone)
     assert all(mid in index for mid in ids[:2500])
     assert index.ids_between(bytes(16), TOP, 10**6) == sorted(ids[:2500])
     assert list(index.ids()) == ids[:2500]
-    assert index.add(gone[0]) == 2500 and gone[0] in index
+    assert index.add_id(gone[0]) == 2500 and gone[0] in index
 
 
 def test_memory_store_answers_through_the_index() -> None:

@@ -16,7 +16,9 @@ and per position number, plus the table); this index holds no object per id:
   everything.
 * Id order (``ids_between``): buckets of positions (``array('I')``) by id
   prefix, also split one at a time as the index grows; a range query sorts only
-  the buckets it covers. Ids are uniform hashes, so the buckets stay even.
+  the buckets it covers. Ids are uniform hashes, so the buckets stay even. New
+  ids join them in batches (``_fold``: at the next ``ids_between``, or once
+  ``FOLD_BOUND`` wait), which keeps that work off ``add_id``.
 
 Measured with ``gossip-bench-store --memory 1000000`` (see docs/benchmarks.md).
 """
@@ -36,13 +38,24 @@ MAX_POSITIONS = 1 << 32  # positions are stored as u32
 LOAD = 16
 # Average ids per id-order bucket before one more is split.
 RANGE_LOAD = 32
+# Ids are put in id order in batches, off the path of every add: when an
+# ids_between asks, or once this many wait.
+FOLD_BOUND = 4096
 
 _POS = struct.Struct("<I")
-_ID_BITS = 8 * ID_BYTES
+# The id-order buckets are chosen by the first 64 bits of the id (2**64 buckets: never).
+_PREFIX = struct.Struct(f">Q{ID_BYTES - 8}x")
+_PREFIX_BITS = 64
 
 
 class IdIndex:
-    """Ids numbered 0, 1, ... in the order added; see the module docstring."""
+    """Ids numbered 0, 1, ... in the order added; see the module docstring.
+
+    The stores subclass it rather than hold one: ``x in store`` is then a single
+    Python call (it runs for every copy a node receives). Its names do not clash
+    with the ``MessageStore`` methods: ``__contains__``, ``__len__``, ``ids``,
+    ``ids_from`` and ``ids_between`` mean the same for both.
+    """
 
     __slots__ = (
         "_buckets",
@@ -51,6 +64,7 @@ class IdIndex:
         "_ids",
         "_level",
         "_low",
+        "_ranged",
         "_ranges_coarse",
         "_ranges_fine",
         "_ranges_level",
@@ -58,7 +72,13 @@ class IdIndex:
         "_split",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, source: IdIndex | None = None) -> None:
+        """An empty index, or one that takes over what ``source`` holds (``source``
+        must not be used after)."""
+        if source is not None:
+            for name in IdIndex.__slots__:
+                setattr(self, name, getattr(source, name))
+            return
         self._ids = bytearray()
         # Membership: linear hashing. Bucket of hash h: h & _low, or h & _high when
         # that is below _split (those buckets have been split at this level).
@@ -74,7 +94,8 @@ class IdIndex:
         self._ranges_fine: list[array[int]] = []
         self._ranges_level = 0
         self._ranges_split = 0
-        self._grow_at = 0  # the next position at which a bucket may need splitting
+        self._ranged = 0  # positions below are in the id-order buckets (see _fold)
+        self._grow_at = 0  # the next position at which _grow has work
 
     # -- reading -------------------------------------------------------------
 
@@ -123,6 +144,8 @@ class IdIndex:
         than an id (17 bytes: past the top of the id space)."""
         if limit <= 0 or lo >= hi or not self._ids:
             return []
+        if self._ranged < len(self):
+            self._fold()
         level, split = self._ranges_level, self._ranges_split
         coarse, fine = self._ranges_coarse, self._ranges_fine
         bits = 8 * ID_BYTES
@@ -157,8 +180,12 @@ class IdIndex:
 
     # -- changing ------------------------------------------------------------
 
-    def add(self, mid: bytes) -> int | None:
-        """Number ``mid`` with the next position and return it; None if it is held."""
+    def add_id(self, mid: bytes) -> int | None:
+        """Number ``mid`` with the next position and return it; None if it is held.
+
+        One call for the lookup and the insertion: the log store calls it for every
+        new message (and takes the id back with ``truncate_ids`` if it cannot store it).
+        """
         if len(mid) != ID_BYTES:
             raise ValueError(f"a message id has {ID_BYTES} bytes, got {len(mid)}")
         h = hash(mid)
@@ -169,15 +196,6 @@ class IdIndex:
         i = bucket.find(mid)
         if i >= 0 and (i % ENTRY_BYTES == 0 or _find_entry(bucket, mid) >= 0):
             return None
-        return self._append(mid, bucket)
-
-    def add_new(self, mid: bytes) -> int:
-        """``add`` for an id the caller has just found not held (no second lookup)."""
-        if len(mid) != ID_BYTES:
-            raise ValueError(f"a message id has {ID_BYTES} bytes, got {len(mid)}")
-        return self._append(mid, self._buckets[self._address(hash(mid))])
-
-    def _append(self, mid: bytes, bucket: bytearray) -> int:
         ids = self._ids
         pos = len(ids) // ID_BYTES
         if pos >= MAX_POSITIONS:
@@ -185,29 +203,44 @@ class IdIndex:
         bucket += mid
         bucket += _POS.pack(pos)
         ids += mid
-        # The id-order bucket, as _range_bucket finds it (inline: this runs per add).
-        top = int.from_bytes(mid, "big")
-        level = self._ranges_level
-        p = top >> (_ID_BITS - level)
-        if p < self._ranges_split:
-            self._ranges_fine[top >> (_ID_BITS - level - 1)].append(pos)
-        else:
-            self._ranges_coarse[p].append(pos)  # type: ignore[union-attr]
         if pos >= self._grow_at:
             self._grow(pos)
         return pos
 
     def _grow(self, pos: int) -> None:
-        """Split a bucket of each kind that has passed its load, and note when next."""
+        """Split a hash bucket if the table has passed its load; fold the ids added
+        since the last fold into id order once there are ``FOLD_BOUND`` of them."""
         if pos >= LOAD * len(self._buckets):
             self._split_bucket()
-        ranges = len(self._ranges_coarse) + self._ranges_split
-        if pos >= RANGE_LOAD * ranges:
-            self._split_range()
-            ranges += 1
-        self._grow_at = min(LOAD * len(self._buckets), RANGE_LOAD * ranges)
+        if pos + 1 - self._ranged >= FOLD_BOUND:
+            self._fold()
+        self._grow_at = min(LOAD * len(self._buckets), self._ranged + FOLD_BOUND - 1)
 
-    def truncate(self, count: int) -> list[bytes]:
+    def _fold(self) -> None:
+        """Put the ids from position ``_ranged`` on into their id-order buckets: in
+        runs between two bucket splits, each a tight loop (``_range_bucket`` inline)."""
+        ids = self._ids
+        end = len(ids) // ID_BYTES
+        q = self._ranged
+        while q < end:
+            split, coarse, fine = self._ranges_split, self._ranges_coarse, self._ranges_fine
+            due = RANGE_LOAD * (len(coarse) + split)  # the position that splits one more
+            stop = min(end, due + 1)
+            coarse_shift = _PREFIX_BITS - self._ranges_level
+            fine_shift = coarse_shift - 1
+            chunk = ids[ID_BYTES * q : ID_BYTES * stop]
+            for n, (top,) in enumerate(_PREFIX.iter_unpack(chunk), q):
+                p = top >> coarse_shift
+                if p < split:
+                    fine[top >> fine_shift].append(n)
+                else:
+                    coarse[p].append(n)
+            q = stop
+            if q > due:
+                self._split_range()
+        self._ranged = end
+
+    def truncate_ids(self, count: int) -> list[bytes]:
         """Forget every id from position ``count`` on; return them (arrival order)."""
         count = max(count, 0)
         gone = self.ids_from(count, len(self) - count)
@@ -215,8 +248,10 @@ class IdIndex:
             bucket = self._buckets[self._address(hash(mid))]
             i = _find_entry(bucket, mid)
             del bucket[i : i + ENTRY_BYTES]
-            self._range_bucket(int.from_bytes(mid, "big")).remove(count + j)
+            if count + j < self._ranged:
+                self._range_bucket(int.from_bytes(mid[:8], "big")).remove(count + j)
         del self._ids[ID_BYTES * count :]
+        self._ranged = min(self._ranged, count)
         return gone
 
     # -- internals -----------------------------------------------------------
@@ -245,11 +280,11 @@ class IdIndex:
             self._high = (1 << (self._level + 1)) - 1
 
     def _range_bucket(self, top: int) -> array[int]:
-        """The id-order bucket of the id whose value (as a 128-bit number) is ``top``."""
+        """The id-order bucket of the id whose first 64 bits are ``top``."""
         level = self._ranges_level
-        p = top >> (_ID_BITS - level)
+        p = top >> (_PREFIX_BITS - level)
         if p < self._ranges_split:
-            return self._ranges_fine[top >> (_ID_BITS - level - 1)]
+            return self._ranges_fine[top >> (_PREFIX_BITS - level - 1)]
         bucket = self._ranges_coarse[p]
         assert bucket is not None
         return bucket
@@ -257,8 +292,8 @@ class IdIndex:
     def _split_range(self) -> None:
         """Split id-order bucket ``_ranges_split`` in two by the next bit of the ids."""
         level, p = self._ranges_level, self._ranges_split
-        if level >= _ID_BITS - 1:
-            return  # 2**127 buckets: never reached
+        if level >= _PREFIX_BITS - 1:
+            return  # 2**63 buckets: never reached
         old = self._ranges_coarse[p]
         assert old is not None
         ids, byte, mask = self._ids, level >> 3, 0x80 >> (level & 7)

@@ -130,14 +130,16 @@ __all__ = [
 _log = logs.logger()
 
 
-class LogStore:
+class LogStore(IdIndex):
     """Messages in an append-only log file; see the module docstring.
 
     Build one with ``LogStore.open``. Not thread-safe: call it from the reactor
     thread (only the batch-policy fsyncs run in a worker thread, on a private
     duplicate of the file descriptor).
 
-    Offsets are logical: ``_end`` counts every appended byte, ``_written`` those
+    The ids are held by the ``IdIndex`` it extends (``in``, ``len``, ``ids``,
+    ``ids_from``, ``ids_between`` are the index's); ``_offsets`` gives each
+    position's record. Offsets are logical: ``_end`` counts every appended byte, ``_written`` those
     in the file; the records in between wait in ``_pending`` for one
     ``os.write`` (``_write_out``).
     """
@@ -163,7 +165,7 @@ class LogStore:
         self.log = log
         self._fd = fd
         self._lock_fd = lock_fd
-        self._index: IdIndex = recovered.index
+        IdIndex.__init__(self, recovered.index)
         self._offsets = recovered.offsets  # position -> offset of its record
         self._end = end
         self._written = end
@@ -261,12 +263,6 @@ class LogStore:
 
     # -- the MessageStore interface --------------------------------------------
 
-    def __contains__(self, mid: bytes) -> bool:
-        return mid in self._index
-
-    def __len__(self) -> int:
-        return len(self._offsets)
-
     def add(self, message: Message) -> bool:
         """Append ``message`` unless its id is held; say whether it was new.
 
@@ -283,43 +279,67 @@ class LogStore:
         message that cannot be encoded (too large, too long a path) and
         ``StoreError`` when the file cannot be written.
         """
-        if message.id in self._index:
+        pos = self.add_id(message.id)
+        if pos is None:
             return False
-        self._check_open()
-        record = encode_record(message)
-        self._append(record, [message.id], [0])
+        try:
+            self._check_open()
+            record = encode_record(message)
+        except BaseException:
+            self.truncate_ids(pos)  # not taken after all
+            raise
+        offset = self._end
+        if self.policy == "always":
+            try:
+                self._write(record)
+            except StoreError as e:
+                self.truncate_ids(pos)
+                self._break(str(e))  # nothing was lost: the record was not taken
+                raise StoreError(self._broken) from None
+        else:
+            if self._write_call is None:
+                self._write_call = self._reactor.callLater(0, self._write_later)
+            elif offset - self._written > _WRITE_BOUND:
+                self._write_out()  # if it fails, it forgets the id taken above
+            self._pending.append(record)
+        self._end = offset + len(record)
+        self._offsets.append(offset)
+        if self.policy == "always":
+            self._commit.sync_now(self._fd, self._end)
+        elif self.policy == "batch":
+            self._commit.schedule()
         return True
 
     def add_many(self, messages: Iterable[Message]) -> list[bool]:
-        """``add`` for each message, in order, with one buffer entry (one write) for
-        all the new ones; whether each was new (a repeat within the batch is not).
+        """``add`` for each message, in order, with one buffer entry (one write; under
+        "always" one fsync) for all the new ones; whether each was new (a repeat within
+        the batch is not).
 
         All or nothing: a message that cannot be encoded (``ValueError``) or a
         store that cannot append (``StoreError``) leaves none of them added.
         """
-        messages = list(messages)
         new: list[bool] = []
-        ids: list[bytes] = []
         records: list[bytes] = []
         starts: list[int] = []
-        seen: set[bytes] = set()
+        first = len(self._offsets)
         size = 0
-        for m in messages:
-            mid = m.id
-            if mid in self._index or mid in seen:
-                new.append(False)
-                continue
-            if not ids:
-                self._check_open()
-            record = encode_record(m)
-            seen.add(mid)
-            new.append(True)
-            ids.append(mid)
-            records.append(record)
-            starts.append(size)
-            size += len(record)
-        if ids:
-            self._append(b"".join(records), ids, starts)
+        try:
+            for m in messages:
+                if self.add_id(m.id) is None:
+                    new.append(False)
+                    continue
+                if not records:
+                    self._check_open()
+                record = encode_record(m)
+                new.append(True)
+                records.append(record)
+                starts.append(size)
+                size += len(record)
+        except BaseException:
+            self.truncate_ids(first)
+            raise
+        if records:
+            self._append(b"".join(records), starts)
         return new
 
     def durable_count(self) -> int:
@@ -332,7 +352,7 @@ class LogStore:
 
     def get(self, mid: bytes) -> Message | None:
         """The message, or None if not held (a record lost with a failed write is not)."""
-        n = self._index.position(mid)
+        n = self.position(mid)
         if n is None:
             return None
         offset = self._offsets[n]
@@ -349,12 +369,6 @@ class LogStore:
                 raise self._damaged(offset)
             buf = os.pread(self._fd, HEADER_BYTES + length, offset)
         return self._decode(buf, 0, offset)
-
-    def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
-        return self._index.ids_between(lo, hi, limit)
-
-    def ids_from(self, start: int, limit: int) -> list[bytes]:
-        return self._index.ids_from(start, limit)
 
     def scan(self, start: int) -> Iterator[Message]:
         """Messages in arrival order from position ``start`` (those held when iteration starts)."""
@@ -379,10 +393,6 @@ class LogStore:
             yield self._decode(buf, i, offset)
 
     # -- more reading --------------------------------------------------------
-
-    def ids(self) -> Iterator[bytes]:
-        """Every held id, in arrival order (a snapshot taken at the call)."""
-        return self._index.ids()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -468,26 +478,26 @@ class LogStore:
         if self._broken is not None:
             raise StoreError(self._broken)
 
-    def _append(self, data: bytes, ids: list[bytes], starts: list[int]) -> None:
-        """Take ``data`` (the records of ``ids``, each at its ``starts`` within it)."""
+    def _append(self, data: bytes, starts: list[int]) -> None:
+        """Take ``data``: the records of the ids the index numbered last, each at its
+        ``starts`` within it (``add_many``)."""
         offset = self._end
+        first = len(self._offsets)
         if self.policy == "always":
             try:
                 self._write(data)
             except StoreError as e:
+                self.truncate_ids(first)
                 self._break(str(e))  # nothing was lost: the records were not taken
                 raise StoreError(self._broken) from None
         else:
             if self._write_call is None:
                 self._write_call = self._reactor.callLater(0, self._write_later)
             elif offset - self._written > _WRITE_BOUND:
-                self._write_out()
+                self._write_out()  # if it fails, it forgets the ids of this batch too
             self._pending.append(data)
         self._end = offset + len(data)
-        index, offsets = self._index, self._offsets
-        for mid, start in zip(ids, starts, strict=True):
-            index.add_new(mid)
-            offsets.append(offset + start)
+        self._offsets.extend(offset + start for start in starts)
         if self.policy == "always":
             self._commit.sync_now(self._fd, self._end)
         elif self.policy == "batch":
@@ -552,7 +562,7 @@ class LogStore:
         write lost is not held, so nobody is told it is, nor finds a hole in the file."""
         k = bisect.bisect_left(self._offsets, self._written)
         del self._offsets[k:]
-        self._index.truncate(k)
+        self.truncate_ids(k)
         self._end = self._written
 
     def _write_later(self) -> None:

@@ -12,21 +12,15 @@ from gossip.store.id_index import IdIndex
 from gossip.store.interface import StoreError
 
 
-class MemoryStore:
-    """The ids in the shared ``IdIndex``; the messages in a list by arrival position."""
+class MemoryStore(IdIndex):
+    """The ids in the shared ``IdIndex`` (its base); the messages in a list by position."""
 
     def __init__(self) -> None:
-        self._index = IdIndex()
+        super().__init__()
         self._messages: list[Message] = []
 
-    def __contains__(self, mid: bytes) -> bool:
-        return mid in self._index
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
     def add(self, message: Message) -> bool:
-        if self._index.add(message.id) is None:
+        if self.add_id(message.id) is None:
             return False
         self._messages.append(message)
         return True
@@ -35,15 +29,9 @@ class MemoryStore:
         """``add`` for each message, in order; whether each was new."""
         return [self.add(m) for m in messages]
 
-    def ids(self) -> Iterator[bytes]:
-        return self._index.ids()
-
     def get(self, mid: bytes) -> Message | None:
-        n = self._index.position(mid)
+        n = self.position(mid)
         return None if n is None else self._messages[n]
-
-    def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
-        return self._index.ids_between(lo, hi, limit)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -55,9 +43,6 @@ class MemoryStore:
 
     def durable_count(self) -> int:
         return len(self._messages)  # as durable as this store gets
-
-    def ids_from(self, start: int, limit: int) -> list[bytes]:
-        return self._index.ids_from(start, limit)
 
     def scan(self, start: int) -> Iterator[Message]:
         messages = self._messages

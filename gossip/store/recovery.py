@@ -259,7 +259,7 @@ class Recovered:
 
 def scan_log(f: BinaryIO, size: int) -> Recovered:
     index = IdIndex()
-    add = index.add
+    add = index.add_id
     offsets = array("q")
     rec = Recovered(index, offsets, len(MAGIC), size)
     win = _Window(f, size, len(MAGIC))
