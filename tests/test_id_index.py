@@ -4,7 +4,10 @@ positions, id-order ranges, forgetting a tail, and its memory per id."""
 from __future__ import annotations
 
 import bisect
+import json
 import random
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -134,3 +137,21 @@ def test_log_store_index_costs_under_70_bytes_per_message(tmp_path: Path) -> Non
         assert per_message < 70
     finally:
         store.close()
+
+
+def test_bench_store_memory_mode_reports_both_phases(tmp_path: Path) -> None:
+    """``gossip-bench-store --memory N`` runs the add and the reopen phase each in a
+    child process, checks that both hold N messages, and prints and writes (--json)
+    the RSS growth per message and the seconds of each."""
+    out = tmp_path / "memory.json"
+    argv = ["--memory", "3000", "--dir", str(tmp_path / "work"), "--json", str(out)]
+    code = f"import sys; from gossip.bench.storage import main; sys.exit(main({argv!r}))"
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "B/message" in r.stdout and "open" in r.stdout
+    doc = json.loads(out.read_text())
+    for phase in ("add", "open"):
+        assert doc[phase]["messages"] == 3000
+        assert doc[phase]["rss_after"] > 0 and doc[phase]["seconds"] > 0
