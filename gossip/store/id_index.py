@@ -8,10 +8,12 @@ and per position number, plus the table); this index holds no object per id:
 * ``_ids``: one ``bytearray`` of the 16-byte ids in arrival order (position n
   at bytes ``16n``..``16n+16``): ``ids_from`` and ``id_at`` slice it.
 * Membership (``__contains__``, ``position``): a hash table by linear hashing
-  whose buckets are ``bytearray``s of 20-byte entries (id, position as u32).
+  whose buckets are ``bytes`` of 20-byte entries (id, position as u32): a
+  ``bytes`` object holds its data inline, one cache miss fewer per lookup than a
+  ``bytearray``, and without spare capacity; an add replaces its bucket.
   The bucket is chosen by ``hash(id)``, Python's keyed SipHash (random per
   process), so a client cannot grind ids into one bucket; a lookup is one
-  ``bytearray.find`` over about ``LOAD`` entries, at C speed. The table grows by
+  ``bytes.find`` over about ``LOAD`` entries, at C speed. The table grows by
   splitting one bucket at a time (linear hashing), so no add ever rehashes
   everything.
 * Id order (``ids_between``): buckets of positions (``array('I')``) by id
@@ -82,7 +84,7 @@ class IdIndex:
         self._ids = bytearray()
         # Membership: linear hashing. Bucket of hash h: h & _low, or h & _high when
         # that is below _split (those buckets have been split at this level).
-        self._buckets: list[bytearray] = [bytearray()]
+        self._buckets: list[bytes] = [b""]
         self._level = 0
         self._split = 0
         self._low = 0
@@ -200,8 +202,7 @@ class IdIndex:
         pos = len(ids) // ID_BYTES
         if pos >= MAX_POSITIONS:
             raise ValueError(f"an index holds at most {MAX_POSITIONS} ids")
-        bucket += mid
-        bucket += _POS.pack(pos)
+        self._buckets[a] = b"".join((bucket, mid, _POS.pack(pos)))
         ids += mid
         if pos >= self._grow_at:
             self._grow(pos)
@@ -245,9 +246,10 @@ class IdIndex:
         count = max(count, 0)
         gone = self.ids_from(count, len(self) - count)
         for j, mid in enumerate(gone):
-            bucket = self._buckets[self._address(hash(mid))]
+            a = self._address(hash(mid))
+            bucket = self._buckets[a]
             i = _find_entry(bucket, mid)
-            del bucket[i : i + ENTRY_BYTES]
+            self._buckets[a] = bucket[:i] + bucket[i + ENTRY_BYTES :]
             if count + j < self._ranged:
                 self._range_bucket(int.from_bytes(mid[:8], "big")).remove(count + j)
         del self._ids[ID_BYTES * count :]
@@ -262,7 +264,7 @@ class IdIndex:
 
     def _split_bucket(self) -> None:
         """Linear hashing: split bucket ``_split`` by the next bit of the hash."""
-        data = bytes(self._buckets[self._split])
+        data = self._buckets[self._split]
         keep, move = bytearray(), bytearray()
         bit = 1 << self._level
         for i in range(0, len(data), ENTRY_BYTES):
@@ -270,8 +272,8 @@ class IdIndex:
                 move += data[i : i + ENTRY_BYTES]
             else:
                 keep += data[i : i + ENTRY_BYTES]
-        self._buckets[self._split] = keep
-        self._buckets.append(move)
+        self._buckets[self._split] = bytes(keep)
+        self._buckets.append(bytes(move))
         self._split += 1
         if self._split == bit:
             self._level += 1
@@ -309,7 +311,7 @@ class IdIndex:
             self._ranges_split = 0
 
 
-def _find_entry(bucket: bytearray, mid: bytes) -> int:
+def _find_entry(bucket: bytes, mid: bytes) -> int:
     """Where the entry of ``mid`` starts in ``bucket``, or -1 (matches that straddle
     two entries, or that a shorter ``mid`` makes, do not count)."""
     if len(mid) != ID_BYTES:
