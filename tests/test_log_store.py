@@ -280,13 +280,13 @@ def test_appends_are_readable_at_once_and_written_together_at_the_end_of_the_tur
     assert (tmp_path / LOG_NAME).read_bytes() == MAGIC + b"".join(records)
 
 
-def test_add_many_takes_a_batch_with_one_write_and_says_which_were_new(
+def test_add_many_takes_a_batch_with_one_write_and_counts_the_new(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``add_many`` adds the new messages of a batch in order (not those already held,
-    nor a repeat within the batch) as one buffered entry: one ``os.write`` at the end of
-    the turn, the same bytes a run of ``add`` leaves; readable at once and after a
-    reopen."""
+    nor a repeat within the batch) and returns their count, as one buffered entry: one
+    ``os.write`` at the end of the turn, the same bytes a run of ``add`` leaves;
+    readable at once and after a reopen."""
     clock = Clock()
     store, _ = open_store(tmp_path, reactor=clock)
     writes: list[int] = []
@@ -301,8 +301,8 @@ def test_add_many_takes_a_batch_with_one_write_and_says_which_were_new(
     m = [msg(i) for i in range(5)]
     store.add(m[0])
     clock.advance(0)
-    assert store.add_many([m[1], m[0], m[2], m[1], m[3]]) == [True, False, True, False, True]
-    assert store.add_many([]) == []
+    assert store.add_many([m[1], m[0], m[2], m[1], m[3]]) == 3
+    assert store.add_many([]) == 0
     assert [store.get(x.id) for x in m[:4]] == m[:4] and m[4].id not in store
     assert store.ids_from(0, 10) == [x.id for x in m[:4]] and len(store) == 4
     clock.advance(0)
@@ -320,7 +320,7 @@ def test_add_many_under_always_costs_one_fsync_per_batch(tmp_path: Path) -> None
     (a run of ``add`` fsyncs once per message), and counts as durable."""
     synced: list[int] = []
     store, _ = open_store(tmp_path, fsync="always", fsync_function=synced.append)
-    assert store.add_many([msg(i) for i in range(20)]) == [True] * 20
+    assert store.add_many([msg(i) for i in range(20)]) == 20
     assert len(synced) == 1 and store.durable_count() == 20
     assert file_size(tmp_path) == len(MAGIC) + sum(len(encode_record(msg(i))) for i in range(20))
     store.close()
@@ -335,7 +335,7 @@ def test_add_many_is_all_or_nothing_on_a_message_it_cannot_encode(tmp_path: Path
     with pytest.raises(ValueError, match="at most"):
         store.add_many([msg(1), bad, msg(2)])
     assert len(store) == 0 and msg(1).id not in store
-    assert store.add_many([msg(1)]) == [True]
+    assert store.add_many([msg(1)]) == 1
     store.close()
 
 

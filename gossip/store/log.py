@@ -310,15 +310,15 @@ class LogStore(IdIndex):
             self._commit.schedule()
         return True
 
-    def add_many(self, messages: Iterable[Message]) -> list[bool]:
-        """``add`` for each message, in order, with one buffer entry (one write; under
-        "always" one fsync) for all the new ones; whether each was new (a repeat within
+    def add_many(self, messages: Iterable[Message]) -> int:
+        """``add`` for each message, in order (the new messages of one received frame),
+        with one buffer entry (one write; under "always" one write and one fsync before
+        it returns) for all the new ones; returns how many were new (a repeat within
         the batch is not).
 
         All or nothing: a message that cannot be encoded (``ValueError``) or a
         store that cannot append (``StoreError``) leaves none of them added.
         """
-        new: list[bool] = []
         records: list[bytes] = []
         starts: list[int] = []
         first = len(self._offsets)
@@ -326,12 +326,10 @@ class LogStore(IdIndex):
         try:
             for m in messages:
                 if self.add_id(m.id) is None:
-                    new.append(False)
                     continue
                 if not records:
                     self._check_open()
                 record = encode_record(m)
-                new.append(True)
                 records.append(record)
                 starts.append(size)
                 size += len(record)
@@ -340,7 +338,7 @@ class LogStore(IdIndex):
             raise
         if records:
             self._append(b"".join(records), starts)
-        return new
+        return len(records)
 
     def durable_count(self) -> int:
         """How many records, in arrival order, are durable under the policy (all of

@@ -25,9 +25,9 @@ class MemoryStore(IdIndex):
         self._messages.append(message)
         return True
 
-    def add_many(self, messages: Iterable[Message]) -> list[bool]:
-        """``add`` for each message, in order; whether each was new."""
-        return [self.add(m) for m in messages]
+    def add_many(self, messages: Iterable[Message]) -> int:
+        """``add`` for each message, in order; how many were new."""
+        return sum(self.add(m) for m in messages)
 
     def get(self, mid: bytes) -> Message | None:
         n = self.position(mid)
