@@ -35,6 +35,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from gossip.core.message import Message, message_id
 from gossip.store import fsync_pacing
 from gossip.store import log as log_module
+from gossip.store import recovery as recovery_module
 from gossip.store.fsync_pacing import GAP_FACTOR, FsyncPacer
 from gossip.store.log import (
     LOG_NAME,
@@ -277,6 +278,65 @@ def test_appends_are_readable_at_once_and_written_together_at_the_end_of_the_tur
     store.close()  # writes what is left; the pending end-of-turn write is dropped
     clock.advance(0)
     assert (tmp_path / LOG_NAME).read_bytes() == MAGIC + b"".join(records)
+
+
+def test_add_many_takes_a_batch_with_one_write_and_counts_the_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``add_many`` adds the new messages of a batch in order (not those already held,
+    nor a repeat within the batch) and returns their count, as one buffered entry: one
+    ``os.write`` at the end of the turn, the same bytes a run of ``add`` leaves;
+    readable at once and after a reopen."""
+    clock = Clock()
+    store, _ = open_store(tmp_path, reactor=clock)
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: Any) -> int:
+        if fd == store._fd:
+            writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    m = [msg(i) for i in range(5)]
+    store.add(m[0])
+    clock.advance(0)
+    assert store.add_many([m[1], m[0], m[2], m[1], m[3]]) == 3
+    assert store.add_many([]) == 0
+    assert [store.get(x.id) for x in m[:4]] == m[:4] and m[4].id not in store
+    assert store.ids_from(0, 10) == [x.id for x in m[:4]] and len(store) == 4
+    clock.advance(0)
+    batch = [encode_record(x) for x in (m[1], m[2], m[3])]
+    assert writes == [len(encode_record(m[0])), sum(map(len, batch))]
+    assert (tmp_path / LOG_NAME).read_bytes() == MAGIC + encode_record(m[0]) + b"".join(batch)
+    store.close()
+    store, _ = open_store(tmp_path)
+    assert contents(store) == m[:4]
+    store.close()
+
+
+def test_add_many_under_always_costs_one_fsync_per_batch(tmp_path: Path) -> None:
+    """With "always", a batch is written and fsynced once before ``add_many`` returns
+    (a run of ``add`` fsyncs once per message), and counts as durable."""
+    synced: list[int] = []
+    store, _ = open_store(tmp_path, fsync="always", fsync_function=synced.append)
+    assert store.add_many([msg(i) for i in range(20)]) == 20
+    assert len(synced) == 1 and store.durable_count() == 20
+    assert file_size(tmp_path) == len(MAGIC) + sum(len(encode_record(msg(i))) for i in range(20))
+    store.close()
+
+
+def test_add_many_is_all_or_nothing_on_a_message_it_cannot_encode(tmp_path: Path) -> None:
+    """A batch holding a message that cannot be encoded raises ``ValueError`` and adds
+    none of the batch, not even the messages before it."""
+    store, _ = open_store(tmp_path, reactor=Clock())
+    huge = b"x" * (MAX_RECORD_BYTES + 1)
+    bad = Message(message_id(huge), huge, 1.0, ())
+    with pytest.raises(ValueError, match="at most"):
+        store.add_many([msg(1), bad, msg(2)])
+    assert len(store) == 0 and msg(1).id not in store
+    assert store.add_many([msg(1)]) == 1
+    store.close()
 
 
 def test_buffer_is_written_when_it_passes_its_bound(tmp_path: Path) -> None:
@@ -727,7 +787,7 @@ def test_skipping_damage_through_crafted_bodies_computes_no_checksum_per_offset(
     flip(tmp_path / LOG_NAME, offsets[1])  # the crc: the record no longer checks out
     size = (tmp_path / LOG_NAME).stat().st_size
     counter = CountingCrc()
-    monkeypatch.setattr(log_module, "zlib", counter)
+    monkeypatch.setattr(recovery_module, "zlib", counter)
     store, cap = open_store(tmp_path)
     monkeypatch.undo()
     print(f"\ncrafted damage ({kind}): {counter.calls} checksums over {counter.bytes} bytes")
@@ -1240,13 +1300,15 @@ def test_batch_fsync_slowed_only_by_a_busy_cpu_stays_inline(
     """An fsync whose wall time passed the inline threshold only because its thread was
     waiting for a CPU (the kernel's run-queue time) is not a slow disk: the next fsync
     still runs in the reactor thread instead of paying a thread round trip."""
-    queued = iter([0.0, 0.05, 0.05, 0.05, 0.05, 0.05])
-    monkeypatch.setattr(fsync_pacing, "run_queue_seconds", lambda: next(queued))
+    queued = [0.0]  # the fake run-queue time: all of the fsync's sleep, however long
+    monkeypatch.setattr(fsync_pacing, "run_queue_seconds", lambda: queued[0])
     threads: list[str] = []
 
     def descheduled_fsync(fd: int) -> None:
         threads.append(threading.current_thread().name)
+        started = time.monotonic()
         time.sleep(0.05)  # stands for 50 ms without a CPU (the fake run-queue says so)
+        queued[0] += time.monotonic() - started
 
     clock = Clock()
     store, _ = open_store(tmp_path, reactor=clock, fsync="batch", fsync_function=descheduled_fsync)

@@ -7,6 +7,13 @@ Appends 100-byte messages under each fsync policy ("always": each add fsyncs;
 ``--recovery-messages`` messages and measures the in-memory index per message
 with tracemalloc. Prints a table; ``--json FILE`` writes the same figures.
 
+``--memory N`` measures instead what a node pays in resident memory per stored
+message: a fresh child process adds N 100-byte messages to an empty store
+(fsync "never") and reports its RSS growth per message; a second fresh child
+opens the log they made (recovery) and reports the time it took and its RSS
+growth per message. Fresh processes, so that nothing else the benchmark
+allocated is counted.
+
 Figures depend on the disk and the page cache: the recovery file was just
 written, so it is read from memory, and "always"/"batch" measure the fsync
 latency of whatever holds the ``--dir`` directory.
@@ -15,8 +22,10 @@ latency of whatever holds the ``--dir`` directory.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from gossip.core.message import Message, message_id
 from gossip.store.log import LOG_NAME, MAGIC, LogStore, StoreError, encode_record
@@ -133,6 +143,79 @@ def measure_index(directory: Path, n: int = INDEX_SAMPLE) -> float:
     return (after - before) / n
 
 
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_phase(phase: str, directory: Path, n: int) -> dict[str, Any]:
+    """One phase of ``--memory``, run in a fresh process: "add" adds ``n`` messages to
+    an empty store in ``directory``, "open" opens (recovers) the log they left."""
+    gc.collect()
+    before = rss_bytes()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if phase == "add":
+        clock = Clock()  # the end-of-turn writes: advanced by hand below
+        store = LogStore.open(directory, fsync="never", reactor=clock)
+        for i in range(n):
+            store.add(make_message(i))
+            if i % 10_000 == 9_999:
+                store.write_buffered()
+                clock.advance(0)
+        store.write_buffered()
+        clock.advance(0)
+    else:
+        store = LogStore.open(directory, fsync="never")
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    gc.collect()
+    after = rss_bytes()
+    held = len(store)
+    store.close()
+    if held != n:
+        raise StoreError(f"the store holds {held} of {n} messages")
+    return {
+        "phase": phase,
+        "messages": n,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "rss_before": before,
+        "rss_after": after,
+        "rss_bytes_per_message": (after - before) / n,
+    }
+
+
+def run_memory(base: Path, n: int) -> dict[str, Any]:
+    """Both ``--memory`` phases, each in a child interpreter."""
+    out: dict[str, Any] = {"messages": n, "body_bytes": BODY_BYTES, "directory": str(base)}
+    for phase in ("add", "open"):
+        argv = ["--memory", str(n), "--memory-phase", phase, "--dir", str(base / "memory")]
+        code = f"import sys; from gossip.bench.storage import main; sys.exit(main({argv!r}))"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise StoreError(f"the {phase} phase failed: {r.stderr.strip()[-500:]}")
+        out[phase] = json.loads(r.stdout)
+    return out
+
+
+def format_memory(result: dict[str, Any]) -> str:
+    add, opened = result["add"], result["open"]
+    return "\n".join(
+        [
+            f"store memory: {result['messages']:,} messages of {result['body_bytes']} bytes"
+            " (LogStore, fsync never), each phase in a fresh process",
+            *(
+                f"{r['phase']:<5} {r['seconds']:7.2f} s ({r['cpu_seconds']:.2f} s CPU)"
+                f"  RSS +{(r['rss_after'] - r['rss_before']) / 1e6:6.1f} MB"
+                f"  {r['rss_bytes_per_message']:6.1f} B/message"
+                for r in (add, opened)
+            ),
+            "open = recovery: reads and checks every record (warm page cache) and builds"
+            " the index.",
+        ]
+    )
+
+
 def _run_in_reactor(make: Callable[[Any], Deferred[dict[str, Any]]]) -> dict[str, Any]:
     from twisted.internet import reactor as global_reactor
 
@@ -197,9 +280,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="messages in the log whose opening is timed (default 1,000,000)",
     )
+    p.add_argument(
+        "--memory",
+        type=int,
+        metavar="N",
+        help="instead: RSS per stored message with N messages, and the time to open them",
+    )
+    p.add_argument("--memory-phase", choices=("add", "open"), help=argparse.SUPPRESS)
     p.add_argument("--dir", type=Path, help="where to write the logs (default: a temp dir)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     args = p.parse_args(argv)
+    if args.memory is not None and args.memory < 1:
+        p.error("--memory must be at least 1")
+    if args.memory_phase is not None and (args.memory is None or args.dir is None):
+        p.error("--memory-phase needs --memory and --dir")
     for name in ("always_messages", "batch_messages", "batch_chunk", "never_messages"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -235,18 +329,25 @@ def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.memory_phase is not None:
+        print(json.dumps(memory_phase(args.memory_phase, args.dir, args.memory)))
+        return 0
+
+    def measure(base: Path) -> dict[str, Any]:
+        return run(args, base) if args.memory is None else run_memory(base, args.memory)
+
     try:
         if args.dir is not None:
             args.dir.mkdir(parents=True, exist_ok=True)
             base = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
-            result = run(args, base)
+            result = measure(base)
         else:
             with tempfile.TemporaryDirectory(prefix="gossip-bench-store-") as d:
-                result = run(args, Path(d))
+                result = measure(Path(d))
     except (StoreError, OSError) as e:
         print(f"gossip-bench-store: {e}", file=sys.stderr)
         return 1
-    print(format_table(result))
+    print(format_table(result) if args.memory is None else format_memory(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -9,7 +9,6 @@ with a plain integer cursor.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from itertools import islice
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -77,20 +76,3 @@ class MessageStore(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def ids_between(
-    sorted_ids: Any, unsorted: list[bytes], lo: bytes, hi: bytes, limit: int
-) -> list[bytes]:
-    """Up to ``limit`` ids in [lo, hi), in order: what both stores answer.
-
-    The stores keep their ids in order lazily: ``add`` only appends to
-    ``unsorted`` (a list append, where ``SortedList.add`` costs a bisection and
-    an insert for every message), and the ids added since the last ordered
-    query are folded into ``sorted_ids`` (a ``SortedList``) here, in one
-    ``update``.
-    """
-    if unsorted:
-        sorted_ids.update(unsorted)
-        unsorted.clear()
-    return list(islice(sorted_ids.irange(lo, hi, inclusive=(True, False)), max(limit, 0)))

@@ -1,6 +1,13 @@
 """The durable message store: an append-only log file, bodies on disk, an index in memory.
 
-This module is the one place that defines the on-disk format.
+The log's parts, one module each:
+
+* ``record.py``: the on-disk record format (the one place that defines it).
+* ``recovery.py``: what every open does: scan, cut a torn tail, skip damage.
+* ``group_commit.py``: the fsyncs of the "batch" policy, paced on the reactor's clock.
+* ``id_index.py``: the ids held, by arrival position (shared with ``MemoryStore``).
+
+This module holds the store itself: the data directory, buffered appends, reads.
 
 Files in the data directory
 ---------------------------
@@ -21,29 +28,6 @@ Files in the data directory
 ``node.pid``
     The running node's pid, under twistd (``gossip/pidfile.py``).
 
-Log format
-----------
-All integers little-endian::
-
-    file    = magic record*
-    magic   = b"GSPLOG1\\n"                        (8 bytes)
-    record  = crc32 (u32) | length (u32) | payload  (length bytes)
-    payload = kind (u8, 1 = message)
-            | id (16 bytes)
-            | received_at (f64, seconds since the epoch)
-            | path count (u16)
-            | path entries (u32 each, origin first)
-            | body (the rest of the payload: the message's UTF-8 bytes)
-
-``crc32`` is ``zlib.crc32`` over the 4 length bytes followed by the payload, so
-a damaged length field is caught by the checksum too. A payload is at least
-27 bytes (kind, id, received_at, path count) and at most ``MAX_RECORD_BYTES``
-(1 MiB); a length field outside those bounds is corruption. A record is also
-corrupt when its kind is not 1, its path entries run past its end, or its id is
-not ``message_id(body)`` (the first 16 bytes of SHA-256 over the body). Records
-follow each other with no padding. The same id may appear more than once (after
-a crash the node can fetch back a message it had already written); the first
-record wins and later ones are ignored.
 
 Durability (the ``fsync`` policy)
 ---------------------------------
@@ -52,30 +36,24 @@ readable through the store (``get``, ``scan``) as soon as ``add`` returns, and
 the records added in one reactor turn are written together, with one
 ``os.write``, at the end of the turn (``callLater(0)``), or earlier when a read
 needs the file, an fsync starts, ``when_durable`` or ``close`` is called, or
-the buffer passes 1 MiB. Once written a record survives the death of the
-process; an acknowledged submit waits for ``when_durable``, which writes first.
-If that write fails the records in it are lost although ``add`` accepted them,
-so the store refuses further appends (``StoreError``), as after a failed fsync.
-Surviving a power loss or kernel crash needs ``fsync``:
+the buffer passes 1 MiB. ``add_many`` appends a batch as one buffer entry.
+Once written a record survives the death of the process; an acknowledged
+submit waits for ``when_durable``, which writes first. If that write fails the
+records in it are lost although ``add`` accepted them, so the store refuses
+further appends (``StoreError``), as after a failed fsync. Surviving a power
+loss or kernel crash needs ``fsync``:
 
 ``"always"``
     ``add`` writes and fsyncs before it returns (one fsync per message: slow,
     simple).
-``"batch"`` (the default: group commit)
+``"batch"`` (the default: group commit, ``group_commit.py``)
     Every added record is covered by an fsync soon after, whether a client
     waits for it (``when_durable``: a submit) or not (a message relayed from a
     neighbour: a node reports a message as delivered only once it is durable,
-    see ``durable_count``). When it starts adapts to the load
-    (``gossip/store/fsync_pacing.py``): at the end of the reactor turn on a
-    quiet node, else after a gap four times as long as the last fsync took (at
-    most ``batch_interval``, 4 ms), so that under load one fsync covers what
-    arrived meanwhile. One fsync at a time: in the reactor thread while the
-    disk is fast (the last fsync waited under ``inline_fsync_below``, 2 ms,
-    for the disk, not counting time the machine gave the thread no CPU; 0.2 ms
-    on our machines, where a round trip through a thread costs more CPU than
-    the fsync), else in a thread (``deferToThreadPool`` on the reactor's pool)
-    so that a slow disk stalls the reactor for one fsync at most; records
-    added while an fsync is in flight wait for the next one.
+    see ``durable_count``); when it starts adapts to the load (at most
+    ``batch_interval``, 4 ms, after the previous one), and it runs in the
+    reactor thread while the disk is fast (the last fsync waited under
+    ``inline_fsync_below``, 2 ms, for the disk), else in a thread.
     ``when_durable()`` returns a Deferred that fires once every record added
     before the call has been covered by an fsync that *started after* the
     record was written.
@@ -86,61 +64,14 @@ If an fsync fails the store refuses further appends (``StoreError``): after a
 failed fsync the kernel may have dropped the dirty pages, so retrying would
 claim a durability it cannot give.
 
-Recovery (on every open)
-------------------------
-The log is read once from start to end through a buffered reader in chunks
-(never the whole file in memory), checking every record as above:
-
-* A wrong magic: ``StoreError`` naming the file; the file is not touched. (A
-  file shorter than the magic that is a prefix of it is a log whose creation
-  was cut short: it is started afresh, with a warning.)
-* Torn tail: the last record is cut short (fewer bytes than a record header,
-  or fewer than its length says) or its checksum is bad and it ends exactly at
-  end of file, and no valid record follows. This is what a crash in the middle
-  of an append leaves. The bytes are truncated away with a warning giving
-  their count and offset.
-* Damage in the middle: a record with a bad checksum, an impossible length or
-  a bad id, with valid records after it. The file is scanned forward for the
-  next offset where a record parses with a valid checksum and id; offsets
-  whose header is impossible are passed over without a checksum, and one that
-  only looks possible is checksummed once the scan has shown it can be the
-  next record (``_resync``: a body crafted to look like headers costs no
-  checksum per offset); the bytes in between are skipped with a warning giving their offset and
-  count, and every valid record after them is kept. The damaged file is copied
-  aside (``messages.log.damaged-<unix time>``) and a clean log is written (temp
-  file, fsync, ``os.replace``, fsync of the directory). Bytes that cannot be
-  explained as one torn append at the end (an impossible length field or a
-  bad checksum with more bytes after it, even when no valid record follows)
-  are handled the same way.
-
-Skipping is safe here because the log is not the only copy: every message is
-broadcast to every node. The node starts with the records it could read, and
-re-sync with its neighbours (anti-entropy over the id sets) fetches back
-whatever was in the damaged bytes, as it does for anything the node missed
-while it was down. What must never happen is serving a wrong message, and the
-checksum plus the id check (the id is a hash of the body) rule that out: a
-record is believed only when both match. (The one way to read back a record
-that was not written is a body that itself contains a complete valid record,
-exposed when the header of the record holding it is damaged; that record is
-still a correct message, since its id matches its body.)
-
 Memory
 ------
 Bodies stay on disk; ``get`` and ``scan`` read records back with
-``os.pread`` (checking the checksum again). In memory there is only an index:
-a ``dict`` id -> arrival number, an ``array('q')`` of record offsets in arrival
-order, a list of the ids in arrival order (for ``ids_from``: following a node
-by position) and a ``SortedList`` of ids (for ``ids_between``; ids added since
-the last such query wait in a plain list and are folded in by it), all sharing
-one bytes object per id. Measured with ``tracemalloc`` after opening a log of
-100,000 messages (Python 3.11, 64-bit): 154 bytes per message -- the id object
-49, the arrival-number int 28, the dict's share 52 (24-byte entries plus 4-byte
-slots, 100,000 entries sit just past a doubling of its table, so this is near
-the worst case: 122 at 10,000 and 128 at 300,000 messages), the offset 8, the
-arrival-order list slot 8, the SortedList slot ~9. ``gossip-bench-store``
-prints the current figure.
-tracemalloc counts bytes requested; the allocator's rounding (the id object
-takes 64 bytes, the int 32) adds ~19 bytes to the resident cost.
+``os.pread`` (checking the checksum again). In memory there is the id index
+(``id_index.py``: 16-byte ids in one ``bytearray``, hash and id-order buckets
+of packed integers; no Python object per message) and the record offsets in
+an ``array('q')``, by arrival position. ``gossip-bench-store --memory N``
+measures the resident memory per message.
 """
 
 from __future__ import annotations
@@ -149,414 +80,66 @@ import bisect
 import contextlib
 import errno
 import fcntl
-import hashlib
-import heapq
 import os
-import shutil
-import struct
-import time
-import zlib
-from array import array
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
-import attrs
-from sortedcontainers import SortedList
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from gossip import logs
-from gossip.core.message import ID_BYTES, Message
+from gossip.core.message import Message
 from gossip.latency import LatencyHistogram
-from gossip.store.fsync_pacing import FsyncPacer, timed_sync
-from gossip.store.interface import StoreError, ids_between
+from gossip.store.group_commit import BATCH_MAX_DELAY, INLINE_FSYNC_SECONDS, GroupCommit
+from gossip.store.id_index import IdIndex
+from gossip.store.interface import StoreError
+from gossip.store.record import (
+    HEADER,
+    HEADER_BYTES,
+    MAGIC,
+    MAX_PATH,
+    MAX_RECORD_BYTES,
+    decode_record,
+    encode_record,
+)
+from gossip.store.recovery import _WAITING_CHECK_BYTES, LOG_NAME, Recovered, open_log
 
-MAGIC = b"GSPLOG1\n"
-LOG_NAME = "messages.log"
 LOCK_NAME = "messages.lock"
-KIND_MESSAGE = 1
-MAX_RECORD_BYTES = 1 << 20  # largest payload (length field) accepted
-MAX_PATH = 0xFFFF
-
-_HEADER = struct.Struct("<II")  # crc32, length
-_FIXED = struct.Struct(f"<B{ID_BYTES}sdH")  # kind, id, received_at, path count
-_LEN = struct.Struct("<I")
-HEADER_BYTES = _HEADER.size  # 8
-MIN_PAYLOAD = _FIXED.size  # 27
-
-_READ_CHUNK = 1 << 20  # recovery reads the file in chunks of this size
 _SCAN_CHUNK = 64 << 10  # scan() reads records back in chunks of this size
 _GET_GUESS = 512  # get() reads this much first; a second pread if the record is longer
 _WRITE_BOUND = 1 << 20  # appends buffered past this many bytes are written at the next add
 
 FsyncPolicy = Literal["always", "batch", "never"]
 POLICIES: tuple[str, ...] = ("always", "batch", "never")
-# "batch" runs an fsync in the reactor thread while the last one waited less than this
-# for the disk.
-INLINE_FSYNC_SECONDS = 0.002
-# "batch": the longest an fsync waits after the previous one (see fsync_pacing).
-BATCH_MAX_DELAY = 0.004
+
+__all__ = [
+    "BATCH_MAX_DELAY",
+    "INLINE_FSYNC_SECONDS",
+    "LOG_NAME",
+    "MAGIC",
+    "MAX_PATH",
+    "MAX_RECORD_BYTES",
+    "POLICIES",
+    "_WAITING_CHECK_BYTES",
+    "LogStore",
+    "StoreError",
+    "encode_record",
+]
+
+_log = logs.logger()
 
 
-__all__ = ["LogStore", "StoreError"]
-
-
-# length | kind | id | received_at | path count | path entries: a record after its
-# crc and before its body, one Struct per path length (paths are as long as a
-# cluster is wide, so there are few), built when first needed.
-_HEADS: dict[int, struct.Struct] = {}
-
-
-def _head(count: int) -> struct.Struct:
-    head = _HEADS.get(count)
-    if head is None:
-        head = _HEADS[count] = struct.Struct(f"<IB{ID_BYTES}sdH{count}I")
-    return head
-
-
-def encode_record(message: Message) -> bytes:
-    """The bytes of one log record for ``message`` (header included).
-
-    On the hot path (every received message): one cached ``Struct`` packs
-    everything but the crc and the body, one concatenation and one ``crc32``
-    over length + payload, one more for the crc in front.
-    """
-    mid, body, path = message.id, message.body, message.path
-    count = len(path)
-    if len(mid) != ID_BYTES:
-        raise ValueError(f"a message id has {ID_BYTES} bytes, got {len(mid)}")
-    if count > MAX_PATH:
-        raise ValueError(f"a path has at most {MAX_PATH} entries, got {count}")
-    length = MIN_PAYLOAD + 4 * count + len(body)
-    if length > MAX_RECORD_BYTES:
-        raise ValueError(f"a record has at most {MAX_RECORD_BYTES} bytes, got {length}")
-    try:
-        rest = _head(count).pack(length, KIND_MESSAGE, mid, message.received_at, count, *path)
-    except struct.error as e:
-        raise ValueError(f"cannot encode message: {e}") from None
-    rest += body
-    return _LEN.pack(zlib.crc32(rest)) + rest
-
-
-def _decode_payload(buf: bytes, start: int, end: int) -> Message:
-    """The message in an already checked payload ``buf[start:end]``."""
-    _kind, mid, received_at, count = _FIXED.unpack_from(buf, start)
-    p = start + MIN_PAYLOAD
-    path = struct.unpack_from(f"<{count}I", buf, p) if count else ()
-    return Message(mid, buf[p + 4 * count : end], received_at, path)
-
-
-def _id_of(body: bytes) -> bytes:
-    return hashlib.sha256(body).digest()[:ID_BYTES]
-
-
-# -- recovery ------------------------------------------------------------------
-
-# Why a record at some offset does not parse.
-_SHORT = "fewer bytes than a record header before end of file"
-_PAST_EOF = "record runs past end of file"
-_BAD_LENGTH = "impossible length"
-_BAD_CRC = "bad checksum"
-_BAD_CRC_AT_EOF = "bad checksum on a record ending at end of file"
-_BAD_CONTENT = "bad record contents (kind, path count or id)"
-_TORN = (_SHORT, _PAST_EOF, _BAD_CRC_AT_EOF)
-
-
-class _Window:
-    """A forward-only window on the file: ``buf[0]`` is the byte at offset ``base``.
-
-    Reads go through a buffered reader, sequentially, in chunks of at least
-    ``_READ_CHUNK``; offsets asked for never go backwards.
-    """
-
-    __slots__ = ("base", "buf", "f", "size")
-
-    def __init__(self, f: BinaryIO, size: int, start: int) -> None:
-        self.f = f
-        self.size = size
-        self.buf = b""
-        self.base = start
-        f.seek(start)
-
-    @classmethod
-    def read_at(cls, f: BinaryIO, start: int, n: int) -> _Window:
-        """A window holding just file bytes [start, start+n), read with ``os.pread``:
-        the reader's position, which the forward window relies on, is left alone."""
-        win = cls.__new__(cls)
-        win.f = f
-        win.buf = os.pread(f.fileno(), n, start)
-        win.base = start
-        win.size = start + len(win.buf)
-        return win
-
-    def get(self, offset: int, n: int) -> int | None:
-        """Make file bytes [offset, offset+n) available in ``buf``; return their index there.
-
-        None when they run past end of file.
-        """
-        end = offset + n
-        if end > self.size:
-            return None
-        top = self.base + len(self.buf)
-        if end <= top:
-            return offset - self.base
-        if offset > top:  # not reached by the callers here, which never skip ahead
-            self.f.seek(offset)
-            self.buf, self.base, top = b"", offset, offset
-        keep = self.buf[offset - self.base :]
-        more = self.f.read(max(end - top, _READ_CHUNK))
-        self.buf = keep + more
-        self.base = offset
-        return 0
-
-
-def _parse(win: _Window, pos: int) -> tuple[int, bytes] | str:
-    """(record length, id) of a valid record at ``pos``, else why there is none."""
-    i = win.get(pos, HEADER_BYTES)
-    if i is None:
-        return _SHORT
-    crc, length = _HEADER.unpack_from(win.buf, i)
-    if length < MIN_PAYLOAD or length > MAX_RECORD_BYTES:
-        return _BAD_LENGTH
-    total = HEADER_BYTES + length
-    i = win.get(pos, total)
-    if i is None:
-        return _PAST_EOF
-    buf = win.buf
-    end = i + total
-    if zlib.crc32(buf[i + 4 : end]) != crc:
-        return _BAD_CRC_AT_EOF if pos + total == win.size else _BAD_CRC
-    kind, mid, _received_at, count = _FIXED.unpack_from(buf, i + HEADER_BYTES)
-    body = i + HEADER_BYTES + MIN_PAYLOAD + 4 * count
-    if kind != KIND_MESSAGE or body > end or _id_of(buf[body:end]) != mid:
-        return _BAD_CONTENT
-    return total, mid
-
-
-# Bytes of a record before its path entries: what _plausible reads.
-_FIXED_SPAN = HEADER_BYTES + MIN_PAYLOAD
-# Bytes one skip over damage checksums for candidates that had to wait (see _resync)
-# before it stops checking those not followed by a plausible header.
-_WAITING_CHECK_BYTES = 16 << 20
-
-
-def _plausible(buf: bytes, i: int) -> int | None:
-    """The payload length of the record header at ``buf[i:]`` (``_FIXED_SPAN`` bytes
-    there) if its fields are possible -- length in bounds, kind 1, path entries within
-    the payload -- else None. A few unpacks: no checksum, no hash."""
-    length: int = _LEN.unpack_from(buf, i + 4)[0]
-    if length < MIN_PAYLOAD or length > MAX_RECORD_BYTES:
-        return None
-    kind, _mid, _received_at, count = _FIXED.unpack_from(buf, i + HEADER_BYTES)
-    if kind != KIND_MESSAGE or MIN_PAYLOAD + 4 * count > length:
-        return None
-    return length
-
-
-def _resync(win: _Window, start: int) -> int | None:
-    """The first offset from ``start`` where a valid record begins, if any.
-
-    Any offset may begin a record, and checking one in full costs a checksum over
-    up to ``MAX_RECORD_BYTES``; bodies are what clients send, and a body crafted to
-    read as record headers at every offset made skipping one damaged record cost
-    seconds. So a candidate is checked in full only when cheaper checks leave no
-    other choice:
-
-    * its header must be plausible (``_plausible``) and its record fit in the file;
-    * a candidate is checked at once only if it ends where another plausible header
-      begins (or at, or within a header of, end of file), as a real record does,
-      and no candidate seen before it ends sooner. Otherwise it waits (a heap by
-      end offset) until the scan reaches its end, so that every candidate starting
-      inside it is known, and is checked then.
-
-    A valid record ends the scan, and every waiting candidate overlaps it: such a
-    candidate could only be valid by holding that record in its body, so none is
-    checked. A forged header claims a length that reaches past the damaged record,
-    so it waits and is dropped unchecked once the next real record is found; the
-    checksums computed are about one per real record plus those of forged headers
-    that end inside the damaged record. A body can hold many of those (short
-    forged records inside it), so waiting candidates get ``_WAITING_CHECK_BYTES``
-    of checksums per skip; past that, only those followed by a plausible header
-    are checked. Every intact record is found unless that budget ran out and the
-    record after it is damaged too (re-sync brings such a record back). (Of a
-    record whose body holds a complete valid record, the one held may be found
-    instead of the holder; both are correct messages.)
-    """
-    size = win.size
-    last = size - _FIXED_SPAN
-    waiting: list[tuple[int, int]] = []  # (end, offset) of candidates, a heap
-    spent = 0
-
-    def waited_valid(c: int, end: int) -> bool:
-        nonlocal spent
-        tail = _FIXED_SPAN if end + _FIXED_SPAN <= size else 0
-        record = _Window.read_at(win.f, c, end - c + tail)
-        if spent > _WAITING_CHECK_BYTES and tail and _plausible(record.buf, end - c) is None:
-            return False
-        spent += end - c
-        record.size = end  # the successor's bytes are not part of the record
-        return isinstance(_parse(record, c), tuple)
-
-    kind_byte = bytes([KIND_MESSAGE])
-    q = start
-    while q <= last:
-        # Only an offset whose kind byte is right can begin a record: find the next
-        # one in the window at C speed instead of trying every offset.
-        i = win.get(q, _FIXED_SPAN)
-        if i is None:
-            break
-        k = win.buf.find(kind_byte, i + HEADER_BYTES)
-        if k < 0:
-            q = win.base + len(win.buf) - HEADER_BYTES  # its kind byte is past the window
-            continue
-        q = win.base + k - HEADER_BYTES
-        if q > last:
-            break
-        while waiting and waiting[0][0] <= q:
-            end, c = heapq.heappop(waiting)
-            if waited_valid(c, end):
-                return c
-        i = win.get(q, _FIXED_SPAN)
-        length = None if i is None else _plausible(win.buf, i)
-        q += 1
-        if length is None:
-            continue
-        c = q - 1
-        end = c + HEADER_BYTES + length
-        if end > size:
-            continue
-        if not waiting or end <= waiting[0][0]:
-            followed = True  # end of file, or a torn header right before it
-            if end + _FIXED_SPAN <= size:
-                j = win.get(c, end + _FIXED_SPAN - c)  # from c: the window never goes back
-                followed = j is not None and _plausible(win.buf, j + end - c) is not None
-            if followed:
-                if isinstance(_parse(win, c), tuple):
-                    return c
-                continue
-        heapq.heappush(waiting, (end, c))
-    while waiting:
-        end, c = heapq.heappop(waiting)
-        if waited_valid(c, end):
-            return c
-    return None
-
-
-@attrs.define
-class _Recovered:
-    by_id: dict[bytes, int]
-    offsets: array[int]
-    ids: list[bytes]
-    good_end: int  # end of the last valid record
-    size: int  # file size as found
-    torn: tuple[int, int] | None = None  # (offset, bytes) of a torn tail
-    damaged: list[tuple[int, int, str]] = attrs.Factory(list)  # (offset, bytes, why)
-    duplicates: int = 0
-
-
-def _scan_log(f: BinaryIO, size: int) -> _Recovered:
-    by_id: dict[bytes, int] = {}
-    offsets = array("q")
-    ids: list[bytes] = []
-    rec = _Recovered(by_id, offsets, ids, len(MAGIC), size)
-    win = _Window(f, size, len(MAGIC))
-    pos = len(MAGIC)
-    unpack_header, unpack_fixed, crc32, sha256 = (
-        _HEADER.unpack_from,
-        _FIXED.unpack_from,
-        zlib.crc32,
-        hashlib.sha256,
-    )
-    while pos < size:
-        # Fast path: the same checks as _parse, inline, over the records that lie
-        # wholly inside the window; anything else (a record crossing the end of the
-        # window, or a bad one) goes through _parse below.
-        buf, base = win.buf, win.base
-        i = start = pos - base
-        limit = len(buf)
-        while i + HEADER_BYTES <= limit:
-            crc, length = unpack_header(buf, i)
-            end = i + HEADER_BYTES + length
-            if length < MIN_PAYLOAD or length > MAX_RECORD_BYTES or end > limit:
-                break
-            if crc32(buf[i + 4 : end]) != crc:
-                break
-            kind, mid, _received_at, count = unpack_fixed(buf, i + HEADER_BYTES)
-            body = i + HEADER_BYTES + MIN_PAYLOAD + 4 * count
-            if kind != KIND_MESSAGE or body > end or sha256(buf[body:end]).digest()[:16] != mid:
-                break
-            if mid in by_id:
-                rec.duplicates += 1
-            else:
-                by_id[mid] = len(offsets)
-                offsets.append(base + i)
-                ids.append(mid)
-            i = end
-        if i != start:
-            pos = rec.good_end = base + i
-            continue
-        got = _parse(win, pos)
-        if isinstance(got, tuple):
-            total, mid = got
-            if mid in by_id:
-                rec.duplicates += 1
-            else:
-                by_id[mid] = len(offsets)
-                offsets.append(pos)
-                ids.append(mid)
-            pos += total
-            rec.good_end = pos
-            continue
-        nxt = _resync(win, pos + 1)
-        if nxt is None:
-            if got in _TORN:
-                rec.torn = (pos, size - pos)
-            else:
-                rec.damaged.append((pos, size - pos, got))
-            break
-        rec.damaged.append((pos, nxt - pos, got))
-        pos = nxt
-    return rec
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new_file(path: Path, chunks: Iterator[bytes]) -> int:
-    """Write ``chunks`` to a temp file, fsync it and rename it to ``path``; return its size."""
-    tmp = path.with_name(path.name + ".tmp")
-    size = 0
-    with open(tmp, "wb") as out:
-        for chunk in chunks:
-            out.write(chunk)
-            size += len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return size
-
-
-# -- the store -----------------------------------------------------------------
-
-
-class LogStore:
+class LogStore(IdIndex):
     """Messages in an append-only log file; see the module docstring.
 
     Build one with ``LogStore.open``. Not thread-safe: call it from the reactor
     thread (only the batch-policy fsyncs run in a worker thread, on a private
     duplicate of the file descriptor).
 
-    Offsets are logical: ``_end`` counts every appended byte, ``_written`` those
+    The ids are held by the ``IdIndex`` it extends (``in``, ``len``, ``ids``,
+    ``ids_from``, ``ids_between`` are the index's); ``_offsets`` gives each
+    position's record. Offsets are logical: ``_end`` counts every appended byte, ``_written`` those
     in the file; the records in between wait in ``_pending`` for one
     ``os.write`` (``_write_out``).
     """
@@ -567,7 +150,7 @@ class LogStore:
         directory: Path,
         fd: int,
         lock_fd: int,
-        recovered: _Recovered,
+        recovered: Recovered,
         end: int,
         policy: FsyncPolicy,
         reactor: Any,
@@ -582,30 +165,33 @@ class LogStore:
         self.log = log
         self._fd = fd
         self._lock_fd = lock_fd
-        self._by_id = recovered.by_id
-        self._offsets = recovered.offsets
-        self._order = recovered.ids  # position -> id (arrival order)
-        self._sorted: Any = SortedList(self._order)
-        self._unsorted: list[bytes] = []  # added since the last ids_between (see there)
+        IdIndex.__init__(self, recovered.index)
+        self._offsets = recovered.offsets  # position -> offset of its record
         self._end = end
         self._written = end
-        self._durable = end
         self._pending: list[bytes] = []
         self._write_call: Any = None
         self._reactor = reactor
-        self._pacer = FsyncPacer(batch_interval, inline_fsync_below)
-        self._fsync_function = fsync_function
-        self._flush_call: Any = None
-        self._in_flight = False
-        self._waiters: deque[tuple[int, Deferred[None]]] = deque()
+        self._commit = GroupCommit(
+            reactor=reactor,
+            fsync_function=fsync_function,
+            max_delay=batch_interval,
+            inline_below=inline_fsync_below,
+            durable=end,
+            prepare=self._start_sync,
+            failed=self._sync_failed,
+            appended=lambda: self._end,
+            path=self.path,
+        )
         self._broken: str | None = None
         self._on_broken: list[Deferred[StoreError]] = []
         self._closed = False
-        self._fsyncs = 0
-        self._last_fsync = 0.0
-        # Every fsync of appends, timed (gossip_store_fsync_seconds).
-        self.fsync_latency = LatencyHistogram()
         self._duplicates_at_open = recovered.duplicates
+
+    @property
+    def fsync_latency(self) -> LatencyHistogram:
+        """Every fsync of appends, timed (gossip_store_fsync_seconds)."""
+        return self._commit.latency
 
     # -- opening -------------------------------------------------------------
 
@@ -649,7 +235,7 @@ class LogStore:
                 ) from None
             raise StoreError(f"cannot lock data directory {directory}: {e.strerror}") from None
         try:
-            recovered, end = _open_log(directory, log, policy != "never")
+            recovered, end = open_log(directory, log, policy != "never")
             fd = os.open(directory / LOG_NAME, os.O_RDWR | os.O_APPEND)
         except OSError as e:
             os.close(lock_fd)
@@ -677,12 +263,6 @@ class LogStore:
 
     # -- the MessageStore interface --------------------------------------------
 
-    def __contains__(self, mid: bytes) -> bool:
-        return mid in self._by_id
-
-    def __len__(self) -> int:
-        return len(self._offsets)
-
     def add(self, message: Message) -> bool:
         """Append ``message`` unless its id is held; say whether it was new.
 
@@ -699,108 +279,94 @@ class LogStore:
         message that cannot be encoded (too large, too long a path) and
         ``StoreError`` when the file cannot be written.
         """
-        mid = message.id
-        if mid in self._by_id:
+        pos = self.add_id(message.id)
+        if pos is None:
             return False
-        if self._closed:
-            raise StoreError(f"{self.path} is closed")
-        if self._broken is not None:
-            raise StoreError(self._broken)
-        record = encode_record(message)
+        try:
+            self._check_open()
+            record = encode_record(message)
+        except BaseException:
+            self.truncate_ids(pos)  # not taken after all
+            raise
         offset = self._end
         if self.policy == "always":
             try:
                 self._write(record)
             except StoreError as e:
+                self.truncate_ids(pos)
                 self._break(str(e))  # nothing was lost: the record was not taken
                 raise StoreError(self._broken) from None
         else:
             if self._write_call is None:
                 self._write_call = self._reactor.callLater(0, self._write_later)
             elif offset - self._written > _WRITE_BOUND:
-                self._write_out()
+                self._write_out()  # if it fails, it forgets the id taken above
             self._pending.append(record)
         self._end = offset + len(record)
-        self._by_id[mid] = len(self._offsets)
         self._offsets.append(offset)
-        self._order.append(mid)
-        self._unsorted.append(mid)
         if self.policy == "always":
-            self._sync_now()
-            self._durable = self._end
+            self._commit.sync_now(self._fd, self._end)
         elif self.policy == "batch":
-            self._schedule()
+            self._commit.schedule()
         return True
 
-    def add_many(self, messages: tuple[Message, ...]) -> int:
-        """``add`` for each message, in order, with one buffered write for all of them
-        (the new messages of one received frame); returns how many were new. Same
-        promises and errors as ``add``: a message that cannot be encoded raises
-        ``ValueError`` before any of them is taken."""
-        held = self._by_id
-        fresh = [m for m in messages if m.id not in held]
-        if len(fresh) != len(messages) or len({m.id for m in fresh}) != len(fresh):
-            return sum(self.add(m) for m in messages)  # copies among them: one at a time
-        if self.policy == "always" or not fresh:
-            return sum(self.add(m) for m in fresh)  # an fsync per record, as add promises
-        if self._closed:
-            raise StoreError(f"{self.path} is closed")
-        if self._broken is not None:
-            raise StoreError(self._broken)
-        records = [encode_record(m) for m in fresh]
-        offset = self._end
-        if self._write_call is None:
-            self._write_call = self._reactor.callLater(0, self._write_later)
-        elif offset - self._written > _WRITE_BOUND:
-            self._write_out()
-        data = b"".join(records)
-        self._pending.append(data)
+    def add_many(self, messages: Iterable[Message]) -> int:
+        """``add`` for each message, in order (the new messages of one received frame),
+        with one buffer entry (one write; under "always" one write and one fsync before
+        it returns) for all the new ones; returns how many were new (a repeat within
+        the batch is not).
+
+        All or nothing: a message that cannot be encoded (``ValueError``) or a
+        store that cannot append (``StoreError``) leaves none of them added.
+        """
+        records: list[bytes] = []
+        starts: list[int] = []
         first = len(self._offsets)
-        offsets = self._offsets
-        for record in records:
-            offsets.append(offset)
-            offset += len(record)
-        self._end = offset
-        ids = [m.id for m in fresh]
-        held.update(zip(ids, range(first, first + len(ids)), strict=True))
-        self._order.extend(ids)
-        self._unsorted.extend(ids)
-        if self.policy == "batch":
-            self._schedule()
-        return len(fresh)
+        size = 0
+        try:
+            for m in messages:
+                if self.add_id(m.id) is None:
+                    continue
+                if not records:
+                    self._check_open()
+                record = encode_record(m)
+                records.append(record)
+                starts.append(size)
+                size += len(record)
+        except BaseException:
+            self.truncate_ids(first)
+            raise
+        if records:
+            self._append(b"".join(records), starts)
+        return len(records)
 
     def durable_count(self) -> int:
         """How many records, in arrival order, are durable under the policy (all of
         them under "never", which promises nothing beyond the process)."""
         if self.policy == "never":
             return len(self._offsets)
-        # Fsyncs cover whole records, so _durable is a record boundary.
-        return bisect.bisect_left(self._offsets, self._durable)
+        # Fsyncs cover whole records, so the durable offset is a record boundary.
+        return bisect.bisect_left(self._offsets, self._commit.durable)
 
     def get(self, mid: bytes) -> Message | None:
         """The message, or None if not held (a record lost with a failed write is not)."""
-        if self._pending and mid in self._by_id:
-            self._write_out_for_read()
-        n = self._by_id.get(mid)
+        n = self.position(mid)
         if n is None:
             return None
         offset = self._offsets[n]
+        if offset >= self._written:
+            self._write_out_for_read()
+            if n >= len(self._offsets):
+                return None  # lost with a failed write
         buf = os.pread(self._fd, _GET_GUESS, offset)
         if len(buf) < HEADER_BYTES:
             raise self._damaged(offset)
-        _crc, length = _HEADER.unpack_from(buf, 0)
+        _crc, length = HEADER.unpack_from(buf, 0)
         if HEADER_BYTES + length > len(buf):
             if length > MAX_RECORD_BYTES:
                 raise self._damaged(offset)
             buf = os.pread(self._fd, HEADER_BYTES + length, offset)
         return self._decode(buf, 0, offset)
-
-    def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
-        return ids_between(self._sorted, self._unsorted, lo, hi, limit)
-
-    def ids_from(self, start: int, limit: int) -> list[bytes]:
-        start = max(start, 0)
-        return self._order[start : start + max(limit, 0)]
 
     def scan(self, start: int) -> Iterator[Message]:
         """Messages in arrival order from position ``start`` (those held when iteration starts)."""
@@ -816,7 +382,7 @@ class LogStore:
                 buf, base, i = os.pread(self._fd, _SCAN_CHUNK, offset), offset, 0
                 if len(buf) < HEADER_BYTES:
                     raise self._damaged(offset)
-            _crc, length = _HEADER.unpack_from(buf, i)
+            _crc, length = HEADER.unpack_from(buf, i)
             if i + HEADER_BYTES + length > len(buf):
                 if length > MAX_RECORD_BYTES:
                     raise self._damaged(offset)
@@ -826,19 +392,15 @@ class LogStore:
 
     # -- more reading --------------------------------------------------------
 
-    def ids(self) -> Iterator[bytes]:
-        """Every held id, in arrival order (a snapshot taken at the call)."""
-        return iter(self._order[:])
-
     def stats(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
             "records": len(self._offsets),
             "file_bytes": self._end,  # buffered appends included
             "buffered_bytes": self._end - self._written,
-            "durable_bytes": self._durable,
-            "fsyncs": self._fsyncs,
-            "last_fsync_seconds": self._last_fsync,  # for "batch": its wait for the disk
+            "durable_bytes": self._commit.durable,
+            "fsyncs": self._commit.fsyncs,
+            "last_fsync_seconds": self._commit.last_fsync,  # "batch": its wait for the disk
             "duplicates_at_open": self._duplicates_at_open,
         }
 
@@ -857,14 +419,12 @@ class LogStore:
                 self._write_out()
             except StoreError as e:
                 return fail(e)
-        if self._broken is not None and self._durable < self._end:
+        durable = self._commit.durable
+        if self._broken is not None and durable < self._end:
             return fail(StoreError(self._broken))
-        if self.policy != "batch" or self._durable >= self._end:
+        if self.policy != "batch" or durable >= self._end:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiters.append((self._end, d))
-        self._schedule()
-        return d
+        return self._commit.wait(self._end)
 
     def write_buffered(self) -> None:
         """Write the buffered records now; ``StoreError`` if the store has failed (then
@@ -887,17 +447,16 @@ class LogStore:
         if self._closed:
             return
         self._closed = True
-        for call in (self._flush_call, self._write_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._flush_call = self._write_call = None
+        self._commit.stop()
+        if self._write_call is not None and self._write_call.active():
+            self._write_call.cancel()
+        self._write_call = None
         error: StoreError | None = None
         try:
             if self._pending:
                 self._write_out()
-            if self.policy != "never" and self._broken is None and self._durable < self._end:
-                self._sync_now()
-                self._durable = self._end
+            if self.policy != "never" and self._broken is None and self._commit.durable < self._end:
+                self._commit.sync_now(self._fd, self._end)
         except StoreError as e:
             error = e
         finally:
@@ -905,23 +464,48 @@ class LogStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._fd = -1
-        self._fire_waiters(error)
+        self._commit.fire(error)
         if error is not None:
             raise error
 
     # -- internals -----------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path} is closed")
+        if self._broken is not None:
+            raise StoreError(self._broken)
+
+    def _append(self, data: bytes, starts: list[int]) -> None:
+        """Take ``data``: the records of the ids the index numbered last, each at its
+        ``starts`` within it (``add_many``)."""
+        offset = self._end
+        first = len(self._offsets)
+        if self.policy == "always":
+            try:
+                self._write(data)
+            except StoreError as e:
+                self.truncate_ids(first)
+                self._break(str(e))  # nothing was lost: the records were not taken
+                raise StoreError(self._broken) from None
+        else:
+            if self._write_call is None:
+                self._write_call = self._reactor.callLater(0, self._write_later)
+            elif offset - self._written > _WRITE_BOUND:
+                self._write_out()  # if it fails, it forgets the ids of this batch too
+            self._pending.append(data)
+        self._end = offset + len(data)
+        self._offsets.extend(offset + start for start in starts)
+        if self.policy == "always":
+            self._commit.sync_now(self._fd, self._end)
+        elif self.policy == "batch":
+            self._commit.schedule()
+
     def _decode(self, buf: bytes, i: int, offset: int) -> Message:
-        crc, length = _HEADER.unpack_from(buf, i)
-        end = i + HEADER_BYTES + length
-        if (
-            length < MIN_PAYLOAD
-            or end > len(buf)
-            or zlib.crc32(buf[i + 4 : end]) != crc
-            or buf[i + HEADER_BYTES] != KIND_MESSAGE
-        ):
+        message = decode_record(buf, i)
+        if message is None:
             raise self._damaged(offset)
-        return _decode_payload(buf, i + HEADER_BYTES, end)
+        return message
 
     def _damaged(self, offset: int) -> StoreError:
         if self._broken is not None and offset >= self._written:
@@ -954,7 +538,7 @@ class LogStore:
         further appends and fails the ``when_durable`` waiters; a restart
         recovers the file and re-sync fetches the lost messages back.
         """
-        count = len(self._pending)
+        count = len(self._offsets) - bisect.bisect_left(self._offsets, self._written)
         data = b"".join(self._pending)
         self._pending.clear()
         try:
@@ -962,7 +546,7 @@ class LogStore:
         except StoreError as e:
             self._forget_unwritten()
             self._break(f"{e}; records lost: {count}")
-            self._fire_waiters(StoreError(self._broken))
+            self._commit.fire(StoreError(self._broken))
             raise StoreError(self._broken) from None
 
     def _write_out_for_read(self) -> None:
@@ -975,15 +559,8 @@ class LogStore:
         """Drop the records past the end of the file from the index: what a failed
         write lost is not held, so nobody is told it is, nor finds a hole in the file."""
         k = bisect.bisect_left(self._offsets, self._written)
-        lost = self._order[k:]
         del self._offsets[k:]
-        del self._order[k:]
-        for mid in lost:
-            del self._by_id[mid]
-        gone = set(lost)
-        self._unsorted[:] = [m for m in self._unsorted if m not in gone]
-        for mid in lost:
-            self._sorted.discard(mid)
+        self.truncate_ids(k)
         self._end = self._written
 
     def _write_later(self) -> None:
@@ -993,70 +570,25 @@ class LogStore:
             with contextlib.suppress(StoreError):  # _write_out broke the store and logged why
                 self._write_out()
 
-    def _sync_now(self) -> None:
-        started = time.monotonic()
-        try:
-            self._fsync_function(self._fd)
-        except OSError as e:
-            self._break(f"fsync of {self.path} failed: {e}")
-            raise StoreError(self._broken) from None
-        self._fsyncs += 1
-        self._last_fsync = time.monotonic() - started
-        self.fsync_latency.observe(self._last_fsync)
-
-    def _schedule(self) -> None:
-        """Make sure an fsync starts when the pacer says (or right after the one in flight)."""
-        if self._in_flight or self._closed or self._flush_call is not None:
-            return  # _synced starts the next one
-        delay = self._pacer.delay(self._reactor.seconds())
-        self._flush_call = self._reactor.callLater(delay, self._flush)
-
-    def _flush(self) -> None:
-        """Start one fsync covering everything written so far."""
-        self._flush_call = None
-        if self._in_flight or self._closed or self._broken is not None:
-            return
+    def _start_sync(self) -> tuple[int, int] | None:
+        """For the group commit: write out, then what to fsync (a private duplicate of
+        the descriptor: close() may close ours while a thread runs the fsync) and the
+        offset it covers; None when there is nothing to cover or the store is broken."""
+        if self._closed or self._broken is not None:
+            return None
         if self._pending:
             try:
                 self._write_out()
             except StoreError:
-                return  # broken, waiters failed
-        if self._durable >= self._end:
-            return
-        self._in_flight = True
-        fd = os.dup(self._fd)  # close() may close self._fd while a thread runs the fsync
-        d: Deferred[tuple[float, float]]
-        if self._pacer.inline():
-            # The disk is fast: handing the fsync to a thread and back costs more
-            # CPU (about 0.5 ms here, in thread switches and the reactor's waker)
-            # than the fsync itself (35 us of CPU, 0.18 ms in all).
-            d = maybeDeferred(timed_sync, self._fsync_function, fd)
-        else:
-            pool = self._reactor.getThreadPool()
-            d = deferToThreadPool(self._reactor, pool, timed_sync, self._fsync_function, fd)
-        d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(self._written,))
+                return None  # broken, waiters failed
+        if self._commit.durable >= self._end:
+            return None
+        return os.dup(self._fd), self._written
 
-    def _synced(self, timing: tuple[float, float], target: int) -> None:
-        seconds, disk_seconds = timing
-        self._in_flight = False
-        self._fsyncs += 1
-        self._last_fsync = disk_seconds
-        self.fsync_latency.observe(seconds)
-        self._pacer.done(self._reactor.seconds(), seconds, disk_seconds)
-        self._durable = max(self._durable, target)
-        self._fire_waiters(None)
-        if not self._closed and self._durable < self._end:
-            if self._waiters:
-                self._flush()  # acks added meanwhile have waited long enough
-            else:
-                self._schedule()
-
-    def _sync_failed(self, failure: Failure) -> None:
-        self._in_flight = False
-        if self._closed:
-            return
-        self._break(f"fsync of {self.path} failed: {failure.getErrorMessage()}")
-        self._fire_waiters(StoreError(self._broken))
+    def _sync_failed(self, why: str) -> StoreError:
+        self._break(why)
+        assert self._broken is not None
+        return StoreError(self._broken)
 
     def _break(self, why: str) -> None:
         if self._broken is not None:
@@ -1066,120 +598,3 @@ class LogStore:
         waiting, self._on_broken = self._on_broken, []
         for d in waiting:
             d.callback(StoreError(self._broken))
-
-    def _fire_waiters(self, error: StoreError | None) -> None:
-        waiters = self._waiters
-        while waiters and (error is not None or waiters[0][0] <= self._durable):
-            _target, d = waiters.popleft()
-            if error is None:
-                d.callback(None)
-            else:
-                d.errback(StoreError(str(error)))
-
-
-_log = logs.logger()
-
-
-def _open_log(directory: Path, log: Logger, sync: bool) -> tuple[_Recovered, int]:
-    """Create or recover ``messages.log``; return the index and the end of the good data."""
-    path = directory / LOG_NAME
-    try:
-        f = open(path, "rb")  # noqa: SIM115 (closed below, on every path)
-    except FileNotFoundError:
-        _write_new_file(path, iter((MAGIC,)))
-        return _Recovered({}, array("q"), [], len(MAGIC), len(MAGIC)), len(MAGIC)
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(len(MAGIC))
-        if head != MAGIC:
-            if len(head) < len(MAGIC) and MAGIC.startswith(head):
-                log.warn(
-                    "{path} holds {size} bytes, a cut-short creation: starting it afresh",
-                    path=str(path),
-                    size=size,
-                )
-                _write_new_file(path, iter((MAGIC,)))
-                return _Recovered({}, array("q"), [], len(MAGIC), len(MAGIC)), len(MAGIC)
-            raise StoreError(
-                f"{path} is not a gossip message log (bad magic {head[:8]!r}); refusing to start"
-            )
-        rec = _scan_log(f, size)
-    if rec.duplicates:
-        log.info(
-            "{path}: ignored {count} duplicate records (first copies kept)",
-            path=str(path),
-            count=rec.duplicates,
-        )
-    if rec.torn is not None:
-        offset, nbytes = rec.torn
-        log.warn(
-            "torn tail in {path}: truncated {nbytes} bytes at offset {offset}"
-            " (an append cut short by a crash)",
-            path=str(path),
-            nbytes=nbytes,
-            offset=offset,
-        )
-    if rec.damaged:
-        for offset, nbytes, why in rec.damaged:
-            log.warn(
-                "damaged log {path}: {nbytes} bytes at offset {offset} skipped ({why});"
-                " the messages in them come back from neighbours by re-sync",
-                path=str(path),
-                nbytes=nbytes,
-                offset=offset,
-                why=why,
-            )
-        return rec, _rewrite(path, rec, log)
-    if rec.torn is not None or sync:
-        # Truncate a torn tail; and make the starting point durable before anything
-        # is served from it (what a killed process wrote may be only in the page cache).
-        fd = os.open(path, os.O_RDWR)
-        try:
-            if rec.torn is not None:
-                os.ftruncate(fd, rec.good_end)
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-    return rec, rec.good_end
-
-
-def _rewrite(path: Path, rec: _Recovered, log: Logger) -> int:
-    """Copy the damaged log aside and replace it by its valid records; return the new size."""
-    stamp = int(time.time())
-    copy = path.with_name(f"{path.name}.damaged-{stamp}")
-    n = 1
-    while copy.exists():
-        n += 1
-        copy = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
-    shutil.copyfile(path, copy)
-    fd = os.open(copy, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    new_offsets = array("q")
-    src = os.open(path, os.O_RDONLY)
-    try:
-
-        def records() -> Iterator[bytes]:
-            yield MAGIC
-            pos = len(MAGIC)
-            for offset in rec.offsets:
-                _crc, length = _HEADER.unpack(os.pread(src, HEADER_BYTES, offset))
-                data = os.pread(src, HEADER_BYTES + length, offset)
-                new_offsets.append(pos)
-                pos += len(data)
-                yield data
-
-        size = _write_new_file(path, records())
-    finally:
-        os.close(src)
-    rec.offsets[:] = new_offsets
-    log.warn(
-        "copied the damaged log to {copy}; rewrote {path} with its {count} valid records",
-        copy=str(copy),
-        path=str(path),
-        count=len(new_offsets),
-    )
-    return size

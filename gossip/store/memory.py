@@ -2,68 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sortedcontainers import SortedList
 from twisted.internet.defer import Deferred, succeed
 
 from gossip.core.message import Message
-from gossip.store.interface import StoreError, ids_between
+from gossip.store.id_index import IdIndex
+from gossip.store.interface import StoreError
 
 
-class MemoryStore:
+class MemoryStore(IdIndex):
+    """The ids in the shared ``IdIndex`` (its base); the messages in a list by position."""
+
     def __init__(self) -> None:
-        self._by_id: dict[bytes, Message] = {}
-        self._order: list[bytes] = []
-        self._sorted: SortedList = SortedList()
-        self._unsorted: list[bytes] = []  # added since the last ids_between (see there)
-
-    def __contains__(self, mid: bytes) -> bool:
-        return mid in self._by_id
-
-    def __len__(self) -> int:
-        return len(self._order)
+        super().__init__()
+        self._messages: list[Message] = []
 
     def add(self, message: Message) -> bool:
-        if message.id in self._by_id:
+        if self.add_id(message.id) is None:
             return False
-        self._by_id[message.id] = message
-        self._order.append(message.id)
-        self._unsorted.append(message.id)
+        self._messages.append(message)
         return True
 
-    def add_many(self, messages: tuple[Message, ...]) -> int:
+    def add_many(self, messages: Iterable[Message]) -> int:
+        """``add`` for each message, in order; how many were new."""
         return sum(self.add(m) for m in messages)
 
-    def ids(self) -> Iterator[bytes]:
-        return iter(self._order)
-
     def get(self, mid: bytes) -> Message | None:
-        return self._by_id.get(mid)
-
-    def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
-        return ids_between(self._sorted, self._unsorted, lo, hi, limit)
+        n = self.position(mid)
+        return None if n is None else self._messages[n]
 
     def stats(self) -> dict[str, Any]:
         return {
             "policy": "memory",
-            "records": len(self._order),
+            "records": len(self._messages),
             "fsyncs": 0,
             "last_fsync_seconds": 0.0,
         }
 
     def durable_count(self) -> int:
-        return len(self._order)  # as durable as this store gets
-
-    def ids_from(self, start: int, limit: int) -> list[bytes]:
-        start = max(start, 0)
-        return self._order[start : start + max(limit, 0)]
+        return len(self._messages)  # as durable as this store gets
 
     def scan(self, start: int) -> Iterator[Message]:
-        by_id, order = self._by_id, self._order
-        for i in range(max(start, 0), len(order)):
-            yield by_id[order[i]]
+        messages = self._messages
+        for i in range(max(start, 0), len(messages)):
+            yield messages[i]
 
     def when_durable(self) -> Deferred[None]:
         return succeed(None)  # nothing is ever durable here; acks need not wait

@@ -1,0 +1,157 @@
+"""The id index both stores share (gossip/store/id_index.py): membership, arrival
+positions, id-order ranges, forgetting a tail, and its memory per id."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import random
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from gossip.core.message import Message, message_id
+from gossip.store.id_index import IdIndex
+from gossip.store.log import LOG_NAME, MAGIC, LogStore, encode_record
+from gossip.store.memory import MemoryStore
+
+TOP = b"\xff" * 16 + b"\x00"  # past every id, as id_range and key_range give it
+
+
+def random_ids(n: int, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    ids = [rng.randbytes(16) for _ in range(n)]
+    return [*ids, bytes(16), b"\xff" * 16]  # the two ends of the id space
+
+
+def test_ids_are_numbered_in_arrival_order_and_found_again() -> None:
+    """Each new id gets the next position; a repeat gets None and changes nothing;
+    every id added is found (``in``, ``position``, ``id_at``), other ids are not."""
+    ids = random_ids(5000)
+    index = IdIndex()
+    for n, mid in enumerate(ids):
+        assert index.add_id(mid) == n
+    assert index.add_id(ids[17]) is None and len(index) == len(ids)
+    assert all(mid in index for mid in ids)
+    assert [index.position(mid) for mid in ids] == list(range(len(ids)))
+    assert [index.id_at(n) for n in (0, 17, len(ids) - 1)] == [ids[0], ids[17], ids[-1]]
+    others = random_ids(2000, seed=2)[:-2]
+    assert not any(mid in index for mid in others)
+    assert all(index.position(mid) is None for mid in others)
+    assert index.ids_from(10, 5) == ids[10:15] and index.ids_from(len(ids) - 1, 9) == ids[-1:]
+    assert list(index.ids()) == ids
+
+
+def test_only_whole_ids_match_never_a_part_or_a_straddle() -> None:
+    """The hash buckets hold ids and positions packed side by side: a shorter key,
+    or 16 bytes that span the end of one entry and the start of the next, is not held
+    (and cannot be added)."""
+    ids = random_ids(300)
+    index = IdIndex()
+    for mid in ids:
+        index.add_id(mid)
+    entry = ids[5] + (5).to_bytes(4, "little") + ids[6]  # how they sit in one bucket
+    for probe in (b"", ids[5][:8], ids[5][3:], entry[8:24], entry[4:20]):
+        assert probe not in index and index.position(probe) is None
+    with pytest.raises(ValueError, match="16 bytes"):
+        index.add_id(ids[5][:8])
+
+
+def test_ids_between_answers_like_a_sorted_list() -> None:
+    """Up to ``limit`` ids in [lo, hi) in id order, for random ranges (bounds of 1, 2
+    and 16 bytes), the whole space (hi of 17 bytes), empty and reversed ranges, while
+    the index grows through many bucket splits."""
+    rng = random.Random(3)
+    index = IdIndex()
+    held: list[bytes] = []
+    for batch in range(6):
+        for mid in random_ids(900 * batch + 50, seed=10 + batch):
+            if index.add_id(mid) is not None:
+                held.append(mid)
+        ordered = sorted(held)
+        for _ in range(150):
+            a, b = sorted(rng.randbytes(rng.choice([1, 2, 16])) for _ in range(2))
+            limit = rng.choice([0, 1, 7, 100, 10**6])
+            expect = ordered[bisect.bisect_left(ordered, a) : bisect.bisect_left(ordered, b)]
+            assert index.ids_between(a, b, limit) == expect[:limit]
+            assert index.ids_between(b, a, limit) == []
+        assert index.ids_between(bytes(16), TOP, len(held) + 1) == ordered
+        assert index.ids_between(bytes(16), b"\xff" * 16, len(held)) == ordered[:-1]
+
+
+def test_truncate_forgets_the_tail_everywhere() -> None:
+    """``truncate(k)`` returns the ids from position k on and forgets them in every
+    view (membership, ranges, arrival order); they can be added again after."""
+    ids = random_ids(4000)
+    index = IdIndex()
+    for mid in ids:
+        index.add_id(mid)
+    gone = index.truncate_ids(2500)
+    assert gone == ids[2500:] and len(index) == 2500
+    assert not any(mid in index for mid in gone)
+    assert all(mid in index for mid in ids[:2500])
+    assert index.ids_between(bytes(16), TOP, 10**6) == sorted(ids[:2500])
+    assert list(index.ids()) == ids[:2500]
+    assert index.add_id(gone[0]) == 2500 and gone[0] in index
+
+
+def test_memory_store_answers_through_the_index() -> None:
+    """MemoryStore on the shared index: get, scan, ids_from and ids_between agree
+    with the messages added; add_many adds each new one once, in order."""
+    store = MemoryStore()
+    messages = [Message(message_id(b"m%d" % i), b"m%d" % i, float(i), (i,)) for i in range(300)]
+    assert store.add_many([*messages[:10], messages[3]]) == 10
+    for m in messages[10:]:
+        store.add(m)
+    assert not store.add(messages[0])
+    assert [store.get(m.id) for m in messages] == messages
+    assert list(store.scan(290)) == messages[290:]
+    assert store.ids_from(5, 3) == [m.id for m in messages[5:8]]
+    assert store.ids_between(bytes(16), TOP, 1000) == sorted(m.id for m in messages)
+
+
+def test_log_store_index_costs_under_70_bytes_per_message(tmp_path: Path) -> None:
+    """Opening a log of 100,000 messages allocates under 70 bytes per message (Python's
+    own count, tracemalloc) for everything kept in memory: no object per message. The
+    index it replaced (a dict of id objects, an id list, a SortedList) took about 154.
+    ``gossip-bench-store --memory`` measures the resident figure."""
+    n = 100_000
+    with open(tmp_path / LOG_NAME, "wb") as f:
+        f.write(MAGIC)
+        for i in range(n):
+            body = b"message %d" % i
+            f.write(encode_record(Message(message_id(body), body, 1.0, (1, 2))))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store = LogStore.open(tmp_path, fsync="never")
+        per_message = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    try:
+        assert len(store) == n
+        print(f"\nindex memory: {per_message:.1f} bytes per message")
+        assert per_message < 70
+    finally:
+        store.close()
+
+
+def test_bench_store_memory_mode_reports_both_phases(tmp_path: Path) -> None:
+    """``gossip-bench-store --memory N`` runs the add and the reopen phase each in a
+    child process, checks that both hold N messages, and prints and writes (--json)
+    the RSS growth per message and the seconds of each."""
+    out = tmp_path / "memory.json"
+    argv = ["--memory", "3000", "--dir", str(tmp_path / "work"), "--json", str(out)]
+    code = f"import sys; from gossip.bench.storage import main; sys.exit(main({argv!r}))"
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "B/message" in r.stdout and "open" in r.stdout
+    doc = json.loads(out.read_text())
+    for phase in ("add", "open"):
+        assert doc[phase]["messages"] == 3000
+        assert doc[phase]["rss_after"] > 0 and doc[phase]["seconds"] > 0
