@@ -87,6 +87,33 @@ def origin_of(path: tuple[int, ...], here: int) -> int:
     return path[0] if path else here
 
 
+Edge = tuple[int, int]
+
+
+def edges_of(graph: Mapping[int, Iterable[int]]) -> set[Edge]:
+    """The graph's links as (low, high) pairs: a link counts only when both ends list
+    each other (as link-state routing's two-way check), never a self-loop."""
+    out: set[Edge] = set()
+    for v, nbs in graph.items():
+        for w in nbs:
+            if v < w and v in graph.get(w, ()):
+                out.add((v, w))
+    return out
+
+
+def _distances(graph: Mapping[int, Iterable[int]], source: int) -> dict[int, int]:
+    dist = {source: 0}
+    queue = deque([source])
+    while queue:
+        v = queue.popleft()
+        d = dist[v] + 1
+        for w in graph.get(v, ()):
+            if w not in dist:
+                dist[w] = d
+                queue.append(w)
+    return dist
+
+
 class ShortestPathTrees:
     """Every origin's shortest-path tree of one graph: a breadth-first search that
     visits neighbours in ascending id order, so every node computes the same trees.
@@ -94,13 +121,49 @@ class ShortestPathTrees:
     ``share=True`` keeps each origin's parent map (n entries) for every node that
     asks, as a simulation of many nodes in one process wants; a real node keeps
     only its own parent and children per origin (see ``OriginTrees``).
+
+    A graph that replaces another (``successor``) also answers which origins' trees
+    may have changed near a node (``may_change``), so a node recomputes only those.
     """
 
-    def __init__(self, graph: Mapping[int, Iterable[int]], *, share: bool = False) -> None:
-        self.graph = {n: tuple(sorted(nbs)) for n, nbs in graph.items()}
+    def __init__(
+        self,
+        graph: Mapping[int, Iterable[int]],
+        *,
+        share: bool = False,
+        previous: ShortestPathTrees | None = None,
+    ) -> None:
+        links = edges_of(graph)
+        adjacency: dict[int, list[int]] = {n: [] for n in graph}
+        for a, b in links:
+            adjacency[a].append(b)
+            adjacency[b].append(a)
+        self.graph = {n: tuple(sorted(nbs)) for n, nbs in adjacency.items()}
         self.members = frozenset(self.graph)
+        self.links = frozenset(links)
         self.share = share
         self._parents: dict[int, dict[int, int]] = {}
+        # What changed since ``previous`` (see ``may_change``).
+        self._diffed = previous is not None
+        self._removed: frozenset[int] = frozenset()  # ends of links removed
+        self._added: tuple[Edge, ...] = ()
+        self._kept: dict[int, tuple[int, ...]] = {}  # previous graph less removed links
+        self._from_added: dict[int, dict[int, int]] | None = None
+        self._moved: dict[int, bool] = {}
+        if previous is not None:
+            removed = previous.links - self.links
+            self._removed = frozenset(v for e in removed for v in e)
+            self._added = tuple(sorted(self.links - previous.links))
+            if self._added:
+                kept = previous.links - removed
+                self._kept = {n: () for n in previous.graph}
+                for a, b in kept:
+                    self._kept[a] += (b,)
+                    self._kept[b] += (a,)
+
+    def successor(self, graph: Mapping[int, Iterable[int]]) -> ShortestPathTrees:
+        """The trees of ``graph``, which replaces this one (same sharing)."""
+        return ShortestPathTrees(graph, share=self.share, previous=self)
 
     def parents(self, origin: int) -> dict[int, int]:
         """node -> its parent in ``origin``'s tree (the origin maps to itself)."""
@@ -120,6 +183,42 @@ class ShortestPathTrees:
             self._parents[origin] = parent
         return parent
 
+    def may_change(self, origin: int, cone: frozenset[int]) -> bool:
+        """Whether ``origin``'s tree may differ from the previous graph's on the tree
+        paths from the nodes of ``cone`` up to the origin (``cone`` holds those paths).
+
+        Two facts make this cheap and exact enough. Removing a link changes only the
+        subtree below it, and only if it was a tree link; so a cone clear of the
+        removed links' ends keeps its paths. Adding a link between two nodes at the
+        same distance from the origin changes nothing (each was found before the
+        other was searched); so with the removals made, links added only between
+        such pairs keep the tree. Conservative: True may be a tree that did not move.
+        """
+        if not self._diffed:
+            return True
+        if not cone.isdisjoint(self._removed):
+            return True
+        if not self._added:
+            return False
+        moved = self._moved.get(origin)
+        if moved is None:
+            moved = self._moved[origin] = self._moved_by_additions(origin)
+        return moved
+
+    def _moved_by_additions(self, origin: int) -> bool:
+        if origin not in self._kept:
+            return True
+        ends = sorted({v for e in self._added for v in e})
+        if len(ends) >= len(self._kept):
+            # Cheaper to search from the origin than from every added link's ends.
+            dist = _distances(self._kept, origin)
+            return any(dist.get(a) != dist.get(b) for a, b in self._added)
+        if self._from_added is None:
+            # Distances are symmetric: one search per end serves every origin.
+            self._from_added = {v: _distances(self._kept, v) for v in ends}
+        d = self._from_added
+        return any(d[a].get(origin) != d[b].get(origin) for a, b in self._added)
+
 
 class OriginTrees:
     """This node's parent and children in every origin's shortest-path tree."""
@@ -132,13 +231,15 @@ class OriginTrees:
         self._parent: dict[int, int | None] = {}
         self._path: dict[int, tuple[int, ...]] = {}
         self._alternatives: dict[int, tuple[tuple[int, bool, frozenset[int]], ...]] = {}
+        # origin -> the nodes on the tree paths from us and our neighbours up to it:
+        # what our parent, children and path depend on (see ``retree``).
+        self._cone: dict[int, frozenset[int]] = {}
 
     def _compute(self, origin: int) -> None:
         parent = self.trees.parents(origin)
         me = self.node_id
-        self._children[origin] = tuple(
-            w for w in self.trees.graph.get(me, ()) if parent.get(w) == me and w != origin
-        )
+        mine = self.trees.graph.get(me, ())
+        self._children[origin] = tuple(w for w in mine if parent.get(w) == me and w != origin)
         self._parent[origin] = parent.get(me) if me != origin else None
         up: list[int] = []
         v = parent.get(me)
@@ -148,6 +249,40 @@ class OriginTrees:
                 break
             v = parent.get(v)
         self._path[origin] = tuple(reversed(up))
+        cone = {me, *up}
+        for w in mine:
+            # Paths up a tree merge for good: stop where this one meets the cone.
+            while w not in cone:
+                cone.add(w)
+                w = parent.get(w, w)
+        self._cone[origin] = frozenset(cone)
+
+    def retree(self, trees: ShortestPathTrees) -> dict[int, tuple[int | None, int | None]]:
+        """Answer from ``trees`` from now on (a graph that replaces ours). Returns, for
+        each origin whose parent, children or path here changed among those asked
+        about so far, its (old, new) parent; forgets origins no longer in the graph.
+
+        Only origins whose tree may have moved near us are searched again (see
+        ``ShortestPathTrees.may_change``); all of them if our own links changed."""
+        old_graph = self.trees.graph
+        mine_moved = old_graph.get(self.node_id) != trees.graph.get(self.node_id)
+        self.trees = trees
+        self.members = trees.members
+        self._alternatives.clear()
+        changed: dict[int, tuple[int | None, int | None]] = {}
+        for origin in list(self._parent):
+            before = (self._parent[origin], self._children[origin], self._path[origin])
+            if origin not in trees.members:
+                del self._parent[origin], self._children[origin]
+                del self._path[origin], self._cone[origin]
+                changed[origin] = (before[0], None)
+                continue
+            if not mine_moved and not trees.may_change(origin, self._cone[origin]):
+                continue
+            self._compute(origin)
+            if (self._parent[origin], self._children[origin], self._path[origin]) != before:
+                changed[origin] = (before[0], self._parent[origin])
+        return changed
 
     def children(self, origin: int) -> tuple[int, ...]:
         kids = self._children.get(origin)
@@ -428,6 +563,65 @@ class Plumtree:
             del self.cut_off[origin]
         return self._refeed((origin,))
 
+    # -- the live graph ----------------------------------------------------
+
+    def on_graph(self, graph: Mapping[int, frozenset[int]]) -> list[Effect]:
+        """The live graph changed (the dynamic overlay): take the trees of ``graph``
+        from now on, and move this node's feeds to them.
+
+        Every node computes the same trees once it has the same graph; until then a
+        node may be fed by its old parent and not yet by its new one. Nothing is lost
+        meanwhile: a node asks each new tree parent at once to push it that origin's
+        messages (a Graft naming origins, answered as an adoption only by a parent
+        still on the old graph: a node never adopts its own tree child), tells each
+        old one to stop (Prune), and lazy IHave + Graft cover any message in flight
+        across the change. Once all nodes have the graph, adoptions of tree children
+        are dropped, stand-ins are pruned as the new parents are up, and a broadcast
+        costs n - 1 payload sends again."""
+        return self.on_trees(self.trees.trees.successor(graph))
+
+    def on_trees(self, trees: ShortestPathTrees) -> list[Effect]:
+        """``on_graph`` with the graph's trees already made (``successor`` of ours):
+        a simulation gives all its nodes one shared set."""
+        moved = self.trees.retree(trees)
+        members = trees.members
+        self._plans.clear()
+        # Origins that left the graph are forgotten; what is kept stays bounded by it.
+        self.orphaned &= members
+        self.cut &= members
+        self.standins = {o: s for o, s in self.standins.items() if o in members}
+        self.cut_off = {o: s for o, s in self.cut_off.items() if o in members}
+        self._feeders = {o: s for o, s in self._feeders.items() if o in members}
+        self._pruned = {(p, o) for p, o in self._pruned if o in members}
+        for origin in list(self.adopted):
+            peers = self.adopted[origin]
+            if origin in members:
+                # A tree child is fed by the tree: its adoption would double its copies.
+                peers.difference_update(self.trees.children(origin))
+            if origin not in members or not peers:
+                del self.adopted[origin]
+        # New neighbours not up are handled here (stand-ins), not at the next tick.
+        self._known.update(trees.graph.get(self.node_id, ()))
+        reparented = sorted(o for o, (old, new) in moved.items() if new not in (old, None))
+        self.cut.difference_update(reparented)  # still cut off: tell the new dependants
+        effects = self._refeed(sorted({*reparented, *self.orphaned}))
+        grafts: dict[int, list[int]] = {}
+        prunes: dict[int, list[int]] = {}
+        for origin in reparented:
+            old, new = moved[origin]
+            upstream = self._upstream_of(origin)
+            if new is not None and upstream == new:
+                grafts.setdefault(new, []).append(origin)
+            if old is not None and old in self.up and old != upstream:
+                prunes.setdefault(old, []).append(origin)
+                self._pruned.add((old, origin))
+        for peer, os in sorted(prunes.items()):
+            effects.append(Send(peer, PruneFrame(tuple(os))))
+        for peer, os in sorted(grafts.items()):
+            for i in range(0, len(os), IDS_PER_FRAME):
+                effects.append(Send(peer, GraftFrame((), tuple(os[i : i + IDS_PER_FRAME]))))
+        return effects
+
     # -- messages ----------------------------------------------------------
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
@@ -572,7 +766,11 @@ class Plumtree:
         """Push these origins' messages to ``peer`` from now on (origins of the graph
         only: no tree to stand in for otherwise, and no unbounded map)."""
         for origin in origins:
-            if origin in self.trees.members and origin != peer:
+            if (
+                origin in self.trees.members
+                and origin != peer
+                and peer not in self.trees.children(origin)  # the tree feeds it already
+            ):
                 adopted = self.adopted.setdefault(origin, set())
                 if peer not in adopted:
                     adopted.add(peer)
