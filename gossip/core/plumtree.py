@@ -77,6 +77,7 @@ class _Missing:
     deadline: float
     announcers: list[int]
     grafted: bool = False
+    origin: int | None = None  # as the IHave named it
 
 
 # (eager, lazy, sender feeds us from outside the tree): see Plumtree._plan.
@@ -391,6 +392,10 @@ class Plumtree:
         # Ids announced to us but not received, oldest first (bounded).
         self.missing: dict[bytes, _Missing] = {}
         self._pruned: set[tuple[int, int]] = set()
+        # (peer, origin) we asked to push us that origin's messages (a graft), so an
+        # adoption made for us on old trees can be ended on new ones (``on_trees``).
+        # Origins of the graph and peers up only: bounded by the graph.
+        self._asked: set[tuple[int, int]] = set()
         # origin -> the last neighbour other than the tree parent that sent us one of
         # its messages first (origins of the graph only: at most one entry each).
         self._feeders: dict[int, int] = {}
@@ -454,6 +459,7 @@ class Plumtree:
         for origin in [o for o, peers in self.adopted.items() if peer in peers]:
             self._unadopt(origin, peer)
         self._pruned = {(p, o) for p, o in self._pruned if p != peer}
+        self._asked = {(p, o) for p, o in self._asked if p != peer}
         return self._orphan(peer)
 
     def _orphan(self, peer: int) -> list[Effect]:
@@ -518,6 +524,7 @@ class Plumtree:
                         best = (rank, w)
             if best is not None:
                 self.standins[origin] = best[1]
+                self._asking(best[1], origin)
                 self.cut.discard(origin)
                 asks.setdefault(best[1], []).append(origin)
             elif origin not in self.cut:
@@ -534,6 +541,14 @@ class Plumtree:
         for peer, os in sorted(cuts.items()):
             effects.append(Send(peer, PruneFrame((), tuple(os))))
         return effects
+
+    def _asking(self, peer: int, origin: int) -> None:
+        """We graft from ``peer`` for ``origin``: it adopts us (if not its tree child)."""
+        # Its copies must be able to prune it again: a mark from an earlier prune would
+        # stop that for good.
+        self._pruned.discard((peer, origin))
+        if origin in self.trees.members:
+            self._asked.add((peer, origin))
 
     def _fed_by(self, origin: int, peer: int) -> bool:
         """Whether ``peer`` is, or was to be, our feed for ``origin``."""
@@ -554,14 +569,19 @@ class Plumtree:
         return self.standins.get(origin)
 
     def _heard_from(self, peer: int, origin: int) -> list[Effect]:
-        """``peer`` sent us one of ``origin``'s messages: it is not cut off any more."""
+        """``peer`` sent us one of ``origin``'s messages: it is not cut off any more, and
+        if it is our tree parent, it does not depend on us for them (an adoption of it
+        made on other trees, which would keep us from taking it back as our feed)."""
         marks = self.cut_off.get(origin)
-        if marks is None or peer not in marks:
-            return []
-        marks.discard(peer)
-        if not marks:
-            del self.cut_off[origin]
-        return self._refeed((origin,))
+        heard = marks is not None and peer in marks
+        if marks is not None and heard:
+            marks.discard(peer)
+            if not marks:
+                del self.cut_off[origin]
+        if peer in self.adopted.get(origin, ()) and peer == self.trees.parent(origin):
+            self._unadopt(origin, peer)
+            heard = True
+        return self._refeed((origin,)) if heard else []
 
     # -- the live graph ----------------------------------------------------
 
@@ -588,22 +608,28 @@ class Plumtree:
         self._plans.clear()
         # Origins that left the graph are forgotten; what is kept stays bounded by it.
         self.orphaned &= members
-        self.cut &= members
         self.standins = {o: s for o, s in self.standins.items() if o in members}
-        self.cut_off = {o: s for o, s in self.cut_off.items() if o in members}
+        # Cut-off news is about the old trees: a neighbour cut off from an origin was
+        # cut off along the old paths, and no news comes when that ends. Forget it both
+        # ways; a node still cut off on the new trees says so again below (``_refeed``).
+        was_cut = self.cut & members
+        self.cut_off.clear()
+        self.cut.clear()
         self._feeders = {o: s for o, s in self._feeders.items() if o in members}
         self._pruned = {(p, o) for p, o in self._pruned if o in members}
         for origin in list(self.adopted):
             peers = self.adopted[origin]
             if origin in members:
                 # A tree child is fed by the tree: its adoption would double its copies.
+                # The tree parent is to feed us: its adoption, made on the old trees,
+                # would make it unusable to us (a cycle) until it pruned us.
                 peers.difference_update(self.trees.children(origin))
+                peers.discard(self.trees.parent(origin))
             if origin not in members or not peers:
                 del self.adopted[origin]
         # New neighbours not up are handled here (stand-ins), not at the next tick.
         self._known.update(trees.graph.get(self.node_id, ()))
         reparented = sorted(o for o, (old, new) in moved.items() if new not in (old, None))
-        self.cut.difference_update(reparented)  # still cut off: tell the new dependants
         effects = self._refeed(sorted({*reparented, *self.orphaned}))
         grafts: dict[int, list[int]] = {}
         prunes: dict[int, list[int]] = {}
@@ -612,9 +638,28 @@ class Plumtree:
             upstream = self._upstream_of(origin)
             if new is not None and upstream == new:
                 grafts.setdefault(new, []).append(origin)
+                self._asking(new, origin)
             if old is not None and old in self.up and old != upstream:
                 prunes.setdefault(old, []).append(origin)
                 self._pruned.add((old, origin))
+        # Feeds asked for on the old trees that the new ones do not need: end them.
+        asked = set()
+        for peer, origin in sorted(self._asked):
+            if origin not in members or peer not in self.up:
+                continue
+            if peer == self._upstream_of(origin):
+                asked.add((peer, origin))
+            elif origin not in prunes.get(peer, ()):
+                prunes.setdefault(peer, []).append(origin)
+                self._pruned.add((peer, origin))
+        self._asked = asked
+        for origin in sorted(was_cut - self.cut):
+            # Fed again: the neighbours we told we were cut off must hear that it ended
+            # (a Prune naming the origin), or they would keep looking elsewhere.
+            upstream = self._upstream_of(origin)
+            for peer in sorted(self.up):
+                if peer != upstream and origin not in prunes.get(peer, ()):
+                    prunes.setdefault(peer, []).append(origin)
         for peer, os in sorted(prunes.items()):
             effects.append(Send(peer, PruneFrame(tuple(os))))
         for peer, os in sorted(grafts.items()):
@@ -635,7 +680,7 @@ class Plumtree:
         effects: list[Effect] = []
         if feeds and sender is not None:
             self._feeders[origin] = sender  # see on_duplicate
-            if self.cut_off:
+            if self.cut_off or self.adopted:
                 effects = self._heard_from(sender, origin)
                 if effects:
                     eager, lazy, _ = self._plan(origin, sender)
@@ -701,7 +746,7 @@ class Plumtree:
         no longer needed."""
         mid = env.id
         origin = origin_of(env.path, self.node_id)  # a received copy's path is never empty
-        if self.cut_off:
+        if self.cut_off or self.adopted:
             refed = self._heard_from(sender, origin)
             if refed:
                 return refed
@@ -734,10 +779,18 @@ class Plumtree:
                 if peer in self.adopted.get(origin, ()):
                     self._unadopt(origin, peer)
                     unadopted.append(origin)
+                # A node that prunes a feed has another one: it is not cut off from
+                # that origin (any more; see ``on_trees``).
+                marks = self.cut_off.get(origin)
+                if marks is not None and peer in marks:
+                    marks.discard(peer)
+                    if not marks:
+                        del self.cut_off[origin]
+                    unadopted.append(origin)
             cut = [o for o in frame.cut if o in self.trees.members]
             for origin in cut:
                 self.cut_off.setdefault(origin, set()).add(peer)
-            # It may feed us again (no longer our adoptee), or may not (cut off).
+            # It may feed us again (no longer our adoptee or cut off), or may not.
             return self._refeed(o for o in [*unadopted, *cut] if self._fed_by(o, peer))
         if isinstance(frame, GraftFrame):
             effects: list[Effect] = []
@@ -811,8 +864,11 @@ class Plumtree:
                 # Our tree parent is away and no stand-in: nothing will come, ask now
                 # (and ask the next announcer if this one does not answer). The graft
                 # adopts us there, so the announcer stands in from now on.
-                self.missing[mid] = _Missing(self.now, self.now + self.graft_retry, [], True)
+                self.missing[mid] = _Missing(
+                    self.now, self.now + self.graft_retry, [], True, origin
+                )
                 now.append(mid)
+                self._asking(peer, origin)
                 # Even a tree child: it has the message, so it is fed from elsewhere,
                 # and our graft makes us its adoptee, which it then never takes back
                 # as its feed (``_usable``) until we prune it.
@@ -822,7 +878,9 @@ class Plumtree:
                 if len(now) >= IDS_PER_FRAME:
                     break
             else:
-                self.missing[mid] = _Missing(self.now, self.now + self.graft_wait, [peer])
+                self.missing[mid] = _Missing(
+                    self.now, self.now + self.graft_wait, [peer], origin=origin
+                )
         return now
 
     def _graft_reply(self, peer: int, ids: tuple[bytes, ...]) -> Iterator[GossipFrame]:
@@ -877,6 +935,8 @@ class Plumtree:
             entry.deadline = now + self.graft_retry
             entry.grafted = True
             grafts.setdefault(peer, []).append(mid)
+            if entry.origin is not None:
+                self._asking(peer, entry.origin)
         for peer, ids in sorted(grafts.items()):
             for i in range(0, len(ids), IDS_PER_FRAME):
                 effects.append(Send(peer, GraftFrame(tuple(ids[i : i + IDS_PER_FRAME]))))
