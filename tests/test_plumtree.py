@@ -435,6 +435,46 @@ def test_duplicate_from_a_non_parent_prunes_once_and_prune_ends_adoption() -> No
     assert sorted(pushed(node.gossip(2, b"origin 1, third", (1, 2)))) == [8]
 
 
+def test_a_peer_grafted_again_after_a_prune_is_pruned_again() -> None:
+    """Once 5 has pruned 3 for origin 1, a graft of an origin-1 id from 3 makes 3 adopt
+    5 again; when that graft's answer comes after the tree copy (a duplicate), 3 is
+    pruned again, not left pushing origin 1 to 5 for good."""
+    node = Node()
+    a, b = b"origin 1 first", b"origin 1 grafted"
+    node.gossip(2, a, (1, 2))
+    assert node.gossip(3, a, (1, 3)) == [Send(3, PruneFrame((1,)))]
+    node.now = T0 + 0.05
+    node.receive(3, ihave(b))
+    assert Send(3, GraftFrame((message_id(b),))) in node.tick(T0 + 0.3)
+    node.gossip(2, b, (1, 2))  # the tree copy, late
+    assert node.gossip(3, b, (1, 3)) == [Send(3, PruneFrame((1,)))]
+
+
+def test_a_copy_from_the_tree_parent_ends_our_adoption_of_it() -> None:
+    """Node 5 adopted its own tree parent 2 for origin 1 (2 asked it, on other trees),
+    so it took a stand-in (3). A message of origin 1 from 2 shows 2 is fed: the
+    adoption ends and the stand-in is pruned, so the tree feeds 5 again."""
+    node = Node()
+    assert node.receive(2, GraftFrame((), (1,))) == [Send(3, GraftFrame((), (1,)))]
+    assert node.plumtree.adopted == {1: {2}}
+    sends = node.gossip(2, b"from the parent", (1, 2))
+    assert Send(3, PruneFrame((1,))) in sends
+    assert node.plumtree.adopted == {}
+    assert node.plumtree.standins == {}
+
+
+def test_a_prune_from_a_neighbour_said_cut_off_shows_it_is_fed() -> None:
+    """A neighbour that said it is cut off from an origin and then prunes a feed of it
+    has another feed: it is no longer marked cut off, and if it is our tree parent we
+    take it back at once (the stand-in is pruned)."""
+    node = Node()
+    node.receive(2, PruneFrame((), (1,)))  # the tree parent is cut off: 3 stands in
+    assert node.plumtree.standins == {1: 3}
+    assert node.receive(2, PruneFrame((1,))) == [Send(3, PruneFrame((1,)))]
+    assert node.plumtree.cut_off == {}
+    assert node.plumtree.standins == {}
+
+
 def test_tree_copy_after_a_faster_adopter_prunes_the_adopter() -> None:
     """An adopter faster than the tree delivers first, so no copy ever comes from
     outside the tree to prune it: when the tree parent's copy comes as a duplicate,
