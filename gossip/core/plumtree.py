@@ -395,7 +395,7 @@ class Plumtree:
         # (peer, origin) we asked to push us that origin's messages (a graft), so an
         # adoption made for us on old trees can be ended on new ones (``on_trees``).
         # Origins of the graph and peers up only: bounded by the graph.
-        self._asked: set[tuple[int, int]] = set()
+        self._asked: dict[int, set[int]] = {}
         # origin -> the last neighbour other than the tree parent that sent us one of
         # its messages first (origins of the graph only: at most one entry each).
         self._feeders: dict[int, int] = {}
@@ -459,7 +459,10 @@ class Plumtree:
         for origin in [o for o, peers in self.adopted.items() if peer in peers]:
             self._unadopt(origin, peer)
         self._pruned = {(p, o) for p, o in self._pruned if p != peer}
-        self._asked = {(p, o) for p, o in self._asked if p != peer}
+        for origin in [o for o, peers in self._asked.items() if peer in peers]:
+            self._asked[origin].discard(peer)
+            if not self._asked[origin]:
+                del self._asked[origin]
         return self._orphan(peer)
 
     def _orphan(self, peer: int) -> list[Effect]:
@@ -504,9 +507,10 @@ class Plumtree:
                 continue
             if self._usable(parent, origin):
                 self.orphaned.discard(origin)
-                self.cut.discard(origin)
+                self._uncut(origin, parent, prunes)
+                self._end_asked(origin, parent, prunes)
                 old = self.standins.pop(origin, None)
-                if old is not None and old in up:
+                if old is not None and old in up and origin not in prunes.get(old, ()):
                     prunes.setdefault(old, []).append(origin)
                     self._pruned.add((old, origin))
                 continue
@@ -525,7 +529,7 @@ class Plumtree:
             if best is not None:
                 self.standins[origin] = best[1]
                 self._asking(best[1], origin)
-                self.cut.discard(origin)
+                self._uncut(origin, best[1], prunes)
                 asks.setdefault(best[1], []).append(origin)
             elif origin not in self.cut:
                 self.cut.add(origin)
@@ -542,13 +546,41 @@ class Plumtree:
             effects.append(Send(peer, PruneFrame((), tuple(os))))
         return effects
 
+    def _uncut(self, origin: int, feed: int, prunes: dict[int, list[int]]) -> None:
+        """We are fed ``origin``'s messages again (by ``feed``) after telling the nodes
+        we feed that we were cut off: tell them it ended (a Prune naming the origin),
+        so they take us back at once instead of at our next message."""
+        if origin in self.cut:
+            self.cut.discard(origin)
+            for d in self._dependants(origin):
+                if d != feed and origin not in prunes.get(d, ()):
+                    prunes.setdefault(d, []).append(origin)
+
+    def _end_asked(self, origin: int, feed: int | None, prunes: dict[int, list[int]]) -> None:
+        """``feed`` (our tree parent; on new trees, whoever feeds us) feeds us
+        ``origin``'s messages now: prune the others we asked for them (a stand-in
+        dropped when it said it was cut off, a graft's announcer), so their adoptions
+        of us end now, not at their first duplicate (which may never come: see
+        ``_on_prune``)."""
+        peers = self._asked.get(origin)
+        if peers is None or feed is None:
+            return  # with no feed, any adoption of us may help
+        for p in sorted(peers):
+            if p != feed and p in self.up and origin not in prunes.get(p, ()):
+                prunes.setdefault(p, []).append(origin)
+                self._pruned.add((p, origin))
+        if feed in peers:
+            self._asked[origin] = {feed}
+        else:
+            del self._asked[origin]
+
     def _asking(self, peer: int, origin: int) -> None:
         """We graft from ``peer`` for ``origin``: it adopts us (if not its tree child)."""
         # Its copies must be able to prune it again: a mark from an earlier prune would
         # stop that for good.
         self._pruned.discard((peer, origin))
         if origin in self.trees.members:
-            self._asked.add((peer, origin))
+            self._asked.setdefault(origin, set()).add(peer)
 
     def _fed_by(self, origin: int, peer: int) -> bool:
         """Whether ``peer`` is, or was to be, our feed for ``origin``."""
@@ -643,16 +675,11 @@ class Plumtree:
                 prunes.setdefault(old, []).append(origin)
                 self._pruned.add((old, origin))
         # Feeds asked for on the old trees that the new ones do not need: end them.
-        asked = set()
-        for peer, origin in sorted(self._asked):
-            if origin not in members or peer not in self.up:
-                continue
-            if peer == self._upstream_of(origin):
-                asked.add((peer, origin))
-            elif origin not in prunes.get(peer, ()):
-                prunes.setdefault(peer, []).append(origin)
-                self._pruned.add((peer, origin))
-        self._asked = asked
+        for origin in sorted(self._asked):
+            if origin in members:
+                self._end_asked(origin, self._upstream_of(origin), prunes)
+            else:
+                del self._asked[origin]
         for origin in sorted(was_cut - self.cut):
             # Fed again: the neighbours we told we were cut off must hear that it ended
             # (a Prune naming the origin), or they would keep looking elsewhere.
@@ -774,24 +801,7 @@ class Plumtree:
             now = self._announced(peer, frame.ids, frame.origins)
             return [Send(peer, GraftFrame(tuple(now)))] if now else []
         if isinstance(frame, PruneFrame):
-            unadopted = []
-            for origin in frame.origins:
-                if peer in self.adopted.get(origin, ()):
-                    self._unadopt(origin, peer)
-                    unadopted.append(origin)
-                # A node that prunes a feed has another one: it is not cut off from
-                # that origin (any more; see ``on_trees``).
-                marks = self.cut_off.get(origin)
-                if marks is not None and peer in marks:
-                    marks.discard(peer)
-                    if not marks:
-                        del self.cut_off[origin]
-                    unadopted.append(origin)
-            cut = [o for o in frame.cut if o in self.trees.members]
-            for origin in cut:
-                self.cut_off.setdefault(origin, set()).add(peer)
-            # It may feed us again (no longer our adoptee or cut off), or may not.
-            return self._refeed(o for o in [*unadopted, *cut] if self._fed_by(o, peer))
+            return self._on_prune(peer, frame)
         if isinstance(frame, GraftFrame):
             effects: list[Effect] = []
             origins = []
@@ -814,6 +824,44 @@ class Plumtree:
                 effects += self._refeed(refeeds)
             return effects
         return []
+
+    def _on_prune(self, peer: int, frame: PruneFrame) -> list[Effect]:
+        unadopted = []
+        by_parent = []
+        for origin in frame.origins:
+            if peer in self.adopted.get(origin, ()):
+                self._unadopt(origin, peer)
+                unadopted.append(origin)
+            # A node that prunes a feed has another one: it is not cut off from that
+            # origin (any more; see ``on_trees``).
+            marks = self.cut_off.get(origin)
+            if marks is not None and peer in marks:
+                marks.discard(peer)
+                if not marks:
+                    del self.cut_off[origin]
+                unadopted.append(origin)
+            if peer == self.trees.parent(origin):
+                by_parent.append(origin)
+        cut = [o for o in frame.cut if o in self.trees.members]
+        for origin in cut:
+            self.cut_off.setdefault(origin, set()).add(peer)
+        # It may feed us again (no longer our adoptee or cut off), or may not.
+        effects = self._refeed(o for o in [*unadopted, *cut] if self._fed_by(o, peer))
+        # Our tree parent pruned us: it had the message we passed up, or got its own
+        # copy after ours, so it is fed. Whoever else feeds us that origin (a graft's
+        # announcer, a faster adopter) is redundant, and as its copies reach the
+        # parent through us, no tree copy would ever come to us after one to prune it.
+        prunes: dict[int, list[int]] = {}
+        for origin in by_parent:
+            if self._upstream_of(origin) != peer:
+                continue
+            self._end_asked(origin, peer, prunes)
+            feeder = self._feeders.pop(origin, None)
+            if feeder in self.up and feeder != peer and origin not in prunes.get(feeder, ()):
+                prunes.setdefault(feeder, []).append(origin)
+                self._pruned.add((feeder, origin))
+        effects += [Send(p, PruneFrame(tuple(os))) for p, os in sorted(prunes.items())]
+        return effects
 
     def _adopt(self, peer: int, origins: Iterable[int]) -> None:
         """Push these origins' messages to ``peer`` from now on (origins of the graph
