@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gossip.core import plumtree as plumtree_module
 from gossip.core.frames import GraftFrame, PruneFrame
 from gossip.core.plumtree import OriginTrees, Plumtree, ShortestPathTrees
 from gossip.sim import Simulation
@@ -190,14 +191,26 @@ def agree_with_fresh_trees(cluster: LiveCluster) -> None:
 # -- ShortestPathTrees.may_change -------------------------------------------------
 
 
-@given(st.randoms(use_true_random=False))
+@given(st.randoms(use_true_random=False), st.booleans())
 @settings(max_examples=300, deadline=None)
-def test_trees_kept_after_a_change_are_exactly_the_fresh_trees(rng: random.Random) -> None:
+def test_trees_kept_after_a_change_are_exactly_the_fresh_trees(
+    rng: random.Random, per_origin: bool
+) -> None:
     """For random connected graphs and random changes (links dropped and added, nodes
     removed and added), a node that asked about every origin before the change and then
     re-searched only the origins ``may_change`` names answers every origin exactly as a
-    node that searched the new graph from scratch. This is what makes ``retree`` cheap
-    and still exact."""
+    node that searched the new graph from scratch, whether added links are judged from
+    distance maps of their ends or by one search per origin (``per_origin``). This is
+    what makes ``retree`` cheap and still exact."""
+    maps = plumtree_module.MAX_DISTANCE_MAPS
+    plumtree_module.MAX_DISTANCE_MAPS = 0 if per_origin else maps
+    try:
+        check_retree(rng)
+    finally:
+        plumtree_module.MAX_DISTANCE_MAPS = maps
+
+
+def check_retree(rng: random.Random) -> None:
     nodes = list(range(1, rng.randint(2, 14) + 1))
     spare = [100, 101]
     before = random_connected(rng, nodes)

@@ -33,6 +33,16 @@ measured on 16 nodes at 1,000 messages/s, 0 to 9 eager links remained of the
 Origin trees of a static graph are never pruned, so this cannot happen, and
 every path is a shortest one: a broadcast costs n - 1 payload sends and
 reaches every node within the graph's diameter in hops.
+
+In the dynamic overlay the graph is the live one (``Plumtree.on_graph``): every
+node gets the same graph (flooded link state), so every node again computes the
+same trees. A change re-searches only the origins whose trees may have moved near
+the node (``ShortestPathTrees.may_change``), and the node moves its feeds: a
+Graft naming origins to each new tree parent, a Prune to each old one and to
+whoever else it had asked, cut-off news made on the old trees forgotten. While
+nodes disagree, nothing is lost (IHave and Graft still cover every message);
+once all have the graph, adoptions of tree children and of tree parents are gone
+and a broadcast costs n - 1 payload sends again.
 """
 
 from __future__ import annotations
@@ -66,6 +76,9 @@ MAX_GRAFTED = 4096
 # A neighbour not up this long after the node started is treated as down, as one
 # whose link dropped is at once (see ``Plumtree._orphan``).
 ABSENT_GRACE = 3.0
+# A graph change that adds links between more nodes than this decides which trees
+# moved by one search per origin instead of one per end (a map of n distances each).
+MAX_DISTANCE_MAPS = 32
 # Which stand-in to prefer, by (before us in the tree order, tree path clear of
 # neighbours known down): lower first.
 RANKS = {(True, True): 0, (False, True): 1, (True, False): 2, (False, False): 3}
@@ -210,8 +223,9 @@ class ShortestPathTrees:
         if origin not in self._kept:
             return True
         ends = sorted({v for e in self._added for v in e})
-        if len(ends) >= len(self._kept):
-            # Cheaper to search from the origin than from every added link's ends.
+        if len(ends) > MAX_DISTANCE_MAPS:
+            # Many links added (a join of many, a first live graph): search from the
+            # origin instead of keeping a distance map per added link's end.
             dist = _distances(self._kept, origin)
             return any(dist.get(a) != dist.get(b) for a, b in self._added)
         if self._from_added is None:
