@@ -53,6 +53,8 @@ def twistd_command() -> list[str]:
 
 
 class NodeProcess(ProcessProtocol):
+    """One node process; ``ended`` fires with its exit code (negative: killed by signal)."""
+
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
         self.ended: defer.Deferred[int] = defer.Deferred()
@@ -86,6 +88,19 @@ class NodeProcess(ProcessProtocol):
     @property
     def running(self) -> bool:
         return self.exit_code is None
+
+    def spawn(self, reactor: Any, args: list[str], cwd: Path, output: Path) -> None:
+        """Start ``args`` in ``cwd`` with this environment, stdout and stderr appended
+        to ``output``."""
+        with output.open("ab") as out:
+            reactor.spawnProcess(
+                self,
+                args[0],
+                args,
+                env=os.environ.copy(),
+                path=str(cwd),
+                childFDs={0: "w", 1: out.fileno(), 2: out.fileno()},
+            )
 
 
 class LocalCluster:
@@ -139,20 +154,8 @@ class LocalCluster:
         d = self.node_dir(node_id)
         d.mkdir(parents=True, exist_ok=True)
         pidfile.clear_stale(self.pid_path(node_id))
-        args = self.node_command(node_id)
-        out = open(self.node_dir(node_id) / "stderr.log", "ab")  # noqa: SIM115
         proto = NodeProcess(node_id)
-        try:
-            self.reactor.spawnProcess(
-                proto,
-                args[0],
-                args,
-                env=os.environ.copy(),
-                path=str(d),
-                childFDs={0: "w", 1: out.fileno(), 2: out.fileno()},
-            )
-        finally:
-            out.close()
+        proto.spawn(self.reactor, self.node_command(node_id), d, d / "stderr.log")
         self.processes[node_id] = proto
         return proto
 

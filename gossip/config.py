@@ -282,6 +282,10 @@ class ClusterConfig:
     peer_max_handshakes_per_source: int = settings.PEER_MAX_HANDSHAKES_PER_SOURCE.default
     peer_hello_timeout: float = settings.PEER_HELLO_TIMEOUT.default
     peer_max_queued_bytes: int = settings.PEER_MAX_QUEUED_BYTES.default
+    overlay: str = settings.OVERLAY.default
+    replace_after: float = settings.REPLACE_AFTER.default
+    overlay_max_degree: int = settings.OVERLAY_MAX_DEGREE.default
+    join: tuple[str, ...] = settings.JOIN.default
     # Where the config came from (a path or "<string>"); not part of equality.
     source: str = attrs.field(default="<string>", eq=False)
 
@@ -430,6 +434,8 @@ def _toml_value(value: object) -> str:
         return _toml_float(value)
     if isinstance(value, str):
         return _toml_str(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return str(value)
 
 
@@ -578,6 +584,8 @@ class _Checker:
             return self.get_int(table, s.name, where, s.low, s.high, default, s.why)
         if s.kind == settings.BOOLEAN:
             return self.get_bool(table, s.name, where, bool(s.default))
+        if s.kind == settings.ENDPOINTS:
+            return self.endpoint_list(table, s.name, field)
         if s.kind in (settings.STRING, settings.CHOICE, settings.PATH):
             text = self.get_str(table, s.name, where, None if s.required else str(s.default))
             if s.choices and text not in s.choices:
@@ -636,7 +644,10 @@ class _Checker:
             links = ""
 
         index = {node_id: k for k, node_id in enumerate(nodes, 1)}
-        if not values["allow_any_degree"]:
+        # In the dynamic overlay the file's links are only the preferred ones: a node
+        # joining a running cluster may name just itself, with no neighbours.
+        dynamic = values["overlay"] == "dynamic"
+        if not values["allow_any_degree"] and not dynamic:
             for node_id, nbs in adj.items():
                 if len(nbs) != DEGREE:
                     where = f"node[{index[node_id]}]" + ("" if links else ".neighbours")
@@ -655,7 +666,7 @@ class _Checker:
                 if nb not in seen:
                     seen.add(nb)
                     todo.append(nb)
-        if len(seen) < len(nodes):
+        if len(seen) < len(nodes) and not dynamic:
             lost = next(i for i in nodes if i not in seen)
             self.fail(
                 links or None,
@@ -746,6 +757,15 @@ class _Checker:
             self.fail(field, f"not a {what} endpoint description ({description!r}): {problem}")
         if family == "tcp" and not (port.isdigit() and 1 <= int(port) <= 65535):
             self.fail(field, f"port {port!r} in {description!r} is out of range: must be 1..65535")
+
+    def endpoint_list(self, table: Mapping[str, object], key: str, field: str) -> tuple[str, ...]:
+        """A list of client endpoint descriptions (``cluster.join``)."""
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.fail(field, f"expected a list of endpoint descriptions, got {_describe(value)}")
+        for k, description in enumerate(value, 1):
+            self.endpoint(description, False, f"{field}[{k}]")
+        return tuple(value)
 
     def get_port(self, table: Mapping[str, object], key: str, where: str) -> int:
         return self.get_int(table, key, where, 1, 65535)

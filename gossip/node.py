@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +35,10 @@ from gossip import logs, settings
 from gossip.client.tokens import TokenError, read_token
 from gossip.config import ClusterConfig
 from gossip.core.dissemination import Dissemination, Flood
-from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
+from gossip.core.effects import Dial, DropPeer, Effect, Hangup, Persist, Send, StreamMessages
 from gossip.core.frames import Envelope, GossipFrame, PeerFrame
 from gossip.core.message import Message, id_range
+from gossip.core.overlay import Overlay
 from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore, SubmitRejected
 from gossip.core.sync import stream_frames
@@ -102,13 +104,27 @@ class GossipNode(service.Service):
         self.store = store
         self.reactor: IReactorTCP = reactor
         self.clock: IReactorTime = reactor
+        if incarnation is None:
+            incarnation = random.getrandbits(63) + 1
+        strategy = STRATEGIES[config.dissemination](
+            node_id, {n: spec.neighbours for n, spec in config.nodes.items()}
+        )
+        overlay = None
+        if config.overlay == "dynamic":
+            overlay = Overlay(
+                node_id,
+                self.spec.peer_address,
+                incarnation,
+                {n: config.nodes[n].peer_address for n in self.spec.neighbours},
+                strategy,
+                replace_after=config.replace_after,
+                max_degree=config.overlay_max_degree,
+            )
         self.core = GossipCore(
             node_id,
             self.spec.neighbours,
             store,
-            STRATEGIES[config.dissemination](
-                node_id, {n: spec.neighbours for n, spec in config.nodes.items()}
-            ),
+            strategy,
             config.max_message_bytes,
             config.nodes,
             sync_interval=config.sync_interval,
@@ -116,6 +132,8 @@ class GossipNode(service.Service):
             origin_rate=config.origin_rate,
             origin_burst=config.origin_burst,
         )
+        if overlay is not None:
+            self.core.use_overlay(overlay)
         self.peer_tls = self._load_tls(config, node_id)
         # The token clients must Login with (None: the client port needs none).
         self.client_token = self._load_client_token(config, node_id)
@@ -139,6 +157,9 @@ class GossipNode(service.Service):
             incarnation=incarnation,
             send_delay=send_delay,
             tls=self.peer_tls,
+            accept_peer=overlay.accepts if overlay is not None else None,
+            # A seed list shared by every node names this one too: not dialed.
+            seeds=[s for s in config.join if s != self.spec.peer_address] if overlay else (),
         )
         self.traffic = Traffic()
         self._outbox: dict[int, list[Envelope]] = {}
@@ -201,6 +222,7 @@ class GossipNode(service.Service):
         self.started_at = self.clock.seconds()
         spec = self.spec
         super().startService()
+        self._apply(self.core.start(self.started_at))
         self.links.start()
         self.log.info(
             "node {node} of cluster {cluster} up: peers on {peer_listen},"
@@ -247,13 +269,23 @@ class GossipNode(service.Service):
             days=left.days,
         )
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None] | None:
+        """Close the links and the store. With the dynamic overlay the node first says
+        it leaves (queued before the links close, so the neighbours replace it at once
+        instead of suspecting it) and the stop waits until the connections have sent
+        what they hold (at most the close grace)."""
         super().stopService()
+        leaving = self.core.overlay is not None and self.links.running
+        if leaving:
+            self._apply(self.core.leave(self.clock.seconds()))
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._cooperator.stop()
         self.links.stop()
         self.store.close()
+        if leaving:
+            return self.links.when_all_closed(self.links.close_grace)
+        return None
 
     # -- client operations -------------------------------------------------
 
@@ -374,6 +406,7 @@ class GossipNode(service.Service):
                     "last_fsync_seconds": stats["last_fsync_seconds"],
                 }
             ],
+            **self._overlay_status(),
             "links": [
                 {
                     "peer": s.peer,
@@ -388,6 +421,13 @@ class GossipNode(service.Service):
                 for s in self.links.status()
             ],
         }
+
+    def _overlay_status(self) -> dict[str, Any]:
+        """The dynamic overlay's part of the status (nothing with the static one)."""
+        overlay = self.core.overlay
+        if overlay is None:
+            return {}
+        return {"overlay": [overlay.status(self.clock.seconds())]}
 
     # -- events into the core ----------------------------------------------
 
@@ -416,9 +456,10 @@ class GossipNode(service.Service):
 
     def _drop_stalled_links(self, now: float) -> None:
         """Drop a link that stayed full ``LINK_STALL_SECONDS`` without draining: its
-        neighbour is not reading, and holding on would hold every new submit."""
+        neighbour is not reading, and holding on would hold every new submit. Time the
+        reactor stood still (SIGSTOP) does not count: it could not write meanwhile."""
         for peer, since in list(self._congested.items()):
-            if now - since >= LINK_STALL_SECONDS:
+            if now - self.links.pauses.running_since(since) >= LINK_STALL_SECONDS:
                 self.links.drop(
                     peer, f"link full for {LINK_STALL_SECONDS:g} s without draining", NOT_READING
                 )
@@ -467,6 +508,10 @@ class GossipNode(service.Service):
                 self.sync_streams.order(effect)
             elif isinstance(effect, DropPeer):
                 self.links.drop(effect.peer, effect.reason, effect.kind)
+            elif isinstance(effect, Dial):
+                self.links.add_peer(effect.peer, effect.address)
+            elif isinstance(effect, Hangup):
+                self.links.remove_peer(effect.peer, effect.reason)
 
     def _store_failed(self, error: StoreError) -> None:
         """The log cannot take records (disk full, failed fsync): the node must stop, as

@@ -18,7 +18,7 @@ import attrs
 
 T = TypeVar("T", covariant=True)
 
-STRING, INTEGER, BOOLEAN, SECONDS, CHOICE, ENDPOINT, NODE_IDS, PATH = (
+STRING, INTEGER, BOOLEAN, SECONDS, CHOICE, ENDPOINT, NODE_IDS, PATH, ENDPOINTS = (
     "string",
     "integer",
     "boolean",
@@ -27,6 +27,7 @@ STRING, INTEGER, BOOLEAN, SECONDS, CHOICE, ENDPOINT, NODE_IDS, PATH = (
     "endpoint",
     "node ids",
     "path",
+    "endpoints",
 )
 
 
@@ -63,6 +64,8 @@ class Setting(Generic[T]):
             return "`serverFromString`" if self.name.endswith("listen") else "`clientFromString`"
         if self.kind == PATH:
             return "a file, relative to the cluster file's directory"
+        if self.kind == ENDPOINTS:
+            return "list of `clientFromString`"
         return "ids of other nodes"
 
     def help(self) -> str:
@@ -73,6 +76,7 @@ class Setting(Generic[T]):
 
 MAX_MESSAGE_BYTES_LIMIT = 60000  # AMP values are limited to 64 KiB, with room for framing
 DISSEMINATIONS = ("plumtree", "flood")
+OVERLAYS = ("static", "dynamic")
 FSYNC_POLICIES = ("always", "batch", "never")
 MAX_NODE_ID = 2**31 - 1
 
@@ -293,6 +297,37 @@ PEER_MAX_QUEUED_BYTES: Setting[int] = Setting(
     low=1 << 20,
     high=1 << 34,
 )
+OVERLAY: Setting[str] = Setting(
+    "overlay",
+    CHOICE,
+    "static",
+    'the links: "static" keeps the file\'s graph; "dynamic" replaces unreachable'
+    " neighbours, lets nodes join and leave (the file's neighbours are preferred)",
+    choices=OVERLAYS,
+    noun="overlay",
+)
+REPLACE_AFTER: Setting[float] = Setting(
+    "replace_after",
+    SECONDS,
+    10.0,
+    "dynamic overlay: a neighbour no node has reported linked for this long is replaced",
+)
+OVERLAY_MAX_DEGREE: Setting[int] = Setting(
+    "overlay_max_degree",
+    INTEGER,
+    5,
+    "dynamic overlay: a node accepts links from replacing or joining nodes up to this degree",
+    low=3,
+    high=64,
+)
+JOIN: Setting[tuple[str, ...]] = Setting(
+    "join",
+    ENDPOINTS,
+    (),
+    "dynamic overlay: peer endpoints of running nodes a node dials to join the cluster"
+    " (`gossip-node --join` gives them per node)",
+    flag="--join",
+)
 
 # The [cluster] table, in the order the file and the reference list them.
 CLUSTER_SETTINGS: tuple[Setting[object], ...] = (
@@ -327,6 +362,10 @@ CLUSTER_SETTINGS: tuple[Setting[object], ...] = (
     PEER_MAX_HANDSHAKES_PER_SOURCE,
     PEER_HELLO_TIMEOUT,
     PEER_MAX_QUEUED_BYTES,
+    OVERLAY,
+    REPLACE_AFTER,
+    OVERLAY_MAX_DEGREE,
+    JOIN,
 )
 
 # The keys of a [[node]] table (validated in gossip.config, where they depend on each other).
@@ -391,6 +430,8 @@ def _show_default(s: Setting[object]) -> str:
         return "required"
     if s.kind == ENDPOINT:
         return f"`{s.default}`" if s.default else "—"
+    if s.kind == ENDPOINTS:
+        return "`[]`"
     if s.kind == PATH and s.default == "":
         return "none" if s in CLUSTER_SETTINGS else "the cluster's"
     if s.kind == INTEGER and s.default == 0:

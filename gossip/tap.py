@@ -27,13 +27,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import attrs
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from gossip import logs, pidfile, settings
-from gossip.config import FSYNC_POLICIES, ConfigError, load_config
+from gossip.config import FSYNC_POLICIES, ConfigError, address_description, load_config
 from gossip.locations import default_config, default_data_dir
 
 if TYPE_CHECKING:
@@ -58,6 +59,13 @@ class Options(usage.Options):
             " the state directory, $GOSSIP_HOME or ~/.local/state/gossip).",
         ],
         ["fsync", None, None, settings.FSYNC.help()],
+        [
+            "join",
+            None,
+            None,
+            'Join a running cluster (overlay = "dynamic") through these peer addresses:'
+            " host:port or endpoint descriptions, comma-separated; overrides cluster.join.",
+        ],
         ["log-level", "l", "info", f"One of: {', '.join(logs.LEVELS)}."],
         [
             "log-format",
@@ -102,6 +110,12 @@ class Options(usage.Options):
             self.cluster.node(self["id"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self["join"] is not None:
+            self.cluster = attrs.evolve(self.cluster, join=join_addresses(self["join"]))
+        if self.cluster.join and self.cluster.overlay != "dynamic":
+            raise usage.UsageError(
+                'joining a running cluster needs cluster.overlay = "dynamic" in the cluster file'
+            )
         if self["fsync"] is None:
             self["fsync"] = self.cluster.fsync
         elif self["fsync"] not in FSYNC_POLICIES:
@@ -121,6 +135,34 @@ class Options(usage.Options):
         if self["data-dir"] is None:
             self["data-dir"] = str(default_data_dir(self["id"]))
         _own_pidfile(self)
+
+
+def join_addresses(text: str) -> tuple[str, ...]:
+    """``--join``'s value as client endpoint descriptions: "host:port" (IPv6 as
+    "[::1]:port") or a description as the cluster file takes (``tcp:host=...``)."""
+    from twisted.internet.endpoints import clientFromString
+    from twisted.internet.testing import MemoryReactor
+
+    out = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if "=" not in item:
+            host, sep, port = item.rpartition(":")
+            host = host.strip("[]")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise usage.UsageError(f"--join: {item!r} is not host:port")
+            item = address_description(host, int(port))
+        try:
+            clientFromString(MemoryReactor(), item)
+        except Exception as e:
+            raise usage.UsageError(
+                f"--join: {item!r} is not an endpoint description: {e}"
+            ) from None
+        out.append(item)
+    if not out:
+        raise usage.UsageError("--join needs at least one host:port")
+    return tuple(out)
 
 
 def _own_pidfile(options: Options) -> None:

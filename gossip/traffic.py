@@ -13,6 +13,7 @@ from gossip.core.frames import (
     GossipFrame,
     GraftFrame,
     IHaveFrame,
+    NodeRecordsFrame,
     PeerFrame,
     PruneFrame,
     SyncDataFrame,
@@ -32,6 +33,7 @@ KIND_NAMES: dict[type, str] = {
     SyncWantFrame: "sync_want",
     SyncDataFrame: "sync_data",
     SyncHintFrame: "sync_hint",
+    NodeRecordsFrame: "node_records",
 }
 # Kinds that carry message bodies; the rest are control.
 PAYLOAD_KINDS = frozenset({"gossip", "sync_data"})

@@ -15,6 +15,10 @@ What a test can do to the network:
   connections are lost and new dials between the two hang until they time out;
 - ``kill(n)``: the process dies: its connections drop on both ends at once
   (as the kernel resets them), dials to it are refused, it does nothing more;
+- ``stop(n)``: a graceful stop (``stopService``: what it says as it stops goes
+  out before its connections close);
+- ``add(n, config)``: a node with a cluster file of its own (one joining a
+  running cluster whose other nodes' file does not name it);
 - ``restart(n)``: a new ``GossipNode`` for ``n`` (new incarnation) on the
   same store (a ``MemoryStore`` kept as it was, or a ``LogStore`` reopened from
   its directory).
@@ -142,6 +146,8 @@ class Cluster:
             for node_id, spec in self.config.nodes.items()
         }
         self.stores: dict[int, MessageStore] = {}
+        # Nodes started with a cluster file of their own (see ``add``).
+        self.node_configs: dict[int, ClusterConfig] = {}
         self.nodes: dict[int, GossipNode] = {}
         self.alive: set[int] = set()
         self.cut_pairs: set[frozenset[int]] = set()
@@ -164,7 +170,7 @@ class Cluster:
     def _make(self, node_id: int) -> GossipNode:
         store = self.stores[node_id] = self._store(node_id)
         return GossipNode(
-            self.config,
+            self.node_configs.get(node_id, self.config),
             node_id,
             store,
             NodeReactor(self.reactor, node_id),
@@ -189,6 +195,24 @@ class Cluster:
                 c.pump.clientIO.abortConnection()
         self._settle()
         self.nodes[node_id].stopService()  # stops its dialing; closes its store
+
+    def stop(self, node_id: int) -> Any:
+        """``node_id`` stops gracefully: ``stopService``, then its connections close.
+        Returns what ``stopService`` returned (a Deferred when the stop waits)."""
+        self._tickers.pop(node_id).stop()
+        result = self.nodes[node_id].stopService()
+        self._settle()
+        self.alive.discard(node_id)
+        return result
+
+    def add(self, node_id: int, config: ClusterConfig) -> GossipNode:
+        """Start a new node ``node_id`` with its own cluster file ``config``."""
+        self.node_configs[node_id] = config
+        address = config.node(node_id).peer_address
+        self.ports[int(address.split("port=")[1].split(":")[0])] = node_id
+        self.nodes[node_id] = self._make(node_id)
+        self.start(node_id)
+        return self.nodes[node_id]
 
     def restart(self, node_id: int) -> GossipNode:
         """A new process for ``node_id`` on the same store (new incarnation)."""
@@ -293,7 +317,8 @@ class Cluster:
     # -- observations ----------------------------------------------------------
 
     def neighbours(self, node_id: int) -> tuple[int, ...]:
-        return tuple(self.config.nodes[node_id].neighbours)
+        config = self.node_configs.get(node_id, self.config)
+        return tuple(config.nodes[node_id].neighbours)
 
     def links_up(self, nodes: Iterable[int] | None = None) -> bool:
         """Whether every link between live nodes (of ``nodes``) is up on both ends."""

@@ -169,3 +169,48 @@ def test_bench_tls_both_runs_each_strategy_without_and_with_tls(tmp_path: Path) 
     assert "tls = true" in (tls / "cluster.toml").read_text()
     logs = "".join(p.read_text() for p in tls.glob("node-*/node.log"))
     assert logs.count("peer links use mutual TLS") == 4
+
+
+def test_bench_throughput_submits_in_batches_and_counts_every_message(tmp_path: Path) -> None:
+    """The throughput workload with ``--batch 8`` submits through ``submit_messages``
+    (one SubmitMany per call), stops at ``--max-messages`` exactly, and every message is
+    seen durable at every node through Watch; the run reports the node CPU per message
+    per node, the Watch pushes per message (fewer than one: pushes carry ranges) and
+    the bench's own CPU."""
+    out = tmp_path / "bench.json"
+    argv = [
+        "--nodes", "4", "--workloads", "throughput", "--rounds", "1", "--batch", "8",
+        "--clients", "2", "--window", "2", "--max-messages", "300",
+        "--throughput-seconds", "30", "--seed", "7", "--dir", str(tmp_path / "work"),
+        "--json", str(out),
+    ]  # fmt: skip
+    r = run_main("gossip.bench.cluster", argv)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 clients x 2 calls of 8 msgs in flight" in r.stdout
+    figures = json.loads(out.read_text())["runs"][0]["figures"]
+    assert figures["messages"] == 300
+    assert figures["undelivered_pairs"] == 0 and figures["submit_errors"] == 0
+    assert figures["all_delivered"] is True
+    assert 0 < figures["pushes_per_message"] * 300 < 300 * 4
+    assert figures["cpu_us_per_message_per_node"] > 0
+    assert figures["bench_cpu_share"] > 0
+
+
+def test_client_path_bench_times_every_way_and_refuses_an_unknown_one() -> None:
+    """``python -m gossip.bench.client_path`` stores every message each way (it raises
+    otherwise) and prints one row per way with its cost over the core; an unknown way
+    is one usage line, exit status 2."""
+    r = run_main(
+        "gossip.bench.client_path",
+        ["--messages", "64", "--rounds", "1", "--ways", "core,submit,many16"],
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["core", "submit", "many16"]
+    assert all(float(row[1]) > 0 for row in rows)
+    bad = run_main("gossip.bench.client_path", ["--ways", "core,sideways"])
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "python -m gossip.bench.client_path: error: --ways: unknown way 'sideways'"
+        " (core, submit, manyN) (see --help)"
+    ]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gossip.bench.client_abuse import amp_box, amp_call
+from gossip.bench.client_abuse import amp_box, amp_call, end_process, wait_until_listening
 
 HERE = Path(__file__).resolve().parents[1]
 PEER_PORT, CLIENT_PORT = 29501, 29551
@@ -47,28 +47,14 @@ def node(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         cwd=tmp_path,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", CLIENT_PORT), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    why = (tmp_path / "node.log").read_text()
-                    raise RuntimeError(f"node did not start: {why}") from None
-                time.sleep(0.1)
+        wait_until_listening(CLIENT_PORT, proc, (tmp_path / "node.log").read_text)
         with socket.create_connection(("127.0.0.1", CLIENT_PORT), timeout=5) as s:
             amp_call(s, b"Login", token=TOKEN)
             pid = int(amp_call(s, b"Status")[b"pid"])
         assert pid == proc.pid, f"port {CLIENT_PORT} is another process's (pid {pid})"
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        end_process(proc)
         log.close()
 
 

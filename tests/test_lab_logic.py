@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import argparse
 import random
+from typing import Any
 
 import pytest
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
+from gossip.client.commands import ListIds
 from gossip.config import dump_config, parse_config
+from gossip.core.message import id_text, message_id
 from gossip.lab.checker import count_flaps
-from gossip.lab.driver import has_route_out
+from gossip.lab.driver import Driver, has_route_out
 from gossip.lab.lab import CLIENT_PORT, LAB_TIMERS, PEER_PORT, LinkCount, lab_config
 from gossip.lab.nemesis import FAULTS, fault_order
 from gossip.lab.netns import Netns
@@ -75,3 +80,73 @@ def test_soak_durations() -> None:
     assert [duration(t) for t in ("90", "90s", "30m", "2h")] == [90, 90, 1800, 7200]
     with pytest.raises(argparse.ArgumentTypeError, match="not a duration"):
         duration("soon")
+
+
+def _driver_with_node(answers: list[bool], rows: int) -> Driver:
+    """A Driver over a fake node 1 holding ``rows`` messages, listed in pages of 2; each
+    call answers or times out by ``answers`` (then answers), with no network at all."""
+    config = lab_config(Netns(4, tag="1x0000"))
+    driver = Driver(task.Clock(), config, "t")
+    bodies = [f"m{i}" for i in range(rows)]
+    held = [(id_text(message_id(b.encode())), b) for b in bodies]
+    for body in bodies:
+        driver.acked[message_id(body.encode())] = body
+    script = iter(answers)
+
+    class Proto:
+        async def callRemote(self, command: Any, start: int, limit: int) -> dict[str, Any]:
+            if command is ListIds:
+                raw = b"".join(message_id(b.encode()) for b in bodies)
+                return {"ids": raw, "next": rows, "total": rows}
+            page = held[start : start + 2]
+            return {
+                "messages": [{"id": m, "body": b} for m, b in page],
+                "next": start + len(page),
+                "total": rows,
+            }
+
+    class Client:
+        proto = Proto()
+
+    async def call(node: int, fn: Any) -> Any:
+        if not next(script, True):
+            raise defer.TimeoutError()
+        return await fn(Client())
+
+    driver.call = call  # type: ignore[method-assign]
+    return driver
+
+
+def _run(driver: Driver, coro: Any) -> Any:
+    clock = driver.reactor
+    d = defer.Deferred.fromCoroutine(coro)
+    for _ in range(10_000):
+        if d.called:
+            break
+        clock.advance(0.25)
+    return _result(d)
+
+
+def _result(d: defer.Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the driver never finished"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def test_a_listing_page_that_times_out_is_asked_again_not_counted_as_lost() -> None:
+    """Under load a node may miss a page's deadline: the checker asks for that page
+    again and finds every message, where it once counted all of them lost."""
+    driver = _driver_with_node([True, False, False, True, True], rows=5)
+    r = _run(driver, driver.converge([1], deadline=5.0))
+    assert r["lost"] == 0 and r["unlisted"] == [] and r["converged"]
+
+
+def test_a_node_that_never_answers_a_listing_is_reported_unlisted() -> None:
+    """A node that cannot be listed before the deadline is a failed check of its own
+    ("could not be listed"), never silently a pass and never a false count of losses."""
+    driver = _driver_with_node([True] + [False] * 100_000, rows=3)
+    r = _run(driver, driver.converge([1], deadline=1.0))
+    assert r["unlisted"] == [1] and r["lost"] == 0

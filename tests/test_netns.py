@@ -93,6 +93,54 @@ def assert_clean(result: CheckResult, show: Any) -> None:
     assert result.acknowledged > 0
 
 
+# The dynamic overlay's lab: a neighbour silent this long is replaced.
+REPLACE_AFTER = 3.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_all_three_neighbours_of_a_node_killed_dynamic_overlay(
+    tmp_path: Path, show: Any
+) -> None:
+    """Dynamic overlay (its own 16-node lab, run before the shared static one starts):
+    kill -9 of all three neighbours of node 1, for longer than replace_after. Node 1
+    links to three other nodes and keeps receiving: every message the 13 survivors
+    acknowledge reaches every survivor, node 1 included, while the three are down.
+    After they return, the checker passes as in every scenario."""
+    lab = Lab(reactor, tmp_path, NODES, settings={"overlay": "dynamic", "replace_after": 3.0})
+    try:
+        await lab.start()
+        x = 1
+        victims = list(lab.config.nodes[x].neighbours)
+        survivors = [n for n in lab.ids if n not in victims]
+        # The victims take no submits: what they alone acknowledged could not be anywhere.
+        await lab.load(RATE, nodes=survivors)
+        await lab.sleep(1.0)
+        before = await lab.links()
+        await lab.kill(victims)
+        killed_at = time.monotonic()
+        await lab.sleep(REPLACE_AFTER + 4.0)
+        links = await lab.links()
+        new = sorted(p for (n, p), lc in links.items() if n == x and lc.up)
+        show(
+            f"dynamic: node {x}'s neighbours {victims} killed; {time.monotonic() - killed_at:.1f} s"
+            f" later node {x} has links up to {new}"
+        )
+        assert len(new) >= 3 and not set(new) & set(victims), new
+        r = await lab.request("converge", nodes=survivors, deadline=DEADLINE)
+        show(
+            f"dynamic, while the three are down: acknowledged {r['acknowledged']},"
+            f" lost {r['lost']}, survivors converged"
+            f" {r['converged_at'] - killed_at:.1f} s after the kill"
+        )
+        assert r["converged"] and not r["lost"], r["missing_by_node"]
+        result = await heal_and_check(
+            lab, f"dynamic: node {x}'s neighbours {victims} killed and restarted", before, DEADLINE
+        )
+        assert_clean(result, show)
+    finally:
+        await lab.stop()
+
+
 def test_lab_keeps_traffic_inside(lab16: Lab) -> None:
     """No lab namespace has a default route, the bridge's namespace has no address, the
     root namespace holds no lab address, and the client driver refuses to run in

@@ -105,6 +105,22 @@ def cluster_file(path: Path, nodes: int) -> None:
     path.write_text("\n".join(lines))
 
 
+def wait_until_listening(
+    port: int, proc: subprocess.Popen[bytes], why: Callable[[], str], timeout: float = 20.0
+) -> None:
+    """Wait until ``port`` on loopback takes connections (the node ``proc`` started);
+    RuntimeError saying ``why()`` if ``proc`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node did not start: {why()}") from None
+            time.sleep(0.1)
+
+
 @contextmanager
 def node_process(tree: Path, config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     env = dict(os.environ, PYTHONPATH=str(tree))
@@ -116,23 +132,20 @@ def node_process(tree: Path, config: Path, log: Path) -> Iterator[subprocess.Pop
             [*args, "--log-level", "warn"], env=env, stderr=err, cwd=config.parent
         )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", CLIENT_PORT), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"node did not start; see {log}") from None
-                time.sleep(0.1)
+        wait_until_listening(CLIENT_PORT, proc, lambda: f"see {log}")
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        end_process(proc)
+
+
+def end_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` has not exited within ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
 
 
 def rss_mb(pid: int) -> float:

@@ -9,6 +9,9 @@ nodes' figures and stops the cluster. Workloads:
   the submit call until the last node lists it.
 - **throughput**: ``--clients`` concurrent clients submit as fast as the API
   acknowledges for ``--throughput-seconds``; then a bounded drain (120 s).
+  Each client keeps ``--window`` calls in flight, each call ``--batch``
+  messages to one random node (``submit_messages``: one ``SubmitMany``; with
+  ``--batch 1``, ``submit_message`` as ``gclient`` does).
 - **resync**: SIGKILL one node, submit 10,000 messages to the others, wait
   until they all hold them, restart it and time its catch-up, with the payload
   bytes and frames it received over what it missed.
@@ -55,7 +58,7 @@ from gossip.argtypes import OneLineParser, real, whole
 from gossip.client.api import GossipClient, NodeUnreachable
 from gossip.cluster import ClusterFailed, LocalCluster, free_port_base
 from gossip.config import DISSEMINATIONS, FSYNC_POLICIES, ClusterConfig, dump_config, parse_config
-from gossip.core.message import id_text
+from gossip.core.message import id_text, message_id
 from gossip.topology import generate_config, summary
 from gossip.traffic import PAYLOAD_KINDS
 
@@ -65,7 +68,6 @@ WORKLOADS = ("latency", "throughput", "resync", "wan")
 TLS_MODES = ("off", "on", "both")
 TLS_SUFFIX = "+tls"  # a variant with TLS on its peer links: "flood+tls"
 BODY_BYTES = 100
-_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 CALL_TIMEOUT = 30.0  # any single client call
 SUBMIT_DEADLINE = 300.0  # submitting a fixed number of messages (latency, wan, resync)
 STATUS_KINDS_FIELDS = (
@@ -77,6 +79,10 @@ STATUS_KINDS_FIELDS = (
     "messages_in",
 )
 PROGRAM = "gossip-bench"
+# Messages per throughput submit call (``--batch``): enough that a call's AMP and
+# answer cost is shared by many messages, few enough to stay in one SubmitMany.
+DEFAULT_BATCH = 16
+MAX_BATCH = 10_000
 
 
 class BenchError(Exception):
@@ -99,6 +105,7 @@ class Settings:
     throughput_seconds: float
     clients: int
     window: int
+    batch: int
     fsync: str | None
     seed: int
     latency_messages: int
@@ -168,7 +175,14 @@ def parser() -> argparse.ArgumentParser:
         "--window",
         type=whole(low=1),
         default=16,
-        help="submits each client keeps in flight, pipelined on its connections (default 16)",
+        help="submit calls each client keeps in flight, pipelined on its connections (default 16)",
+    )
+    p.add_argument(
+        "--batch",
+        type=whole(low=1, high=MAX_BATCH),
+        default=DEFAULT_BATCH,
+        help="messages per throughput submit call: one SubmitMany each"
+        f" (default {DEFAULT_BATCH}; 1: one Submit per message)",
     )
     p.add_argument(
         "--tls",
@@ -225,6 +239,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         throughput_seconds=args.throughput_seconds,
         clients=args.clients,
         window=args.window,
+        batch=args.batch,
         fsync=args.fsync,
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31),
         latency_messages=args.latency_messages,
@@ -333,9 +348,16 @@ def percentile(values: Sequence[float], p: float) -> float | None:
 
 
 def make_body(rng: random.Random, i: int, tag: str) -> str:
-    """100 printable characters, unique per (tag, i)."""
+    """100 printable characters, unique per (tag, i): random hex after the tag (one
+    call for the filler; drawing each character cost the bench 10 us per message)."""
     head = f"{tag}:{i}:"
-    return head + "".join(rng.choices(_ALPHABET, k=BODY_BYTES - len(head)))
+    fill = BODY_BYTES - len(head)
+    return head + rng.randbytes((fill + 1) // 2).hex()[:fill]
+
+
+def raw_id(body: str) -> bytes:
+    """The id a node gives ``body`` (a hash: the bench need not decode the node's text)."""
+    return message_id(body.encode("utf-8"))
 
 
 def ms(seconds: float | None) -> float | None:
@@ -350,15 +372,17 @@ class DeliveryTracker:
 
     One connection per node. A node pushes the ids it holds durably, in arrival
     order, as soon as they are durable (one ``Delivered`` per batch); an id is
-    stamped with the time the push that completed it reached this process.
+    stamped with the time the push that completed it reached this process. Ids are
+    the raw 16 bytes (``raw_id``): turning each into text, 16 times per message,
+    cost the bench more CPU than anything else at 10,000 messages a second.
     """
 
     def __init__(self, reactor: Any, clients: Mapping[int, GossipClient]) -> None:
         self.reactor = reactor
         self.clients = dict(clients)
         self.target = len(self.clients)
-        self.count: dict[str, int] = {}
-        self.full_at: dict[str, float] = {}
+        self.count: dict[bytes, int] = {}
+        self.full_at: dict[bytes, float] = {}
         self.cursor = dict.fromkeys(self.clients, 0)
         self.pushes = 0
         self.errors = 0  # pushes that did not start at the node's cursor
@@ -385,18 +409,20 @@ class DeliveryTracker:
         if start != self.cursor[node]:
             self.errors += 1
         self.cursor[node] = start + len(ids)
-        for raw in ids:
-            mid = id_text(raw)
-            c = self.count.get(mid, 0) + 1
-            self.count[mid] = c
-            if c == self.target:
-                self.full_at[mid] = t
+        count, target, full_at = self.count, self.target, self.full_at
+        for mid in ids:
+            c = count.get(mid, 0) + 1
+            count[mid] = c
+            if c == target:
+                full_at[mid] = t
 
-    def missing(self, ids: Iterable[str]) -> int:
+    def missing(self, ids: Iterable[bytes]) -> int:
         """Node-id pairs not (yet) seen among ``ids``."""
         return sum(self.target - self.count.get(i, 0) for i in ids)
 
-    async def wait_all(self, ids: Sequence[str], timeout: float, alive: Callable[[], None]) -> bool:
+    async def wait_all(
+        self, ids: Sequence[bytes], timeout: float, alive: Callable[[], None]
+    ) -> bool:
         """Until every node lists every id (True) or ``timeout`` passes (False)."""
         deadline = now() + timeout
         done = 0  # ids[:done] are all delivered; they mostly complete in order
@@ -528,6 +554,7 @@ class Usage:
             "fsyncs": fsyncs,
             "peak_rss": dict(self.peak_rss),
             "bench_cpu_seconds": own_cpu_seconds() - self.own_cpu,
+            "nodes": len(self.cluster.config.nodes),
         }
 
 
@@ -552,6 +579,7 @@ def common_figures(used: Mapping[str, Any], messages: int) -> dict[str, Any]:
         "wire_bytes_per_message": total("bytes_out", traffic) / per,
         "cpu_seconds": used["cpu_seconds"],
         "cpu_seconds_per_1000": used["cpu_seconds"] * 1000.0 / per,
+        "cpu_us_per_message_per_node": used["cpu_seconds"] * 1e6 / per / used.get("nodes", 1),
         "fsyncs_per_1000": used["fsyncs"] * 1000.0 / per,
         "idle_cpu_per_second": rate,
         "cpu_seconds_per_1000_net": None if net is None else net * 1000.0 / per,
@@ -619,6 +647,23 @@ class Run:
     async def submit(self, client: GossipClient, body: str) -> str:
         return await with_timeout(self.reactor, client.submit_message(body), CALL_TIMEOUT)
 
+    async def submit_batch_or_note(
+        self, client: GossipClient, node: int, bodies: list[str], errors: list[str]
+    ) -> bool:
+        """Submit ``bodies`` in one call (``submit_message`` for one); True once all are
+        stored. A failed call is noted in ``errors`` as ``submit_or_note`` does."""
+        try:
+            if len(bodies) == 1:
+                await self.submit(client, bodies[0])
+            else:
+                await with_timeout(self.reactor, client.submit_messages(bodies), CALL_TIMEOUT)
+        except Exception as e:
+            errors.append(f"node {node}: {e!r}")
+            self.check_alive()
+            await sleep(self.reactor, 0.05)
+            return False
+        return True
+
     async def submit_or_note(
         self, client: GossipClient, node: int, body: str, errors: list[str]
     ) -> str | None:
@@ -641,8 +686,8 @@ async def latency_workload(run: Run, usage: Usage) -> dict[str, Any]:
     tracker = run.tracker(await run.connect_all(nodes))
     bodies = [make_body(run.rng, i, run.tag) for i in range(s.latency_messages)]
     targets = [run.rng.choice(nodes) for _ in bodies]
-    submitted: dict[str, float] = {}
-    submitted_wall: dict[str, float] = {}
+    submitted: dict[bytes, float] = {}
+    submitted_wall: dict[bytes, float] = {}
     errors: list[str] = []
     slips: list[float] = []
 
@@ -653,8 +698,12 @@ async def latency_workload(run: Run, usage: Usage) -> dict[str, Any]:
         except Exception as e:
             errors.append(f"node {node}: {e!r}")
             return
-        submitted[mid] = t
-        submitted_wall[mid] = wall
+        raw = raw_id(body)
+        if mid != id_text(raw):
+            errors.append(f"node {node}: id {mid} is not the hash of its body")
+            return
+        submitted[raw] = t
+        submitted_wall[raw] = wall
 
     await tracker.start()
     await usage.calibrate(run.reactor)
@@ -702,14 +751,14 @@ async def latency_workload(run: Run, usage: Usage) -> dict[str, Any]:
 
 
 async def received_at(
-    run: Run, clients: Mapping[int, GossipClient], ids: Sequence[str]
-) -> dict[str, list[float]]:
+    run: Run, clients: Mapping[int, GossipClient], ids: Sequence[bytes]
+) -> dict[bytes, list[float]]:
     """id -> every node's received_at of it (``Get`` on each node, nodes in parallel)."""
-    out: dict[str, list[float]] = {i: [] for i in ids}
+    out: dict[bytes, list[float]] = {i: [] for i in ids}
 
     async def node(client: GossipClient) -> None:
         for i in ids:
-            m = await with_timeout(run.reactor, client.get_message(i), CALL_TIMEOUT)
+            m = await with_timeout(run.reactor, client.get_message(id_text(i)), CALL_TIMEOUT)
             out[i].append(m.received_at)
 
     await gather(node(c) for c in clients.values())
@@ -722,7 +771,7 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
     nodes = run.node_ids
     workers = [await run.connect_all(nodes) for _ in range(s.clients)]
     tracker = run.tracker(await run.connect_all(nodes))
-    submitted: dict[str, float] = {}
+    submitted: dict[bytes, float] = {}
     acked: list[float] = []
     errors: list[str] = []
     counter = [0]
@@ -731,16 +780,18 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
     async def worker(conns: dict[int, GossipClient], end: float) -> None:
         while now() < end and counter[0] < s.max_messages:
             i = counter[0]
-            counter[0] += 1
+            n = min(s.batch, s.max_messages - i)
+            counter[0] += n
             node = run.rng.choice(nodes)
-            body = make_body(run.rng, i, run.tag)
+            bodies = [make_body(run.rng, i + k, run.tag) for k in range(n)]
             t = now()
-            mid = await run.submit_or_note(conns[node], node, body, errors)
-            if mid is None:
+            if not await run.submit_batch_or_note(conns[node], node, bodies, errors):
                 continue
-            submitted[mid] = t
-            acked.append(now())
-            last_ack[0] = max(last_ack[0], now())
+            t_ack = now()
+            for body in bodies:
+                submitted[raw_id(body)] = t
+            acked.extend([t_ack] * n)
+            last_ack[0] = max(last_ack[0], t_ack)
 
     await tracker.start()
     await usage.calibrate(run.reactor)
@@ -752,6 +803,7 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
     done = await tracker.wait_all(ids, s.drain_timeout, run.check_alive)
     await tracker.stop()
     used = await usage.end()
+    bench_cpu = used["bench_cpu_seconds"]
     fulls = [tracker.full_at[i] for i in ids if i in tracker.full_at]
     last_full = max(fulls) if fulls else None
     first_submit = min(submitted.values()) if submitted else first
@@ -770,6 +822,8 @@ async def throughput_workload(run: Run, usage: Usage) -> dict[str, Any]:
             "latency_p50_ms": ms(percentile(lat, 50)),
             "latency_p99_ms": ms(percentile(lat, 99)),
             "push_errors": tracker.errors,
+            "pushes_per_message": tracker.pushes / max(len(ids), 1),
+            "bench_cpu_share": bench_cpu / max(used["seconds"], 1e-9),
             **common_figures(used, len(ids)),
         },
         "latencies_ms": quantiles_ms(lat, PLOT_POINTS),
@@ -821,8 +875,8 @@ async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
     tracker = run.tracker(await run.connect_all(others))
     bodies = [make_body(run.rng, i, run.tag) for i in range(s.resync_messages)]
     queue = list(reversed(bodies))
-    submitted: dict[str, float] = {}
-    submitted_bytes: dict[str, int] = {}
+    submitted: dict[bytes, float] = {}
+    submitted_bytes: dict[bytes, int] = {}
     errors: list[str] = []
 
     await tracker.start()
@@ -840,8 +894,9 @@ async def resync_workload(run: Run, usage: Usage) -> dict[str, Any]:
             mid = await run.submit_or_note(conns[node], node, body, errors)
             if mid is None:
                 continue
-            submitted[mid] = now()
-            submitted_bytes[mid] = len(body.encode())
+            raw = raw_id(body)
+            submitted[raw] = now()
+            submitted_bytes[raw] = len(body.encode())
 
     await gather(worker(w) for w in workers for _ in range(s.window))
     ids = list(submitted)

@@ -34,6 +34,8 @@ WORKLOAD_ROWS: dict[str, list[tuple[str, str]]] = {
         ("submit_errors", "failed submits"),
         ("latency_p50_ms", "p50 to last node (ms)"),
         ("latency_p99_ms", "p99 to last node (ms)"),
+        ("pushes_per_message", "Watch pushes / msg (all nodes)"),
+        ("bench_cpu_share", "bench process CPU (cores busy)"),
     ],
     "resync": [
         ("catchup_seconds", "catch-up from restart (s)"),
@@ -52,6 +54,7 @@ COMMON_ROWS: list[tuple[str, str]] = [
     ("control_frames_per_message", "control frames / broadcast"),
     ("wire_bytes_per_message", "frame bytes sent / broadcast"),
     ("cpu_seconds_per_1000", "node CPU s / 1000 msgs"),
+    ("cpu_us_per_message_per_node", "node CPU us / msg / node"),
     ("cpu_seconds_per_1000_net", "  same, net of idle work (est)"),
     ("fsyncs_per_1000", "fsyncs / 1000 msgs (all nodes)"),
     ("rss_peak_max_mb", "peak RSS per node, max (MB)"),
@@ -160,7 +163,8 @@ def format_table(result: Mapping[str, Any]) -> str:
         " stamped on arrival, before the fsync)",
         f"workloads: latency {settings['latency_messages']} msgs every"
         f" {settings['latency_interval'] * 1000:g} ms; throughput {settings['clients']} clients"
-        f" x {settings.get('window', 1)} in flight for {settings['throughput_seconds']:g} s;"
+        f" x {settings.get('window', 1)} calls of {settings.get('batch', 1)} msgs in flight"
+        f" for {settings['throughput_seconds']:g} s;"
         f" resync {settings['resync_messages']:,} msgs;"
         f" wan +{settings['wan_delay_ms']:g} ms per link; {rounds} round(s),"
         " variants alternating",

@@ -4,12 +4,14 @@ Twisted code::
 
     client = await GossipClient.connect_endpoint(reactor, "tcp:host=127.0.0.1:port=17101")
     mid = await client.submit_message("Apple")
+    ids = await client.submit_messages(["Apple", "Banana"])  # one SubmitMany per 60 KB
     bodies = await client.get_messages()
 
 Scripts::
 
-    from gossip.client.api import submit_message, get_messages
+    from gossip.client.api import submit_message, submit_messages, get_messages
     mid = submit_message("Apple", node=1)
+    ids = submit_messages(["Apple", "Banana"], node=1)
     bodies = get_messages(node=5)
 
 The blocking functions run Twisted's reactor in a daemon thread and wait on it
@@ -38,12 +40,18 @@ each with a one-line text.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import (
+    Deferred,
+    DeferredSemaphore,
+    FirstError,
+    TimeoutError,
+    gatherResults,
+)
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectingCancelledError, ConnectionClosed
 from twisted.protocols import amp
@@ -75,6 +83,10 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT = 5.0
 PAGE_LIMIT = 2000
+# SubmitMany calls one GossipClient keeps in flight for ``submit_messages``; further
+# batches wait here for an answer (the node reads no more from a connection with
+# client_max_outstanding requests in progress: this keeps well under it).
+MAX_BATCHES_IN_FLIGHT = 8
 
 
 @attrs.frozen
@@ -116,6 +128,7 @@ __all__ = [
     "get_messages",
     "message_problem",
     "submit_message",
+    "submit_messages",
 ]
 
 
@@ -147,6 +160,36 @@ def _answer_batch(r: dict[str, Any], batch: list[tuple[str, Deferred[str]]]) -> 
 def _fail_batch(failure: Failure, batch: list[tuple[str, Deferred[str]]]) -> None:
     for _, d in batch:
         d.errback(failure)
+
+
+def batches(messages: Sequence[str], max_bytes: int = BATCH_BYTES) -> list[list[str]]:
+    """``messages`` cut, in order, into lists whose bodies (each with its 2-byte length
+    in the AMP value) stay within ``max_bytes``: one ``SubmitMany`` each."""
+    out: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for m in messages:
+        cost = len(m.encode("utf-8")) + 2
+        if current and used + cost > max_bytes:
+            out.append(current)
+            current, used = [], 0
+        current.append(m)
+        used += cost
+    if current:
+        out.append(current)
+    return out
+
+
+def _batch_ids(r: dict[str, Any], first: int, total: int) -> list[str]:
+    """The ids of one SubmitMany answer; raises for the first body the node refused,
+    naming its position among all ``total`` (the rest of the batch was stored)."""
+    for k, (mid, error) in enumerate(zip(r["ids"], r["errors"], strict=True)):
+        if error:
+            text = f"message {first + k + 1} of {total}: {error}"
+            raise RateLimited(text) if "rate limit" in error else MessageRejected(text)
+        if not mid:  # pragma: no cover - a node answers an id or an error
+            raise MessageRejected(f"message {first + k + 1} of {total}: no id in the answer")
+    return [str(mid) for mid in r["ids"]]
 
 
 class NodeUnreachable(ConnectionError):
@@ -185,6 +228,8 @@ class GossipClient:
         self._batch: list[tuple[str, Deferred[str]]] = []
         self._batch_bytes = 0
         self._batch_call: Any = None
+        # Bounds the SubmitMany calls ``submit_messages`` has in flight.
+        self._in_flight = DeferredSemaphore(MAX_BATCHES_IN_FLIGHT)
 
     @classmethod
     async def connect_endpoint(
@@ -308,6 +353,36 @@ class GossipClient:
             self._batch_call = self._reactor.callLater(0, self._send_batch)
         return await d
 
+    async def submit_messages(self, messages: Sequence[str]) -> list[str]:
+        """Submit many messages: one ``SubmitMany`` per ``BATCH_BYTES`` of bodies, at most
+        ``MAX_BATCHES_IN_FLIGHT`` of them in flight; returns every full id, in order, once
+        the node has stored them all (durably under its fsync policy). A message the node
+        would refuse (not UTF-8, empty, too large) raises MessageRejected naming its
+        position before anything is sent. A refusal by the node (``RateLimited``,
+        ``MessageRejected``; ``NodeBusy`` for a whole batch) raises naming the first
+        refused message; the others may be stored, and submitting the same list again
+        is safe: ids are content hashes, so a message is never stored twice."""
+        total = len(messages)
+        for k, m in enumerate(messages):
+            problem = message_problem(m, self.max_message_bytes)
+            if problem is not None:
+                raise MessageRejected(f"message {k + 1} of {total}: {problem}")
+        calls: list[Deferred[list[str]]] = []
+        first = 0
+        for batch in batches(messages):
+            calls.append(self._in_flight.run(self._submit_batch, batch, first, total))
+            first += len(batch)
+        try:
+            answers: list[list[str]] = await gatherResults(calls, consumeErrors=True)
+        except FirstError as e:
+            e.subFailure.raiseException()
+            raise  # not reached
+        return [mid for answer in answers for mid in answer]
+
+    def _submit_batch(self, batch: list[str], first: int, total: int) -> Deferred[list[str]]:
+        sent = self._call(SubmitMany, bodies=batch)
+        return sent.addCallback(_batch_ids, first, total)
+
     def _submit_one(self, message: str) -> Deferred[str]:
         return self._call(Submit, body=message).addCallback(lambda r: str(r["id"]))
 
@@ -322,11 +397,9 @@ class GossipClient:
             message, d = batch[0]
             self._submit_one(message).chainDeferred(d)
             return
-        try:
-            many = self._call(SubmitMany, bodies=[m for m, _ in batch])
-        except Exception:  # cannot be encoded: every waiting caller hears it
-            _fail_batch(Failure(), batch)
-            return
+        # Counted with submit_messages' calls: at most MAX_BATCHES_IN_FLIGHT on the wire.
+        # A batch that cannot be encoded fails here too: every waiting caller hears it.
+        many = self._in_flight.run(self._call, SubmitMany, bodies=[m for m, _ in batch])
         many.addCallbacks(_answer_batch, _fail_batch, callbackArgs=(batch,), errbackArgs=(batch,))
 
     async def get_message(self, msg_id: str) -> StoredMessage:
@@ -468,6 +541,22 @@ def submit_message(
         raise MessageRejected(problem)
     return _blocking(
         lambda r: _with_node(r, node, config, lambda c: c.submit_message(message), token_file)
+    )
+
+
+def submit_messages(
+    messages: Sequence[str],
+    node: int = 1,
+    config: ClusterConfig | str | Path | None = None,
+    token_file: str | Path | None = None,
+) -> list[str]:
+    """Submit many messages on one connection (see ``GossipClient.submit_messages``)."""
+    for k, m in enumerate(messages):  # before any reactor or connection
+        problem = message_problem(m)
+        if problem is not None:
+            raise MessageRejected(f"message {k + 1} of {len(messages)}: {problem}")
+    return _blocking(
+        lambda r: _with_node(r, node, config, lambda c: c.submit_messages(messages), token_file)
     )
 
 

@@ -292,6 +292,8 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
             if link["last_error"] and link["state"] != "up":
                 line += f"  ({link['last_error']})"
             _out(line)
+        for overlay in s.get("overlay") or []:
+            _print_overlay(overlay)
         if s["traffic"]:
             _out(f"  {'frames':<11} {'out':>9} {'bytes out':>12} {'in':>9} {'bytes in':>12}")
             for t in s["traffic"]:
@@ -317,6 +319,23 @@ async def _command(client: GossipClient, args: argparse.Namespace, timed: Any) -
         if dropped:
             reasons = ", ".join(f"{r['reason']} {r['count']}" for r in dropped)
             _out(f"  peers disconnected: {sum(r['count'] for r in dropped)} ({reasons})")
+
+
+def _print_overlay(o: dict[str, Any]) -> None:
+    """The dynamic overlay's lines of ``gclient --status``."""
+    suspects = ", ".join(
+        f"{p} ({age:.1f} s)" for p, age in zip(o["suspects"], o["suspect_for"], strict=False)
+    )
+    _out(
+        f"  overlay: neighbours {', '.join(map(str, o['neighbours'])) or 'none'};"
+        f" suspects {suspects or 'none'};"
+        f" unreachable {', '.join(map(str, o['unreachable'])) or 'none'};"
+        f" {o['members']} live nodes"
+        + (f"; local health {o['health']} (suspicion waits longer)" if o["health"] else "")
+        + (f"; {o['bad_records']} bad records dropped" if o["bad_records"] else "")
+    )
+    for at, what in zip(o["change_times"], o["changes"], strict=False):
+        _out(f"    {time.strftime('%H:%M:%S', time.localtime(at))}  {what}")
 
 
 def _message_json(m: Any) -> dict[str, Any]:

@@ -259,5 +259,23 @@ class Status(amp.Command):
                 ]
             ),
         ),
+        # The dynamic overlay (absent with the static one, and from older nodes).
+        (
+            b"overlay",
+            amp.AmpList(
+                [
+                    (b"neighbours", amp.ListOf(amp.Integer())),
+                    (b"suspects", amp.ListOf(amp.Integer())),
+                    (b"suspect_for", amp.ListOf(amp.Float())),
+                    (b"unreachable", amp.ListOf(amp.Integer())),
+                    (b"members", amp.Integer()),
+                    (b"health", amp.Integer()),
+                    (b"changes", amp.ListOf(amp.Unicode())),
+                    (b"change_times", amp.ListOf(amp.Float())),
+                    (b"bad_records", amp.Integer()),
+                ],
+                optional=True,
+            ),
+        ),
     ]
     errors = COMMON_ERRORS

@@ -48,7 +48,7 @@ from gossip.config import ClusterConfig
 from gossip.core.message import BadIdText, id_text
 from gossip.core.rate import TokenBucket
 from gossip.core.state import OriginRateLimited, SubmitRejected
-from gossip.log_throttle import LogThrottle, shown
+from gossip.log_guard import LogThrottle, shown
 from gossip.net.peer_protocol import set_no_delay
 from gossip.store.log import StoreError
 from gossip.submit_gate import SubmitBusy

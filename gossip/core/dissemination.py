@@ -6,6 +6,7 @@ returns ``Send`` effects. It never stores anything; ``GossipCore`` does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from gossip.core.effects import Effect, Send
@@ -42,6 +43,11 @@ class Dissemination(Protocol):
     def on_peer_down(self, peer: int) -> list[Effect]: ...
 
     def on_tick(self, now: float) -> list[Effect]: ...
+
+    def on_graph(self, graph: Mapping[int, frozenset[int]]) -> list[Effect]:
+        """The dynamic overlay's live graph changed (node -> its neighbours, each edge
+        named by both ends' records); never called with the static overlay."""
+        ...
 
 
 class Flood:
@@ -80,4 +86,7 @@ class Flood:
         return []
 
     def on_tick(self, now: float) -> list[Effect]:
+        return []
+
+    def on_graph(self, graph: Mapping[int, frozenset[int]]) -> list[Effect]:
         return []

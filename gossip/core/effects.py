@@ -65,4 +65,22 @@ class StreamMessages:
     ranges: tuple[int, ...]
 
 
-Effect = Persist | Send | DropPeer | StreamMessages
+@attrs.frozen(slots=True)
+class Dial:
+    """Keep a link to ``peer`` (dynamic overlay): dial ``address`` until it is up, and
+    again whenever it goes down, until a ``Hangup``. An empty address: accept the
+    peer's own dial (its link is kept while up) without dialing it."""
+
+    peer: int
+    address: str
+
+
+@attrs.frozen(slots=True)
+class Hangup:
+    """Stop keeping a link to ``peer`` (dynamic overlay): stop dialing, close it."""
+
+    peer: int
+    reason: str
+
+
+Effect = Persist | Send | DropPeer | StreamMessages | Dial | Hangup

@@ -88,6 +88,27 @@ class SyncHintFrame:
     pass
 
 
+# ---- dynamic overlay (see gossip/core/overlay.py) ----
+
+
+@attrs.frozen(slots=True)
+class NodeRecord:
+    """One node's link state, flooded to every node: who it is, how to dial it, which
+    links it has up. A newer ``version`` of the same node replaces an older one."""
+
+    node: int
+    incarnation: int
+    version: int
+    address: str  # its peer_address: a client endpoint description
+    neighbours: tuple[int, ...]  # the nodes its links are up to, sorted
+    leaving: bool = False
+
+
+@attrs.frozen(slots=True)
+class NodeRecordsFrame:
+    records: tuple[NodeRecord, ...]
+
+
 SyncFrame = SyncQueryFrame | SyncReplyFrame | SyncWantFrame | SyncDataFrame | SyncHintFrame
 
-PeerFrame = GossipFrame | IHaveFrame | GraftFrame | PruneFrame | SyncFrame
+PeerFrame = GossipFrame | IHaveFrame | GraftFrame | PruneFrame | SyncFrame | NodeRecordsFrame

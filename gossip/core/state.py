@@ -30,6 +30,7 @@ from gossip.core.frame_rules import frame_problem
 from gossip.core.frames import (
     Envelope,
     GossipFrame,
+    NodeRecordsFrame,
     PeerFrame,
     SyncDataFrame,
     SyncHintFrame,
@@ -38,6 +39,7 @@ from gossip.core.frames import (
     SyncWantFrame,
 )
 from gossip.core.message import ID_BYTES, Message, message_id
+from gossip.core.overlay import Overlay
 from gossip.core.paths import BODY_TOO_LARGE, REFUSALS, path_problem
 from gossip.core.rate import KeyedBuckets, TokenBucket
 from gossip.core.sync import FingerprintTree, SyncEngine
@@ -121,8 +123,11 @@ class GossipCore:
         self.strategy = strategy
         strategy.bind(store)
         self.max_body = max_body
-        # The configured node ids: the only ones a path may name (gossip.core.paths).
-        self.members = frozenset(members)
+        # The configured node ids: the only ones a path may name (gossip.core.paths);
+        # with the dynamic overlay, also every node it has a record of.
+        self.members = self.configured = frozenset(members)
+        # The dynamic overlay (None: the file's links are the links, as ever).
+        self.overlay: Overlay | None = None
         # Messages refused (dropped, the link kept), by reason: shown in status.
         self.refused: dict[str, int] = dict.fromkeys(REFUSED_KEYS, 0)
         self.origin_quota = TokenBucket(origin_rate, origin_burst)
@@ -157,19 +162,49 @@ class GossipCore:
         return SubmitResult(mid, True, effects)
 
     def peer_up(self, peer: int, now: float) -> list[Effect]:
-        if peer not in self.neighbours or peer in self.up:
+        if peer in self.up:
+            return []
+        effects: list[Effect] = []
+        if self.overlay is not None:
+            # Every link the table took is a neighbour: the overlay chose or accepted it.
+            effects = self._overlaid(self.overlay.link_up(peer, now))
+        elif peer not in self.neighbours:
             return []
         self.up = self.up | {peer}
-        return self.strategy.on_peer_up(peer) + self.sync.request(peer, self.up, now)
+        return effects + self.strategy.on_peer_up(peer) + self.sync.request(peer, self.up, now)
 
     def peer_down(self, peer: int, now: float) -> list[Effect]:
         if peer not in self.up:
             return []
         self.up = self.up - {peer}
-        return self.strategy.on_peer_down(peer) + self.sync.peer_down(peer, self.up, now)
+        effects = self.strategy.on_peer_down(peer) + self.sync.peer_down(peer, self.up, now)
+        if self.overlay is not None:
+            effects += self._overlaid(self.overlay.link_down(peer, now))
+        return effects
 
     def tick(self, now: float) -> list[Effect]:
-        return self.strategy.on_tick(now) + self.sync.tick(self.up, now)
+        effects = self.strategy.on_tick(now) + self.sync.tick(self.up, now)
+        if self.overlay is not None:
+            effects += self._overlaid(self.overlay.tick(now))
+        return effects
+
+    def use_overlay(self, overlay: Overlay) -> None:
+        """Run the dynamic overlay (before ``start``): links come and go as it decides."""
+        self.overlay = overlay
+
+    def start(self, now: float) -> list[Effect]:
+        """The node starts (before any link is up)."""
+        return [] if self.overlay is None else self._overlaid(self.overlay.start(now))
+
+    def leave(self, now: float) -> list[Effect]:
+        """The node stops on purpose: with the dynamic overlay, it says so to all."""
+        return [] if self.overlay is None else self._overlaid(self.overlay.leave(now))
+
+    def _overlaid(self, effects: list[Effect]) -> list[Effect]:
+        """Effects of the overlay, after which the nodes a path may name are updated."""
+        assert self.overlay is not None
+        self.members = self.configured | self.overlay.known
+        return effects
 
     def receive(self, peer: int, frame: PeerFrame, now: float) -> list[Effect]:
         if peer not in self.up:
@@ -191,6 +226,11 @@ class GossipCore:
             return self.sync.on_reply(peer, frame, self.up, now)
         if isinstance(frame, SyncHintFrame):
             return self.sync.request(peer, self.up, now)
+        if isinstance(frame, NodeRecordsFrame):
+            # Only a dynamic node sends records; a static one has no use for them.
+            if self.overlay is None:
+                return []
+            return self._overlaid(self.overlay.receive(peer, frame, now))
         return self.strategy.on_control(peer, frame)
 
     def _receive_gossip(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:

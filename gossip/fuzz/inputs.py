@@ -24,6 +24,8 @@ from gossip.core.frames import (
     GossipFrame,
     GraftFrame,
     IHaveFrame,
+    NodeRecord,
+    NodeRecordsFrame,
     PruneFrame,
     SyncDataFrame,
     SyncHintFrame,
@@ -102,6 +104,20 @@ def peer_frames(sender: int | None = None) -> st.SearchStrategy[Any]:
         st.builds(SyncWantFrame, SESSIONS, tuples(IDS), tuples(FP_KEYS)),
         st.builds(SyncDataFrame, SESSIONS, envs, st.booleans()),
         st.just(SyncHintFrame()),
+        st.builds(
+            NodeRecordsFrame,
+            tuples(
+                st.builds(
+                    NodeRecord,
+                    NODE_IDS,
+                    U64,
+                    U64,
+                    st.one_of(st.just("tcp:host=10.0.0.1:port=1"), st.text(max_size=40)),
+                    tuples(NODE_IDS, 8),
+                    st.booleans(),
+                )
+            ),
+        ),
     )
 
 

@@ -41,6 +41,7 @@ class CheckResult:
     deaths: str
     tracebacks: tuple[int, ...]
     missing_by_node: dict[str, int]
+    unlisted: tuple[int, ...] = ()
 
     def problems(self) -> list[str]:
         out = []
@@ -49,6 +50,8 @@ class CheckResult:
                 f"{self.lost} acknowledged messages lost"
                 f" (missing per node at the deadline: {self.missing_by_node})"
             )
+        if self.unlisted:
+            out.append(f"nodes {list(self.unlisted)} could not be listed before the deadline")
         if self.duplicates:
             out.append(f"messages listed twice, per node: {self.duplicates}")
         if self.wrong_bodies or self.wrong_ids:
@@ -98,6 +101,7 @@ async def check_after_heal(
         deaths=lab.describe_deaths(),
         tracebacks=tuple(lab.tracebacks()),
         missing_by_node=r["missing_by_node"],
+        unlisted=tuple(r.get("unlisted", ())),
     )
 
 

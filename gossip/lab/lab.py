@@ -32,9 +32,10 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from gossip import cluster
 from gossip.cluster import installed_command
 from gossip.config import ClusterConfig, address_description, dump_config, listen_description
-from gossip.lab.driver import network_namespace
+from gossip.lab.driver import CONVERGE_EXTRA, network_namespace
 from gossip.lab.netns import Netns, sweep_leftovers
 from gossip.topology import generate_config
 
@@ -58,8 +59,9 @@ STOP_TIMEOUT = 5.0
 MAX_REPLY_BYTES = 16 << 20
 
 
-def lab_config(netns: Netns, name: str = "lab") -> ClusterConfig:
-    """A degree-3 cluster whose node i is at its lab address, same ports everywhere."""
+def lab_config(netns: Netns, name: str = "lab", **settings: Any) -> ClusterConfig:
+    """A degree-3 cluster whose node i is at its lab address, same ports everywhere;
+    ``settings`` override cluster settings (e.g. ``overlay="dynamic"``)."""
     base = generate_config(netns.size, name=name)
     nodes = {
         n: attrs.evolve(
@@ -75,7 +77,7 @@ def lab_config(netns: Netns, name: str = "lab") -> ClusterConfig:
         )
         for n, spec in base.nodes.items()
     }
-    return attrs.evolve(base, nodes=nodes, **LAB_TIMERS)  # type: ignore[arg-type]
+    return attrs.evolve(base, nodes=nodes, **{**LAB_TIMERS, **settings})
 
 
 def node_command() -> list[str]:
@@ -85,28 +87,12 @@ def node_command() -> list[str]:
     )
 
 
-class NodeProcess(ProcessProtocol):
-    """One node process; ``ended`` fires with its exit code (negative: killed by signal)."""
+class NodeProcess(cluster.NodeProcess):
+    """One lab node process (``gossip.cluster``'s), and whether the lab ended it."""
 
     def __init__(self, node_id: int) -> None:
-        self.node_id = node_id
-        self.ended: defer.Deferred[int] = defer.Deferred()
-        self.exit_code: int | None = None
-        self.pid: int | None = None
+        super().__init__(node_id)
         self.expected_exit = False  # we killed or stopped it on purpose
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid if self.transport is not None else None
-
-    def processEnded(self, reason: Failure) -> None:
-        code = getattr(reason.value, "exitCode", None)
-        sig = getattr(reason.value, "signal", None)
-        self.exit_code = code if code is not None else -(sig or 0)
-        self.ended.callback(self.exit_code)
-
-    @property
-    def running(self) -> bool:
-        return self.exit_code is None
 
 
 class DriverProcess(ProcessProtocol):
@@ -225,11 +211,14 @@ def _install_signal_teardown() -> None:
 class Lab:
     """``size`` gossip nodes in network namespaces under ``directory`` (data dirs, logs)."""
 
-    def __init__(self, reactor: Any, directory: Path, size: int = 16) -> None:
+    def __init__(
+        self, reactor: Any, directory: Path, size: int = 16, settings: dict[str, Any] | None = None
+    ) -> None:
+        """``settings`` override the cluster file's settings (e.g. the overlay)."""
         self.reactor = reactor
         self.directory = Path(directory)
         self.netns = Netns(size)
-        self.config = lab_config(self.netns, name=f"lab-{self.netns.tag}")
+        self.config = lab_config(self.netns, name=f"lab-{self.netns.tag}", **(settings or {}))
         self.config_path = self.directory / "cluster.toml"
         self.nodes: dict[int, NodeProcess] = {}
         self.paused: set[int] = set()
@@ -285,15 +274,7 @@ class Lab:
         ]
         proto = NodeProcess(node)
         proto.ended.addCallback(self._node_ended, proto)
-        with open(self.log_path(node), "ab") as log:
-            self.reactor.spawnProcess(
-                proto,
-                args[0],
-                args,
-                env=os.environ.copy(),
-                path=str(d),
-                childFDs={0: "w", 1: log.fileno(), 2: log.fileno()},
-            )
+        proto.spawn(self.reactor, args, d, self.log_path(node))
         self.nodes[node] = proto
         return proto
 
@@ -332,7 +313,14 @@ class Lab:
             raise LabFailed("the lab's client driver is not running")
         d = self.driver.request(op, **args)
         wait = REQUEST_TIMEOUT + float(args.get("timeout", 0)) + float(args.get("deadline", 0))
-        return await d.addTimeout(wait, self.reactor)
+        if op == "converge":
+            wait += CONVERGE_EXTRA  # then it lists every node (see ``Driver.converge``)
+        try:
+            return await d.addTimeout(wait, self.reactor)
+        except defer.TimeoutError:
+            raise LabFailed(
+                f"the client driver did not answer {op!r} within {wait:.0f} s"
+            ) from None
 
     async def stop(self) -> None:
         """Stop the driver and every node (SIGTERM, then SIGKILL), remove the namespaces."""

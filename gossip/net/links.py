@@ -13,8 +13,11 @@ that keep exactly one connection per neighbour pair:
   again because it already dropped that connection (it timed the link out
   first, say across a healed partition), so the old one is dead;
 - otherwise two live connections of the same incarnation mean both sides
-  dialed at once: both ends keep the one dialed by the lower node id and
-  close the other.
+  dialed at once: both ends keep the one dialed by the lower node id, and the
+  lower id's end closes the other (the higher id's end stops using it and
+  closes it only if it is still open ``handshake_timeout`` later): a close
+  from the higher id could arrive before the lower id has switched, and take
+  its link down and up again.
 
 While a link is up through the connection the neighbour dialed, our own
 dialing pauses; when the link goes down it resumes. The dialing backoff is
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import attrs
@@ -62,6 +65,7 @@ from gossip.log_guard import LogRateLimit, shorten
 from gossip.net.dialing import EndpointConnector
 from gossip.net.peer_protocol import BAD_FRAME, HANDSHAKE_REFUSED, PeerProtocol
 from gossip.net.tls import PeerTLS, handshake_problem, peer_identity
+from gossip.pause_watch import PauseWatch
 from gossip.wire import codec
 
 CONNECTING, UP, DOWN = "connecting", "up", "down"
@@ -87,6 +91,10 @@ HANDSHAKE_LOG_PER_SECOND = 1.0
 # Down times remembered per link (for flaps over a window: gclient --cluster-stats).
 RECENT_DOWNS = 64
 REFUSED = "handshake refused (the reason is in the refusing node's log)"
+# The address shown for a link another node chose (this side accepts it, never dials).
+ACCEPTED_ONLY = "(accepted: not dialed)"
+# What a seed's dial is marked with while the node id at that address is not known.
+SEED = -1
 
 
 @attrs.frozen
@@ -141,7 +149,8 @@ class PeerClientFactory(ReconnectingClientFactory):
 
     def __init__(self, table: LinkTable, peer: int, max_delay: float) -> None:
         self.table = table
-        self.peer = peer
+        self.peer = peer  # SEED while dialing a seed whose id is not known yet
+        self.seed_address = ""
         self.maxDelay = max_delay  # type: ignore[assignment]  # float is fine; stubs say int
         self.clock = cast(Any, table.clock)
         self.resetDelay()
@@ -228,8 +237,19 @@ class LinkTable:
         incarnation: int | None = None,
         send_delay: float = 0.0,
         tls: PeerTLS | None = None,
+        accept_peer: Callable[[int], bool] | None = None,
+        seeds: Sequence[str] = (),
     ) -> None:
+        """With ``accept_peer`` (the dynamic overlay) the set of peers changes: an
+        inbound Hello from a node not in the table is taken when ``accept_peer`` says
+        so, ``add_peer`` / ``remove_peer`` start and stop links, and ``seeds`` (peer
+        addresses of running nodes, ids unknown) are dialed at start until a link is
+        up: a seed that answers joins the table as a peer."""
         self.node_id = node_id
+        self.accept_peer = accept_peer
+        self.seed_addresses = tuple(seeds)
+        self.seed_factories: list[PeerClientFactory] = []
+        self.reconnect_max_delay = reconnect_max_delay
         self.tls = tls
         self.cluster = cluster
         self.reactor = reactor
@@ -264,7 +284,10 @@ class LinkTable:
         self.disconnects: dict[str, int] = {}
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = clock
+        # Idle and handshake timeouts judge silence from when the reactor last ran again.
+        self.pauses = PauseWatch(clock)
         self._stopping = False
+        self._closed_waiters: list[Deferred[None]] = []
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -272,20 +295,100 @@ class LinkTable:
         now = self.clock.seconds()
         for link in self.links.values():
             link.since = now
-            endpoint = clientFromString(self.reactor, link.address)
-            if self.tls is not None:
-                endpoint = self.tls.client_endpoint(endpoint)
-            EndpointConnector(endpoint, link.factory, self.clock, link.address).connect()
+            self._dial(link.address, link.factory)
+        for address in self.seed_addresses:
+            factory = PeerClientFactory(self, SEED, self.reconnect_max_delay)
+            factory.seed_address = address
+            self.seed_factories.append(factory)
+            self._dial(address, factory)
         self._pinger.start(self.ping_interval, now=False)
+        self.pauses.start()
+
+    def _dial(self, address: str, factory: PeerClientFactory) -> None:
+        endpoint = clientFromString(self.reactor, address)
+        if self.tls is not None:
+            endpoint = self.tls.client_endpoint(endpoint)
+        EndpointConnector(endpoint, factory, self.clock, address).connect()
+
+    def add_peer(self, peer: int, address: str) -> None:
+        """Keep a link to ``peer``: dial ``address`` (a client endpoint description) now
+        and whenever the link is down. A bad address is one log line, nothing more."""
+        link = self.links.get(peer)
+        if link is not None:
+            if link.address or not address:
+                return
+            link.address = address  # an accepted link this node now wants too
+        else:
+            factory = PeerClientFactory(self, peer, self.reconnect_max_delay)
+            link = self.links[peer] = Link(peer, address, factory, since=self.clock.seconds())
+        try:
+            self._dial(address, link.factory)
+        except Exception as e:  # clientFromString: an unusable description from a record
+            link.last_error = f"cannot dial {shorten(address)!r}: {e}"
+            self.log.warn("{error}", node=self.node_id, peer=peer, error=link.last_error)
+
+    def remove_peer(self, peer: int, reason: str) -> None:
+        """Stop keeping a link to ``peer``: stop dialing, close its connections; the node
+        hears ``down`` at once if the link was up."""
+        link = self.links.pop(peer, None)
+        if link is None:
+            return
+        self._stop_factory(link.factory)
+        was_up = link.proto is not None
+        for proto in list(self.connections):
+            if peer in (proto.peer, proto.dialed):
+                proto.close(reason)
+        if was_up:
+            self.log.info(
+                "link to node {peer} closed: {why}", node=self.node_id, peer=peer, why=reason
+            )
+            self.events.down(peer)
+
+    @staticmethod
+    def _stop_factory(factory: PeerClientFactory) -> None:
+        factory.stopTrying()
+        connector = factory.connector
+        if connector is not None and connector.state == "connecting":
+            connector.stopConnecting()
 
     def stop(self) -> None:
         self._stopping = True
         if self._pinger.running:
             self._pinger.stop()
+        self.pauses.stop()
+        for factory in self.seed_factories:
+            factory.stopTrying()
         for link in self.links.values():
             link.factory.stopTrying()
         for proto in list(self.connections):
             proto.close("node stopping")
+
+    @property
+    def running(self) -> bool:
+        """Started and not stopped."""
+        return bool(self._pinger.running)
+
+    def when_all_closed(self, timeout: float) -> Deferred[None]:
+        """Fires once every connection has ended (a closed one sends what it has queued
+        first), or after ``timeout`` seconds: what a stopping node waits for."""
+        d: Deferred[None] = Deferred()
+        if not self.connections:
+            d.callback(None)
+            return d
+        self._closed_waiters.append(d)
+        call = self.clock.callLater(timeout, self._release_waiters)
+
+        def done(result: None) -> None:
+            if call.active():
+                call.cancel()
+
+        d.addCallback(done)
+        return d
+
+    def _release_waiters(self) -> None:
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def server_factory(self) -> IProtocolFactory:
         """What the peer port listens with: TLS around ``PeerServerFactory`` when on."""
@@ -355,8 +458,9 @@ class LinkTable:
     def handshake_frame(self, proto: PeerProtocol, frame: codec.AnyFrame) -> None:
         if isinstance(frame, codec.Reject) and proto.outbound:
             reason = f"node {proto.dialed} rejected our handshake: {shorten(frame.reason)}"
-            if proto.dialed is not None:
-                self.links[proto.dialed].last_error = reason
+            dialed = self.links.get(proto.dialed) if proto.dialed is not None else None
+            if dialed is not None:
+                dialed.last_error = reason
             proto.fail(reason)
             return
         if not isinstance(frame, codec.Hello):
@@ -374,23 +478,27 @@ class LinkTable:
 
     def frame_received(self, proto: PeerProtocol, frame: PeerFrame, size: int) -> None:
         peer = proto.peer
-        if peer is not None and self.links[peer].state == UP:
-            self.events.frame(peer, frame, size)
+        link = self.links.get(peer) if peer is not None else None
+        if link is not None and link.state == UP and not self._stopping:
+            self.events.frame(link.peer, frame, size)
 
     def write_state(self, proto: PeerProtocol) -> None:
         peer = proto.peer
-        if peer is not None and self.links[peer].proto is proto:
-            self.events.congested(peer, proto.write_paused)
+        link = self.links.get(peer) if peer is not None else None
+        if link is not None and link.proto is proto:
+            self.events.congested(link.peer, proto.write_paused)
 
     def connection_lost(self, proto: PeerProtocol, reason: Failure) -> None:
         self.connections.discard(proto)
+        if not self.connections and self._closed_waiters:
+            self._release_waiters()
         peer = proto.peer
         if peer is None:
             self._handshake_lost(proto, reason)
             return
-        link = self.links[peer]
-        if link.proto is not proto:
-            return
+        link = self.links.get(peer)
+        if link is None or link.proto is not proto:
+            return  # a link removed meanwhile (remove_peer told the node already)
         link.proto = None
         link.state = DOWN
         now = self.clock.seconds()
@@ -405,6 +513,8 @@ class LinkTable:
         if self._stopping:
             return
         stable = now - proto.established_at >= self.stable_after
+        if not link.address:
+            return  # a link another node chose: this side never dials it
         if not proto.outbound:
             link.factory.resume(reset_backoff=stable)
         elif stable:
@@ -418,15 +528,21 @@ class LinkTable:
         problem = handshake_problem(proto.transport, reason)
         if problem is None:
             return
-        if proto.dialed is not None:
-            self.links[proto.dialed].last_error = f"TLS handshake failed: {problem}"
+        dialed = self.links.get(proto.dialed) if proto.dialed is not None else None
+        if dialed is not None:
+            dialed.last_error = f"TLS handshake failed: {problem}"
         self._warn_handshake(
             "TLS handshake with {who} failed: {problem}", who=proto.describe(), problem=problem
         )
 
     def dial_failed(self, peer: int, reason: Failure) -> None:
-        link = self.links[peer]
-        if link.state == UP or self._stopping:
+        if peer == SEED and not self._stopping:
+            self._warn_handshake(
+                "cannot reach a seed to join through: {error}", error=reason.getErrorMessage()
+            )
+            return
+        link = self.links.get(peer)
+        if link is None or link.state == UP or self._stopping:
             return  # we stopped this dial ourselves: the link is up through the neighbour's
         link.last_error = f"dial {link.address} failed: {reason.getErrorMessage()}"
         self.log.debug("{error}", node=self.node_id, peer=peer, error=link.last_error)
@@ -462,7 +578,7 @@ class LinkTable:
         return [
             LinkStatus(
                 link.peer,
-                link.address,
+                link.address or ACCEPTED_ONLY,
                 link.state,
                 link.since,
                 link.times_up,
@@ -503,9 +619,14 @@ class LinkTable:
                 )
         if hello.cluster != self.cluster:
             return f"cluster {shorten(hello.cluster)!r} is not this node's cluster {self.cluster!r}"
-        if proto.outbound and hello.node_id != proto.dialed:
+        if hello.node_id == self.node_id:
+            return f"node {self.node_id} reached itself"
+        if proto.outbound and proto.dialed != SEED and hello.node_id != proto.dialed:
             return f"dialed node {proto.dialed} but node {hello.node_id} answered"
-        if hello.node_id not in self.links:
+        if hello.node_id not in self.links and not (
+            proto.dialed == SEED
+            or (self.accept_peer is not None and self.accept_peer(hello.node_id))
+        ):
             return f"node {hello.node_id} is not a neighbour of node {self.node_id}"
         if hello.incarnation == 0:
             return "incarnation 0 is not allowed"
@@ -513,7 +634,15 @@ class LinkTable:
 
     def _establish(self, proto: PeerProtocol, hello: codec.Hello) -> None:
         peer = hello.node_id
-        link = self.links[peer]
+        if proto.dialed == SEED:
+            self._seed_answered(proto, peer)
+        link = self.links.get(peer)
+        if link is None:
+            # A node the overlay accepts (it chose this node, or is joining): kept
+            # while up, never dialed by this side.
+            factory = PeerClientFactory(self, peer, self.reconnect_max_delay)
+            factory.stopTrying()
+            link = self.links[peer] = Link(peer, "", factory)
         proto.peer = peer
         proto.incarnation = hello.incarnation
         proto.established = True
@@ -549,9 +678,41 @@ class LinkTable:
             loser = current
         else:
             loser = proto
-        loser.close("duplicate connection")
+        if self.node_id < peer:
+            loser.close("duplicate connection")
+        else:
+            # The lower id may still be using it while its own dial's handshake is on
+            # the way: our close could reach it first and take its link down and up.
+            # It closes the duplicate when it switches; if it never does, we do.
+            self.clock.callLater(self.handshake_timeout, self._close_duplicate, loser)
+
+    def _close_duplicate(self, proto: PeerProtocol) -> None:
+        link = self.links.get(proto.peer) if proto.peer is not None else None
+        if proto in self.connections and (link is None or link.proto is not proto):
+            proto.close("duplicate connection")
+
+    def _seed_answered(self, proto: PeerProtocol, peer: int) -> None:
+        """A seed answered as node ``peer``: the other seeds are not needed any more;
+        this seed's dialer becomes the link's (unless the table has one already)."""
+        factory = proto.factory
+        assert isinstance(factory, PeerClientFactory)
+        for other in self.seed_factories:
+            if other is not factory:
+                self._stop_factory(other)
+        self.seed_factories = []
+        proto.dialed = peer
+        if peer in self.links:
+            factory.stopTrying()
+            return
+        factory.peer = peer
+        self.links[peer] = Link(peer, factory.seed_address, factory, since=self.clock.seconds())
 
     def _make_current(self, link: Link, proto: PeerProtocol) -> None:
+        if self.seed_factories:
+            # The node is in the cluster: the records it gets name every other node.
+            for factory in self.seed_factories:
+                self._stop_factory(factory)
+            self.seed_factories = []
         link.proto = proto
         link.state = UP
         link.since = self.clock.seconds()

@@ -171,6 +171,13 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         )
 
     def timeoutConnection(self) -> None:
+        period = self.timeOut or 0.0
+        since = self.table.pauses.running_since(self.last_heard)
+        if since > self.last_heard and self.table.clock.seconds() - since < period:
+            # The reactor stood still (SIGSTOP, say) since the last frame and may not
+            # have read what waits in the socket yet: judge silence from when it resumed.
+            self.setTimeout(period)
+            return
         what = "link idle" if self.established else "handshake not finished"
         self.fail(
             f"{what} for {self.timeOut} s",

@@ -113,6 +113,36 @@ class NodeCollector:
         watchers.add_metric([], len(node.watchers))
         yield watchers
         yield from self._queues()
+        yield from self._overlay()
+
+    def _overlay(self) -> Iterator[Metric]:
+        """The dynamic overlay (nothing with the static one)."""
+        overlay = self.node.core.overlay
+        if overlay is None:
+            return
+        for name, doc, value in (
+            ("gossip_overlay_neighbours", "Neighbours the node counts", overlay.degree),
+            (
+                "gossip_overlay_suspects",
+                "Neighbours whose link is down, not yet replaced",
+                len(overlay.suspects),
+            ),
+            ("gossip_overlay_live_nodes", "Nodes in the live graph", len(overlay.graph)),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
+        changes = CounterMetricFamily(
+            "gossip_overlay_changes", "Changes of the neighbour set (status lists the last)"
+        )
+        changes.add_metric([], overlay.change_count)
+        yield changes
+        bad = CounterMetricFamily(
+            "gossip_overlay_bad_records", "Node records dropped as malformed", labels=["reason"]
+        )
+        for reason, n in overlay.bad_records.items():
+            bad.add_metric([reason], n)
+        yield bad
 
     def _traffic(self) -> Iterator[Metric]:
         labels = ["peer", "kind"]

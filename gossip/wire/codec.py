@@ -18,6 +18,8 @@ from gossip.core.frames import (
     GossipFrame,
     GraftFrame,
     IHaveFrame,
+    NodeRecord,
+    NodeRecordsFrame,
     PeerFrame,
     PruneFrame,
     SyncDataFrame,
@@ -127,6 +129,16 @@ def encode(frame: AnyFrame) -> bytes:
         f.prune.origins.extend(frame.origins)
         f.prune.cut.extend(frame.cut)
         f.prune.SetInParent()
+    elif isinstance(frame, NodeRecordsFrame):
+        for r in frame.records:
+            pb = f.node_records.records.add()
+            pb.node_id = r.node
+            pb.incarnation = r.incarnation
+            pb.version = r.version
+            pb.address = r.address
+            pb.neighbours.extend(r.neighbours)
+            pb.leaving = r.leaving
+        f.node_records.SetInParent()
     elif isinstance(frame, Ping):
         f.ping.SetInParent()
     elif isinstance(frame, Hello):
@@ -241,6 +253,15 @@ def decode(data: bytes) -> AnyFrame:
         return GraftFrame(tuple(f.graft.ids), tuple(f.graft.origins))
     if kind == "prune":
         return PruneFrame(tuple(f.prune.origins), tuple(f.prune.cut))
+    if kind == "node_records":
+        return NodeRecordsFrame(
+            tuple(
+                NodeRecord(
+                    r.node_id, r.incarnation, r.version, r.address, tuple(r.neighbours), r.leaving
+                )
+                for r in f.node_records.records
+            )
+        )
     if kind == "ping":
         return Ping()
     if kind == "hello":

@@ -424,6 +424,72 @@ class SyncHint(_message.Message):
 Global___SyncHint: _TypeAlias = SyncHint  # noqa: Y015
 
 @_typing.final
+class NodeRecord(_message.Message):
+    """---- Dynamic overlay (cluster setting overlay = "dynamic"; never sent otherwise) ----
+
+    Link state, flooded to every node as routing protocols flood theirs: each node's
+    record says how to dial it and which links it has up. A record with a higher
+    version replaces the held one and is passed on to the other neighbours.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    NEIGHBOURS_FIELD_NUMBER: _builtins.int
+    LEAVING_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    incarnation: _builtins.int
+    version: _builtins.int
+    address: _builtins.str
+    """its peer_address: a client endpoint description"""
+    leaving: _builtins.bool
+    """it is stopping: replace it now"""
+    @_builtins.property
+    def neighbours(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """nodes its links are up to"""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.int = ...,
+        incarnation: _builtins.int = ...,
+        version: _builtins.int = ...,
+        address: _builtins.str = ...,
+        neighbours: _abc.Iterable[_builtins.int] | None = ...,
+        leaving: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "incarnation", b"incarnation", "leaving", b"leaving", "neighbours", b"neighbours", "node_id", b"node_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeRecord: _TypeAlias = NodeRecord  # noqa: Y015
+
+@_typing.final
+class NodeRecords(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___NodeRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeRecords: _TypeAlias = NodeRecords  # noqa: Y015
+
+@_typing.final
 class Frame(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -439,6 +505,7 @@ class Frame(_message.Message):
     SYNC_WANT_FIELD_NUMBER: _builtins.int
     SYNC_DATA_FIELD_NUMBER: _builtins.int
     SYNC_HINT_FIELD_NUMBER: _builtins.int
+    NODE_RECORDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -463,6 +530,8 @@ class Frame(_message.Message):
     def sync_data(self) -> Global___SyncData: ...
     @_builtins.property
     def sync_hint(self) -> Global___SyncHint: ...
+    @_builtins.property
+    def node_records(self) -> Global___NodeRecords: ...
     def __init__(
         self,
         *,
@@ -478,12 +547,13 @@ class Frame(_message.Message):
         sync_want: Global___SyncWant | None = ...,
         sync_data: Global___SyncData | None = ...,
         sync_hint: Global___SyncHint | None = ...,
+        node_records: Global___NodeRecords | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["gossip", b"gossip", "graft", b"graft", "hello", b"hello", "ihave", b"ihave", "kind", b"kind", "ping", b"ping", "prune", b"prune", "reject", b"reject", "sync_data", b"sync_data", "sync_hint", b"sync_hint", "sync_query", b"sync_query", "sync_reply", b"sync_reply", "sync_want", b"sync_want"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gossip", b"gossip", "graft", b"graft", "hello", b"hello", "ihave", b"ihave", "kind", b"kind", "node_records", b"node_records", "ping", b"ping", "prune", b"prune", "reject", b"reject", "sync_data", b"sync_data", "sync_hint", b"sync_hint", "sync_query", b"sync_query", "sync_reply", b"sync_reply", "sync_want", b"sync_want"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gossip", b"gossip", "graft", b"graft", "hello", b"hello", "ihave", b"ihave", "kind", b"kind", "ping", b"ping", "prune", b"prune", "reject", b"reject", "sync_data", b"sync_data", "sync_hint", b"sync_hint", "sync_query", b"sync_query", "sync_reply", b"sync_reply", "sync_want", b"sync_want"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gossip", b"gossip", "graft", b"graft", "hello", b"hello", "ihave", b"ihave", "kind", b"kind", "node_records", b"node_records", "ping", b"ping", "prune", b"prune", "reject", b"reject", "sync_data", b"sync_data", "sync_hint", b"sync_hint", "sync_query", b"sync_query", "sync_reply", b"sync_reply", "sync_want", b"sync_want"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "reject", "gossip", "ihave", "graft", "prune", "ping", "sync_query", "sync_reply", "sync_want", "sync_data", "sync_hint"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "reject", "gossip", "ihave", "graft", "prune", "ping", "sync_query", "sync_reply", "sync_want", "sync_data", "sync_hint", "node_records"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
