@@ -967,10 +967,6 @@ class Plumtree:
         if batch:
             yield GossipFrame(tuple(batch))
 
-    def on_graph(self, graph: Mapping[int, frozenset[int]]) -> list[Effect]:
-        """The dynamic overlay's live graph changed (placeholder: trees stay static)."""
-        return []
-
     # -- timers ------------------------------------------------------------
 
     def on_tick(self, now: float) -> list[Effect]:
