@@ -676,9 +676,18 @@ class Plumtree:
         # New neighbours not up are handled here (stand-ins), not at the next tick.
         self._known.update(trees.graph.get(self.node_id, ()))
         reparented = sorted(o for o, (old, new) in moved.items() if new not in (old, None))
+        gone: dict[int, list[int]] = {}
+        for origin in sorted(self.orphaned):
+            if self.trees.parent(origin) is None:
+                # Out of our reach in the graph (a dead node's record, links gone): no
+                # message of it will come, no feed is needed.
+                self.orphaned.discard(origin)
+                standin = self.standins.pop(origin, None)
+                if standin in self.up:
+                    gone.setdefault(standin, []).append(origin)
         effects = self._refeed(sorted({*reparented, *self.orphaned}))
         grafts: dict[int, list[int]] = {}
-        prunes: dict[int, list[int]] = {}
+        prunes: dict[int, list[int]] = gone
         for origin in reparented:
             old, new = moved[origin]
             upstream = self._upstream_of(origin)
