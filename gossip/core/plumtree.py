@@ -264,6 +264,8 @@ class OriginTrees:
                 break
             v = parent.get(v)
         self._path[origin] = tuple(reversed(up))
+        if self.trees.share:
+            return  # shared parent maps make a search free: ``retree`` redoes them all
         cone = {me, *up}
         for w in mine:
             # Paths up a tree merge for good: stop where this one meets the cone.
@@ -288,11 +290,11 @@ class OriginTrees:
         for origin in list(self._parent):
             before = (self._parent[origin], self._children[origin], self._path[origin])
             if origin not in trees.members:
-                del self._parent[origin], self._children[origin]
-                del self._path[origin], self._cone[origin]
+                del self._parent[origin], self._children[origin], self._path[origin]
+                self._cone.pop(origin, None)
                 changed[origin] = (before[0], None)
                 continue
-            if not mine_moved and not trees.may_change(origin, self._cone[origin]):
+            if not (mine_moved or trees.share or trees.may_change(origin, self._cone[origin])):
                 continue
             self._compute(origin)
             if (self._parent[origin], self._children[origin], self._path[origin]) != before:
