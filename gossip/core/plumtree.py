@@ -317,7 +317,8 @@ class OriginTrees:
             if self.trees.share:
                 # Shared parent maps are kept: no need to cache children and path
                 # for an origin that is only asked about (see ``origins_under``).
-                return None if origin == self.node_id else self.trees.parents(origin)[self.node_id]
+                parents = self.trees.parents(origin)
+                return None if origin == self.node_id else parents.get(self.node_id)
             self._compute(origin)
         return self._parent[origin]
 
