@@ -35,8 +35,17 @@ from gossip import logs, settings
 from gossip.client.tokens import TokenError, read_token
 from gossip.config import ClusterConfig
 from gossip.core.dissemination import Dissemination, Flood
-from gossip.core.effects import Dial, DropPeer, Effect, Hangup, Persist, Send, StreamMessages
-from gossip.core.frames import Envelope, GossipFrame, PeerFrame
+from gossip.core.effects import (
+    Dial,
+    DropPeer,
+    Effect,
+    Hangup,
+    Persist,
+    PersistBatch,
+    Send,
+    StreamMessages,
+)
+from gossip.core.frames import GossipFrame, PeerFrame
 from gossip.core.message import Message, id_range
 from gossip.core.overlay import Overlay
 from gossip.core.plumtree import Plumtree
@@ -134,6 +143,9 @@ class GossipNode(service.Service):
         )
         if overlay is not None:
             self.core.use_overlay(overlay)
+        # One PersistBatch and one Send per neighbour and frame: the store and the
+        # links take a frame's messages at once.
+        self.core.effects_per_frame = True
         self.peer_tls = self._load_tls(config, node_id)
         # The token clients must Login with (None: the client port needs none).
         self.client_token = self._load_client_token(config, node_id)
@@ -162,7 +174,8 @@ class GossipNode(service.Service):
             seeds=[s for s in config.join if s != self.spec.peer_address] if overlay else (),
         )
         self.traffic = Traffic()
-        self._outbox: dict[int, list[Envelope]] = {}
+        # Per peer: encoded ``Gossip.messages`` entries to send at the next flush.
+        self._outbox: dict[int, list[bytes]] = {}
         # Backpressure: while any neighbour's link is full, new submits wait (bounded)
         # so they add nothing to what cannot be sent; reads and relaying go on.
         # Per full link: since when it has not drained (a stalled one is dropped).
@@ -480,21 +493,30 @@ class GossipNode(service.Service):
     # -- effects out -------------------------------------------------------
 
     def _apply(self, effects: list[Effect]) -> None:
+        # Encodings by frame object: a frame sent to several peers is encoded once.
         encoded: dict[int, bytes] = {}
+        pieces: dict[int, list[bytes]] = {}
         for effect in effects:
-            if isinstance(effect, Persist):
+            if isinstance(effect, Persist | PersistBatch):
                 try:
-                    self.store.add(effect.message)
+                    if isinstance(effect, Persist):
+                        self.store.add(effect.message)
+                    else:
+                        self.store.add_many(effect.messages)
                 except StoreError as e:
                     self._store_failed(e)
                     return  # nothing after a failed Persist: its sends least of all
             elif isinstance(effect, Send) and isinstance(effect.frame, GossipFrame):
                 # Batched: every payload for a peer within one reactor turn goes out
                 # as one frame, so per-frame costs are paid once under load.
+                key = id(effect.frame)
+                entries = pieces.get(key)
+                if entries is None:
+                    entries = pieces[key] = codec.gossip_pieces(effect.frame)
                 box = self._outbox.get(effect.peer)
                 if box is None:
                     box = self._outbox[effect.peer] = []
-                box.extend(effect.frame.messages)
+                box += entries
                 if self._flush_call is None:
                     self._flush_call = self.clock.callLater(0, self.flush)
             elif isinstance(effect, Send):
@@ -541,9 +563,8 @@ class GossipNode(service.Service):
             except StoreError as e:
                 self._store_failed(e)
                 return
-            cache: dict[int, bytes] = {}
-            for peer, envelopes in outbox.items():
-                for data, count in codec.encode_gossip(envelopes, GOSSIP_FRAME_BYTES, cache):
+            for peer, entries in outbox.items():
+                for data, count in codec.gossip_frames(entries, GOSSIP_FRAME_BYTES):
                     if self.links.send(peer, data):
                         self.traffic.sent_kind(peer, "gossip", len(data), count)
         if self.watchers:

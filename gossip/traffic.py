@@ -79,7 +79,7 @@ class Traffic:
         return out
 
     def sent(self, peer: int, frame: PeerFrame, size: int) -> None:
-        messages = len(frame.messages) if isinstance(frame, GossipFrame | SyncDataFrame) else 0
+        messages = len(frame) if isinstance(frame, GossipFrame | SyncDataFrame) else 0
         self.sent_kind(peer, KIND_NAMES[type(frame)], size, messages)
 
     def sent_kind(self, peer: int, name: str, size: int, messages: int = 0) -> None:
@@ -93,7 +93,7 @@ class Traffic:
         c.frames_in += 1
         c.bytes_in += size
         if isinstance(frame, GossipFrame | SyncDataFrame):
-            c.messages_in += len(frame.messages)
+            c.messages_in += len(frame)
 
     def rows(self) -> list[dict[str, int | str]]:
         return [{"kind": k, **attrs.asdict(c)} for k, c in sorted(self.kinds.items())]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,3 +44,94 @@ def test_encode_gossip_frames_decode_back_to_the_envelopes(
         assert isinstance(frame, GossipFrame) and len(frame.messages) == count
         out += frame.messages
     assert out == batch
+
+
+def protobuf_frame(batch: list[Envelope]) -> bytes:
+    f = peer_pb2.Frame()
+    for env in batch:
+        m = f.gossip.messages.add()
+        m.id = env.id
+        m.body = env.body
+        m.path.extend(env.path)
+    f.gossip.SetInParent()
+    return f.SerializeToString()
+
+
+def protobuf_envelopes(data: bytes) -> list[Envelope]:
+    f = peer_pb2.Frame()
+    f.ParseFromString(data)
+    return [Envelope(m.id, m.body, tuple(m.path)) for m in f.gossip.messages]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(envelopes, max_size=30), st.integers(0, 300))
+def test_gossip_columns_and_relayed_pieces_match_protobuf(batch: list[Envelope], me: int) -> None:
+    """A Gossip frame as protobuf serializes it decodes (into columns, no protobuf
+    object) to exactly the envelopes protobuf reads; and each message sent on with
+    ``me`` appended to its path, assembled from the received bytes
+    (``gossip_pieces``), is byte for byte what protobuf serializes for it."""
+    data = protobuf_frame(batch)
+    frame = codec.decode(data)
+    assert isinstance(frame, GossipFrame)
+    assert list(frame.messages) == batch == protobuf_envelopes(data)
+    # Read into columns unless a node id needs a multi-byte varint (protobuf reads those).
+    assert (frame.heads is not None) == all(max(e.path, default=0) < 0x80 for e in batch)
+    rows = list(range(len(batch)))
+    for path in {env.path for env in batch}:
+        group = [r for r in rows if batch[r].path == path]
+        relayed = frame.select(group, (*path, me))
+        expected = [Envelope(batch[r].id, batch[r].body, (*path, me)) for r in group]
+        assert codec.gossip_pieces(relayed) == [codec.envelope_piece(e) for e in expected]
+        (out, count), *more = codec.gossip_frames(codec.gossip_pieces(relayed), 1 << 30)
+        assert not more and count == len(group) and out == protobuf_frame(expected)
+
+
+# Envelope encodings protobuf reads but never writes: the codec must read them the same.
+ODD_ENVELOPES = {
+    "fields-reversed": b"\x1a\x02\x03\x04\x12\x02hi\x0a\x02ab",
+    "path-unpacked": b"\x0a\x02ab\x12\x02hi\x18\x03\x18\x04",
+    "path-in-two-parts": b"\x0a\x02ab\x12\x02hi\x1a\x01\x03\x1a\x01\x04",
+    "id-twice": b"\x0a\x02zz\x0a\x02ab\x12\x02hi",
+    "unknown-field": b"\x0a\x02ab\x12\x02hi\x20\x05",
+    "long-node-ids": b"\x0a\x02ab\x12\x02hi\x1a\x04\x80\x01\xff\x01",
+    "overlong-length": b"\x0a\x82\x00ab\x12\x02hi",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("raw", ODD_ENVELOPES.values(), ids=ODD_ENVELOPES.keys())
+def test_envelopes_encoded_otherwise_decode_as_protobuf_reads_them(raw: bytes) -> None:
+    """An envelope encoded in a way protobuf accepts but does not write (fields out of
+    order or repeated, an unpacked or split path, unknown fields, multi-byte node ids,
+    a length varint longer than needed) decodes to what protobuf reads, beside a plain
+    one; and relaying it gives protobuf's own bytes for the relayed envelope."""
+    plain = codec.envelope_piece(Envelope(b"cd", b"yo", (7,)))
+    odd = b"\x0a" + bytes([len(raw)]) + raw
+    payload = odd + plain
+    data = b"\x1a" + bytes([len(payload)]) + payload
+    frame = codec.decode(data)
+    assert isinstance(frame, GossipFrame)
+    assert list(frame.messages) == protobuf_envelopes(data)
+    relayed = frame.select([0, 1], None)
+    pieces = codec.gossip_pieces(
+        GossipFrame.of_columns(
+            relayed.ids, relayed.bodies, tuple((*p, 9) for p in relayed.paths), relayed.heads
+        )
+    )
+    expected = [Envelope(e.id, e.body, (*e.path, 9)) for e in protobuf_envelopes(data)]
+    assert [protobuf_envelopes(b"\x1a" + bytes([len(p)]) + p)[0] for p in pieces] == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x1a\x05\x0a\x03\x0a\x01",  # an envelope cut short
+        b"\x1a\x09\x0a\x07\x0a\x10abcd",  # an id running past its envelope
+        b"\x1a\x03\x0a\x05\x0a",  # an envelope running past the frame
+        b"\x1a\x10\x0a\x02",  # a frame shorter than it says
+    ],
+)
+def test_truncated_gossip_frames_are_bad_frames(data: bytes) -> None:
+    """A Gossip frame whose lengths do not add up is a ``BadFrame``, as protobuf says."""
+    with pytest.raises(codec.BadFrame):
+        codec.decode(data)

@@ -12,12 +12,12 @@ import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from gossip.client.commands import ListIds
 from gossip.config import dump_config, parse_config
 from gossip.core.message import id_text, message_id
 from gossip.lab.checker import count_flaps
 from gossip.lab.driver import Driver, has_route_out
 from gossip.lab.lab import CLIENT_PORT, LAB_TIMERS, PEER_PORT, LinkCount, lab_config
+from gossip.lab.ledger import Ledger
 from gossip.lab.nemesis import FAULTS, fault_order
 from gossip.lab.netns import Netns
 from gossip.lab.soak import duration
@@ -90,14 +90,11 @@ def _driver_with_node(answers: list[bool], rows: int) -> Driver:
     bodies = [f"m{i}" for i in range(rows)]
     held = [(id_text(message_id(b.encode())), b) for b in bodies]
     for body in bodies:
-        driver.acked[message_id(body.encode())] = body
+        driver.ledger.ack(message_id(body.encode()))
     script = iter(answers)
 
     class Proto:
         async def callRemote(self, command: Any, start: int, limit: int) -> dict[str, Any]:
-            if command is ListIds:
-                raw = b"".join(message_id(b.encode()) for b in bodies)
-                return {"ids": raw, "next": rows, "total": rows}
             page = held[start : start + 2]
             return {
                 "messages": [{"id": m, "body": b} for m, b in page],
@@ -150,3 +147,63 @@ def test_a_node_that_never_answers_a_listing_is_reported_unlisted() -> None:
     driver = _driver_with_node([True] + [False] * 100_000, rows=3)
     r = _run(driver, driver.converge([1], deadline=1.0))
     assert r["unlisted"] == [1] and r["lost"] == 0
+
+
+def _rows(*bodies: str) -> list[tuple[str, str]]:
+    return [(id_text(message_id(b.encode())), b) for b in bodies]
+
+
+def _raw(body: str) -> bytes:
+    return message_id(body.encode())
+
+
+def test_ledger_reads_each_node_once_and_knows_what_it_lacks() -> None:
+    """Acknowledged ids a node has not listed are what it lacks; a read from where the
+    last one stopped removes them, in whichever order acks and rows come."""
+    ledger = Ledger([1, 2])
+    ledger.listed(1, 0, _rows("a"), 1)  # listed before its ack reached the driver
+    ledger.ack(_raw("a"))
+    ledger.ack(_raw("b"))
+    assert ledger.lacking[1] == {_raw("b")}
+    assert ledger.lacking[2] == {_raw("a"), _raw("b")}
+    ledger.listed(1, 1, _rows("b"), 2)
+    ledger.listed(2, 0, _rows("b", "a"), 2)
+    assert ledger.lacking == {1: set(), 2: set()}
+    assert ledger.position == {1: 2, 2: 2}
+    with pytest.raises(ValueError):
+        ledger.listed(1, 0, _rows("a"), 1)  # never the same rows twice
+
+
+def test_ledger_counts_duplicates_and_rows_whose_id_is_not_their_bodys_hash() -> None:
+    """A node listing an id twice (in one read or across reads) has a duplicate; a row
+    whose id is not the hash of its body is wrong, and never counts as held."""
+    ledger = Ledger([1, 2])
+    ledger.ack(_raw("a"))
+    ledger.listed(1, 0, _rows("a", "b"), 2)
+    ledger.listed(1, 2, _rows("a"), 3)
+    ledger.listed(2, 0, [(id_text(_raw("a")), "not a")], 1)
+    assert ledger.duplicates == {1: 1, 2: 0}
+    assert ledger.wrong_rows == 1
+    assert ledger.lacking[2] == {_raw("a")}
+
+
+def test_ledger_forgets_a_node_whose_listing_got_shorter() -> None:
+    """A node that lists fewer rows than were read (its log cut) is read again from 0,
+    and what it no longer lists is lacking again."""
+    ledger = Ledger([1])
+    ledger.ack(_raw("a"))
+    ledger.listed(1, 0, _rows("a"), 1)
+    ledger.forget(1)
+    assert ledger.position[1] == 0 and ledger.lacking[1] == {_raw("a")}
+    ledger.listed(1, 0, _rows("a"), 1)
+    assert ledger.duplicates[1] == 0 and not ledger.lacking[1]
+
+
+def test_converge_reads_a_node_incrementally() -> None:
+    """A second check reads only the rows after the first one's (a soak's checks cost
+    what is new, not what was ever sent)."""
+    driver = _driver_with_node([True] * 100, rows=5)
+    first = _run(driver, driver.converge([1], deadline=5.0))
+    assert first["lost"] == 0 and driver.ledger.position[1] == 5
+    second = _run(driver, driver.converge([1], deadline=5.0))
+    assert second["lost"] == 0 and second["duplicates"] == {}

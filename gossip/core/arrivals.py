@@ -22,16 +22,21 @@ UNKNOWN = -1
 class Arrivals:
     def __init__(self, limit: int = RECENT_ARRIVALS) -> None:
         self.limit = limit
-        # id -> [via index, redundant copies]; oldest first.
-        self._recent: OrderedDict[bytes, list[int]] = OrderedDict()
+        # id -> via index + 4 * redundant copies (an int: no object per message); oldest first.
+        self._recent: OrderedDict[bytes, int] = OrderedDict()
         self.stored: dict[str, int] = dict.fromkeys(VIAS, 0)
         self.duplicates: dict[str, int] = dict.fromkeys(VIAS, 0)
 
     def stored_new(self, mid: bytes, via: str) -> None:
-        self.stored[via] += 1
-        self._recent[mid] = [VIAS.index(via), 0]
-        if len(self._recent) > self.limit:
-            self._recent.popitem(last=False)
+        self.stored_many((mid,), via)
+
+    def stored_many(self, mids: tuple[bytes, ...], via: str) -> None:
+        """``stored_new`` for each of ``mids`` (the new messages of one frame)."""
+        self.stored[via] += len(mids)
+        recent = self._recent
+        recent.update(dict.fromkeys(mids, VIAS.index(via)))
+        for _ in range(len(recent) - self.limit):
+            recent.popitem(last=False)
 
     def duplicate(self, mid: bytes, via: str) -> None:
         """Another copy of a held message arrived (and was dropped). A client's resubmit
@@ -39,11 +44,11 @@ class Arrivals:
         self.duplicates[via] += 1
         entry = self._recent.get(mid)
         if entry is not None and via != "submit":
-            entry[1] += 1
+            self._recent[mid] = entry + 4
 
     def of(self, mid: bytes) -> tuple[str, int]:
         """(how it came, redundant copies since) or ("", UNKNOWN) once forgotten."""
         entry = self._recent.get(mid)
         if entry is None:
             return "", UNKNOWN
-        return VIAS[entry[0]], entry[1]
+        return VIAS[entry & 3], entry >> 2

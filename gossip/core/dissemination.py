@@ -20,6 +20,20 @@ class MessageReader(Protocol):
     def get(self, mid: bytes) -> Message | None: ...
 
 
+def group_by_path(frame: GossipFrame) -> dict[tuple[int, ...], list[int]]:
+    """path -> the rows of ``frame`` with that path, in order (first seen first). The
+    messages of one path have one origin and one sender, so they go to the same
+    neighbours: a relay decides once per path, not once per message."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, path in enumerate(frame.paths):
+        rows = groups.get(path)
+        if rows is None:
+            groups[path] = [row]
+        else:
+            rows.append(row)
+    return groups
+
+
 class Dissemination(Protocol):
     name: str
 
@@ -29,6 +43,14 @@ class Dissemination(Protocol):
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
         """``env`` was just stored; ``sender`` is None for a local submit."""
+        ...
+
+    def on_new_batch(
+        self, frame: GossipFrame, sender: int | None, up: frozenset[int]
+    ) -> list[Effect]:
+        """Every message of ``frame`` was just stored (in that order), all from ``sender``:
+        what ``on_new`` gives for each, with one ``Send`` per neighbour and group of
+        messages that share their targets rather than one per message."""
         ...
 
     def on_duplicate(self, env: Envelope, sender: int) -> list[Effect]:
@@ -72,6 +94,17 @@ class Flood:
             return []
         frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
         return [Send(p, frame) for p in sorted(targets)]
+
+    def on_new_batch(
+        self, frame: GossipFrame, sender: int | None, up: frozenset[int]
+    ) -> list[Effect]:
+        effects: list[Effect] = []
+        for path, rows in group_by_path(frame).items():
+            targets = [p for p in up if p != sender and p not in path]
+            if targets:
+                out = frame.select(rows, (*path, self.node_id))
+                effects += [Send(p, out) for p in sorted(targets)]
+        return effects
 
     def on_duplicate(self, env: Envelope, sender: int) -> list[Effect]:
         return []

@@ -1,8 +1,9 @@
 """What the core asks its caller to do.
 
 The caller carries out the effects of one event, in order, before it hands the
-core the next event (as etcd raft's Ready/Advance): ``Persist`` first, so that
-a message is in the store before anyone can ask for it, then ``Send``.
+core the next event (as etcd raft's Ready/Advance): ``Persist`` (or
+``PersistBatch``) first, so that a message is in the store before anyone can
+ask for it, then ``Send``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from gossip.core.message import Message
 @attrs.frozen(slots=True)
 class Persist:
     message: Message
+
+
+@attrs.frozen(slots=True)
+class PersistBatch:
+    """Store these messages, in order (the new messages of one received frame)."""
+
+    messages: tuple[Message, ...]
 
 
 @attrs.frozen(slots=True)
@@ -83,4 +91,4 @@ class Hangup:
     reason: str
 
 
-Effect = Persist | Send | DropPeer | StreamMessages | Dial | Hangup
+Effect = Persist | PersistBatch | Send | DropPeer | StreamMessages | Dial | Hangup

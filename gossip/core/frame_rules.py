@@ -32,9 +32,9 @@ def frame_problem(frame: PeerFrame, members: int) -> tuple[str, str] | None:
     """(kind, reason) when ``frame`` breaks a bound, else None. ``members`` is the
     number of configured nodes (a Prune names at most every origin once)."""
     if isinstance(frame, GossipFrame | SyncDataFrame):
-        if len(frame.messages) > MAX_MESSAGES_PER_FRAME:
+        if len(frame) > MAX_MESSAGES_PER_FRAME:
             return OVERSIZED_BATCH, (
-                f"{len(frame.messages)} messages in one frame (at most {MAX_MESSAGES_PER_FRAME})"
+                f"{len(frame)} messages in one frame (at most {MAX_MESSAGES_PER_FRAME})"
             )
         return None
     if isinstance(frame, IHaveFrame | GraftFrame):

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import attrs
 
 
@@ -18,9 +20,81 @@ class Envelope:
     path: tuple[int, ...]
 
 
-@attrs.frozen(slots=True)
 class GossipFrame:
-    messages: tuple[Envelope, ...]
+    """A batch of messages pushed to a neighbour, held as columns.
+
+    The hot path reads the columns (``ids``, ``bodies``, ``paths``) and never
+    builds an ``Envelope`` per message; ``messages`` builds them on first use
+    (tests, the simulator, re-sync). ``heads`` is what the wire codec kept of
+    each received envelope: its encoded id and body fields, so that a relayed
+    message is sent on as those bytes plus its new path (see
+    ``gossip.wire.codec.gossip_pieces``); None when the frame was built from
+    objects. Two frames are equal when their messages are.
+    """
+
+    __slots__ = ("_messages", "bodies", "heads", "ids", "paths")
+
+    ids: tuple[bytes, ...]
+    bodies: tuple[bytes, ...]
+    paths: tuple[tuple[int, ...], ...]
+    heads: tuple[bytes, ...] | None
+    _messages: tuple[Envelope, ...] | None
+
+    def __init__(self, messages: tuple[Envelope, ...]) -> None:
+        self.ids = tuple(m.id for m in messages)
+        self.bodies = tuple(m.body for m in messages)
+        self.paths = tuple(m.path for m in messages)
+        self.heads = None
+        self._messages = messages
+
+    @classmethod
+    def of_columns(
+        cls,
+        ids: tuple[bytes, ...],
+        bodies: tuple[bytes, ...],
+        paths: tuple[tuple[int, ...], ...],
+        heads: tuple[bytes, ...] | None = None,
+    ) -> GossipFrame:
+        """A frame from parallel columns (``heads``: see the class)."""
+        frame = cls.__new__(cls)
+        frame.ids, frame.bodies, frame.paths, frame.heads = ids, bodies, paths, heads
+        frame._messages = None
+        return frame
+
+    def select(self, rows: list[int], path: tuple[int, ...] | None = None) -> GossipFrame:
+        """The messages at ``rows`` (ascending, no repeats); all with ``path`` when given."""
+        ids, bodies, heads = self.ids, self.bodies, self.heads
+        if len(rows) == len(ids):  # every row, in order (rows are ascending)
+            paths = self.paths if path is None else (path,) * len(rows)
+            return GossipFrame.of_columns(ids, bodies, paths, heads)
+        paths = (path,) * len(rows) if path is not None else tuple(self.paths[i] for i in rows)
+        if len(rows) == 1:
+            row = rows[0]
+            heads_of = None if heads is None else (heads[row],)
+            return GossipFrame.of_columns((ids[row],), (bodies[row],), paths, heads_of)
+        pick = itemgetter(*rows)  # a tuple of the items, for two rows or more
+        heads_of = None if heads is None else pick(heads)
+        return GossipFrame.of_columns(pick(ids), pick(bodies), paths, heads_of)
+
+    @property
+    def messages(self) -> tuple[Envelope, ...]:
+        if self._messages is None:
+            self._messages = tuple(map(Envelope, self.ids, self.bodies, self.paths))
+        return self._messages
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GossipFrame):
+            return NotImplemented
+        return (self.ids, self.bodies, self.paths) == (other.ids, other.bodies, other.paths)
+
+    def __hash__(self) -> int:
+        return hash((self.ids, self.bodies, self.paths))
+
+    def __repr__(self) -> str:
+        return f"GossipFrame(messages={self.messages!r})"
 
 
 @attrs.frozen(slots=True)
@@ -81,6 +155,9 @@ class SyncDataFrame:
     session: int
     messages: tuple[Envelope, ...]
     done: bool
+
+    def __len__(self) -> int:
+        return len(self.messages)
 
 
 @attrs.frozen(slots=True)

@@ -52,7 +52,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 
-from gossip.core.dissemination import MessageReader
+from gossip.core.dissemination import MessageReader, group_by_path
 from gossip.core.effects import Effect, Send
 from gossip.core.frames import (
     Envelope,
@@ -723,8 +723,23 @@ class Plumtree:
     # -- messages ----------------------------------------------------------
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
-        # The hot path: one call per message stored; who gets what is looked up.
-        path = env.path
+        return self.on_new_batch(GossipFrame((env,)), sender, up)
+
+    def on_new_batch(
+        self, frame: GossipFrame, sender: int | None, up: frozenset[int]
+    ) -> list[Effect]:
+        # The hot path: one call per received frame. Messages of one path share origin
+        # and sender, so who gets them is looked up once per path.
+        effects: list[Effect] = []
+        for path, rows in group_by_path(frame).items():
+            effects += self._forward(frame, rows, path, sender)
+        return effects
+
+    def _forward(
+        self, frame: GossipFrame, rows: list[int], path: tuple[int, ...], sender: int | None
+    ) -> list[Effect]:
+        """Push the messages at ``rows`` of ``frame`` (all with ``path``) to the eager
+        neighbours and announce them to the lazy ones."""
         origin = path[0] if path else self.node_id
         plan = self._plans.get((origin, sender))
         if plan is None:
@@ -737,37 +752,58 @@ class Plumtree:
                 effects = self._heard_from(sender, origin)
                 if effects:
                     eager, lazy, _ = self._plan(origin, sender)
-        entry = self.missing.pop(env.id, None) if self.missing else None
-        if entry is not None:
-            if path == self.trees.path(origin):
-                self._late(self.now - entry.announced)
-            elif entry.grafted:
-                # We had to ask for it: the tree around us is broken for this origin,
-                # and neighbours that lack it would wait for it too. Push it to all.
-                eager, lazy = eager + lazy, ()
-                # If the tree copy still comes, how late it was counts (on_duplicate).
-                grafted = self._grafted
-                grafted[env.id] = entry.announced
-                if len(grafted) > MAX_GRAFTED:
-                    del grafted[next(iter(grafted))]
-        frame: GossipFrame | None = None
-        for p in eager:
-            if p not in path:
-                if frame is None:
-                    frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
-                effects.append(Send(p, frame))
-        for p in lazy:
-            if p not in path:
-                batch = self._ihave.get(p)
-                if batch is None:
-                    batch = self._ihave[p] = []
-                batch.append((env.id, origin))
-                if feeds or len(batch) >= IDS_PER_FRAME:
-                    # Off the tree: the tree around us is broken for this origin, and
-                    # a neighbour cut off with us should hear of it now, not next tick.
-                    effects.append(self._ihave_frame(p, batch))
-                    self._ihave[p] = []
+        ids = frame.ids
+        pushed_to_all: list[int] = []
+        missing = self.missing
+        if missing and any(ids[row] in missing for row in rows):
+            pushed_to_all = [row for row in rows if self._arrived(ids[row], path, origin)]
+            if pushed_to_all:
+                rows = [row for row in rows if row not in pushed_to_all]
+        relayed = (*path, self.node_id)
+        for group, to_eager, to_lazy in (
+            (rows, eager, lazy),
+            (pushed_to_all, eager + lazy, ()),
+        ):
+            if not group:
+                continue
+            out: GossipFrame | None = None
+            for p in to_eager:
+                if p not in path:
+                    if out is None:
+                        out = frame.select(group, relayed)
+                    effects.append(Send(p, out))
+            for p in to_lazy:
+                if p not in path:
+                    batch = self._ihave.get(p)
+                    if batch is None:
+                        batch = self._ihave[p] = []
+                    batch += [(ids[row], origin) for row in group]
+                    if feeds or len(batch) >= IDS_PER_FRAME:
+                        # Off the tree: the tree around us is broken for this origin,
+                        # and a neighbour cut off with us should hear of it now.
+                        for i in range(0, len(batch), IDS_PER_FRAME):
+                            effects.append(self._ihave_frame(p, batch[i : i + IDS_PER_FRAME]))
+                        self._ihave[p] = []
         return effects
+
+    def _arrived(self, mid: bytes, path: tuple[int, ...], origin: int) -> bool:
+        """``mid`` came, announced before: learn how late the tree was, and say whether
+        it must be pushed to all neighbours (we had to graft it: the tree around us is
+        broken for this origin, and neighbours that lack it would wait for it too)."""
+        entry = self.missing.pop(mid, None)
+        if entry is None:
+            return False
+        if path == self.trees.path(origin):
+            self._late(self.now - entry.announced)
+            return False
+        if not entry.grafted:
+            return False
+        # If the tree copy still comes, how late it was counts (on_duplicate).
+        grafted = self._grafted
+        grafted[mid] = entry.announced
+        if len(grafted) > MAX_GRAFTED:
+            del grafted[next(iter(grafted))]
+        return True
 
     def _plan(self, origin: int, sender: int | None) -> _Plan:
         """(eager, lazy) neighbours for ``origin``'s messages from ``sender``, and whether

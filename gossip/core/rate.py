@@ -52,3 +52,8 @@ class KeyedBuckets:
         if bucket is None:
             bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, now)
         return bucket.take(now, n)
+
+    def available(self, key: Hashable, now: float) -> int:
+        """Whole tokens ``key`` may take at ``now`` (nothing is taken)."""
+        bucket = self.buckets.get(key)
+        return int(self.burst) if bucket is None else bucket.available(now)

@@ -9,6 +9,7 @@ each with ``now`` passed in; the output is a list of effects (see
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from itertools import repeat
 from typing import Protocol
 
 import attrs
@@ -25,6 +26,7 @@ from gossip.core.effects import (
     DropPeer,
     Effect,
     Persist,
+    PersistBatch,
 )
 from gossip.core.frame_rules import frame_problem
 from gossip.core.frames import (
@@ -94,6 +96,16 @@ def check_body(body: bytes, max_body: int) -> str | None:
 
 
 class GossipCore:
+    """The rules of one node (see the module).
+
+    ``effects_per_frame`` (an attribute, False unless set; the node sets it): when True, the new
+    messages of a received Gossip frame yield one ``PersistBatch`` and the
+    strategy's ``on_new_batch`` (one ``Send`` per neighbour and group of
+    messages), as the node wants under load; when False each yields its own
+    ``Persist`` and ``on_new``, which tests and the simulator read more easily.
+    The rules applied are the same either way.
+    """
+
     def __init__(
         self,
         node_id: int,
@@ -117,6 +129,7 @@ class GossipCore:
         ``RELAY_HEADROOM`` times the quota per origin, and only the excess of that is
         dropped (counted, the link kept). A dropped message is not lost: re-sync,
         which only pulls what this node asked for and is not limited, fetches it."""
+        self.effects_per_frame = False  # see the class docstring
         self.node_id = node_id
         self.neighbours = frozenset(neighbours)
         self.store = store
@@ -234,35 +247,78 @@ class GossipCore:
         return self.strategy.on_control(peer, frame)
 
     def _receive_gossip(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:
+        """The frame's messages in order, read from its columns: a copy of a held message
+        costs a set lookup (the strategy learns who sent it); a new one is checked
+        (``_check``), limited per origin, stored and handed on. The first message only
+        a broken or hostile sender makes ends the frame with a ``DropPeer``."""
         effects: list[Effect] = []
-        fresh: set[bytes] = set()
-        held = self.store
-        for sent in frame.messages:
-            if sent.id in fresh or sent.id in held:
-                # Dedup before validation: a copy of a held message is a set lookup and
-                # a path check (the strategy learns who sent it); its body is neither
-                # hashed nor checked, since nothing of it is kept.
-                problem = path_problem(sent.path, peer, self.node_id, self.members)
+        ids, bodies, paths = frame.ids, frame.bodies, frame.paths
+        held, fresh, refused = self.store, set(), self.refused
+        # A frame's messages share few paths: each distinct one is checked once.
+        problems: dict[tuple[int, ...], str | None] = {}
+        # Per origin: tokens this frame may take from the relay quota, and took.
+        allowed: dict[int, int] = {}
+        taken: dict[int, int] = {}
+        rows: list[int] = []
+        dropped: DropPeer | None = None
+        for row, mid in enumerate(ids):
+            path = paths[row]
+            try:
+                problem = problems[path]
+            except KeyError:
+                problem = problems[path] = path_problem(path, peer, self.node_id, self.members)
+            if mid in fresh or mid in held:
+                # Dedup before validation: nothing of a copy is kept, so its body is
+                # neither hashed nor checked.
                 if problem is None:
-                    self.arrivals.duplicate(sent.id, "gossip")
-                    effects += self.strategy.on_duplicate(sent, peer)
+                    self.arrivals.duplicate(mid, "gossip")
+                    effects += self.strategy.on_duplicate(Envelope(mid, bodies[row], path), peer)
                 else:
-                    self.refused[problem] += 1
+                    refused[problem] += 1
                 continue
-            env = self._checked(sent, peer)
-            if env is None:
+            verdict = self._check(mid, bodies[row], peer, problem)
+            if verdict is not None:
+                if isinstance(verdict, DropPeer):
+                    dropped = verdict
+                    break
+                refused[verdict] += 1
                 continue
-            if isinstance(env, DropPeer):
-                effects.append(env)
-                return effects
-            if not self.relay_quota.take(env.path[0], now):
-                self.refused[ORIGIN_RATE_LIMITED] += 1
+            origin = path[0]
+            room = allowed.get(origin)
+            if room is None:
+                room = allowed[origin] = self.relay_quota.available(origin, now)
+            used = taken.get(origin, 0)
+            if used >= room:
+                refused[ORIGIN_RATE_LIMITED] += 1
                 continue
-            fresh.add(env.id)
-            self.arrivals.stored_new(env.id, "gossip")
-            effects.append(self._persist(Message(env.id, env.body, now, env.path)))
-            effects += self.strategy.on_new(env, peer, self.up)
+            taken[origin] = used + 1
+            fresh.add(mid)
+            rows.append(row)
+        for origin, used in taken.items():
+            self.relay_quota.take(origin, now, used)
+        if rows:
+            new = frame if len(rows) == len(ids) else frame.select(rows)
+            if self.effects_per_frame:
+                effects += self._stored_batch(new, peer, now)
+            else:
+                for env in new.messages:
+                    effects.append(self._persist(Message(env.id, env.body, now, env.path)))
+                    self.arrivals.stored_new(env.id, "gossip")
+                    effects += self.strategy.on_new(env, peer, self.up)
+        if dropped is not None:
+            effects.append(dropped)
         return effects
+
+    def _stored_batch(self, frame: GossipFrame, sender: int, now: float) -> list[Effect]:
+        """``frame``'s messages (new, checked) stored with one ``PersistBatch`` and handed
+        on with one ``Send`` per neighbour and group of messages (``on_new_batch``)."""
+        self.arrivals.stored_many(frame.ids, "gossip")
+        add_to_tree = self.tree.add
+        for mid in frame.ids:
+            add_to_tree(mid)
+        messages = tuple(map(Message, frame.ids, frame.bodies, repeat(now), frame.paths))
+        effects: list[Effect] = [PersistBatch(messages)]
+        return effects + self.strategy.on_new_batch(frame, sender, self.up)
 
     def _receive_sync_data(self, peer: int, frame: SyncDataFrame, now: float) -> list[Effect]:
         """Store pulled messages; they are not forwarded (see gossip.core.sync). Only
@@ -294,25 +350,38 @@ class GossipCore:
         self.tree.add(message.id)
         return Persist(message)
 
+    def _check(
+        self, mid: bytes, body: bytes, sender: int, path_refusal: str | None
+    ) -> DropPeer | str | None:
+        """What must become of a new message (``path_refusal``: its path's problem): None to take
+        it, a key of ``refused`` to drop it and count why (a path or size an honest
+        node with another cluster file or an old log could send: the link stays),
+        or ``DropPeer`` (what only a broken or hostile sender produces)."""
+        if len(mid) != ID_BYTES:
+            return DropPeer(sender, f"message id of {len(mid)} bytes", BAD_MESSAGE)
+        if path_refusal is not None:
+            return path_refusal
+        if len(body) > self.max_body:
+            return BODY_TOO_LARGE
+        problem = check_body(body, self.max_body)
+        if problem:
+            return DropPeer(sender, problem, BAD_MESSAGE)
+        if message_id(body) != mid:
+            return DropPeer(sender, "message id does not match its body", FORGED_ID)
+        return None
+
     def _checked(
         self, env: Envelope, sender: int, *, id_optional: bool = False
     ) -> Envelope | DropPeer | None:
         """``env`` with its id (hashed from the body when left out); None for a message
-        refused and counted (a path or size an honest node with another cluster file
-        or an old log could send: the link stays); else the link must be dropped
-        (what only a broken or hostile sender produces)."""
-        if len(env.id) != ID_BYTES and not (id_optional and not env.id):
-            return DropPeer(sender, f"message id of {len(env.id)} bytes", BAD_MESSAGE)
+        refused and counted (see ``_check``); else the ``DropPeer``."""
+        # Re-sync leaves ids out: then the id is the body's hash, checked by itself.
+        mid = message_id(env.body) if id_optional and not env.id else env.id
         problem = path_problem(env.path, sender, self.node_id, self.members)
-        if problem is None and len(env.body) > self.max_body:
-            problem = BODY_TOO_LARGE
-        if problem is not None:
-            self.refused[problem] += 1
-            return None
-        problem = check_body(env.body, self.max_body)
-        if problem:
-            return DropPeer(sender, problem, BAD_MESSAGE)
-        digest = message_id(env.body)
-        if env.id and digest != env.id:
-            return DropPeer(sender, "message id does not match its body", FORGED_ID)
-        return env if env.id else Envelope(digest, env.body, env.path)
+        verdict = self._check(mid, env.body, sender, problem)
+        if verdict is None:
+            return env if env.id else Envelope(mid, env.body, env.path)
+        if isinstance(verdict, DropPeer):
+            return verdict
+        self.refused[verdict] += 1
+        return None

@@ -18,8 +18,10 @@ Operations (arguments in brackets):
 - ``wait_links`` [nodes, up, timeout, peers]: wait until every listed link of
   each node is up (``up`` true) or not up (false).
 - ``converge`` [nodes, deadline]: wait until each node holds every message
-  acknowledged so far; then read each node's full listing and report ids
-  listed twice and acknowledged ids missing.
+  acknowledged so far; then read each node's listing to its end and report ids
+  listed twice, rows whose id is not their body's hash and acknowledged ids
+  missing. Each node's listing is read once, from where the last read stopped
+  (see ``gossip.lab.ledger``).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from twisted.internet import defer, stdio, task
 from twisted.protocols.basic import LineReceiver
 
 from gossip.client.api import PAGE_LIMIT, GossipClient, NodeUnreachable
-from gossip.client.commands import IDS_PER_PAGE, ListIds, ListMessages
+from gossip.client.commands import ListMessages
 from gossip.config import ClusterConfig, ConfigError, load_config
-from gossip.core.message import ID_BYTES, id_text, message_id
+from gossip.core.message import id_text, message_id
+from gossip.lab.ledger import Ledger
 
 # A submit batch, status call or listing page not answered within this is given up
 # (the node may be stopped with SIGSTOP); the connection is dropped and redialed.
@@ -93,7 +96,7 @@ class Driver:
         self.config = config
         self.tag = tag
         self.clients: dict[int, GossipClient] = {}
-        self.acked: dict[bytes, str] = {}  # raw id -> body
+        self.ledger = Ledger(config.nodes)
         self.wrong_ids = 0  # acknowledged with an id that is not the body's hash
         self.attempted = 0
         self.failed = 0
@@ -177,7 +180,7 @@ class Driver:
         for body, (ok, value) in zip(bodies, results, strict=True):
             if ok:
                 mid = message_id(body.encode())
-                self.acked[mid] = body
+                self.ledger.ack(mid)
                 self.wrong_ids += str(value) != id_text(mid)
             else:
                 self.failed += 1
@@ -219,90 +222,72 @@ class Driver:
                 return {"done": not pending, "seconds": waited, "pending": pending[:10]}
             await task.deferLater(self.reactor, POLL_INTERVAL)
 
-    async def held_ids(self, node: int) -> set[bytes] | None:
-        out: set[bytes] = set()
-        start = 0
+    async def read_new(self, node: int, until: float | None) -> bool:
+        """Read ``node``'s listing from where the last read stopped to its end now, a
+        page per call (see ``Ledger``). A failed page is asked again until ``until``
+        (the reactor's seconds; None: not again): a node slow to answer on a loaded
+        machine is not a node that lost its messages. Whether it read to the end."""
+        ledger = self.ledger
         while True:
-
-            async def page(c: GossipClient, start: int = start) -> Any:
-                return await c.proto.callRemote(ListIds, start=start, limit=IDS_PER_PAGE)
-
-            r = await self.try_call(node, page)
-            if r is None:
-                return None
-            raw = r["ids"]
-            out.update(raw[i : i + ID_BYTES] for i in range(0, len(raw), ID_BYTES))
-            if r["next"] >= r["total"] or not raw:
-                return out
-            start = r["next"]
-
-    async def listing(self, node: int, until: float) -> list[tuple[str, str]] | None:
-        """Every (id, body) the node lists, a page per call (each with CALL_TIMEOUT),
-        a failed page asked again until ``until`` (the reactor's seconds): a node slow
-        to answer on a loaded machine is not a node that lost its messages.
-        None if it could not be listed by then."""
-        out: list[tuple[str, str]] = []
-        start = 0
-        while True:
+            start = ledger.position[node]
 
             async def page(c: GossipClient, start: int = start) -> Any:
                 return await c.proto.callRemote(ListMessages, start=start, limit=PAGE_LIMIT)
 
             r = await self.try_call(node, page)
             if r is None:
-                if self.reactor.seconds() > until:
-                    return None
+                if until is None or self.reactor.seconds() > until:
+                    return False
                 await task.deferLater(self.reactor, POLL_INTERVAL)
                 continue
+            if r["total"] < start:
+                ledger.forget(node)
+                continue
             rows = [(m["id"], m["body"]) for m in r["messages"]]
-            out.extend(rows)
+            ledger.listed(node, start, rows, r["next"])
             if not rows or r["next"] >= r["total"]:
-                return out
-            start = r["next"]
+                return True
 
     async def converge(self, nodes: list[int], deadline: float) -> dict[str, Any]:
-        """Wait until every node holds every message acknowledged up to now."""
+        """Wait until every node holds every message acknowledged up to now; then read
+        every node to the end of its listing (duplicates, wrong rows)."""
         start = time.monotonic()
-        want = dict(self.acked)
-        missing: dict[int, int] = {n: len(want) for n in nodes}
+        give_up = self.reactor.seconds() + deadline
+        ledger = self.ledger
+        acknowledged = len(ledger.acked)
+        want = {n: set(ledger.lacking[n]) for n in nodes}
+
+        def pending(n: int) -> int:
+            want[n] &= ledger.lacking[n]
+            return len(want[n])
+
         while True:
             for n in nodes:
-                if missing[n] == 0:
-                    continue
-                held = await self.held_ids(n)
-                if held is not None:
-                    missing[n] = sum(1 for mid in want if mid not in held)
+                if pending(n):
+                    await self.read_new(n, None)
             done = time.monotonic()
-            if all(v == 0 for v in missing.values()) or done - start > deadline:
+            if all(pending(n) == 0 for n in nodes) or self.reactor.seconds() > give_up:
                 break
             await task.deferLater(self.reactor, POLL_INTERVAL)
-        duplicates: dict[int, int] = {}
-        wrong_bodies = 0
-        lost: set[str] = set()
-        want_text = {id_text(mid): body for mid, body in want.items()}
         unlisted: list[int] = []
         list_until = self.reactor.seconds() + LIST_DEADLINE
         for n in nodes:
-            rows = await self.listing(n, list_until)
-            if rows is None:
+            if not await self.read_new(n, list_until):
                 unlisted.append(n)  # a check failure of its own, not a count of losses
-                continue
-            ids = [mid for mid, _ in rows]
-            duplicates[n] = len(ids) - len(set(ids))
-            bodies = dict(rows)
-            lost.update(mid for mid in want_text if mid not in bodies)
-            wrong_bodies += sum(
-                1 for mid, b in want_text.items() if mid in bodies and bodies[mid] != b
-            )
+        missing = {n: pending(n) for n in nodes}
+        lost: set[bytes] = set()
+        for n in nodes:
+            if n not in unlisted:  # what an unread node holds is unknown, not lost
+                lost |= want[n]
         return {
-            "acknowledged": len(want),
+            "acknowledged": acknowledged,
             "lost": len(lost),
             "missing_by_node": {str(n): v for n, v in missing.items() if v},
-            "converged": all(v == 0 for v in missing.values()),
+            "converged": not any(missing.values()),
             "seconds": done - start,
             "converged_at": done,
-            "duplicates": {str(n): v for n, v in duplicates.items() if v},
-            "wrong_bodies": wrong_bodies,
+            "duplicates": {str(n): v for n in nodes if (v := ledger.duplicates[n])},
+            "wrong_bodies": ledger.wrong_rows,
             "wrong_ids": self.wrong_ids,
             "unlisted": unlisted,
         }
@@ -315,7 +300,7 @@ class Driver:
             self.set_load([int(n) for n in req.get("nodes", [])], float(req["per_node_rate"]))
             return {}
         if op == "counts":
-            return {"acknowledged": len(self.acked), "attempted": self.attempted}
+            return {"acknowledged": len(self.ledger.acked), "attempted": self.attempted}
         if op == "status":
             return await self.status([int(n) for n in req["nodes"]])
         if op == "wait_links":

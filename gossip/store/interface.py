@@ -30,6 +30,11 @@ class MessageStore(Protocol):
         """Store ``message`` unless its id is already held; say whether it was new."""
         ...
 
+    def add_many(self, messages: tuple[Message, ...]) -> int:
+        """``add`` for each message in order (the new messages of one received frame),
+        at the cost of one append; returns how many were new."""
+        ...
+
     def get(self, mid: bytes) -> Message | None: ...
 
     def ids(self) -> Iterator[bytes]:

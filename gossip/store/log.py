@@ -732,6 +732,43 @@ class LogStore:
             self._schedule()
         return True
 
+    def add_many(self, messages: tuple[Message, ...]) -> int:
+        """``add`` for each message, in order, with one buffered write for all of them
+        (the new messages of one received frame); returns how many were new. Same
+        promises and errors as ``add``: a message that cannot be encoded raises
+        ``ValueError`` before any of them is taken."""
+        held = self._by_id
+        fresh = [m for m in messages if m.id not in held]
+        if len(fresh) != len(messages) or len({m.id for m in fresh}) != len(fresh):
+            return sum(self.add(m) for m in messages)  # copies among them: one at a time
+        if self.policy == "always" or not fresh:
+            return sum(self.add(m) for m in fresh)  # an fsync per record, as add promises
+        if self._closed:
+            raise StoreError(f"{self.path} is closed")
+        if self._broken is not None:
+            raise StoreError(self._broken)
+        records = [encode_record(m) for m in fresh]
+        offset = self._end
+        if self._write_call is None:
+            self._write_call = self._reactor.callLater(0, self._write_later)
+        elif offset - self._written > _WRITE_BOUND:
+            self._write_out()
+        data = b"".join(records)
+        self._pending.append(data)
+        first = len(self._offsets)
+        offsets = self._offsets
+        for record in records:
+            offsets.append(offset)
+            offset += len(record)
+        self._end = offset
+        ids = [m.id for m in fresh]
+        held.update(zip(ids, range(first, first + len(ids)), strict=True))
+        self._order.extend(ids)
+        self._unsorted.extend(ids)
+        if self.policy == "batch":
+            self._schedule()
+        return len(fresh)
+
     def durable_count(self) -> int:
         """How many records, in arrival order, are durable under the policy (all of
         them under "never", which promises nothing beyond the process)."""

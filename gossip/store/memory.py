@@ -33,6 +33,9 @@ class MemoryStore:
         self._unsorted.append(message.id)
         return True
 
+    def add_many(self, messages: tuple[Message, ...]) -> int:
+        return sum(self.add(m) for m in messages)
+
     def ids(self) -> Iterator[bytes]:
         return iter(self._order)
 

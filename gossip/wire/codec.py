@@ -185,11 +185,36 @@ def envelope_piece(env: Envelope) -> bytes:
     if body:
         parts += (b"\x12", _varint(len(body)), body)
     if path:
-        # Node ids under 128 are one-byte varints: the packed field is the ids' bytes.
-        packed = bytes(path) if max(path) < 0x80 else b"".join(map(_varint, path))
-        parts += (b"\x1a", _varint(len(packed)), packed)
+        parts.append(_path_field(path))
     raw = b"".join(parts)
     return _ENVELOPE_TAG + _varint(len(raw)) + raw
+
+
+def _path_field(path: tuple[int, ...]) -> bytes:
+    """``Envelope.path`` as protobuf writes it (empty path: no field)."""
+    if not path:
+        return b""
+    # Node ids under 128 are one-byte varints: the packed field is the ids' bytes.
+    packed = bytes(path) if max(path) < 0x80 else b"".join(map(_varint, path))
+    return b"\x1a" + _varint(len(packed)) + packed
+
+
+def gossip_pieces(frame: GossipFrame) -> list[bytes]:
+    """The entries of ``Gossip.messages`` for ``frame``'s messages, in order, each as
+    ``envelope_piece`` gives it. A frame read from the wire keeps each envelope's
+    encoded id and body (``heads``), so a relayed message costs a concatenation:
+    those bytes, then its new path, encoded once for all messages sharing it."""
+    heads = frame.heads
+    if heads is None:
+        return [envelope_piece(env) for env in frame.messages]
+    pieces = []
+    tails: dict[tuple[int, ...], bytes] = {}
+    for head, path in zip(heads, frame.paths, strict=True):
+        tail = tails.get(path)
+        if tail is None:
+            tail = tails[path] = _path_field(path)
+        pieces.append(_ENVELOPE_TAG + _varint(len(head) + len(tail)) + head + tail)
+    return pieces
 
 
 def encode_gossip(
@@ -198,17 +223,26 @@ def encode_gossip(
     """``Frame{gossip}`` bytes holding ``envelopes``, split at about ``max_bytes``.
 
     Yields (frame bytes, envelope count). Each envelope is serialized once per
-    ``cache`` (keyed by object identity, by ``envelope_piece``) and the frame is assembled from the
-    pieces by protobuf's own wire rules (a repeated message field is the
-    concatenation of its tagged, length-prefixed entries), so a message sent
-    to several peers is not encoded again for each.
+    ``cache`` (keyed by object identity, by ``envelope_piece``), so a message sent
+    to several peers is not encoded again for each (see ``gossip_frames``).
     """
-    parts: list[bytes] = []
-    size = 0
+    pieces = []
     for env in envelopes:
         piece = cache.get(id(env))
         if piece is None:
             piece = cache[id(env)] = envelope_piece(env)
+        pieces.append(piece)
+    return gossip_frames(pieces, max_bytes)
+
+
+def gossip_frames(pieces: list[bytes], max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """``Frame{gossip}`` bytes holding the ``Gossip.messages`` entries ``pieces``, split
+    at about ``max_bytes``; yields (frame bytes, entry count). A frame is assembled
+    by protobuf's own wire rules: a repeated message field is the concatenation of
+    its tagged, length-prefixed entries."""
+    parts: list[bytes] = []
+    size = 0
+    for piece in pieces:
         parts.append(piece)
         size += len(piece)
         if size >= max_bytes:
@@ -220,7 +254,96 @@ def encode_gossip(
         yield _GOSSIP_TAG + _varint(len(payload)) + payload, len(parts)
 
 
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the varint at ``pos`` (IndexError past the end)."""
+    b = data[pos]
+    if b < 0x80:
+        return b, pos + 1
+    n, shift = b & 0x7F, 7
+    while True:
+        pos += 1
+        b = data[pos]
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, pos + 1
+        shift += 7
+        if shift > 28:
+            raise IndexError("varint too long for a length")
+
+
+def _gossip_columns(data: bytes) -> GossipFrame | None:
+    """A ``Frame{gossip}`` read straight into columns, with each envelope's encoded id
+    and body fields kept (``GossipFrame.heads``): no protobuf object and no
+    ``Envelope`` per message. Only the layout protobuf itself writes is read here
+    (fields in number order, each at most once, the path packed in one-byte ids);
+    None for anything else, which ``decode`` then hands to protobuf: every frame
+    decodes to the same messages either way."""
+    if len(data) < 2 or data[0] != 0x1A:
+        return None
+    try:
+        size, pos = _read_varint(data, 1)
+        end = len(data)
+        if pos + size != end:
+            return None
+        ids: list[bytes] = []
+        bodies: list[bytes] = []
+        paths: list[tuple[int, ...]] = []
+        heads: list[bytes] = []
+        while pos < end:
+            # Lengths under 128 are one byte: read inline, the rest by _read_varint.
+            if data[pos] != 0x0A:
+                return None
+            size = data[pos + 1]
+            start = pos + 2
+            if size >= 0x80:
+                size, start = _read_varint(data, pos + 1)
+            stop = start + size
+            if stop > end:
+                return None
+            pos = start
+            mid = body = b""
+            if pos < stop and data[pos] == 0x0A:
+                size = data[pos + 1]
+                pos += 2
+                if size >= 0x80:
+                    size, pos = _read_varint(data, pos - 1)
+                mid = data[pos : pos + size]
+                pos += size
+            if pos < stop and data[pos] == 0x12:
+                size = data[pos + 1]
+                pos += 2
+                if size >= 0x80:
+                    size, pos = _read_varint(data, pos - 1)
+                body = data[pos : pos + size]
+                pos += size
+            head_end = pos
+            path: tuple[int, ...] = ()
+            if pos < stop and data[pos] == 0x1A:
+                size = data[pos + 1]
+                pos += 2
+                if size >= 0x80:
+                    size, pos = _read_varint(data, pos - 1)
+                packed = data[pos : pos + size]
+                pos += size
+                if packed and max(packed) >= 0x80:
+                    return None  # multi-byte ids: protobuf reads those
+                path = tuple(packed)
+            if pos != stop:
+                return None  # a field out of order, repeated, unknown, or a short read
+            ids.append(mid)
+            bodies.append(body)
+            paths.append(path)
+            heads.append(data[start:head_end])
+    except IndexError:
+        return None
+    return GossipFrame.of_columns(tuple(ids), tuple(bodies), tuple(paths), tuple(heads))
+
+
 def decode(data: bytes) -> AnyFrame:
+    if data[:1] == b"\x1a":
+        frame = _gossip_columns(data)
+        if frame is not None:
+            return frame
     f = peer_pb2.Frame()
     try:
         f.ParseFromString(data)
