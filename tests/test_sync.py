@@ -11,8 +11,9 @@ import bisect
 import functools
 import random
 import string
+import tracemalloc
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,6 +42,7 @@ from gossip.core.sync import (
     MAX_IDS_PER_WANT,
     MAX_NODES_PER_QUERY,
     ROOT,
+    SPARSE_MAX_LEAVES,
     SYNC_FRAME_BYTES,
     WANT_WINDOW,
     FingerprintTree,
@@ -266,6 +268,170 @@ def test_tree_counts_and_sums_equal_brute_force(ids: list[bytes]) -> None:
             node = tree.node(make_key(level, index))
             assert node == FpNode(make_key(level, index), counts[level][index], sums[level][index])
     assert tree.total == len(ids)
+
+
+class MainTree:
+    """The fingerprint tree as main kept it before it went sparse (dense lists of counts
+    and sums, 1.12 MB per tree): the reference for what a node running main's code
+    answers on the wire."""
+
+    def __init__(self, ids: Iterable[bytes] = ()) -> None:
+        self.counts = [[0] * FANOUT**lv for lv in range(LEAF_LEVEL + 1)]
+        self._sums = [[0] * FANOUT**lv for lv in range(LEAF_LEVEL + 1)]
+        for mid in ids:
+            self.add(mid)
+
+    def add(self, mid: bytes) -> None:
+        n = int.from_bytes(mid, "big")
+        x = int.from_bytes(mid[:8], "big")
+        for level in range(LEAF_LEVEL + 1):
+            index = n >> (8 * ID_BYTES - FANOUT_BITS * level)
+            self.counts[level][index] += 1
+            self._sums[level][index] += x
+
+    def node(self, key: int) -> FpNode:
+        level, index = divmod(key, KEY_STRIDE)
+        return FpNode(key, self.counts[level][index], self._sums[level][index] & MASK64)
+
+    def children(self, key: int) -> list[FpNode]:
+        level, index = divmod(key, KEY_STRIDE)
+        return [
+            self.node(make_key(level + 1, i))
+            for i in range(index * FANOUT, (index + 1) * FANOUT)
+            if self.counts[level + 1][i]
+        ]
+
+    @property
+    def total(self) -> int:
+        return self.counts[0][0]
+
+
+def assert_same_fingerprints(tree: FingerprintTree, ref: MainTree) -> None:
+    """Every node of every level has the same count and sum in both trees: each inner
+    node and its list of non-empty children (which also pins the empty ones)."""
+    for level in range(LEAF_LEVEL):
+        for index in range(FANOUT**level):
+            key = make_key(level, index)
+            assert tree.node(key) == ref.node(key), key
+            assert tree.children(key) == ref.children(key), key
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(
+    ids=st.lists(st.binary(min_size=ID_BYTES, max_size=ID_BYTES), max_size=300),
+    edges=st.lists(st.sampled_from(EDGE_IDS), max_size=8),
+    sparse_max_leaves=st.sampled_from([0, 1, 5, 40, SPARSE_MAX_LEAVES]),
+    split=st.integers(0, 400),
+)
+def test_sparse_and_dense_fingerprints_agree_for_random_id_sets(
+    ids: list[bytes], edges: list[bytes], sparse_max_leaves: int, split: int
+) -> None:
+    """For any id set (duplicates and range-edge ids included), a tree that starts sparse
+    and turns dense at any point (here after 0, 1, 5, 40 or SPARSE_MAX_LEAVES leaves),
+    built by add_many and add in any split, gives at every node the count and sum of
+    main's dense tree: the keys and fingerprints a node sends in SyncQuery/SyncReply."""
+    all_ids = ids + edges
+    tree = FingerprintTree(all_ids[:split], sparse_max_leaves=sparse_max_leaves)
+    for mid in all_ids[split : split + 50]:
+        tree.add(mid)
+    tree.add_many(all_ids[split + 50 :])
+    ref = MainTree(all_ids)
+    assert_same_fingerprints(tree, ref)
+    assert tree.total == ref.total == len(all_ids)
+    leaves = len({mid[:2] for mid in all_ids})
+    # sparse_max_leaves=0 asks for a dense tree from the start.
+    assert tree.sparse == (sparse_max_leaves > 0 and leaves <= sparse_max_leaves)
+
+
+def test_tree_turns_dense_past_the_leaf_limit_and_keeps_its_fingerprints() -> None:
+    """A tree stays sparse up to SPARSE_MAX_LEAVES non-empty leaves and turns dense with
+    the next new leaf, whether the ids come by add or add_many; before and after, every
+    fingerprint equals main's dense tree's."""
+    rng = random.Random(12)
+    ids: list[bytes] = []
+    leaves: set[bytes] = set()
+    while len(leaves) < SPARSE_MAX_LEAVES:
+        mid = rng.randbytes(ID_BYTES)
+        ids.append(mid)
+        leaves.add(mid[:2])
+    one_by_one, batched = FingerprintTree(), FingerprintTree()
+    for mid in ids:
+        one_by_one.add(mid)
+    batched.add_many(ids)
+    for tree in (one_by_one, batched):
+        assert tree.sparse
+        assert_same_fingerprints(tree, MainTree(ids))
+    extra = next(m for m in iter(lambda: rng.randbytes(ID_BYTES), None) if m[:2] not in leaves)
+    one_by_one.add(extra)
+    batched.add_many([extra, *ids[:10]])
+    assert not one_by_one.sparse and not batched.sparse
+    assert_same_fingerprints(one_by_one, MainTree([*ids, extra]))
+    assert_same_fingerprints(batched, MainTree([*ids, extra, *ids[:10]]))
+
+
+def traced_bytes(make: Callable[[], object]) -> int:
+    """Bytes allocated (and still held) while ``make`` builds its object."""
+    tracemalloc.start()
+    try:
+        kept = make()
+        size = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    del kept
+    return size
+
+
+def test_a_tree_with_few_ids_costs_little_and_never_more_than_the_dense_form() -> None:
+    """An empty tree costs about a kilobyte and one of 1,000 ids about 250 B per id
+    (main's dense tree: 1.12 MB at any size, which made 10,000 simulated nodes need
+    26 GB); at the leaf limit, the last size before it turns dense, the sparse form is
+    still smaller than the dense one holding the same ids."""
+    rng = random.Random(13)
+    ids = [rng.randbytes(ID_BYTES) for _ in range(1_000)]
+    assert traced_bytes(FingerprintTree) < 4_000
+    assert traced_bytes(lambda: FingerprintTree(ids)) < 400_000
+    at_limit: list[bytes] = []
+    leaves: set[bytes] = set()
+    while len(leaves) < SPARSE_MAX_LEAVES:
+        at_limit.append(rng.randbytes(ID_BYTES))
+        leaves.add(at_limit[-1][:2])
+    sparse = traced_bytes(lambda: FingerprintTree(at_limit))
+    dense = traced_bytes(lambda: FingerprintTree(at_limit, sparse_max_leaves=0))
+    assert sparse < dense
+
+
+@pytest.mark.parametrize("common", [100, 6_000], ids=["sparse", "dense"])
+@pytest.mark.parametrize("main_side", [0, 1], ids=["main-initiates-first", "main-answers-first"])
+def test_a_node_with_the_new_tree_reconciles_with_a_node_running_mains_tree(
+    common: int, main_side: int
+) -> None:
+    """One node of two keeps main's dense tree (what a node running main's code sends),
+    the other the new one (sparse with 100 common messages, dense with 6,000): after the
+    link comes back each holds the union and pulled exactly what it lacked."""
+    rng = random.Random(14)
+    only_a = [random_body(rng) for _ in range(150)]
+    only_b = [random_body(rng) for _ in range(250)]
+    sim = Simulation([(0, 1)], seed=14)
+    sim.run()
+    sim.disconnect(0, 1)
+    ref = MainTree()
+    sim.cores[main_side].tree = sim.cores[main_side].sync.tree = ref  # type: ignore[assignment]
+    holdings(sim, 0, common_bodies(common))
+    holdings(sim, 1, common_bodies(common))
+    for body in only_a:
+        sim.submit(0, body)
+    for body in only_b:
+        sim.submit(1, body)
+    new_tree = sim.cores[1 - main_side].tree
+    assert new_tree.sparse == (common == 100)
+    sim.connect(0, 1)
+    sim.run()
+    union = {message_id(b) for b in (*common_bodies(common), *only_a, *only_b)}
+    for n in (0, 1):
+        assert set(sim.stores[n].ids()) == union
+    assert new_tree.total == ref.total == len(union)
+    assert sim.sync_received == {0: 250, 1: 150}
+    assert sim.drops == []
 
 
 def test_tree_built_incrementally_equals_tree_built_at_once() -> None:

@@ -313,9 +313,7 @@ class GossipCore:
         """``frame``'s messages (new, checked) stored with one ``PersistBatch`` and handed
         on with one ``Send`` per neighbour and group of messages (``on_new_batch``)."""
         self.arrivals.stored_many(frame.ids, "gossip")
-        add_to_tree = self.tree.add
-        for mid in frame.ids:
-            add_to_tree(mid)
+        self.tree.add_many(frame.ids)
         messages = tuple(map(Message, frame.ids, frame.bodies, repeat(now), frame.paths))
         effects: list[Effect] = [PersistBatch(messages)]
         return effects + self.strategy.on_new_batch(frame, sender, self.up)

@@ -151,6 +151,9 @@ class Simulation:
         self.edges: tuple[tuple[int, int], ...] = tuple(edge_list)
         self.stores: dict[int, MemoryStore] = {}
         self.cores: dict[int, GossipCore] = {}
+        # One member set for all cores (GossipCore's frozenset() of a frozenset is the
+        # same object): a copy per core would cost n**2 entries, 5 GB at 10,000 nodes.
+        members = frozenset(self.nodes)
         for n in self.nodes:
             store = MemoryStore()
             self.stores[n] = store
@@ -160,7 +163,7 @@ class Simulation:
                 store,
                 strategy_factory(n),
                 max_body,
-                self.nodes,
+                members,
                 **(core_options or {}),
             )
         self.crashed: set[int] = set()

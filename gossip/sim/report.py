@@ -146,15 +146,65 @@ def repaired(graph: Graph, crashed: Sequence[int], rng: random.Random) -> dict[i
     return {v: frozenset(nbs) for v, nbs in adj.items()}
 
 
+def _connected_without(graph: Graph, live: set[int], v: int) -> bool:
+    return connected(graph, live - {v})
+
+
+def _stays_connected(graph: Graph, live: set[int], v: int) -> bool:
+    """Whether ``live`` without ``v`` is connected, given that ``live`` is.
+
+    One breadth-first search grows from each of v's live neighbours at once,
+    and searches that meet merge: on a random graph they meet after about
+    sqrt(n) nodes, where one search to find the others would cover most of it.
+    """
+    starts = [w for w in graph.get(v, ()) if w in live and w != v]
+    if len(starts) <= 1:
+        return True
+    root = list(range(len(starts)))  # union-find over the searches
+
+    def find(a: int) -> int:
+        while root[a] != a:
+            root[a] = root[root[a]]
+            a = root[a]
+        return a
+
+    label = {v: -1}  # v is never entered
+    for i, w in enumerate(starts):
+        label[w] = i
+    searches = len(starts)
+    todo = deque(starts)
+    while todo:
+        u = todo.popleft()
+        mine = label[u]
+        for w in graph.get(u, ()):
+            theirs = label.get(w)
+            if theirs is None:
+                if w in live:
+                    label[w] = mine
+                    todo.append(w)
+            elif theirs >= 0:
+                a, b = find(mine), find(theirs)
+                if a != b:
+                    root[a] = b
+                    searches -= 1
+                    if searches == 1:
+                        return True
+    return False
+
+
 def pick_crashed(graph: Graph, count: int, rng: random.Random) -> list[int]:
     """``count`` random nodes whose removal leaves the others connected, in crash order."""
     nodes = sorted(graph)
     live = set(nodes)
     crashed: list[int] = []
+    # While the live nodes are connected, removing v keeps them so exactly when v's live
+    # neighbours still reach each other: a search that stops once it has found them all,
+    # rather than one over the whole graph per candidate (minutes at 10,000 nodes).
+    stays_connected = _stays_connected if connected(graph, live) else _connected_without
     for v in rng.sample(nodes, len(nodes)):
         if len(crashed) == count:
             break
-        if connected(graph, live - {v}):
+        if stays_connected(graph, live, v):
             live.discard(v)
             crashed.append(v)
     if len(crashed) < count:
@@ -371,12 +421,14 @@ def run_all(setup: Setup, progress: Callable[[str], None] | None = None) -> list
             t0 = time.perf_counter()
             sim = simulate(setup, strategy, scenario)
             figures = measure(setup, sim, strategy, scenario)
+            del sim  # before the next run is built: one simulation in memory at a time
             figures["wall_seconds"] = time.perf_counter() - t0
             runs.append(figures)
             if progress is not None:
                 progress(
                     f"{strategy} {scenario}: {figures['events']:,} events, "
-                    f"{figures['wall_seconds']:.1f} s"
+                    f"{figures['wall_seconds']:.1f} s, reliability "
+                    f"{figures['reliability_mean']:.4f}/{figures['reliability_min']:.4f}"
                 )
     return runs
 
