@@ -33,6 +33,16 @@ measured on 16 nodes at 1,000 messages/s, 0 to 9 eager links remained of the
 Origin trees of a static graph are never pruned, so this cannot happen, and
 every path is a shortest one: a broadcast costs n - 1 payload sends and
 reaches every node within the graph's diameter in hops.
+
+In the dynamic overlay the graph is the live one (``Plumtree.on_graph``): every
+node gets the same graph (flooded link state), so every node again computes the
+same trees. A change re-searches only the origins whose trees may have moved near
+the node (``ShortestPathTrees.may_change``), and the node moves its feeds: a
+Graft naming origins to each new tree parent, a Prune to each old one and to
+whoever else it had asked, cut-off news made on the old trees forgotten. While
+nodes disagree, nothing is lost (IHave and Graft still cover every message);
+once all have the graph, adoptions of tree children and of tree parents are gone
+and a broadcast costs n - 1 payload sends again.
 """
 
 from __future__ import annotations
@@ -66,6 +76,9 @@ MAX_GRAFTED = 4096
 # A neighbour not up this long after the node started is treated as down, as one
 # whose link dropped is at once (see ``Plumtree._orphan``).
 ABSENT_GRACE = 3.0
+# A graph change that adds links between more nodes than this decides which trees
+# moved by one search per origin instead of one per end (a map of n distances each).
+MAX_DISTANCE_MAPS = 32
 # Which stand-in to prefer, by (before us in the tree order, tree path clear of
 # neighbours known down): lower first.
 RANKS = {(True, True): 0, (False, True): 1, (True, False): 2, (False, False): 3}
@@ -77,6 +90,7 @@ class _Missing:
     deadline: float
     announcers: list[int]
     grafted: bool = False
+    origin: int | None = None  # as the IHave named it
 
 
 # (eager, lazy, sender feeds us from outside the tree): see Plumtree._plan.
@@ -87,6 +101,33 @@ def origin_of(path: tuple[int, ...], here: int) -> int:
     return path[0] if path else here
 
 
+Edge = tuple[int, int]
+
+
+def edges_of(graph: Mapping[int, Iterable[int]]) -> set[Edge]:
+    """The graph's links as (low, high) pairs: a link counts only when both ends list
+    each other (as link-state routing's two-way check), never a self-loop."""
+    out: set[Edge] = set()
+    for v, nbs in graph.items():
+        for w in nbs:
+            if v < w and v in graph.get(w, ()):
+                out.add((v, w))
+    return out
+
+
+def _distances(graph: Mapping[int, Iterable[int]], source: int) -> dict[int, int]:
+    dist = {source: 0}
+    queue = deque([source])
+    while queue:
+        v = queue.popleft()
+        d = dist[v] + 1
+        for w in graph.get(v, ()):
+            if w not in dist:
+                dist[w] = d
+                queue.append(w)
+    return dist
+
+
 class ShortestPathTrees:
     """Every origin's shortest-path tree of one graph: a breadth-first search that
     visits neighbours in ascending id order, so every node computes the same trees.
@@ -94,13 +135,49 @@ class ShortestPathTrees:
     ``share=True`` keeps each origin's parent map (n entries) for every node that
     asks, as a simulation of many nodes in one process wants; a real node keeps
     only its own parent and children per origin (see ``OriginTrees``).
+
+    A graph that replaces another (``successor``) also answers which origins' trees
+    may have changed near a node (``may_change``), so a node recomputes only those.
     """
 
-    def __init__(self, graph: Mapping[int, Iterable[int]], *, share: bool = False) -> None:
-        self.graph = {n: tuple(sorted(nbs)) for n, nbs in graph.items()}
+    def __init__(
+        self,
+        graph: Mapping[int, Iterable[int]],
+        *,
+        share: bool = False,
+        previous: ShortestPathTrees | None = None,
+    ) -> None:
+        links = edges_of(graph)
+        adjacency: dict[int, list[int]] = {n: [] for n in graph}
+        for a, b in links:
+            adjacency[a].append(b)
+            adjacency[b].append(a)
+        self.graph = {n: tuple(sorted(nbs)) for n, nbs in adjacency.items()}
         self.members = frozenset(self.graph)
+        self.links = frozenset(links)
         self.share = share
         self._parents: dict[int, dict[int, int]] = {}
+        # What changed since ``previous`` (see ``may_change``).
+        self._diffed = previous is not None
+        self._removed: frozenset[int] = frozenset()  # ends of links removed
+        self._added: tuple[Edge, ...] = ()
+        self._kept: dict[int, tuple[int, ...]] = {}  # previous graph less removed links
+        self._from_added: dict[int, dict[int, int]] | None = None
+        self._moved: dict[int, bool] = {}
+        if previous is not None:
+            removed = previous.links - self.links
+            self._removed = frozenset(v for e in removed for v in e)
+            self._added = tuple(sorted(self.links - previous.links))
+            if self._added:
+                kept = previous.links - removed
+                self._kept = {n: () for n in previous.graph}
+                for a, b in kept:
+                    self._kept[a] += (b,)
+                    self._kept[b] += (a,)
+
+    def successor(self, graph: Mapping[int, Iterable[int]]) -> ShortestPathTrees:
+        """The trees of ``graph``, which replaces this one (same sharing)."""
+        return ShortestPathTrees(graph, share=self.share, previous=self)
 
     def parents(self, origin: int) -> dict[int, int]:
         """node -> its parent in ``origin``'s tree (the origin maps to itself)."""
@@ -120,6 +197,43 @@ class ShortestPathTrees:
             self._parents[origin] = parent
         return parent
 
+    def may_change(self, origin: int, cone: frozenset[int]) -> bool:
+        """Whether ``origin``'s tree may differ from the previous graph's on the tree
+        paths from the nodes of ``cone`` up to the origin (``cone`` holds those paths).
+
+        Two facts make this cheap and exact enough. Removing a link changes only the
+        subtree below it, and only if it was a tree link; so a cone clear of the
+        removed links' ends keeps its paths. Adding a link between two nodes at the
+        same distance from the origin changes nothing (each was found before the
+        other was searched); so with the removals made, links added only between
+        such pairs keep the tree. Conservative: True may be a tree that did not move.
+        """
+        if not self._diffed:
+            return True
+        if not cone.isdisjoint(self._removed):
+            return True
+        if not self._added:
+            return False
+        moved = self._moved.get(origin)
+        if moved is None:
+            moved = self._moved[origin] = self._moved_by_additions(origin)
+        return moved
+
+    def _moved_by_additions(self, origin: int) -> bool:
+        if origin not in self._kept:
+            return True
+        ends = sorted({v for e in self._added for v in e})
+        if len(ends) > MAX_DISTANCE_MAPS:
+            # Many links added (a join of many, a first live graph): search from the
+            # origin instead of keeping a distance map per added link's end.
+            dist = _distances(self._kept, origin)
+            return any(dist.get(a) != dist.get(b) for a, b in self._added)
+        if self._from_added is None:
+            # Distances are symmetric: one search per end serves every origin.
+            self._from_added = {v: _distances(self._kept, v) for v in ends}
+        d = self._from_added
+        return any(d[a].get(origin) != d[b].get(origin) for a, b in self._added)
+
 
 class OriginTrees:
     """This node's parent and children in every origin's shortest-path tree."""
@@ -132,13 +246,15 @@ class OriginTrees:
         self._parent: dict[int, int | None] = {}
         self._path: dict[int, tuple[int, ...]] = {}
         self._alternatives: dict[int, tuple[tuple[int, bool, frozenset[int]], ...]] = {}
+        # origin -> the nodes on the tree paths from us and our neighbours up to it:
+        # what our parent, children and path depend on (see ``retree``).
+        self._cone: dict[int, frozenset[int]] = {}
 
     def _compute(self, origin: int) -> None:
         parent = self.trees.parents(origin)
         me = self.node_id
-        self._children[origin] = tuple(
-            w for w in self.trees.graph.get(me, ()) if parent.get(w) == me and w != origin
-        )
+        mine = self.trees.graph.get(me, ())
+        self._children[origin] = tuple(w for w in mine if parent.get(w) == me and w != origin)
         self._parent[origin] = parent.get(me) if me != origin else None
         up: list[int] = []
         v = parent.get(me)
@@ -148,6 +264,42 @@ class OriginTrees:
                 break
             v = parent.get(v)
         self._path[origin] = tuple(reversed(up))
+        if self.trees.share:
+            return  # shared parent maps make a search free: ``retree`` redoes them all
+        cone = {me, *up}
+        for w in mine:
+            # Paths up a tree merge for good: stop where this one meets the cone.
+            while w not in cone:
+                cone.add(w)
+                w = parent.get(w, w)
+        self._cone[origin] = frozenset(cone)
+
+    def retree(self, trees: ShortestPathTrees) -> dict[int, tuple[int | None, int | None]]:
+        """Answer from ``trees`` from now on (a graph that replaces ours). Returns, for
+        each origin whose parent, children or path here changed among those asked
+        about so far, its (old, new) parent; forgets origins no longer in the graph.
+
+        Only origins whose tree may have moved near us are searched again (see
+        ``ShortestPathTrees.may_change``); all of them if our own links changed."""
+        old_graph = self.trees.graph
+        mine_moved = old_graph.get(self.node_id) != trees.graph.get(self.node_id)
+        self.trees = trees
+        self.members = trees.members
+        self._alternatives.clear()
+        changed: dict[int, tuple[int | None, int | None]] = {}
+        for origin in list(self._parent):
+            before = (self._parent[origin], self._children[origin], self._path[origin])
+            if origin not in trees.members:
+                del self._parent[origin], self._children[origin], self._path[origin]
+                self._cone.pop(origin, None)
+                changed[origin] = (before[0], None)
+                continue
+            if not (mine_moved or trees.share or trees.may_change(origin, self._cone[origin])):
+                continue
+            self._compute(origin)
+            if (self._parent[origin], self._children[origin], self._path[origin]) != before:
+                changed[origin] = (before[0], self._parent[origin])
+        return changed
 
     def children(self, origin: int) -> tuple[int, ...]:
         kids = self._children.get(origin)
@@ -165,7 +317,8 @@ class OriginTrees:
             if self.trees.share:
                 # Shared parent maps are kept: no need to cache children and path
                 # for an origin that is only asked about (see ``origins_under``).
-                return None if origin == self.node_id else self.trees.parents(origin)[self.node_id]
+                parents = self.trees.parents(origin)
+                return None if origin == self.node_id else parents.get(self.node_id)
             self._compute(origin)
         return self._parent[origin]
 
@@ -256,6 +409,10 @@ class Plumtree:
         # Ids announced to us but not received, oldest first (bounded).
         self.missing: dict[bytes, _Missing] = {}
         self._pruned: set[tuple[int, int]] = set()
+        # (peer, origin) we asked to push us that origin's messages (a graft), so an
+        # adoption made for us on old trees can be ended on new ones (``on_trees``).
+        # Origins of the graph and peers up only: bounded by the graph.
+        self._asked: dict[int, set[int]] = {}
         # origin -> the last neighbour other than the tree parent that sent us one of
         # its messages first (origins of the graph only: at most one entry each).
         self._feeders: dict[int, int] = {}
@@ -319,6 +476,10 @@ class Plumtree:
         for origin in [o for o, peers in self.adopted.items() if peer in peers]:
             self._unadopt(origin, peer)
         self._pruned = {(p, o) for p, o in self._pruned if p != peer}
+        for origin in [o for o, peers in self._asked.items() if peer in peers]:
+            self._asked[origin].discard(peer)
+            if not self._asked[origin]:
+                del self._asked[origin]
         return self._orphan(peer)
 
     def _orphan(self, peer: int) -> list[Effect]:
@@ -363,9 +524,10 @@ class Plumtree:
                 continue
             if self._usable(parent, origin):
                 self.orphaned.discard(origin)
-                self.cut.discard(origin)
+                self._uncut(origin, parent, prunes)
+                self._end_asked(origin, parent, prunes)
                 old = self.standins.pop(origin, None)
-                if old is not None and old in up:
+                if old is not None and old in up and origin not in prunes.get(old, ()):
                     prunes.setdefault(old, []).append(origin)
                     self._pruned.add((old, origin))
                 continue
@@ -383,7 +545,8 @@ class Plumtree:
                         best = (rank, w)
             if best is not None:
                 self.standins[origin] = best[1]
-                self.cut.discard(origin)
+                self._asking(best[1], origin)
+                self._uncut(origin, best[1], prunes)
                 asks.setdefault(best[1], []).append(origin)
             elif origin not in self.cut:
                 self.cut.add(origin)
@@ -399,6 +562,42 @@ class Plumtree:
         for peer, os in sorted(cuts.items()):
             effects.append(Send(peer, PruneFrame((), tuple(os))))
         return effects
+
+    def _uncut(self, origin: int, feed: int, prunes: dict[int, list[int]]) -> None:
+        """We are fed ``origin``'s messages again (by ``feed``) after telling the nodes
+        we feed that we were cut off: tell them it ended (a Prune naming the origin),
+        so they take us back at once instead of at our next message."""
+        if origin in self.cut:
+            self.cut.discard(origin)
+            for d in self._dependants(origin):
+                if d != feed and origin not in prunes.get(d, ()):
+                    prunes.setdefault(d, []).append(origin)
+
+    def _end_asked(self, origin: int, feed: int | None, prunes: dict[int, list[int]]) -> None:
+        """``feed`` (our tree parent; on new trees, whoever feeds us) feeds us
+        ``origin``'s messages now: prune the others we asked for them (a stand-in
+        dropped when it said it was cut off, a graft's announcer), so their adoptions
+        of us end now, not at their first duplicate (which may never come: see
+        ``_on_prune``)."""
+        peers = self._asked.get(origin)
+        if peers is None or feed is None:
+            return  # with no feed, any adoption of us may help
+        for p in sorted(peers):
+            if p != feed and p in self.up and origin not in prunes.get(p, ()):
+                prunes.setdefault(p, []).append(origin)
+                self._pruned.add((p, origin))
+        if feed in peers:
+            self._asked[origin] = {feed}
+        else:
+            del self._asked[origin]
+
+    def _asking(self, peer: int, origin: int) -> None:
+        """We graft from ``peer`` for ``origin``: it adopts us (if not its tree child)."""
+        # Its copies must be able to prune it again: a mark from an earlier prune would
+        # stop that for good.
+        self._pruned.discard((peer, origin))
+        if origin in self.trees.members:
+            self._asked.setdefault(origin, set()).add(peer)
 
     def _fed_by(self, origin: int, peer: int) -> bool:
         """Whether ``peer`` is, or was to be, our feed for ``origin``."""
@@ -419,14 +618,107 @@ class Plumtree:
         return self.standins.get(origin)
 
     def _heard_from(self, peer: int, origin: int) -> list[Effect]:
-        """``peer`` sent us one of ``origin``'s messages: it is not cut off any more."""
+        """``peer`` sent us one of ``origin``'s messages: it is not cut off any more, and
+        if it is our tree parent, it does not depend on us for them (an adoption of it
+        made on other trees, which would keep us from taking it back as our feed)."""
         marks = self.cut_off.get(origin)
-        if marks is None or peer not in marks:
-            return []
-        marks.discard(peer)
-        if not marks:
-            del self.cut_off[origin]
-        return self._refeed((origin,))
+        heard = marks is not None and peer in marks
+        if marks is not None and heard:
+            marks.discard(peer)
+            if not marks:
+                del self.cut_off[origin]
+        if peer in self.adopted.get(origin, ()) and peer == self.trees.parent(origin):
+            self._unadopt(origin, peer)
+            heard = True
+        return self._refeed((origin,)) if heard else []
+
+    # -- the live graph ----------------------------------------------------
+
+    def on_graph(self, graph: Mapping[int, frozenset[int]]) -> list[Effect]:
+        """The live graph changed (the dynamic overlay): take the trees of ``graph``
+        from now on, and move this node's feeds to them.
+
+        Every node computes the same trees once it has the same graph; until then a
+        node may be fed by its old parent and not yet by its new one. Nothing is lost
+        meanwhile: a node asks each new tree parent at once to push it that origin's
+        messages (a Graft naming origins, answered as an adoption only by a parent
+        still on the old graph: a node never adopts its own tree child), tells each
+        old one to stop (Prune), and lazy IHave + Graft cover any message in flight
+        across the change. Once all nodes have the graph, adoptions of tree children
+        are dropped, stand-ins are pruned as the new parents are up, and a broadcast
+        costs n - 1 payload sends again."""
+        return self.on_trees(self.trees.trees.successor(graph))
+
+    def on_trees(self, trees: ShortestPathTrees) -> list[Effect]:
+        """``on_graph`` with the graph's trees already made (``successor`` of ours):
+        a simulation gives all its nodes one shared set."""
+        moved = self.trees.retree(trees)
+        members = trees.members
+        self._plans.clear()
+        # Origins that left the graph are forgotten; what is kept stays bounded by it.
+        self.orphaned &= members
+        self.standins = {o: s for o, s in self.standins.items() if o in members}
+        # Cut-off news is about the old trees: a neighbour cut off from an origin was
+        # cut off along the old paths, and no news comes when that ends. Forget it both
+        # ways; a node still cut off on the new trees says so again below (``_refeed``).
+        was_cut = self.cut & members
+        self.cut_off.clear()
+        self.cut.clear()
+        self._feeders = {o: s for o, s in self._feeders.items() if o in members}
+        self._pruned = {(p, o) for p, o in self._pruned if o in members}
+        for origin in list(self.adopted):
+            peers = self.adopted[origin]
+            if origin in members:
+                # A tree child is fed by the tree: its adoption would double its copies.
+                # The tree parent is to feed us: its adoption, made on the old trees,
+                # would make it unusable to us (a cycle) until it pruned us.
+                peers.difference_update(self.trees.children(origin))
+                peers.discard(self.trees.parent(origin))
+            if origin not in members or not peers:
+                del self.adopted[origin]
+        # New neighbours not up are handled here (stand-ins), not at the next tick.
+        self._known.update(trees.graph.get(self.node_id, ()))
+        reparented = sorted(o for o, (old, new) in moved.items() if new not in (old, None))
+        gone: dict[int, list[int]] = {}
+        for origin in sorted(self.orphaned):
+            if self.trees.parent(origin) is None:
+                # Out of our reach in the graph (a dead node's record, links gone): no
+                # message of it will come, no feed is needed.
+                self.orphaned.discard(origin)
+                standin = self.standins.pop(origin, None)
+                if standin in self.up:
+                    gone.setdefault(standin, []).append(origin)
+        effects = self._refeed(sorted({*reparented, *self.orphaned}))
+        grafts: dict[int, list[int]] = {}
+        prunes: dict[int, list[int]] = gone
+        for origin in reparented:
+            old, new = moved[origin]
+            upstream = self._upstream_of(origin)
+            if new is not None and upstream == new:
+                grafts.setdefault(new, []).append(origin)
+                self._asking(new, origin)
+            if old is not None and old in self.up and old != upstream:
+                prunes.setdefault(old, []).append(origin)
+                self._pruned.add((old, origin))
+        # Feeds asked for on the old trees that the new ones do not need: end them.
+        for origin in sorted(self._asked):
+            if origin in members:
+                self._end_asked(origin, self._upstream_of(origin), prunes)
+            else:
+                del self._asked[origin]
+        for origin in sorted(was_cut - self.cut):
+            # Fed again: the neighbours we told we were cut off must hear that it ended
+            # (a Prune naming the origin), or they would keep looking elsewhere.
+            upstream = self._upstream_of(origin)
+            for peer in sorted(self.up):
+                if peer != upstream and origin not in prunes.get(peer, ()):
+                    prunes.setdefault(peer, []).append(origin)
+        for peer, os in sorted(prunes.items()):
+            effects.append(Send(peer, PruneFrame(tuple(os))))
+        for peer, os in sorted(grafts.items()):
+            for i in range(0, len(os), IDS_PER_FRAME):
+                effects.append(Send(peer, GraftFrame((), tuple(os[i : i + IDS_PER_FRAME]))))
+        return effects
 
     # -- messages ----------------------------------------------------------
 
@@ -456,7 +748,7 @@ class Plumtree:
         effects: list[Effect] = []
         if feeds and sender is not None:
             self._feeders[origin] = sender  # see on_duplicate
-            if self.cut_off:
+            if self.cut_off or self.adopted:
                 effects = self._heard_from(sender, origin)
                 if effects:
                     eager, lazy, _ = self._plan(origin, sender)
@@ -543,7 +835,7 @@ class Plumtree:
         no longer needed."""
         mid = env.id
         origin = origin_of(env.path, self.node_id)  # a received copy's path is never empty
-        if self.cut_off:
+        if self.cut_off or self.adopted:
             refed = self._heard_from(sender, origin)
             if refed:
                 return refed
@@ -571,16 +863,7 @@ class Plumtree:
             now = self._announced(peer, frame.ids, frame.origins)
             return [Send(peer, GraftFrame(tuple(now)))] if now else []
         if isinstance(frame, PruneFrame):
-            unadopted = []
-            for origin in frame.origins:
-                if peer in self.adopted.get(origin, ()):
-                    self._unadopt(origin, peer)
-                    unadopted.append(origin)
-            cut = [o for o in frame.cut if o in self.trees.members]
-            for origin in cut:
-                self.cut_off.setdefault(origin, set()).add(peer)
-            # It may feed us again (no longer our adoptee), or may not (cut off).
-            return self._refeed(o for o in [*unadopted, *cut] if self._fed_by(o, peer))
+            return self._on_prune(peer, frame)
         if isinstance(frame, GraftFrame):
             effects: list[Effect] = []
             origins = []
@@ -604,11 +887,53 @@ class Plumtree:
             return effects
         return []
 
+    def _on_prune(self, peer: int, frame: PruneFrame) -> list[Effect]:
+        unadopted = []
+        by_parent = []
+        for origin in frame.origins:
+            if peer in self.adopted.get(origin, ()):
+                self._unadopt(origin, peer)
+                unadopted.append(origin)
+            # A node that prunes a feed has another one: it is not cut off from that
+            # origin (any more; see ``on_trees``).
+            marks = self.cut_off.get(origin)
+            if marks is not None and peer in marks:
+                marks.discard(peer)
+                if not marks:
+                    del self.cut_off[origin]
+                unadopted.append(origin)
+            if peer == self.trees.parent(origin):
+                by_parent.append(origin)
+        cut = [o for o in frame.cut if o in self.trees.members]
+        for origin in cut:
+            self.cut_off.setdefault(origin, set()).add(peer)
+        # It may feed us again (no longer our adoptee or cut off), or may not.
+        effects = self._refeed(o for o in [*unadopted, *cut] if self._fed_by(o, peer))
+        # Our tree parent pruned us: it had the message we passed up, or got its own
+        # copy after ours, so it is fed. Whoever else feeds us that origin (a graft's
+        # announcer, a faster adopter) is redundant, and as its copies reach the
+        # parent through us, no tree copy would ever come to us after one to prune it.
+        prunes: dict[int, list[int]] = {}
+        for origin in by_parent:
+            if self._upstream_of(origin) != peer:
+                continue
+            self._end_asked(origin, peer, prunes)
+            feeder = self._feeders.pop(origin, None)
+            if feeder in self.up and feeder != peer and origin not in prunes.get(feeder, ()):
+                prunes.setdefault(feeder, []).append(origin)
+                self._pruned.add((feeder, origin))
+        effects += [Send(p, PruneFrame(tuple(os))) for p, os in sorted(prunes.items())]
+        return effects
+
     def _adopt(self, peer: int, origins: Iterable[int]) -> None:
         """Push these origins' messages to ``peer`` from now on (origins of the graph
         only: no tree to stand in for otherwise, and no unbounded map)."""
         for origin in origins:
-            if origin in self.trees.members and origin != peer:
+            if (
+                origin in self.trees.members
+                and origin != peer
+                and peer not in self.trees.children(origin)  # the tree feeds it already
+            ):
                 adopted = self.adopted.setdefault(origin, set())
                 if peer not in adopted:
                     adopted.add(peer)
@@ -649,8 +974,11 @@ class Plumtree:
                 # Our tree parent is away and no stand-in: nothing will come, ask now
                 # (and ask the next announcer if this one does not answer). The graft
                 # adopts us there, so the announcer stands in from now on.
-                self.missing[mid] = _Missing(self.now, self.now + self.graft_retry, [], True)
+                self.missing[mid] = _Missing(
+                    self.now, self.now + self.graft_retry, [], True, origin
+                )
                 now.append(mid)
+                self._asking(peer, origin)
                 # Even a tree child: it has the message, so it is fed from elsewhere,
                 # and our graft makes us its adoptee, which it then never takes back
                 # as its feed (``_usable``) until we prune it.
@@ -660,7 +988,9 @@ class Plumtree:
                 if len(now) >= IDS_PER_FRAME:
                     break
             else:
-                self.missing[mid] = _Missing(self.now, self.now + self.graft_wait, [peer])
+                self.missing[mid] = _Missing(
+                    self.now, self.now + self.graft_wait, [peer], origin=origin
+                )
         return now
 
     def _graft_reply(self, peer: int, ids: tuple[bytes, ...]) -> Iterator[GossipFrame]:
@@ -684,10 +1014,6 @@ class Plumtree:
                 batch, size = [], 0
         if batch:
             yield GossipFrame(tuple(batch))
-
-    def on_graph(self, graph: Mapping[int, frozenset[int]]) -> list[Effect]:
-        """The dynamic overlay's live graph changed (placeholder: trees stay static)."""
-        return []
 
     # -- timers ------------------------------------------------------------
 
@@ -719,6 +1045,8 @@ class Plumtree:
             entry.deadline = now + self.graft_retry
             entry.grafted = True
             grafts.setdefault(peer, []).append(mid)
+            if entry.origin is not None:
+                self._asking(peer, entry.origin)
         for peer, ids in sorted(grafts.items()):
             for i in range(0, len(ids), IDS_PER_FRAME):
                 effects.append(Send(peer, GraftFrame(tuple(ids[i : i + IDS_PER_FRAME]))))

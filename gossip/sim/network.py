@@ -246,6 +246,27 @@ class Simulation:
         for peer in sorted(self.neighbours[node]):
             self.disconnect(node, peer)
 
+    def link(self, a: int, b: int) -> None:
+        """Add the link a-b to the graph and bring it up, as a dynamic overlay's
+        replacement link or join does (both nodes must be live)."""
+        if a == b:
+            raise ValueError(f"self-loop at node {a}")
+        self._require_live(a)
+        self._require_live(b)
+        if b not in self.neighbours[a]:
+            for here, there in ((a, b), (b, a)):
+                self.neighbours[here] = self.neighbours[here] | {there}
+                core = self.cores[here]
+                core.neighbours = core.neighbours | {there}
+            self.edges = (*self.edges, (a, b))
+        self.connect(a, b)
+
+    def carry_out(self, node: int, effects: list[Effect]) -> None:
+        """Carry out effects ``node`` produced for an input that is not a frame or a
+        tick (a new live graph, ``Plumtree.on_graph``), as for any other input."""
+        self._require_live(node)
+        self._apply(node, effects)
+
     def run(self, until: float | None = None, max_events: int = 10_000_000) -> int:
         """Process deliveries and ticks in time order; return how many were processed.
 

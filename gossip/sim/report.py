@@ -28,7 +28,7 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ Edge = tuple[int, int]
 
 STRATEGIES = ("flood", "plumtree")
 SCENARIOS = ("stable", "crashed")
+OVERLAYS = ("static", "dynamic")
 CONTROL_FRAMES = ("IHaveFrame", "GraftFrame", "PruneFrame")
 SYNC_FRAMES = (
     "SyncQueryFrame",
@@ -63,6 +64,10 @@ WARMUP_SECONDS = 1.0
 QUIET_SECONDS = 1.0
 # Effectively never: periodic re-sync off.
 NO_SYNC = 1e9
+# Dynamic overlay: the live nodes learn the repaired graph at moments spread uniformly
+# over this long after the failure is detected (a flood of link state across the
+# graph's diameter, a few milliseconds per hop).
+GRAPH_SPREAD = 0.05
 
 
 # -- shared origin trees -----------------------------------------------------
@@ -82,7 +87,9 @@ def adjacency(edges: Sequence[Edge]) -> dict[int, list[int]]:
     return graph
 
 
-def eccentricities(graph: Graph, sources: Sequence[int], within: set[int]) -> dict[int, int]:
+def eccentricities(
+    graph: Mapping[int, Iterable[int]], sources: Sequence[int], within: set[int]
+) -> dict[int, int]:
     """Hop distance to the farthest node of ``within``, from each source, in the
     subgraph induced by ``within``."""
     out: dict[int, int] = {}
@@ -115,6 +122,28 @@ def _reach(graph: Graph, start: int, within: set[int]) -> set[int]:
                 seen.add(w)
                 todo.append(w)
     return seen
+
+
+def repaired(graph: Graph, crashed: Sequence[int], rng: random.Random) -> dict[int, frozenset[int]]:
+    """The live graph a dynamic overlay makes of ``graph`` once ``crashed`` are found
+    dead: their links go, and each survivor left with fewer than ``DEGREE`` links
+    links to random survivors that lack links too (any survivor when none does), as
+    HyParView's active views refill from the passive ones."""
+    dead = set(crashed)
+    adj = {v: {w for w in nbs if w not in dead} for v, nbs in graph.items() if v not in dead}
+    needy = [v for v in sorted(adj) if len(adj[v]) < DEGREE]
+    rng.shuffle(needy)
+    for v in needy:
+        while len(adj[v]) < DEGREE:
+            pool = [w for w in needy if w != v and w not in adj[v] and len(adj[w]) < DEGREE]
+            if not pool:
+                pool = [w for w in sorted(adj) if w != v and w not in adj[v]]
+            if not pool:
+                break
+            w = rng.choice(pool)
+            adj[v].add(w)
+            adj[w].add(v)
+    return {v: frozenset(nbs) for v, nbs in adj.items()}
 
 
 def _connected_without(graph: Graph, live: set[int], v: int) -> bool:
@@ -205,6 +234,10 @@ class Setup:
     sync_interval: float
     time_limit: float
     max_events: int
+    # "dynamic": after ``detect`` seconds the survivors learn a repaired graph.
+    overlay: str = "static"
+    detect: float = 1.0
+    live_graph: dict[int, frozenset[int]] = attrs.field(factory=dict)
 
 
 def make_setup(
@@ -218,6 +251,8 @@ def make_setup(
     sync_interval: float = 0.0,
     time_limit: float = 60.0,
     max_events: int = 50_000_000,
+    overlay: str = "static",
+    detect: float = 1.0,
 ) -> Setup:
     """The graph, crashed nodes and workload for ``seed``.
 
@@ -234,8 +269,19 @@ def make_setup(
         Submit(rng.uniform(0.0, gap), rng.choice(pool), f"sim {seed} message {i}".encode())
         for i in range(messages)
     )
+    live_graph = repaired(graph, crashed, random.Random(seed)) if overlay == "dynamic" else {}
     return Setup(
-        seed, edges, graph, tuple(crashed), workload, sync_interval, time_limit, max_events
+        seed,
+        edges,
+        graph,
+        tuple(crashed),
+        workload,
+        sync_interval,
+        time_limit,
+        max_events,
+        overlay,
+        detect,
+        live_graph,
     )
 
 
@@ -271,6 +317,9 @@ def simulate(setup: Setup, strategy: str, scenario: str) -> Simulation:
     if scenario == "crashed":
         for v in setup.crashed:
             sim.crash(v)
+        if setup.overlay == "dynamic":
+            budget -= sim.run(until=sim.now + setup.detect, max_events=budget)
+            budget -= announce(sim, setup, budget)
     start = sim.now
     for item in setup.workload:
         sim.submit(item.origin, item.body)
@@ -282,6 +331,29 @@ def simulate(setup: Setup, strategy: str, scenario: str) -> Simulation:
         if sim.in_flight == 0 and _activity(sim) == before:
             break
     return sim
+
+
+def announce(sim: Simulation, setup: Setup, budget: int) -> int:
+    """The dynamic overlay's repair, once the crashed nodes are found dead: the
+    replacement links come up, then each live node learns the repaired graph at its
+    own moment within ``GRAPH_SPREAD`` (nodes disagree meanwhile). Plumtree nodes
+    share one set of trees of it, as of the old graph. Returns the events run."""
+    graph = setup.live_graph
+    for a, b in sorted({(min(a, b), max(a, b)) for a, nbs in graph.items() for b in nbs}):
+        if not sim.is_up(a, b):
+            sim.link(a, b)
+    shared: ShortestPathTrees | None = None
+    rng = random.Random(setup.seed)
+    start = sim.now
+    used = 0
+    for at, node in sorted((rng.uniform(0, GRAPH_SPREAD), n) for n in sim.live):
+        used += sim.run(until=start + at, max_events=budget - used)
+        strategy = sim.cores[node].strategy
+        if isinstance(strategy, Plumtree):
+            if shared is None:
+                shared = strategy.trees.trees.successor(graph)
+            sim.carry_out(node, strategy.on_trees(shared))
+    return used
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -315,7 +387,8 @@ def measure(setup: Setup, sim: Simulation, strategy: str, scenario: str) -> dict
         kinds[kind] = kinds.get(kind, 0) + frames
     control = sum(kinds.get(k, 0) for k in CONTROL_FRAMES)
     origins = sorted({o for o, _ in sim.origins.values()})
-    ecc = eccentricities(setup.graph, origins, live_set)
+    dynamic = scenario == "crashed" and setup.overlay == "dynamic"
+    ecc = eccentricities(setup.live_graph if dynamic else setup.graph, origins, live_set)
     return {
         "strategy": strategy,
         "scenario": scenario,
@@ -409,7 +482,18 @@ def describe(setup: Setup) -> str:
         f"{len(setup.workload)} messages from {origins} origins over {gaps:.2f} s; "
         f"crashed scenario: {len(setup.crashed)} nodes down before the first submit, "
         f"the rest connected; periodic re-sync {sync}"
+        + (
+            f"\ndynamic overlay: {setup.detect * 1000:g} ms after the crash the survivors "
+            f"learn a repaired graph ({_links(setup.live_graph)} links) within "
+            f"{GRAPH_SPREAD * 1000:g} ms; the crashed scenario's workload starts then"
+            if setup.overlay == "dynamic"
+            else ""
+        )
     )
+
+
+def _links(graph: Mapping[int, frozenset[int]]) -> int:
+    return sum(len(nbs) for nbs in graph.values()) // 2
 
 
 # -- command -----------------------------------------------------------------
@@ -468,6 +552,23 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="fail a run after N events (default 50,000,000)",
     )
+    p.add_argument(
+        "--overlay",
+        choices=OVERLAYS,
+        default="static",
+        help=(
+            "static: the graph stays as configured; dynamic: after --detect-ms the live "
+            "nodes learn a repaired graph (the crashed nodes' neighbours link to "
+            "replacements) before the workload starts (default static)"
+        ),
+    )
+    p.add_argument(
+        "--detect-ms",
+        type=real(low=0),
+        default=1000.0,
+        metavar="MS",
+        help="dynamic overlay: time from the crash to the repaired graph (default 1000)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures here as JSON")
     return p
 
@@ -489,6 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sync_interval=args.sync_interval,
             time_limit=args.time_limit,
             max_events=args.max_events,
+            overlay=args.overlay,
+            detect=args.detect_ms / 1000,
         )
     except ValueError as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
@@ -513,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "sync_interval": args.sync_interval,
                 "time_limit": args.time_limit,
                 "max_events": args.max_events,
+                "overlay": args.overlay,
+                "detect_ms": args.detect_ms,
                 "degree": DEGREE,
                 "latency_ms": [LATENCY_MIN * 1000, LATENCY_MAX * 1000],
             },
