@@ -17,6 +17,9 @@ What a test can do to the network:
   (as the kernel resets them), dials to it are refused, it does nothing more;
 - ``stop(n)``: a graceful stop (``stopService``: what it says as it stops goes
   out before its connections close);
+- ``pause(n)`` / ``resume(n)``: the process does not run for a while (a loaded
+  machine): it reads, writes and ticks nothing; bytes for it wait. On resume its
+  late tick runs first, then it reads what waited (timers before I/O, as a reactor);
 - ``add(n, config)``: a node with a cluster file of its own (one joining a
   running cluster whose other nodes' file does not name it);
 - ``restart(n)``: a new ``GossipNode`` for ``n`` (new incarnation) on the
@@ -151,6 +154,7 @@ class Cluster:
         self.nodes: dict[int, GossipNode] = {}
         self.alive: set[int] = set()
         self.cut_pairs: set[frozenset[int]] = set()
+        self.paused: set[int] = set()
         self.connections: list[_Connection] = []
         self._tickers: dict[int, LoopingCall] = {}
         self._incarnations = itertools.count(1)
@@ -237,6 +241,21 @@ class Cluster:
     def heal(self, a: int, b: int) -> None:
         self.cut_pairs.discard(frozenset((a, b)))
 
+    def pause(self, node_id: int) -> None:
+        """``node_id``'s process stops running (descheduled): no reads, writes or ticks."""
+        self.paused.add(node_id)
+        self._tickers.pop(node_id).stop()
+
+    def resume(self, node_id: int) -> None:
+        """``node_id`` runs again: its overdue tick first, then the reads that waited."""
+        self.paused.discard(node_id)
+        node = self.nodes[node_id]
+        node.tick()
+        ticker = self._tickers[node_id] = LoopingCall(node.tick)
+        ticker.clock = self.reactor
+        ticker.start(TICK_SECONDS, now=False)
+        self._settle()
+
     def run(self, seconds: float, step: float = STEP) -> None:
         """Move the shared clock ``seconds`` on, in ``step``s, settling the network
         (dials answered, bytes delivered, closes reported) after each."""
@@ -255,6 +274,8 @@ class Cluster:
                     c.pump.serverIO.getOutBuffer()
                     moved = self._report_own_close(c) or moved
                     continue
+                if c.dialer in self.paused or c.peer in self.paused:
+                    continue  # a paused process neither reads nor writes
                 moved = c.pump.pump(advanceClock=False) or moved
             self.reactor.advance(0)
             self.connections = [

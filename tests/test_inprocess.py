@@ -8,6 +8,7 @@ from pathlib import Path
 from inprocess import Cluster
 
 from gossip.core.message import message_id
+from gossip.core.plumtree import ShortestPathTrees
 
 
 def test_sixteen_nodes_deliver_a_message_to_all_with_15_payload_sends() -> None:
@@ -140,3 +141,58 @@ def test_watchers_are_told_of_messages_that_arrive_by_gossip() -> None:
     pushes = watcher.pushes
     cluster.run(2.0)
     assert watcher.pushes == pushes
+
+
+def _stalled_leaf(cluster: Cluster, origin: int) -> tuple[int, int]:
+    """(leaf, parent): a leaf of ``origin``'s tree whose tree parent is not the origin
+    and which has a neighbour whose own tree path avoids that parent (an announcer
+    that gets the origin's messages while the parent is stalled)."""
+    trees = ShortestPathTrees({n: cluster.neighbours(n) for n in cluster.config.nodes})
+    parent = trees.parents(origin)
+    children = {p for n, p in parent.items() if n != p}
+
+    def path(n: int) -> set[int]:
+        up = set()
+        while n != origin:
+            n = parent[n]
+            up.add(n)
+        return up
+
+    for leaf in sorted(cluster.config.nodes):
+        p = parent[leaf]
+        if leaf in children or p == origin or leaf == origin:
+            continue
+        if any(q != p and p not in path(q) for q in cluster.neighbours(leaf)):
+            return leaf, p
+    raise AssertionError("no such leaf in the generated graph")
+
+
+def test_a_late_tick_does_not_graft_a_tree_copy_waiting_unread() -> None:
+    """A burst of 20 messages from node 1 while a node's tree parent is stalled: its
+    other neighbour announces them (IHave) first; then the node itself stalls (its
+    process does not run) while the parent's copies reach it. When it runs again, its
+    overdue tick comes before it reads them. The tick must not graft them: the tree
+    copies are waiting unread, and each graft would add payload copies (the reply,
+    a push to every neighbour, an adoption). Settled, the burst cost exactly 15
+    payload sends per broadcast and no Graft."""
+    cluster = Cluster(16)
+    cluster.run_until_links_up()
+    cluster.run(1.0)  # first re-sync sessions done
+    leaf, parent = _stalled_leaf(cluster, 1)
+    before = cluster.sent("gossip")[1]
+    grafts_before = cluster.sent("graft")[0]
+    cluster.pause(parent)
+    mids: list[bytes] = []
+    for i in range(20):
+        cluster.nodes[1].submit(f"burst {i}".encode()).addCallback(lambda r: mids.append(r[0]))
+    cluster.run(0.1)  # one tick: the leaf's other neighbours announce the burst
+    assert len(mids) == 20
+    assert all(m in cluster.nodes[leaf].core.strategy.missing for m in mids)  # type: ignore[attr-defined]
+    cluster.pause(leaf)
+    cluster.resume(parent)  # its copies go out to the leaf and wait there, unread
+    cluster.run(0.3)
+    cluster.resume(leaf)  # overdue tick first, then the reads
+    cluster.run_until_everywhere(mids)
+    cluster.run(1.0)
+    assert cluster.sent("graft")[0] == grafts_before
+    assert cluster.sent("gossip")[1] - before == 15 * len(mids)

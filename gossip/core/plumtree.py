@@ -71,6 +71,14 @@ GRAFT_REPLY_BYTES = 256 * 1024
 # The shortest graft wait: past the tick after next, so a tree copy has at least one
 # whole tick after its IHave came (the node ticks every 0.1 s).
 MIN_GRAFT_TIMEOUT = 0.15
+# The longest graft wait. It is reached only when tree copies are measured to come
+# that late (the wait adapts, see ``Plumtree.graft_wait``): 16 node processes on a
+# loaded 2-core machine (gossip-bench, throughput) measured tree copies up to 1.9 s
+# after their IHave, and a cap of 0.5 s grafted about one id per broadcast, each
+# graft costing about three extra payload copies (reply, push to all, adoption).
+# A tree parent that goes down is replaced at once (``Plumtree._refeed``), not by
+# this wait; it bounds only the recovery of a message lost with its parent up.
+GRAFT_TIMEOUT = 2.0
 # Grafted ids remembered to notice their tree copy coming after all.
 MAX_GRAFTED = 4096
 # A neighbour not up this long after the node started is treated as down, as one
@@ -91,6 +99,7 @@ class _Missing:
     announcers: list[int]
     grafted: bool = False
     origin: int | None = None  # as the IHave named it
+    tick: int = 0  # the node's tick count when it came (or was last grafted)
 
 
 # (eager, lazy, sender feeds us from outside the tree): see Plumtree._plan.
@@ -383,7 +392,7 @@ class Plumtree:
         node_id: int,
         graph: Mapping[int, Iterable[int]] | ShortestPathTrees,
         *,
-        graft_timeout: float = 0.5,
+        graft_timeout: float = GRAFT_TIMEOUT,
         min_graft_timeout: float = MIN_GRAFT_TIMEOUT,
         graft_retry: float = 0.25,
         max_missing: int = 100_000,
@@ -435,6 +444,9 @@ class Plumtree:
         # Neighbours seen up, or given up on (see ``on_tick``), and when we started.
         self._known: set[int] = set()
         self._started: float | None = None
+        # Ticks so far: an id is grafted no sooner than the second tick after its IHave
+        # (see ``on_tick``).
+        self.ticks = 0
 
     def bind(self, store: MessageReader) -> None:
         self._store = store
@@ -975,7 +987,7 @@ class Plumtree:
                 # (and ask the next announcer if this one does not answer). The graft
                 # adopts us there, so the announcer stands in from now on.
                 self.missing[mid] = _Missing(
-                    self.now, self.now + self.graft_retry, [], True, origin
+                    self.now, self.now + self.graft_retry, [], True, origin, self.ticks
                 )
                 now.append(mid)
                 self._asking(peer, origin)
@@ -989,7 +1001,7 @@ class Plumtree:
                     break
             else:
                 self.missing[mid] = _Missing(
-                    self.now, self.now + self.graft_wait, [peer], origin=origin
+                    self.now, self.now + self.graft_wait, [peer], origin=origin, tick=self.ticks
                 )
         return now
 
@@ -1018,7 +1030,18 @@ class Plumtree:
     # -- timers ------------------------------------------------------------
 
     def on_tick(self, now: float) -> list[Effect]:
+        """Flush the batched IHaves; graft what is overdue.
+
+        An id is grafted at a tick past its deadline, and never at the first tick
+        after its IHave (or after its last graft): the node must have read its links
+        once since a tick. A tick comes late when the node's turn ran long or its
+        process did not run (a loaded machine); it comes before the node reads what
+        arrived meanwhile (timers run before I/O), so the tree copy of an id
+        announced just before may be waiting unread, and grafting it would only add
+        a payload copy (and an adoption) per id."""
         self.now = now
+        self.ticks += 1
+        settled = self.ticks - 2  # ids noted by this tick count have had a read since a tick
         effects: list[Effect] = []
         if self._started is None:
             self._started = now
@@ -1033,7 +1056,9 @@ class Plumtree:
                 effects.append(self._ihave_frame(peer, batch))
         self._ihave.clear()
         grafts: dict[int, list[bytes]] = {}
-        expired = [mid for mid, e in self.missing.items() if e.deadline <= now]
+        expired = [
+            mid for mid, e in self.missing.items() if e.deadline <= now and e.tick <= settled
+        ]
         for mid in expired:
             entry = self.missing[mid]
             while entry.announcers and entry.announcers[0] not in self.up:
@@ -1043,6 +1068,7 @@ class Plumtree:
                 continue
             peer = entry.announcers.pop(0)
             entry.deadline = now + self.graft_retry
+            entry.tick = self.ticks
             entry.grafted = True
             grafts.setdefault(peer, []).append(mid)
             if entry.origin is not None:
