@@ -21,7 +21,11 @@ measures, in ticks, how late tree copies come after an IHave for them (or after
 it grafted too early), smooths that as TCP smooths round trips, and waits that
 plus four deviations above a floor of 0.15 s (past the tick after next), at most
 ``graft_timeout``. On a healthy tree an IHave, sent on the tick, comes after the
-tree copy, so the wait stays at the floor; under load it grows. A message a node
+tree copy, so the wait stays at the floor; under load it grows. Nothing is grafted
+at the first tick after its IHave, however late that tick comes: a late tick (a
+long turn, a process that did not run) comes before the reads it delayed, and
+the tree copy may be among them (16 processes on a loaded 2-core machine grafted
+about half as many ids with this rule; see docs/benchmarks.md). A message a node
 had to graft is pushed to all its neighbours, not announced: the tree is broken
 around it for that origin, so they are likely cut off too.
 
@@ -71,14 +75,6 @@ GRAFT_REPLY_BYTES = 256 * 1024
 # The shortest graft wait: past the tick after next, so a tree copy has at least one
 # whole tick after its IHave came (the node ticks every 0.1 s).
 MIN_GRAFT_TIMEOUT = 0.15
-# The longest graft wait. It is reached only when tree copies are measured to come
-# that late (the wait adapts, see ``Plumtree.graft_wait``): 16 node processes on a
-# loaded 2-core machine (gossip-bench, throughput) measured tree copies up to 1.9 s
-# after their IHave, and a cap of 0.5 s grafted about one id per broadcast, each
-# graft costing about three extra payload copies (reply, push to all, adoption).
-# A tree parent that goes down is replaced at once (``Plumtree._refeed``), not by
-# this wait; it bounds only the recovery of a message lost with its parent up.
-GRAFT_TIMEOUT = 2.0
 # Grafted ids remembered to notice their tree copy coming after all.
 MAX_GRAFTED = 4096
 # A neighbour not up this long after the node started is treated as down, as one
@@ -392,7 +388,7 @@ class Plumtree:
         node_id: int,
         graph: Mapping[int, Iterable[int]] | ShortestPathTrees,
         *,
-        graft_timeout: float = GRAFT_TIMEOUT,
+        graft_timeout: float = 0.5,
         min_graft_timeout: float = MIN_GRAFT_TIMEOUT,
         graft_retry: float = 0.25,
         max_missing: int = 100_000,
