@@ -20,7 +20,7 @@ from gossip.lab.lab import CLIENT_PORT, LAB_TIMERS, PEER_PORT, LinkCount, lab_co
 from gossip.lab.ledger import Ledger
 from gossip.lab.nemesis import FAULTS, fault_order
 from gossip.lab.netns import Netns
-from gossip.lab.soak import duration
+from gossip.lab.soak import duration, lab_settings, main, parser
 
 
 def test_lab_cluster_file_puts_each_node_at_its_lab_address() -> None:
@@ -207,3 +207,14 @@ def test_converge_reads_a_node_incrementally() -> None:
     assert first["lost"] == 0 and driver.ledger.position[1] == 5
     second = _run(driver, driver.converge([1], deadline=5.0))
     assert second["lost"] == 0 and second["duplicates"] == {}
+
+
+def test_soak_overlay_options_become_cluster_settings() -> None:
+    """--overlay dynamic and --replace-after reach the lab's cluster file; the default
+    adds nothing (a static lab as before); --replace-after alone is a usage error."""
+    assert lab_settings(parser().parse_args([])) == {}
+    args = parser().parse_args(["--overlay", "dynamic", "--replace-after", "5s"])
+    assert lab_settings(args) == {"overlay": "dynamic", "replace_after": 5.0}
+    with pytest.raises(SystemExit) as e:
+        main(["--replace-after", "5"])
+    assert e.value.code == 2

@@ -47,7 +47,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="where node logs and data go (default: a new temp dir)")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds to converge per heal")
     p.add_argument("--stop-on-failure", action="store_true")
+    p.add_argument(
+        "--overlay",
+        choices=("static", "dynamic"),
+        default="static",
+        help="the cluster's overlay (dynamic: nodes replace unreachable neighbours)",
+    )
+    p.add_argument(
+        "--replace-after",
+        type=duration,
+        default=None,
+        help="with --overlay dynamic: seconds before an unreachable neighbour is replaced",
+    )
     return p
+
+
+def lab_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The cluster settings the options ask for (none for the default static overlay)."""
+    out: dict[str, Any] = {}
+    if args.overlay != "static":
+        out["overlay"] = args.overlay
+    if args.replace_after is not None:
+        out["replace_after"] = args.replace_after
+    return out
 
 
 def figures(results: list[CheckResult], elapsed: float) -> str:
@@ -60,7 +82,10 @@ def figures(results: list[CheckResult], elapsed: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.replace_after is not None and args.overlay == "static":
+        p.error("--replace-after needs --overlay dynamic")
     why = unavailable()
     if why:
         print(f"gossip-soak: {why}", file=sys.stderr)
@@ -70,11 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     status = [0]
 
     async def run(reactor: Any) -> None:
-        lab = Lab(reactor, directory, args.nodes)
+        lab = Lab(reactor, directory, args.nodes, settings=lab_settings(args))
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.Deferred.fromCoroutine(lab.stop())
         )
-        print(f"gossip-soak: seed {seed}, {args.nodes} nodes, logs in {directory}", flush=True)
+        print(
+            f"gossip-soak: seed {seed}, {args.nodes} nodes, {args.overlay} overlay,"
+            f" logs in {directory}",
+            flush=True,
+        )
         try:
             await lab.start()
         except (LabError, LabFailed) as e:
