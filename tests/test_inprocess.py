@@ -8,7 +8,7 @@ from pathlib import Path
 from inprocess import Cluster
 
 from gossip.core.message import message_id
-from gossip.core.plumtree import ShortestPathTrees
+from gossip.core.plumtree import Plumtree, ShortestPathTrees
 
 
 def test_sixteen_nodes_deliver_a_message_to_all_with_15_payload_sends() -> None:
@@ -187,7 +187,9 @@ def test_a_late_tick_does_not_graft_a_tree_copy_waiting_unread() -> None:
         cluster.nodes[1].submit(f"burst {i}".encode()).addCallback(lambda r: mids.append(r[0]))
     cluster.run(0.1)  # one tick: the leaf's other neighbours announce the burst
     assert len(mids) == 20
-    assert all(m in cluster.nodes[leaf].core.strategy.missing for m in mids)  # type: ignore[attr-defined]
+    strategy = cluster.nodes[leaf].core.strategy
+    assert isinstance(strategy, Plumtree)
+    assert all(m in strategy.missing for m in mids)
     cluster.pause(leaf)
     cluster.resume(parent)  # its copies go out to the leaf and wait there, unread
     cluster.run(0.3)
