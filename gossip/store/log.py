@@ -81,7 +81,7 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,6 +109,7 @@ LOCK_NAME = "messages.lock"
 _SCAN_CHUNK = 64 << 10  # scan() reads records back in chunks of this size
 _GET_GUESS = 512  # get() reads this much first; a second pread if the record is longer
 _WRITE_BOUND = 1 << 20  # appends buffered past this many bytes are written at the next add
+_ONE_RECORD = (0,)  # ``add``'s record starts where its data does
 
 FsyncPolicy = Literal["always", "batch", "never"]
 POLICIES: tuple[str, ...] = ("always", "batch", "never")
@@ -288,26 +289,7 @@ class LogStore(IdIndex):
         except BaseException:
             self.truncate_ids(pos)  # not taken after all
             raise
-        offset = self._end
-        if self.policy == "always":
-            try:
-                self._write(record)
-            except StoreError as e:
-                self.truncate_ids(pos)
-                self._break(str(e))  # nothing was lost: the record was not taken
-                raise StoreError(self._broken) from None
-        else:
-            if self._write_call is None:
-                self._write_call = self._reactor.callLater(0, self._write_later)
-            elif offset - self._written > _WRITE_BOUND:
-                self._write_out()  # if it fails, it forgets the id taken above
-            self._pending.append(record)
-        self._end = offset + len(record)
-        self._offsets.append(offset)
-        if self.policy == "always":
-            self._commit.sync_now(self._fd, self._end)
-        elif self.policy == "batch":
-            self._commit.schedule()
+        self._append(record, _ONE_RECORD)
         return True
 
     def add_many(self, messages: Iterable[Message]) -> int:
@@ -476,9 +458,9 @@ class LogStore(IdIndex):
         if self._broken is not None:
             raise StoreError(self._broken)
 
-    def _append(self, data: bytes, starts: list[int]) -> None:
+    def _append(self, data: bytes, starts: Sequence[int]) -> None:
         """Take ``data``: the records of the ids the index numbered last, each at its
-        ``starts`` within it (``add_many``)."""
+        ``starts`` within it (``add``: one, ``add_many``: a frame's)."""
         offset = self._end
         first = len(self._offsets)
         if self.policy == "always":
@@ -492,7 +474,7 @@ class LogStore(IdIndex):
             if self._write_call is None:
                 self._write_call = self._reactor.callLater(0, self._write_later)
             elif offset - self._written > _WRITE_BOUND:
-                self._write_out()  # if it fails, it forgets the ids of this batch too
+                self._write_out()  # if it fails, it forgets the ids taken for ``data`` too
             self._pending.append(data)
         self._end = offset + len(data)
         self._offsets.extend(offset + start for start in starts)
