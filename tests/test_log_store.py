@@ -76,6 +76,20 @@ def open_store(directory: Path, **kw: Any) -> tuple[LogStore, Captured]:
     return LogStore.open(directory, log=cap.log, **kw), cap
 
 
+def count_writes(store: LogStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the ``os.write`` calls on ``store``'s log file from now on."""
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: Any) -> int:
+        if fd == store._fd:
+            writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    return writes
+
+
 def write_log(directory: Path, messages: list[Message]) -> list[int]:
     """Make a log holding ``messages``; return each record's offset."""
     store, _ = open_store(directory)
@@ -243,15 +257,7 @@ def test_appends_are_readable_at_once_and_written_together_at_the_end_of_the_tur
     buffer out first), and so does when_durable."""
     clock = Clock()
     store, _ = open_store(tmp_path, reactor=clock)
-    writes: list[int] = []
-    real_write = os.write
-
-    def counting_write(fd: int, data: Any) -> int:
-        if fd == store._fd:
-            writes.append(len(data))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", counting_write)
+    writes = count_writes(store, monkeypatch)
     messages = [msg(i) for i in range(9)]
     records = [encode_record(m) for m in messages]
     for m in messages[:3]:
@@ -289,15 +295,7 @@ def test_add_many_takes_a_batch_with_one_write_and_counts_the_new(
     readable at once and after a reopen."""
     clock = Clock()
     store, _ = open_store(tmp_path, reactor=clock)
-    writes: list[int] = []
-    real_write = os.write
-
-    def counting_write(fd: int, data: Any) -> int:
-        if fd == store._fd:
-            writes.append(len(data))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", counting_write)
+    writes = count_writes(store, monkeypatch)
     m = [msg(i) for i in range(5)]
     store.add(m[0])
     clock.advance(0)
