@@ -88,12 +88,7 @@ class Flood:
         pass
 
     def on_new(self, env: Envelope, sender: int | None, up: frozenset[int]) -> list[Effect]:
-        path = env.path
-        targets = [p for p in up if p != sender and p not in path]
-        if not targets:
-            return []
-        frame = GossipFrame((Envelope(env.id, env.body, (*path, self.node_id)),))
-        return [Send(p, frame) for p in sorted(targets)]
+        return self.on_new_batch(GossipFrame((env,)), sender, up)
 
     def on_new_batch(
         self, frame: GossipFrame, sender: int | None, up: frozenset[int]
