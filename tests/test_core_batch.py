@@ -8,6 +8,7 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_plumtree import GRAPH, ME  # node 5's neighbourhood
 
 from gossip.core.dissemination import Flood
 from gossip.core.effects import DropPeer, Effect, Persist, PersistBatch, Send
@@ -17,16 +18,6 @@ from gossip.core.plumtree import Plumtree
 from gossip.core.state import GossipCore
 from gossip.store.memory import MemoryStore
 
-# Node 5's neighbourhood (as in test_plumtree.py).
-GRAPH: dict[int, tuple[int, ...]] = {
-    1: (2, 3),
-    2: (1, 5),
-    3: (1, 5, 7),
-    5: (2, 3, 7, 8),
-    7: (3, 5),
-    8: (5,),
-}
-ME = 5
 NOW = 100.0
 MAX_BODY = 64
 
