@@ -9,7 +9,6 @@ each with ``now`` passed in; the output is a list of effects (see
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from itertools import repeat
 from typing import Protocol
 
 import attrs
@@ -314,8 +313,7 @@ class GossipCore:
         on with one ``Send`` per neighbour and group of messages (``on_new_batch``)."""
         self.arrivals.stored_many(frame.ids, "gossip")
         self.tree.add_many(frame.ids)
-        messages = tuple(map(Message, frame.ids, frame.bodies, repeat(now), frame.paths))
-        effects: list[Effect] = [PersistBatch(messages)]
+        effects: list[Effect] = [PersistBatch(frame.ids, frame.bodies, frame.paths, now)]
         return effects + self.strategy.on_new_batch(frame, sender, self.up)
 
     def _receive_sync_data(self, peer: int, frame: SyncDataFrame, now: float) -> list[Effect]:
