@@ -11,7 +11,8 @@ the Prometheus counters.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
+from itertools import repeat
 
 # Messages whose route and duplicate count are remembered (about 120 bytes each).
 RECENT_ARRIVALS = 8192
@@ -22,8 +23,12 @@ UNKNOWN = -1
 class Arrivals:
     def __init__(self, limit: int = RECENT_ARRIVALS) -> None:
         self.limit = limit
-        # id -> via index + 4 * redundant copies (an int: no object per message); oldest first.
-        self._recent: OrderedDict[bytes, int] = OrderedDict()
+        # id -> via index + 4 * redundant copies (an int: no object per message).
+        self._recent: dict[bytes, int] = {}
+        # The ids of ``_recent`` by when they were stored: a ring of ``limit`` slots
+        # (grown up to it), ``_at`` the next to overwrite (the oldest, once full).
+        self._ring: list[bytes] = []
+        self._at = 0
         self.stored: dict[str, int] = dict.fromkeys(VIAS, 0)
         self.duplicates: dict[str, int] = dict.fromkeys(VIAS, 0)
 
@@ -31,12 +36,22 @@ class Arrivals:
         self.stored_many((mid,), via)
 
     def stored_many(self, mids: tuple[bytes, ...], via: str) -> None:
-        """``stored_new`` for each of ``mids`` (the new messages of one frame)."""
+        """``stored_new`` for each of ``mids`` (the new messages of one frame): a few
+        slice and dict operations per frame, at C speed per id, none per id in Python."""
         self.stored[via] += len(mids)
-        recent = self._recent
-        recent.update(dict.fromkeys(mids, VIAS.index(via)))
-        for _ in range(len(recent) - self.limit):
-            recent.popitem(last=False)
+        limit, ring, recent = self.limit, self._ring, self._recent
+        if len(mids) > limit:
+            mids = mids[len(mids) - limit :]
+        entry = VIAS.index(via)
+        while mids:
+            at = self._at
+            end = min(at + len(mids), limit)
+            taken, mids = mids[: end - at], mids[end - at :]
+            # Forget the oldest first (an id stored again is then remembered anew).
+            deque(map(recent.pop, ring[at:end], repeat(None)), maxlen=0)
+            ring[at:end] = taken
+            recent.update(dict.fromkeys(taken, entry))
+            self._at = end % limit
 
     def duplicate(self, mid: bytes, via: str) -> None:
         """Another copy of a held message arrived (and was dropped). A client's resubmit
