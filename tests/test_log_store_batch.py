@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from gossip.core.message import Message, message_id
+from gossip.store import record
 from gossip.store.log import LOG_NAME, MAGIC, MAX_PATH, MAX_RECORD_BYTES, LogStore, encode_record
 from gossip.store.memory import MemoryStore
 from gossip.store.record import encode_records
@@ -104,6 +105,17 @@ def test_batch_encoding_refuses_columns_of_unequal_length() -> None:
     """Columns that are not parallel are a caller's bug, refused rather than cut short."""
     with pytest.raises(ValueError, match="columns"):
         encode_records((ENCODABLE.id,), (b"ok", b"ok"), ((1,),), AT)
+
+
+def test_encoded_paths_kept_between_batches_are_bounded() -> None:
+    """The bytes of paths are kept between batches, but never more than ``_PATHS_KEPT``
+    of them, however many distinct paths come; records stay what ``encode_record``
+    gives."""
+    messages = [Message(message_id(b"p%d" % i), b"p%d" % i, AT, (i, 7)) for i in range(5000)]
+    for k in range(0, len(messages), 100):
+        data, _ = encode_records(*columns(messages[k : k + 100]))
+        assert data == b"".join(map(encode_record, messages[k : k + 100]))
+        assert len(record._PATHS) <= record._PATHS_KEPT
 
 
 @pytest.mark.parametrize("policy", ["never", "batch", "always"])

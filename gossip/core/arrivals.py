@@ -22,6 +22,8 @@ UNKNOWN = -1
 
 class Arrivals:
     def __init__(self, limit: int = RECENT_ARRIVALS) -> None:
+        if limit < 1:
+            raise ValueError(f"Arrivals remembers at least one message, not {limit}")
         self.limit = limit
         # id -> via index + 4 * redundant copies (an int: no object per message).
         self._recent: dict[bytes, int] = {}
@@ -33,11 +35,22 @@ class Arrivals:
         self.duplicates: dict[str, int] = dict.fromkeys(VIAS, 0)
 
     def stored_new(self, mid: bytes, via: str) -> None:
-        self.stored_many((mid,), via)
+        self.stored[via] += 1
+        ring, at, recent = self._ring, self._at, self._recent
+        if at < len(ring):
+            recent.pop(ring[at], None)  # the oldest, forgotten first
+            ring[at] = mid
+        else:
+            ring.append(mid)
+        recent[mid] = VIAS.index(via)
+        self._at = (at + 1) % self.limit
 
     def stored_many(self, mids: tuple[bytes, ...], via: str) -> None:
         """``stored_new`` for each of ``mids`` (the new messages of one frame): a few
         slice and dict operations per frame, at C speed per id, none per id in Python."""
+        if len(mids) == 1:
+            self.stored_new(mids[0], via)
+            return
         self.stored[via] += len(mids)
         limit, ring, recent = self.limit, self._ring, self._recent
         if len(mids) > limit:

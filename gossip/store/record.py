@@ -29,8 +29,6 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
-from itertools import accumulate, chain, repeat
-from operator import add
 
 from gossip.core.message import ID_BYTES, Message
 
@@ -89,17 +87,32 @@ def _encode(mid: bytes, body: bytes, received_at: float, path: tuple[int, ...]) 
     return LEN.pack(zlib.crc32(rest)) + rest
 
 
-# length | kind | id: the part of a record that differs per message of a batch.
-_LEN_KIND_ID = struct.Struct(f"<IB{ID_BYTES}s")
-# received_at | path count | path entries, one Struct per path length (as ``_HEADS``).
-_TAILS: dict[int, struct.Struct] = {}
+# length | kind | id | received_at: the part of a record before its path entries.
+_LEAD = struct.Struct(f"<IB{ID_BYTES}sd")
+_LEAD_BYTES = _LEAD.size - LEN.size  # the payload's part of it: kind, id, received_at
+# Encoded paths (path count | entries) kept between batches, up to this many.
+_PATHS_KEPT = 4096
 
 
-def _tail(count: int) -> struct.Struct:
-    tail = _TAILS.get(count)
-    if tail is None:
-        tail = _TAILS[count] = struct.Struct(f"<dH{count}I")
-    return tail
+class _EncodedPaths(dict[tuple[int, ...], bytes]):
+    """Path -> its bytes in a record (count, entries), packed and checked once: the
+    messages of a cluster come by few paths. Bounded: cleared when full."""
+
+    def __missing__(self, path: tuple[int, ...]) -> bytes:
+        count = len(path)
+        if count > MAX_PATH:
+            raise ValueError(f"a path has at most {MAX_PATH} entries, got {count}")
+        try:
+            encoded = struct.pack(f"<H{count}I", count, *path)
+        except struct.error as e:
+            raise ValueError(f"cannot encode message: {e}") from None
+        if len(self) >= _PATHS_KEPT:
+            self.clear()
+        self[path] = encoded
+        return encoded
+
+
+_PATHS = _EncodedPaths()
 
 
 def encode_records(
@@ -112,41 +125,32 @@ def encode_records(
     ``received_at``), given as parallel columns: their bytes, each record exactly what
     ``encode_record`` gives for its message, one after the other, and where each starts.
 
-    One pass over the columns, no object per message: the middle of a record
-    (received_at, path count, path entries) is packed once per distinct path (a
-    frame's messages share few), and every per-message step (pack length, kind and
-    id; join; crc32; pack the crc) is a ``map`` of a C function over a column.
-    Raises ``ValueError`` for a batch with a message ``encode_record`` refuses.
+    One pass over the columns, no object per message: per message one ``pack``
+    (length, kind, id, received_at), the path's bytes from ``_PATHS``, one join and
+    one ``crc32``. Raises ``ValueError`` for a batch with a message ``encode_record``
+    refuses (then nothing is returned).
     """
     if not len(ids) == len(bodies) == len(paths):
         raise ValueError(f"columns of {len(ids)} ids, {len(bodies)} bodies, {len(paths)} paths")
-    if len(ids) < 2:  # a frame of one message (light load): no setup for columns
-        return (_encode(ids[0], bodies[0], received_at, paths[0]), [0]) if ids else (b"", [])
-    for size in set(map(len, ids)):
-        if size != ID_BYTES:
-            raise ValueError(f"a message id has {ID_BYTES} bytes, got {size}")
-    tails: dict[tuple[int, ...], bytes] = {}
-    bases: dict[tuple[int, ...], int] = {}  # a record's length field without its body
-    for path in dict.fromkeys(paths):
-        count = len(path)
-        if count > MAX_PATH:
-            raise ValueError(f"a path has at most {MAX_PATH} entries, got {count}")
-        try:
-            tail = tails[path] = _tail(count).pack(received_at, count, *path)
-        except struct.error as e:
-            raise ValueError(f"cannot encode message: {e}") from None
-        bases[path] = 1 + ID_BYTES + len(tail)
-    lengths = list(map(add, map(bases.__getitem__, paths), map(len, bodies)))
-    longest = max(lengths)
-    if longest > MAX_RECORD_BYTES:
-        raise ValueError(f"a record has at most {MAX_RECORD_BYTES} bytes, got {longest}")
-    heads = map(_LEN_KIND_ID.pack, lengths, repeat(KIND_MESSAGE), ids)
-    # Each record but its crc: what the crc covers.
-    rests = list(map(b"".join, zip(heads, map(tails.__getitem__, paths), bodies, strict=True)))
-    crcs = map(LEN.pack, map(zlib.crc32, rests))
-    starts = list(accumulate(map(add, lengths, repeat(HEADER_BYTES)), initial=0))
-    starts.pop()  # the end of the last record
-    return b"".join(chain.from_iterable(zip(crcs, rests, strict=True))), starts
+    pack, encoded_paths, crc32, pack_crc = _LEAD.pack, _PATHS, zlib.crc32, LEN.pack
+    pieces: list[bytes] = []
+    starts: list[int] = []
+    at = 0
+    try:
+        for mid, body, path in zip(ids, bodies, paths, strict=True):
+            if len(mid) != ID_BYTES:
+                raise ValueError(f"a message id has {ID_BYTES} bytes, got {len(mid)}")
+            encoded_path = encoded_paths[path]
+            length = _LEAD_BYTES + len(encoded_path) + len(body)
+            if length > MAX_RECORD_BYTES:
+                raise ValueError(f"a record has at most {MAX_RECORD_BYTES} bytes, got {length}")
+            rest = b"".join((pack(length, KIND_MESSAGE, mid, received_at), encoded_path, body))
+            pieces += (pack_crc(crc32(rest)), rest)
+            starts.append(at)
+            at += HEADER_BYTES + length
+    except struct.error as e:
+        raise ValueError(f"cannot encode message: {e}") from None
+    return b"".join(pieces), starts
 
 
 def decode_payload(buf: bytes, start: int, end: int) -> Message:
