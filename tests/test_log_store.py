@@ -11,6 +11,7 @@ import os
 import random
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger, LogLevel, formatEvent
 
@@ -1259,6 +1261,64 @@ def test_pacer_syncs_at_once_when_quiet_and_leaves_a_gap_after_each_fsync() -> N
         assert not pacer.inline()
         pacer.done(300.0 + k, 0.0001, 0.0001)
     assert pacer.inline()
+
+
+def test_pacer_gap_ends_at_most_max_delay_after_the_last_fsync() -> None:
+    """The gap after a slow fsync (a busy machine stretches one to 10 ms) ends at most
+    max_delay after that fsync: a record that comes later, on a quiet node, is synced
+    at once instead of waiting max_delay more (at 50 messages a second every message
+    waited 4 ms so)."""
+    pacer = FsyncPacer(max_delay=0.004, inline_below=0.002)
+    pacer.done(100.0, 0.010, 0.001)
+    assert pacer.delay(100.0) == pytest.approx(0.004)  # right after it: the capped gap
+    assert pacer.delay(100.003) == pytest.approx(0.001)
+    assert pacer.delay(100.006) == 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_fsync_starts_after_the_reactor_wrote_what_the_read_queued(
+    tmp_path: Path,
+) -> None:
+    """A read that appends a record and writes a frame (a node forwarding what it
+    received) gets its frame onto the socket before the fsync runs: Twisted writes
+    queued bytes in its next poll, after the timed calls due, and an inline fsync due
+    at the end of the read's turn used to run first and hold the forwarded frame for as
+    long as the disk took, at every hop. Real reactor and sockets; the fsync peeks at
+    the peer's end of the socket."""
+    ours, theirs = socket.socketpair()
+    seen: list[bytes] = []
+
+    def peeking_fsync(fd: int) -> None:
+        try:
+            seen.append(theirs.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            seen.append(b"")
+        os.fsync(fd)
+
+    store, _ = open_store(
+        tmp_path, fsync="batch", fsync_function=peeking_fsync, inline_fsync_below=1.0
+    )
+    durable: list[Deferred[None]] = []
+
+    class Relay(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            store.add(msg(len(durable)))
+            self.transport.write(b"forwarded " + data)
+            durable.append(store.when_durable())
+
+    factory = Factory.forProtocol(Relay)
+    reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+    ours.close()  # the reactor holds its own duplicate
+    try:
+        for k in range(3):
+            theirs.sendall(b"frame %d" % k)
+            await wait_until(lambda k=k: len(durable) > k)
+            await durable[k]
+            assert seen[-1].endswith(b"forwarded frame %d" % k)
+            theirs.recv(64)
+    finally:
+        theirs.close()
+        store.close()
 
 
 def test_batch_fsync_of_a_quiet_store_runs_at_the_end_of_the_turn_and_paces_under_load(
