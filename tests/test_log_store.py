@@ -39,6 +39,7 @@ from gossip.store import fsync_pacing
 from gossip.store import log as log_module
 from gossip.store import recovery as recovery_module
 from gossip.store.fsync_pacing import GAP_FACTOR, FsyncPacer
+from gossip.store.group_commit import GroupCommit
 from gossip.store.log import (
     LOG_NAME,
     MAGIC,
@@ -1319,6 +1320,62 @@ async def test_batch_fsync_starts_after_the_reactor_wrote_what_the_read_queued(
     finally:
         theirs.close()
         store.close()
+
+
+class InlineThreads:
+    """A thread pool whose jobs run when the test says (``run_next``), and a Clock that
+    takes the results as the reactor does (``callFromThread``)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.jobs: list[Callable[[], None]] = []
+        clock.getThreadPool = lambda: self  # type: ignore[attr-defined]
+        clock.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any) -> None:
+        self.jobs.append(lambda: on_result(True, f(*args)))
+
+    def run_next(self) -> None:
+        self.jobs.pop(0)()
+
+
+def test_fsync_after_a_threaded_one_that_left_records_waiting_waits_for_the_io_pass() -> None:
+    """When an fsync that ran in a thread ends and records appended meanwhile have
+    waiters, the next fsync starts on a later reactor pass, not inside the completion:
+    the completion runs in the timed-call pass, right after the poll that read those
+    records, and the frames that read queued are written in the next poll only; an
+    fsync started at once would hold them (it used to, behind every such fsync)."""
+    clock = Clock()
+    threads = InlineThreads(clock)
+    appended = [10]
+    prepared: list[int] = []
+
+    def prepare() -> tuple[int, int] | None:
+        prepared.append(appended[0])
+        return os.open(os.devnull, os.O_RDONLY), appended[0]
+
+    commit = GroupCommit(
+        reactor=clock,
+        fsync_function=lambda fd: None,
+        max_delay=0.004,
+        inline_below=0.0,  # every fsync in a "thread"
+        durable=0,
+        prepare=prepare,
+        failed=StoreError,
+        appended=lambda: appended[0],
+        path="log",
+    )
+    first = commit.wait(10)
+    clock.advance(0)
+    assert prepared == [10] and len(threads.jobs) == 1
+    appended[0] = 20  # a read appends while the fsync is in flight, and a client waits
+    second = commit.wait(20)
+    threads.run_next()
+    assert first.called and not second.called
+    assert prepared == [10], "the next fsync started inside the completion"
+    clock.advance(0)
+    assert prepared == [10, 20]
+    threads.run_next()
+    assert second.called
 
 
 def test_batch_fsync_of_a_quiet_store_runs_at_the_end_of_the_turn_and_paces_under_load(

@@ -132,7 +132,10 @@ class GroupCommit:
         written: an inline fsync (0.1-0.3 ms idle, several ms on a busy disk) would
         hold every forwarded frame for as long as it takes, at every hop. One call
         more puts it after that poll: the frames are on the wire first, then the
-        fsync; what is read in that poll is written out and covered as well.
+        fsync; what is read in that poll is written out and covered as well. The
+        same holds for the fsync that follows one which ended with records waiting:
+        a thread's fsync ends in the timed-call pass too, right after the poll that
+        read those records and queued their frames.
         """
         self._flush_call = self._reactor.callLater(0, self._flush)
 
@@ -168,7 +171,7 @@ class GroupCommit:
         self.fire(None)
         if not self._stopped and self.durable < self._appended():
             if self._waiters:
-                self._flush()  # acks added meanwhile have waited long enough
+                self._after_io()  # acks added meanwhile have waited long enough
             else:
                 self.schedule()
 
