@@ -76,18 +76,18 @@ class OriginRateLimited(SubmitRejected):
 
 
 @attrs.frozen(slots=True)
-class SubmitResult:
-    id: bytes
-    new: bool
-    effects: list[Effect]
-
-
-@attrs.frozen(slots=True)
 class SubmitBatch:
     """What ``GossipCore.submit_many`` made of several bodies: per body, in order, its
     (id, new) or why it was refused; and the effects of them all."""
 
     results: list[tuple[bytes, bool] | SubmitRejected]
+    effects: list[Effect]
+
+
+@attrs.frozen(slots=True)
+class SubmitResult:
+    id: bytes
+    new: bool
     effects: list[Effect]
 
 
