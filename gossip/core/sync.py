@@ -366,8 +366,9 @@ class SyncEngine:
         self._flow_first = -math.inf
         self._flow_last = -math.inf
         self._last_start = -math.inf
-        # A link came up since this node last started a session (see ``_due``).
-        self._link_news = False
+        # Peers whose link came up since this node last started a session: the next
+        # session is with one of them, busy or not (see ``_maybe_start``).
+        self._linked: set[int] = set()
 
     # -- load --------------------------------------------------------------
 
@@ -385,14 +386,9 @@ class SyncEngine:
         )
 
     def _due(self, now: float) -> bool:
-        """Whether a queued session may start now: at once unless gossip is sustained;
-        while it is, the first after a link came up (a restarted node's catch-up), else
-        once BUSY_SPACING intervals have passed since the last start."""
-        return (
-            self._link_news
-            or now - self._last_start >= BUSY_SPACING * self.interval
-            or not self.busy(now)
-        )
+        """Whether the next queued session may start now: at once unless gossip is
+        sustained, else once BUSY_SPACING intervals have passed since the last start."""
+        return now - self._last_start >= BUSY_SPACING * self.interval or not self.busy(now)
 
     # -- scheduling --------------------------------------------------------
 
@@ -406,12 +402,13 @@ class SyncEngine:
         return self._maybe_start(up, now)
 
     def link_up(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
-        """The link to ``peer`` came up: queue a session, and let the next one start
+        """The link to ``peer`` came up: queue a session with it, to be the next one,
         busy or not (what a node missed while down is pulled at once)."""
-        self._link_news = True
+        self._linked.add(peer)
         return self.request(peer, up, now)
 
     def peer_down(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
+        self._linked.discard(peer)
         if peer in self.queue:
             self.queue.remove(peer)
         if self.active is not None and self.active.peer == peer:
@@ -437,11 +434,16 @@ class SyncEngine:
         return effects
 
     def _maybe_start(self, up: frozenset[int], now: float) -> list[Effect]:
-        """Start the next queued session if one is due (peers no longer up leave the queue)."""
+        """Start the next queued session if one is due (peers no longer up leave the
+        queue): the first with a newly linked peer, else the oldest request."""
         if self.active is not None or not self.queue:
             return []
         for peer in [p for p in self.queue if p not in up]:
             self.queue.remove(peer)
+        linked = [p for p in self.queue if p in self._linked]
+        if linked:
+            self.queue.remove(linked[0])
+            return self._start(linked[0], now)
         if not self.queue or not self._due(now):
             return []
         return self._start(self.queue.popleft(), now)
@@ -452,7 +454,7 @@ class SyncEngine:
         self.active = s
         self._recent.append((peer, s.id))
         self._last_start = now
-        self._link_news = False
+        self._linked.clear()
         self.counters.sessions_started += 1
         root = self.tree.node(ROOT)
         if root.count == 0:
