@@ -9,11 +9,19 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from test_sync import holdings, random_body, regular_graph
+from test_sync import Wire, holdings, make_core, random_body, regular_graph
 
 from gossip.core import sync
-from gossip.core.frames import PeerFrame, SyncQueryFrame, SyncReplyFrame
-from gossip.core.sync import BUSY_SPACING, FLOW_SECONDS, FingerprintTree, SyncEngine
+from gossip.core.frames import Envelope, GossipFrame, PeerFrame, SyncQueryFrame, SyncReplyFrame
+from gossip.core.message import message_id
+from gossip.core.sync import (
+    BUSY_SPACING,
+    FLOW_SECONDS,
+    HOLD_SECONDS,
+    QUIET_SECONDS,
+    FingerprintTree,
+    SyncEngine,
+)
 from gossip.sim import Simulation
 from gossip.store.memory import MemoryStore
 
@@ -55,31 +63,34 @@ class Load:
 
 
 def test_busy_means_gossip_sustained_for_a_while_not_a_burst() -> None:
-    """A node is busy once Gossip frames have arrived at most FLOW_SECONDS apart for
-    FLOW_SECONDS, and stays so until a gap longer than FLOW_SECONDS; a short burst (a
-    few frames in half a second) never makes it busy."""
+    """A node is busy once Gossip frames have arrived at most QUIET_SECONDS apart for
+    FLOW_SECONDS, and stays so through shorter pauses until a gap longer than
+    QUIET_SECONDS; a short burst (a few frames in half a second) never makes it busy."""
     engine = SyncEngine(1, FingerprintTree(), MemoryStore(), interval=10.0, timeout=30.0)
     assert not engine.busy(0.0)
     for t in (0.0, 0.2, 0.5):
         engine.heard(t)
     assert not engine.busy(0.5)
     assert not engine.busy(1.4)
-    engine.heard(5.0)  # after a gap: a new run of gossip starts here
-    for k in range(1, 12):
-        engine.heard(5.0 + 0.1 * k)
-    assert engine.busy(5.0 + FLOW_SECONDS + 0.1)
-    assert engine.busy(6.1 + FLOW_SECONDS)  # the last frame at 6.1
-    assert not engine.busy(6.1 + FLOW_SECONDS + 0.01)
+    start = 0.5 + QUIET_SECONDS + 0.1  # after a gap: a new run of gossip starts here
+    for k in range(12):
+        engine.heard(start + 0.1 * k)
+    last = start + 1.1
+    assert engine.busy(start + FLOW_SECONDS + 0.1)
+    assert engine.busy(last + QUIET_SECONDS)
+    engine.heard(last + QUIET_SECONDS)  # a long pause, not a gap: still the same run
+    assert engine.busy(last + QUIET_SECONDS + 0.5)
+    assert not engine.busy(last + 2 * QUIET_SECONDS + 0.01)
 
 
 def test_node_missing_messages_under_continuous_gossip_catches_up_within_the_bound() -> None:
     """8 nodes, 100 messages per second. Right after node 0 finished a session, 50
     messages appear at every other node (as if node 0 had lost them; gossip never
     brings them). Node 0 stays busy throughout, so its next session is held back,
-    but for no longer than BUSY_SPACING intervals: it holds all 50 between 6 s and
-    9 s after that session started (the bound, a tick, and the session's own round
-    trips at up to 300 ms a frame behind the gossip on the same links), still busy
-    when it does."""
+    but for no longer than BUSY_SPACING intervals, and asks for what it found missing
+    HOLD_SECONDS later: it holds all 50 between 6 s and 11 s after that session
+    started (the bound, the hold, a tick, and the session's own round trips at up to
+    300 ms a frame behind the gossip on the same links), still busy when it does."""
     sim = loaded_cluster()
     load = Load(sim, seed=1)
     load.run(until=4.0)
@@ -103,7 +114,7 @@ def test_node_missing_messages_under_continuous_gossip_catches_up_within_the_bou
     assert caught is not None
     assert engine.busy(caught)
     bound = BUSY_SPACING * INTERVAL
-    assert bound <= caught - started <= bound + 3.0
+    assert bound + HOLD_SECONDS <= caught - started <= bound + HOLD_SECONDS + 3.0
     assert sim.drops == []
 
 
@@ -112,7 +123,8 @@ def test_a_link_that_comes_up_under_load_is_reconciled_at_once() -> None:
     one else holds; gossip keeps node 0 busy over its other links. The link comes back
     right after node 0's last session, so a spaced session would not start for 6 s: the
     session of a link that comes up is not held back, goes ahead of the requests already
-    queued, and node 0 holds the 50 within 3 s (the session's own round trips)."""
+    queued, and node 0 holds the 50 within HOLD_SECONDS and 3 s (the session's own
+    round trips)."""
     sim = loaded_cluster()
     load = Load(sim, seed=3)
     peer = min(sim.neighbours[0])
@@ -127,7 +139,7 @@ def test_a_link_that_comes_up_under_load_is_reconciled_at_once() -> None:
     assert engine.busy(sim.now)
     reconnected = sim.now
     sim.connect(0, peer)
-    load.run(until=reconnected + 3.0)
+    load.run(until=reconnected + HOLD_SECONDS + 3.0)
     assert all(mid in sim.stores[0] for mid in mids)
 
 
@@ -177,3 +189,42 @@ def test_sessions_under_steady_traffic_cost_a_third_of_unspaced_ones(
     assert 3 * started <= unspaced
     assert 3 * sent["queries"] <= unspaced_sent["queries"] + 30
     assert 2.5 * sent["fp_nodes"] <= unspaced_sent["fp_nodes"]
+
+
+def test_a_busy_session_leaves_to_gossip_what_arrives_within_the_hold() -> None:
+    """A busy node's session finds 40 ids it lacks that are in fact on their way by
+    gossip (here: they arrive 1 s later). It asks for none of them: they are held
+    for HOLD_SECONDS, and once that has passed (at the next tick) none is missing
+    any more, so the session ends having sent no SyncWant, pulled nothing and hinted
+    no one. Asked for at once (as before), they would have been pulled by re-sync
+    and never forwarded by this node."""
+    rng = random.Random(9)
+    common = [random_body(rng) for _ in range(500)]
+    in_flight = [random_body(rng) for _ in range(40)]
+    a, a_store = make_core(1, (2,), common)
+    b, b_store = make_core(2, (1,), common + in_flight)
+    wire = Wire((a, a_store), (b, b_store))
+    b.peer_up(1, 0.0)
+    for k in range(30):  # gossip has flowed for 3 s
+        a.sync.heard(k * 0.1)
+    assert a.sync.busy(3.0)
+    wire.apply(1, a.peer_up(2, 3.0))
+    wire.run(3.0)
+    session = a.sync.active
+    assert session is not None
+    held = {mid for _, ids in session.held for mid in ids}
+    assert held == {message_id(body) for body in in_flight}
+    envelopes = tuple(Envelope(message_id(body), body, (2,)) for body in in_flight)
+    for k in range(1, 26):  # ticks every 0.1 s; the gossip copies come at 4.0
+        now = 3.0 + 0.1 * k
+        if k == 10:
+            wire.apply(1, a.receive(2, GossipFrame(envelopes), now))
+        wire.apply(1, a.tick(now))
+        wire.run(now)
+    assert a.sync.active is None
+    assert a.sync.counters.sessions_completed == 1
+    assert a.sync.counters.messages_pulled == 0
+    sent = [type(f).__name__ for src, _, f in wire.log if src == 1]
+    assert "SyncWantFrame" not in sent
+    assert "SyncHintFrame" not in sent
+    assert all(message_id(body) in a_store for body in in_flight)

@@ -32,7 +32,9 @@ busy, a queued session therefore waits until gossip quiets down or
 a node that really lacks messages under sustained load still reconciles
 within that bound (its periodic request is queued within one interval). The
 first session after a link comes up is never held back: a restarted node
-pulls what it missed at once.
+pulls what it missed at once. And a session run while busy asks for the ids
+it found missing only if they are still missing ``HOLD_SECONDS`` later,
+rather than race gossip for them.
 
 Flow control: a node that lost much of its log learns of tens of thousands of
 missing ids at once, and every reply of the walk adds wants. The initiator
@@ -89,11 +91,19 @@ WANT_WINDOW = 4
 # given up on lately: their data may still be on the way, and is honest).
 RECENT_SESSIONS = 8
 # Gossip is sustained (the node is busy) once Gossip frames have kept arriving, no
-# two more than FLOW_SECONDS apart, for FLOW_SECONDS; a burst that ends at once (a
-# few messages, then a partition heals) leaves sessions as prompt as ever.
+# two more than QUIET_SECONDS apart, for FLOW_SECONDS; a burst that ends at once (a
+# few messages, then a partition heals) leaves sessions as prompt as ever. The gap
+# allowed is longer than the flow asked for: a node on a busy machine hears its
+# frames in spurts, and the trickle at the end of a load comes with pauses.
 FLOW_SECONDS = 1.0
+QUIET_SECONDS = 3.0
 # While busy, at most one session start per this many intervals (link-ups aside).
 BUSY_SPACING = 3
+# While busy, ids a session finds missing are asked for only if still missing this
+# long after: most are on their way by gossip. A copy pulled first would be stored
+# but not forwarded (its gossip copy, come later, is a duplicate), leaving the
+# node's tree children to repair it, and would make the node hint its neighbours.
+HOLD_SECONDS = 2.0
 
 
 def make_key(level: int, index: int) -> int:
@@ -324,6 +334,8 @@ class Session:
     wants: int = 0  # in flight: at most WANT_WINDOW
     learned: int = 0
     wanted: set[bytes] = attrs.field(factory=set)
+    # Found missing while busy, with when to ask for those still missing (HOLD_SECONDS).
+    held: deque[tuple[float, list[bytes]]] = attrs.field(factory=deque)
     # Found missing but not yet asked for (the window was full), oldest first.
     backlog_ids: deque[bytes] = attrs.field(factory=deque)
     backlog_ranges: deque[int] = attrs.field(factory=deque)
@@ -374,14 +386,15 @@ class SyncEngine:
 
     def heard(self, now: float) -> None:
         """A Gossip frame arrived (the core calls this for every one)."""
-        if now - self._flow_last > FLOW_SECONDS:
+        if now - self._flow_last > QUIET_SECONDS:
             self._flow_first = now
         self._flow_last = now
 
     def busy(self, now: float) -> bool:
-        """Whether gossip is sustained: frames at most FLOW_SECONDS apart, for as long."""
+        """Whether gossip is sustained: frames at most QUIET_SECONDS apart, for at
+        least FLOW_SECONDS."""
         return (
-            now - self._flow_last <= FLOW_SECONDS
+            now - self._flow_last <= QUIET_SECONDS
             and self._flow_last - self._flow_first >= FLOW_SECONDS
         )
 
@@ -422,6 +435,8 @@ class SyncEngine:
         if active is not None and now - active.last_progress > self.timeout:
             self.active = None
             self.counters.sessions_aborted += 1
+        elif active is not None and active.held and active.held[0][0] <= now:
+            effects += self._release(active, up, now)
         if self._next_periodic is None:
             self._next_periodic = now + self.interval
         elif now >= self._next_periodic:
@@ -429,7 +444,7 @@ class SyncEngine:
             peers = sorted(up)
             if peers:
                 self._turn = (self._turn + 1) % len(peers)
-                return self.request(peers[self._turn], up, now)
+                return effects + self.request(peers[self._turn], up, now)
         effects += self._maybe_start(up, now)
         return effects
 
@@ -519,6 +534,9 @@ class SyncEngine:
         ask_ids: list[tuple[FpNode, int]] = []
         ranges: list[int] = []
         tree = self.tree
+        # While busy, a small range held here by nothing is listed too (not pulled
+        # whole), so that its ids are held like the others (HOLD_SECONDS).
+        whole = IDS_THRESHOLD if self.busy(now) else 0
         for theirs in r.nodes:
             parts = split_key(theirs.key)
             if parts is None or theirs.count == 0:
@@ -526,7 +544,7 @@ class SyncEngine:
             mine = tree.node(theirs.key)
             if mine == theirs:
                 continue
-            if mine.count == 0:
+            if mine.count == 0 and theirs.count > whole:
                 ranges.append(theirs.key)
             elif theirs.count <= IDS_THRESHOLD or parts[0] == LEAF_LEVEL:
                 ask_ids.append((mine, theirs.count))
@@ -556,9 +574,20 @@ class SyncEngine:
         if batch:
             effects.append(Send(peer, SyncQueryFrame(s.id, (), tuple(batch))))
         s.queries += len(effects)
-        s.backlog_ids.extend(missing)
+        if missing and whole:
+            s.held.append((now + HOLD_SECONDS, missing))  # see HOLD_SECONDS
+        else:
+            s.backlog_ids.extend(missing)
         s.backlog_ranges.extend(ranges)
         return effects + self._send_wants(s) + self._maybe_finish(s, up, now)
+
+    def _release(self, s: Session, up: frozenset[int], now: float) -> list[Effect]:
+        """Ask for the held ids whose time has come and that are still missing."""
+        store = self.store
+        while s.held and s.held[0][0] <= now:
+            s.backlog_ids.extend(mid for mid in s.held.popleft()[1] if mid not in store)
+        s.last_progress = now
+        return self._send_wants(s) + self._maybe_finish(s, up, now)
 
     def on_data(
         self, peer: int, d: SyncDataFrame, learned: int, up: frozenset[int], now: float
@@ -593,7 +622,7 @@ class SyncEngine:
         return effects
 
     def _maybe_finish(self, s: Session, up: frozenset[int], now: float) -> list[Effect]:
-        if s.queries > 0 or s.wants > 0 or s.backlog_ids or s.backlog_ranges:
+        if s.queries > 0 or s.wants > 0 or s.held or s.backlog_ids or s.backlog_ranges:
             return []
         self.active = None
         self.counters.sessions_completed += 1
