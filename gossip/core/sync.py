@@ -230,6 +230,8 @@ class FingerprintTree:
                     row[i - lo] = v
         if not shift:
             return row
+        if n == 1:
+            return [sum(row)]
         width = 1 << shift
         return [sum(row[j : j + width]) for j in range(0, len(row), width)]
 
