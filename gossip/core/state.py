@@ -236,7 +236,7 @@ class GossipCore:
         elif peer not in self.neighbours:
             return []
         self.up = self.up | {peer}
-        return effects + self.strategy.on_peer_up(peer) + self.sync.request(peer, self.up, now)
+        return effects + self.strategy.on_peer_up(peer) + self.sync.link_up(peer, self.up, now)
 
     def peer_down(self, peer: int, now: float) -> list[Effect]:
         if peer not in self.up:
@@ -278,6 +278,7 @@ class GossipCore:
         if problem is not None:
             return [DropPeer(peer, problem[1], problem[0])]
         if isinstance(frame, GossipFrame):
+            self.sync.heard(now)  # re-sync spaces its sessions while gossip flows
             return self._receive_gossip(peer, frame, now)
         if isinstance(frame, SyncDataFrame):
             return self._receive_sync_data(peer, frame, now)
