@@ -143,13 +143,14 @@ def test_memory_store_answers_through_the_index() -> None:
     assert store.ids_between(bytes(16), TOP, 1000) == sorted(m.id for m in messages)
 
 
-def test_log_store_index_costs_under_125_bytes_per_message(tmp_path: Path) -> None:
-    """Opening a log of 100,000 messages allocates under 125 bytes per message (Python's
-    own count, tracemalloc) for everything kept in memory: per message the id object (49
-    bytes), its slot in a set (about 42 at this size, 34 at a million), its slot in the
-    arrival list (8), the record offset (8) and its place in id order (about 7). The
-    packed index before it took about 60 but answered ``in`` several times slower.
-    ``gossip-bench-store --memory`` measures the resident figure (under 150 wanted)."""
+def test_log_store_index_costs_under_120_bytes_per_message(tmp_path: Path) -> None:
+    """Opening a log of 100,000 messages allocates under 120 bytes per message (Python's
+    own count, tracemalloc; 111 measured) for everything kept in memory: per message the
+    id object (49 bytes), its slot in a set (about 42 at this size, 34 at a million),
+    its slot in the arrival list (8), the record offset (4) and its place in id order
+    (about 7). The packed index before it took about 55 but answered ``in`` several
+    times slower. ``gossip-bench-store --memory`` measures the resident figure (under
+    150 wanted)."""
     n = 100_000
     with open(tmp_path / LOG_NAME, "wb") as f:
         f.write(MAGIC)
@@ -166,7 +167,7 @@ def test_log_store_index_costs_under_125_bytes_per_message(tmp_path: Path) -> No
     try:
         assert len(store) == n
         print(f"\nindex memory: {per_message:.1f} bytes per message")
-        assert per_message < 125
+        assert per_message < 120
     finally:
         store.close()
 
