@@ -8,15 +8,17 @@ each with ``now`` passed in; the output is a list of effects (see
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from itertools import repeat
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Protocol
 
 import attrs
 
 from gossip import settings
 from gossip.core.arrivals import Arrivals
-from gossip.core.dissemination import Dissemination
+from gossip.core.dissemination import Dissemination, group_by_path
 from gossip.core.effects import (
     BAD_MESSAGE,
     BAD_SYNC_REQUEST,
@@ -80,6 +82,16 @@ class SubmitResult:
     id: bytes
     new: bool
     effects: list[Effect]
+
+
+def all_utf8(bodies: Iterable[bytes]) -> bool:
+    """Whether every one of ``bodies`` is UTF-8 (``check_body``'s rule, for a column)."""
+    try:
+        for _ in map(bytes.decode, bodies):
+            pass
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def check_body(body: bytes, max_body: int) -> str | None:
@@ -247,10 +259,92 @@ class GossipCore:
         return self.strategy.on_control(peer, frame)
 
     def _receive_gossip(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:
-        """The frame's messages in order, read from its columns: a copy of a held message
-        costs a set lookup (the strategy learns who sent it); a new one is checked
-        (``_check``), limited per origin, stored and handed on. The first message only
-        a broken or hostile sender makes ends the frame with a ``DropPeer``."""
+        """The frame's messages, a path at a time: a frame's messages share few paths
+        (and so origins), and an honest sender's are well formed, so the rules read
+        its columns. A copy of a held message costs a lookup (the strategy learns who
+        sent it); a path is checked once for all its messages; new messages are checked
+        together (``_all_sound``) and limited per origin. A frame where any of that
+        finds more than copies and refused paths (a malformed or forged message, ids
+        repeated within it, an origin over its quota) is read one message at a time by
+        ``_receive_rows``, the rule as written, which this pass matches whenever it
+        applies."""
+        ids, paths = frame.ids, frame.paths
+        if not ids or set(map(len, ids)) != {ID_BYTES}:
+            return self._receive_rows(peer, frame, now)
+        groups = group_by_path(frame)
+        problems = {p: path_problem(p, peer, self.node_id, self.members) for p in groups}
+        # Dedup before validation: nothing of a copy is kept, so its body is neither
+        # hashed nor checked.
+        copies = list(map(self.store.__contains__, ids))
+        any_copy = True in copies
+        new: GossipFrame | None = frame  # the usual frame: all new, all paths good
+        if any_copy or any(problems.values()):
+            taken = [not c and problems[p] is None for c, p in zip(copies, paths, strict=True)]
+            rows = list(compress(range(len(ids)), taken))
+            new = frame.select(rows) if rows else None
+        # Per origin: how many new messages it sent, all within its relay quota.
+        used: dict[int, int] = {}
+        if new is not None:
+            sound = len(set(new.ids)) == len(new.ids) and self._all_sound(new)
+            room = self._relay_room(new, now) if sound else None
+            if room is None:
+                return self._receive_rows(peer, frame, now)
+            used = room
+        refused = self.refused
+        effects: list[Effect] = []
+        if any_copy:
+            for row in compress(range(len(ids)), copies):
+                path = paths[row]
+                if problems[path] is None:
+                    self.arrivals.duplicate(ids[row], "gossip")
+                    env = Envelope(ids[row], frame.bodies[row], path)
+                    effects += self.strategy.on_duplicate(env, peer)
+        for path, problem in problems.items():
+            if problem is not None:
+                refused[problem] += len(groups[path])
+        if new is not None:
+            for origin, n in used.items():
+                self.relay_quota.take(origin, now, n)
+            effects += self._stored(new, peer, now)
+        return effects
+
+    def _all_sound(self, new: GossipFrame) -> bool:
+        """Whether every message of ``new`` (new, paths good, ids of ``ID_BYTES``) passes
+        ``_check``: a body of 1 to ``max_body`` bytes of UTF-8 whose hash is its id."""
+        sizes = list(map(len, new.bodies))
+        return (
+            min(sizes) > 0
+            and max(sizes) <= self.max_body
+            and all_utf8(new.bodies)
+            and tuple(map(message_id, new.bodies)) == new.ids
+        )
+
+    def _relay_room(self, new: GossipFrame, now: float) -> dict[int, int] | None:
+        """origin -> how many of ``new``'s messages it sent, when every origin's relay
+        quota covers them all; None when one does not (``_receive_rows`` then decides
+        which of its messages are dropped)."""
+        counts = Counter(map(itemgetter(0), new.paths))
+        for origin, used in counts.items():
+            if used > self.relay_quota.available(origin, now):
+                return None
+        return dict(counts)
+
+    def _stored(self, new: GossipFrame, peer: int, now: float) -> list[Effect]:
+        """``new``'s messages (new, checked) stored and handed on (see the class)."""
+        if self.effects_per_frame:
+            return self._stored_batch(new, peer, now)
+        effects: list[Effect] = []
+        for env in new.messages:
+            effects.append(self._persist(Message(env.id, env.body, now, env.path)))
+            self.arrivals.stored_new(env.id, "gossip")
+            effects += self.strategy.on_new(env, peer, self.up)
+        return effects
+
+    def _receive_rows(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:
+        """The frame's messages one at a time, in order: a copy of a held message costs a
+        set lookup (the strategy learns who sent it); a new one is checked (``_check``),
+        limited per origin, stored and handed on. The first message only a broken or
+        hostile sender makes ends the frame with a ``DropPeer``."""
         effects: list[Effect] = []
         ids, bodies, paths = frame.ids, frame.bodies, frame.paths
         held, fresh, refused = self.store, set(), self.refused
@@ -298,13 +392,7 @@ class GossipCore:
             self.relay_quota.take(origin, now, used)
         if rows:
             new = frame if len(rows) == len(ids) else frame.select(rows)
-            if self.effects_per_frame:
-                effects += self._stored_batch(new, peer, now)
-            else:
-                for env in new.messages:
-                    effects.append(self._persist(Message(env.id, env.body, now, env.path)))
-                    self.arrivals.stored_new(env.id, "gossip")
-                    effects += self.strategy.on_new(env, peer, self.up)
+            effects += self._stored(new, peer, now)
         if dropped is not None:
             effects.append(dropped)
         return effects
