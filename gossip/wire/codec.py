@@ -6,7 +6,9 @@ adapter never sees protobuf field names.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import Any
 
 import attrs
@@ -203,17 +205,22 @@ def gossip_pieces(frame: GossipFrame) -> list[bytes]:
     """The entries of ``Gossip.messages`` for ``frame``'s messages, in order, each as
     ``envelope_piece`` gives it. A frame read from the wire keeps each envelope's
     encoded id and body (``heads``), so a relayed message costs a concatenation:
-    those bytes, then its new path, encoded once for all messages sharing it."""
-    heads = frame.heads
+    those bytes, then its new path, encoded once for all messages sharing it (a
+    frame sent on holds one path: the received one with this node appended)."""
+    heads, paths = frame.heads, frame.paths
     if heads is None:
         return [envelope_piece(env) for env in frame.messages]
+    if paths and paths.count(paths[0]) == len(paths):
+        tail = _path_field(paths[0])
+        extra = len(tail)
+        return [b"".join((_ENVELOPE_TAG, _varint(len(h) + extra), h, tail)) for h in heads]
     pieces = []
     tails: dict[tuple[int, ...], bytes] = {}
-    for head, path in zip(heads, frame.paths, strict=True):
-        tail = tails.get(path)
-        if tail is None:
-            tail = tails[path] = _path_field(path)
-        pieces.append(_ENVELOPE_TAG + _varint(len(head) + len(tail)) + head + tail)
+    for head, path in zip(heads, paths, strict=True):
+        field = tails.get(path)
+        if field is None:
+            field = tails[path] = _path_field(path)
+        pieces.append(b"".join((_ENVELOPE_TAG, _varint(len(head) + len(field)), head, field)))
     return pieces
 
 
@@ -237,21 +244,17 @@ def encode_gossip(
 
 def gossip_frames(pieces: list[bytes], max_bytes: int) -> Iterator[tuple[bytes, int]]:
     """``Frame{gossip}`` bytes holding the ``Gossip.messages`` entries ``pieces``, split
-    at about ``max_bytes``; yields (frame bytes, entry count). A frame is assembled
-    by protobuf's own wire rules: a repeated message field is the concatenation of
-    its tagged, length-prefixed entries."""
-    parts: list[bytes] = []
-    size = 0
-    for piece in pieces:
-        parts.append(piece)
-        size += len(piece)
-        if size >= max_bytes:
-            payload = b"".join(parts)
-            yield _GOSSIP_TAG + _varint(len(payload)) + payload, len(parts)
-            parts, size = [], 0
-    if parts:
-        payload = b"".join(parts)
-        yield _GOSSIP_TAG + _varint(len(payload)) + payload, len(parts)
+    at about ``max_bytes`` (a frame ends with the entry that brings it to ``max_bytes``
+    or more); yields (frame bytes, entry count). A frame is assembled by protobuf's
+    own wire rules: a repeated message field is the concatenation of its tagged,
+    length-prefixed entries. The split points are found in the running sizes."""
+    ends = list(accumulate(map(len, pieces)))
+    start, base = 0, 0
+    while start < len(pieces):
+        stop = min(bisect_left(ends, base + max_bytes, start) + 1, len(pieces))
+        payload = b"".join(pieces[start:stop])
+        yield _GOSSIP_TAG + _varint(len(payload)) + payload, stop - start
+        start, base = stop, ends[stop - 1]
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -272,6 +275,76 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _gossip_columns(data: bytes) -> GossipFrame | None:
+    """A ``Frame{gossip}`` read straight into columns (see ``_any_columns``), in the
+    layout every node writes if it is that (``_usual_columns``)."""
+    return _usual_columns(data) or _any_columns(data)
+
+
+def _usual_columns(data: bytes) -> GossipFrame | None:
+    """``_any_columns`` for the layout every node of this version writes, read with
+    fewer steps per envelope: an id of ``ID_BYTES``, a body, a path of one-byte ids,
+    in that order, and lengths of one or two bytes (up to 16 KiB). None for anything
+    else, which ``_any_columns`` then reads. Equal paths share one tuple."""
+    if len(data) < 2 or data[0] != 0x1A:
+        return None
+    try:
+        size, pos = _read_varint(data, 1)
+        end = len(data)
+        if pos + size != end:
+            return None
+        ids: list[bytes] = []
+        bodies: list[bytes] = []
+        paths: list[tuple[int, ...]] = []
+        heads: list[bytes] = []
+        path_of: dict[bytes, tuple[int, ...]] = {}  # packed path -> its tuple
+        while pos < end:
+            if data[pos] != 0x0A:  # Gossip.messages
+                return None
+            size = data[pos + 1]
+            if size < 0x80:
+                start = pos + 2
+            elif data[pos + 2] < 0x80:
+                size = (size & 0x7F) | data[pos + 2] << 7
+                start = pos + 3
+            else:
+                return None
+            pos = start + size  # the end of this envelope
+            if data[start] != 0x0A or data[start + 1] != ID_BYTES or data[start + 18] != 0x12:
+                return None  # the id field, then the body's tag
+            size = data[start + 19]
+            if size < 0x80:
+                body_at = start + 20
+            elif data[start + 20] < 0x80:
+                size = (size & 0x7F) | data[start + 20] << 7
+                body_at = start + 21
+            else:
+                return None
+            head_end = body_at + size
+            if head_end == pos:
+                path: tuple[int, ...] = ()
+            elif head_end < pos and data[head_end] == 0x1A:
+                packed = data[head_end + 2 : pos]
+                # One length byte, the rest of the envelope: else protobuf reads it.
+                if data[head_end + 1] != len(packed) or not 0 < len(packed) < 0x80:
+                    return None
+                known = path_of.get(packed)
+                if known is None:
+                    if max(packed) >= 0x80:
+                        return None  # multi-byte ids
+                    known = path_of[packed] = tuple(packed)
+                path = known
+            else:
+                return None
+            ids.append(data[start + 2 : start + 2 + ID_BYTES])
+            bodies.append(data[body_at:head_end])
+            paths.append(path)
+            heads.append(data[start:head_end])
+    except IndexError:
+        return None
+    return GossipFrame.of_columns(tuple(ids), tuple(bodies), tuple(paths), tuple(heads))
+
+
+def _any_columns(data: bytes) -> GossipFrame | None:
     """A ``Frame{gossip}`` read straight into columns, with each envelope's encoded id
     and body fields kept (``GossipFrame.heads``): no protobuf object and no
     ``Envelope`` per message. Only the layout protobuf itself writes is read here
