@@ -323,10 +323,11 @@ def _usual_columns(data: bytes) -> GossipFrame | None:
             if head_end == pos:
                 path: tuple[int, ...] = ()
             elif head_end < pos and data[head_end] == 0x1A:
-                packed = data[head_end + 2 : pos]
                 # One length byte, the rest of the envelope: else protobuf reads it.
-                if data[head_end + 1] != len(packed) or not 0 < len(packed) < 0x80:
+                size = data[head_end + 1]
+                if head_end + 2 + size != pos or not 0 < size < 0x80:
                     return None
+                packed = data[head_end + 2 : pos]
                 known = path_of.get(packed)
                 if known is None:
                     if max(packed) >= 0x80:
