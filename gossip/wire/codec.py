@@ -7,8 +7,9 @@ adapter never sees protobuf field names.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
-from itertools import accumulate
+from collections.abc import Iterable, Iterator
+from itertools import accumulate, repeat
+from operator import add
 from typing import Any
 
 import attrs
@@ -175,6 +176,13 @@ def _varint(n: int) -> bytes:
 
 _ENVELOPE_TAG = b"\x0a"  # Gossip.messages: field 1, length-delimited
 _GOSSIP_TAG = b"\x1a"  # Frame.gossip: field 3, length-delimited
+# The tag and length of a Gossip.messages entry of each size a relayed message has.
+_ENTRY_PREFIXES = tuple(_ENVELOPE_TAG + v for v in _SMALL_VARINTS)
+
+
+def _entry_prefix(size: int) -> bytes:
+    """The tag and length of a ``Gossip.messages`` entry of ``size`` bytes."""
+    return _ENVELOPE_TAG + _varint(size)
 
 
 def envelope_piece(env: Envelope) -> bytes:
@@ -205,23 +213,26 @@ def gossip_pieces(frame: GossipFrame) -> list[bytes]:
     """The entries of ``Gossip.messages`` for ``frame``'s messages, in order, each as
     ``envelope_piece`` gives it. A frame read from the wire keeps each envelope's
     encoded id and body (``heads``), so a relayed message costs a concatenation:
-    those bytes, then its new path, encoded once for all messages sharing it (a
-    frame sent on holds one path: the received one with this node appended)."""
+    its entry's tag and length, those bytes, then its new path, encoded once for all
+    messages sharing it (a frame sent on mostly holds one path: the received one with
+    this node appended). Column at a time: no Python step per message."""
     heads, paths = frame.heads, frame.paths
     if heads is None:
         return [envelope_piece(env) for env in frame.messages]
-    if paths and paths.count(paths[0]) == len(paths):
+    if not paths:
+        return []
+    tails: Iterable[bytes]
+    tail_sizes: Iterable[int]
+    if paths.count(paths[0]) == len(paths):
         tail = _path_field(paths[0])
-        extra = len(tail)
-        return [b"".join((_ENVELOPE_TAG, _varint(len(h) + extra), h, tail)) for h in heads]
-    pieces = []
-    tails: dict[tuple[int, ...], bytes] = {}
-    for head, path in zip(heads, paths, strict=True):
-        field = tails.get(path)
-        if field is None:
-            field = tails[path] = _path_field(path)
-        pieces.append(b"".join((_ENVELOPE_TAG, _varint(len(head) + len(field)), head, field)))
-    return pieces
+        tails, tail_sizes = repeat(tail), repeat(len(tail))
+    else:
+        tail_of = {path: _path_field(path) for path in set(paths)}
+        tails = list(map(tail_of.__getitem__, paths))
+        tail_sizes = map(len, tails)
+    sizes = list(map(add, map(len, heads), tail_sizes))
+    prefix = _entry_prefix if max(sizes) >= len(_ENTRY_PREFIXES) else _ENTRY_PREFIXES.__getitem__
+    return list(map(b"".join, zip(map(prefix, sizes), heads, tails, strict=False)))
 
 
 def encode_gossip(
@@ -292,11 +303,10 @@ def _usual_columns(data: bytes) -> GossipFrame | None:
         end = len(data)
         if pos + size != end:
             return None
-        ids: list[bytes] = []
-        bodies: list[bytes] = []
-        paths: list[tuple[int, ...]] = []
-        heads: list[bytes] = []
-        path_of: dict[bytes, tuple[int, ...]] = {}  # packed path -> its tuple
+        rows: list[tuple[bytes, bytes, tuple[int, ...], bytes]] = []
+        path_of: dict[bytes, tuple[int, ...]] = {b"": ()}  # packed path -> its tuple
+        last: bytes | None = None  # the packed path of the envelope before
+        path: tuple[int, ...] = ()
         while pos < end:
             if data[pos] != 0x0A:  # Gossip.messages
                 return None
@@ -321,28 +331,37 @@ def _usual_columns(data: bytes) -> GossipFrame | None:
                 return None
             head_end = body_at + size
             if head_end == pos:
-                path: tuple[int, ...] = ()
+                packed = b""
             elif head_end < pos and data[head_end] == 0x1A:
                 # One length byte, the rest of the envelope: else protobuf reads it.
                 size = data[head_end + 1]
                 if head_end + 2 + size != pos or not 0 < size < 0x80:
                     return None
                 packed = data[head_end + 2 : pos]
+            else:
+                return None
+            if packed != last:  # a frame holds runs of one path
+                last = packed
                 known = path_of.get(packed)
                 if known is None:
                     if max(packed) >= 0x80:
                         return None  # multi-byte ids
                     known = path_of[packed] = tuple(packed)
                 path = known
-            else:
-                return None
-            ids.append(data[start + 2 : start + 2 + ID_BYTES])
-            bodies.append(data[body_at:head_end])
-            paths.append(path)
-            heads.append(data[start:head_end])
+            rows.append(
+                (
+                    data[start + 2 : start + 2 + ID_BYTES],
+                    data[body_at:head_end],
+                    path,
+                    data[start:head_end],
+                )
+            )
     except IndexError:
         return None
-    return GossipFrame.of_columns(tuple(ids), tuple(bodies), tuple(paths), tuple(heads))
+    if not rows:
+        return GossipFrame.of_columns((), (), (), ())
+    ids, bodies, paths, heads = zip(*rows, strict=True)
+    return GossipFrame.of_columns(ids, bodies, paths, heads)
 
 
 def _any_columns(data: bytes) -> GossipFrame | None:
