@@ -7,9 +7,8 @@ adapter never sees protobuf field names.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
-from itertools import accumulate, repeat
-from operator import add
+from collections.abc import Iterator
+from itertools import accumulate
 from typing import Any
 
 import attrs
@@ -180,11 +179,6 @@ _GOSSIP_TAG = b"\x1a"  # Frame.gossip: field 3, length-delimited
 _ENTRY_PREFIXES = tuple(_ENVELOPE_TAG + v for v in _SMALL_VARINTS)
 
 
-def _entry_prefix(size: int) -> bytes:
-    """The tag and length of a ``Gossip.messages`` entry of ``size`` bytes."""
-    return _ENVELOPE_TAG + _varint(size)
-
-
 def envelope_piece(env: Envelope) -> bytes:
     """One entry of ``Gossip.messages`` (tag, length, serialized ``Envelope``),
     assembled by protobuf's wire rules: byte for byte what protobuf gives (fields in
@@ -212,27 +206,27 @@ def _path_field(path: tuple[int, ...]) -> bytes:
 def gossip_pieces(frame: GossipFrame) -> list[bytes]:
     """The entries of ``Gossip.messages`` for ``frame``'s messages, in order, each as
     ``envelope_piece`` gives it. A frame read from the wire keeps each envelope's
-    encoded id and body (``heads``), so a relayed message costs a concatenation:
-    its entry's tag and length, those bytes, then its new path, encoded once for all
-    messages sharing it (a frame sent on mostly holds one path: the received one with
-    this node appended). Column at a time: no Python step per message."""
+    encoded id and body (``heads``), so a relayed message costs two concatenations:
+    its entry's tag and length, those bytes, then its new path, encoded once for
+    all messages sharing it. A frame sent on holds one path (the received one with
+    this node appended): then the tag and length come from a table."""
     heads, paths = frame.heads, frame.paths
     if heads is None:
         return [envelope_piece(env) for env in frame.messages]
-    if not paths:
-        return []
-    tails: Iterable[bytes]
-    tail_sizes: Iterable[int]
-    if paths.count(paths[0]) == len(paths):
+    if paths and paths.count(paths[0]) == len(paths):
         tail = _path_field(paths[0])
-        tails, tail_sizes = repeat(tail), repeat(len(tail))
-    else:
-        tail_of = {path: _path_field(path) for path in set(paths)}
-        tails = list(map(tail_of.__getitem__, paths))
-        tail_sizes = map(len, tails)
-    sizes = list(map(add, map(len, heads), tail_sizes))
-    prefix = _entry_prefix if max(sizes) >= len(_ENTRY_PREFIXES) else _ENTRY_PREFIXES.__getitem__
-    return list(map(b"".join, zip(map(prefix, sizes), heads, tails, strict=False)))
+        extra = len(tail)
+        if max(map(len, heads)) + extra < len(_ENTRY_PREFIXES):
+            prefix = _ENTRY_PREFIXES
+            return [prefix[len(head) + extra] + head + tail for head in heads]
+    pieces = []
+    tails: dict[tuple[int, ...], bytes] = {}
+    for head, path in zip(heads, paths, strict=True):
+        field = tails.get(path)
+        if field is None:
+            field = tails[path] = _path_field(path)
+        pieces.append(_ENVELOPE_TAG + _varint(len(head) + len(field)) + head + field)
+    return pieces
 
 
 def encode_gossip(
