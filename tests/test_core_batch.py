@@ -174,7 +174,7 @@ def trace(
     ``one_at_a_time`` every Gossip frame is read by ``_receive_rows`` (the rule as written)."""
     core, store = make(strategy, per_frame)
     if one_at_a_time:
-        setattr(core, "_receive_gossip", core._receive_rows)
+        core._receive_gossip = core._receive_rows
     now = NOW
     out: list[list[Effect]] = []
     for sender, envs, ticks in script:
@@ -210,7 +210,7 @@ def test_copies_and_refused_paths_are_read_a_frame_at_a_time() -> None:
     def one_at_a_time(peer: int, frame: GossipFrame, now: float) -> list[Effect]:
         raise AssertionError("a clean frame was read one message at a time")
 
-    setattr(core, "_receive_rows", one_at_a_time)
+    core._receive_rows = one_at_a_time
     frame = GossipFrame(
         (
             Envelope(message_id(b"m0"), b"not m0", (3,)),  # a copy: its body is not looked at
