@@ -9,7 +9,7 @@ each with ``now`` passed in; the output is a list of effects (see
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import compress, repeat
 from operator import itemgetter
 from typing import Protocol
@@ -82,16 +82,6 @@ class SubmitResult:
     id: bytes
     new: bool
     effects: list[Effect]
-
-
-def all_utf8(bodies: Iterable[bytes]) -> bool:
-    """Whether every one of ``bodies`` is UTF-8 (``check_body``'s rule, for a column)."""
-    try:
-        for _ in map(bytes.decode, bodies):
-            pass
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def check_body(body: bytes, max_body: int) -> str | None:
@@ -272,7 +262,9 @@ class GossipCore:
         if not ids or set(map(len, ids)) != {ID_BYTES}:
             return self._receive_rows(peer, frame, now)
         groups = group_by_path(frame)
-        problems = {p: path_problem(p, peer, self.node_id, self.members) for p in groups}
+        problems: dict[tuple[int, ...], str | None] = {}
+        for path in groups:
+            problems[path] = path_problem(path, peer, self.node_id, self.members)
         # Dedup before validation: nothing of a copy is kept, so its body is neither
         # hashed nor checked.
         copies = list(map(self.store.__contains__, ids))
@@ -282,14 +274,13 @@ class GossipCore:
             taken = [not c and problems[p] is None for c, p in zip(copies, paths, strict=True)]
             rows = list(compress(range(len(ids)), taken))
             new = frame.select(rows) if rows else None
-        # Per origin: how many new messages it sent, all within its relay quota.
-        used: dict[int, int] = {}
-        if new is not None:
-            sound = len(set(new.ids)) == len(new.ids) and self._all_sound(new)
-            room = self._relay_room(new, now) if sound else None
-            if room is None:
-                return self._receive_rows(peer, frame, now)
-            used = room
+            per_origin = Counter(map(itemgetter(0), new.paths)) if new is not None else {}
+        else:
+            per_origin = {}
+            for path, rows_of in groups.items():
+                per_origin[path[0]] = per_origin.get(path[0], 0) + len(rows_of)
+        if new is not None and not (self._all_sound(new) and self._within_quota(per_origin, now)):
+            return self._receive_rows(peer, frame, now)
         refused = self.refused
         effects: list[Effect] = []
         if any_copy:
@@ -303,31 +294,31 @@ class GossipCore:
             if problem is not None:
                 refused[problem] += len(groups[path])
         if new is not None:
-            for origin, n in used.items():
+            for origin, n in per_origin.items():
                 self.relay_quota.take(origin, now, n)
             effects += self._stored(new, peer, now)
         return effects
 
     def _all_sound(self, new: GossipFrame) -> bool:
         """Whether every message of ``new`` (new, paths good, ids of ``ID_BYTES``) passes
-        ``_check``: a body of 1 to ``max_body`` bytes of UTF-8 whose hash is its id."""
-        sizes = list(map(len, new.bodies))
-        return (
-            min(sizes) > 0
-            and max(sizes) <= self.max_body
-            and all_utf8(new.bodies)
-            and tuple(map(message_id, new.bodies)) == new.ids
-        )
+        ``_check``, and no id repeats: a body of 1 to ``max_body`` bytes of UTF-8
+        whose hash is its id."""
+        ids, bodies = new.ids, new.bodies
+        sizes = list(map(len, bodies))
+        if len(set(ids)) != len(ids) or min(sizes) == 0 or max(sizes) > self.max_body:
+            return False
+        try:
+            for _ in map(bytes.decode, bodies):
+                pass
+        except UnicodeDecodeError:
+            return False
+        return tuple(map(message_id, bodies)) == ids
 
-    def _relay_room(self, new: GossipFrame, now: float) -> dict[int, int] | None:
-        """origin -> how many of ``new``'s messages it sent, when every origin's relay
-        quota covers them all; None when one does not (``_receive_rows`` then decides
-        which of its messages are dropped)."""
-        counts = Counter(map(itemgetter(0), new.paths))
-        for origin, used in counts.items():
-            if used > self.relay_quota.available(origin, now):
-                return None
-        return dict(counts)
+    def _within_quota(self, per_origin: Mapping[int, int], now: float) -> bool:
+        """Whether each origin's relay quota covers its messages in a frame (else
+        ``_receive_rows`` decides which of them are dropped)."""
+        quota = self.relay_quota
+        return all(n <= quota.available(origin, now) for origin, n in per_origin.items())
 
     def _stored(self, new: GossipFrame, peer: int, now: float) -> list[Effect]:
         """``new``'s messages (new, checked) stored and handed on (see the class)."""

@@ -282,7 +282,8 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 def _gossip_columns(data: bytes) -> GossipFrame | None:
     """A ``Frame{gossip}`` read straight into columns (see ``_any_columns``), in the
     layout every node writes if it is that (``_usual_columns``)."""
-    return _usual_columns(data) or _any_columns(data)
+    frame = _usual_columns(data)
+    return _any_columns(data) if frame is None else frame
 
 
 def _usual_columns(data: bytes) -> GossipFrame | None:
@@ -297,7 +298,10 @@ def _usual_columns(data: bytes) -> GossipFrame | None:
         end = len(data)
         if pos + size != end:
             return None
-        rows: list[tuple[bytes, bytes, tuple[int, ...], bytes]] = []
+        ids: list[bytes] = []
+        bodies: list[bytes] = []
+        paths: list[tuple[int, ...]] = []
+        heads: list[bytes] = []
         path_of: dict[bytes, tuple[int, ...]] = {b"": ()}  # packed path -> its tuple
         last: bytes | None = None  # the packed path of the envelope before
         path: tuple[int, ...] = ()
@@ -342,20 +346,13 @@ def _usual_columns(data: bytes) -> GossipFrame | None:
                         return None  # multi-byte ids
                     known = path_of[packed] = tuple(packed)
                 path = known
-            rows.append(
-                (
-                    data[start + 2 : start + 2 + ID_BYTES],
-                    data[body_at:head_end],
-                    path,
-                    data[start:head_end],
-                )
-            )
+            ids.append(data[start + 2 : start + 2 + ID_BYTES])
+            bodies.append(data[body_at:head_end])
+            paths.append(path)
+            heads.append(data[start:head_end])
     except IndexError:
         return None
-    if not rows:
-        return GossipFrame.of_columns((), (), (), ())
-    ids, bodies, paths, heads = zip(*rows, strict=True)
-    return GossipFrame.of_columns(ids, bodies, paths, heads)
+    return GossipFrame.of_columns(tuple(ids), tuple(bodies), tuple(paths), tuple(heads))
 
 
 def _any_columns(data: bytes) -> GossipFrame | None:
