@@ -42,7 +42,7 @@ from gossip.core.frames import (
     SyncReplyFrame,
     SyncWantFrame,
 )
-from gossip.core.message import ID_BYTES, Message, message_id
+from gossip.core.message import ID_BYTES, Message, ids_match, message_id
 from gossip.core.overlay import Overlay
 from gossip.core.paths import BODY_TOO_LARGE, REFUSALS, path_problem
 from gossip.core.rate import KeyedBuckets, TokenBucket
@@ -312,7 +312,7 @@ class GossipCore:
                 pass
         except UnicodeDecodeError:
             return False
-        return tuple(map(message_id, bodies)) == ids
+        return ids_match(ids, bodies)
 
     def _within_quota(self, per_origin: Mapping[int, int], now: float) -> bool:
         """Whether each origin's relay quota covers its messages in a frame (else
