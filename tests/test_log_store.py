@@ -1321,3 +1321,32 @@ def test_batch_fsync_slowed_only_by_a_busy_cpu_stays_inline(
         assert threads == [threading.current_thread().name] * 2
     finally:
         store.close()
+
+
+def test_record_offsets_take_4_bytes_until_the_log_passes_4_gib(tmp_path: Path) -> None:
+    """The store keeps each record's offset in 4 bytes (part of its memory per message)
+    while every offset fits, after a fresh start and after recovery, and widens them to
+    8, values kept, once the log's data reaches past 4 GiB (too big to write here: the
+    widening itself is checked)."""
+    body = b"offsets"
+    store = LogStore.open(tmp_path, fsync="never", reactor=Clock())
+    try:
+        store.add(Message(message_id(body), body, 1.0, (1,)))
+        assert store._offsets.itemsize == 4
+    finally:
+        store.close()
+    store = LogStore.open(tmp_path, fsync="never", reactor=Clock())
+    try:
+        assert store._offsets.itemsize == 4 and len(store._offsets) == 1
+    finally:
+        store.close()
+    end = recovery_module.NARROW_END
+    narrow = recovery_module.offset_array(end, [0, 5, end - 1])
+    assert narrow.itemsize == 4
+    assert recovery_module.fit_offsets(narrow, end) is narrow
+    wide = recovery_module.fit_offsets(narrow, end + 1)
+    assert wide.itemsize == 8 and list(wide) == [0, 5, end - 1]
+    wide.append(1 << 40)
+    assert recovery_module.offset_array(end + 1).itemsize == 8
+    with pytest.raises(OverflowError):
+        narrow.append(end + 1)

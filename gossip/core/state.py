@@ -78,6 +78,15 @@ class OriginRateLimited(SubmitRejected):
 
 
 @attrs.frozen(slots=True)
+class SubmitBatch:
+    """What ``GossipCore.submit_many`` made of several bodies: per body, in order, its
+    (id, new) or why it was refused; and the effects of them all."""
+
+    results: list[tuple[bytes, bool] | SubmitRejected]
+    effects: list[Effect]
+
+
+@attrs.frozen(slots=True)
 class SubmitResult:
     id: bytes
     new: bool
@@ -166,15 +175,58 @@ class GossipCore:
             self.arrivals.duplicate(mid, "submit")
             return SubmitResult(mid, False, [])
         if not self.origin_quota.take(now):
-            self.submits_rate_limited += 1
-            raise OriginRateLimited(
-                f"rate limit: node {self.node_id} takes at most {self.origin_quota.rate:g}"
-                " new messages per second from its clients; retry later"
-            )
+            raise self._origin_rate_limited()
         self.arrivals.stored_new(mid, "submit")
         effects: list[Effect] = [self._persist(Message(mid, body, now, ()))]
         effects += self.strategy.on_new(Envelope(mid, body, ()), None, self.up)
         return SubmitResult(mid, True, effects)
+
+    def submit_many(self, bodies: Iterable[bytes], now: float) -> SubmitBatch:
+        """``submit`` of each body in order, a refusal given as its result rather than
+        raised. The new messages are then stored and handed on together, as a
+        received frame's are (one ``PersistBatch`` and ``on_new_batch`` when
+        ``effects_per_frame``): a client's batch costs the node per batch, not per
+        message, what a relayed frame costs."""
+        results: list[tuple[bytes, bool] | SubmitRejected] = []
+        ids: list[bytes] = []
+        kept: list[bytes] = []
+        fresh: set[bytes] = set()
+        held, quota, max_body = self.store, self.origin_quota, self.max_body
+        for body in bodies:
+            problem = check_body(body, max_body)
+            if problem:
+                results.append(SubmitRejected(problem))
+                continue
+            mid = message_id(body)
+            if mid in fresh or mid in held:
+                self.arrivals.duplicate(mid, "submit")
+                results.append((mid, False))
+            elif quota.take(now):
+                fresh.add(mid)
+                ids.append(mid)
+                kept.append(body)
+                results.append((mid, True))
+            else:
+                results.append(self._origin_rate_limited())
+        if not ids:
+            return SubmitBatch(results, [])
+        new = GossipFrame.of_columns(tuple(ids), tuple(kept), ((),) * len(ids))
+        if self.effects_per_frame:
+            return SubmitBatch(results, self._stored_batch(new, None, now, via="submit"))
+        effects: list[Effect] = []
+        for env in new.messages:
+            self.arrivals.stored_new(env.id, "submit")
+            effects.append(self._persist(Message(env.id, env.body, now, ())))
+            effects += self.strategy.on_new(env, None, self.up)
+        return SubmitBatch(results, effects)
+
+    def _origin_rate_limited(self) -> OriginRateLimited:
+        """A submit over ``origin_rate`` (counted): the client's one-line reason."""
+        self.submits_rate_limited += 1
+        return OriginRateLimited(
+            f"rate limit: node {self.node_id} takes at most {self.origin_quota.rate:g}"
+            " new messages per second from its clients; retry later"
+        )
 
     def peer_up(self, peer: int, now: float) -> list[Effect]:
         if peer in self.up:
@@ -186,7 +238,7 @@ class GossipCore:
         elif peer not in self.neighbours:
             return []
         self.up = self.up | {peer}
-        return effects + self.strategy.on_peer_up(peer) + self.sync.request(peer, self.up, now)
+        return effects + self.strategy.on_peer_up(peer) + self.sync.link_up(peer, self.up, now)
 
     def peer_down(self, peer: int, now: float) -> list[Effect]:
         if peer not in self.up:
@@ -228,6 +280,7 @@ class GossipCore:
         if problem is not None:
             return [DropPeer(peer, problem[1], problem[0])]
         if isinstance(frame, GossipFrame):
+            self.sync.heard(now)  # re-sync spaces its sessions while gossip flows
             return self._receive_gossip(peer, frame, now)
         if isinstance(frame, SyncDataFrame):
             return self._receive_sync_data(peer, frame, now)
@@ -388,10 +441,12 @@ class GossipCore:
             effects.append(dropped)
         return effects
 
-    def _stored_batch(self, frame: GossipFrame, sender: int, now: float) -> list[Effect]:
+    def _stored_batch(
+        self, frame: GossipFrame, sender: int | None, now: float, via: str = "gossip"
+    ) -> list[Effect]:
         """``frame``'s messages (new, checked) stored with one ``PersistBatch`` and handed
         on with one ``Send`` per neighbour and group of messages (``on_new_batch``)."""
-        self.arrivals.stored_many(frame.ids, "gossip")
+        self.arrivals.stored_many(frame.ids, via)
         self.tree.add_many(frame.ids)
         messages = tuple(map(Message, frame.ids, frame.bodies, repeat(now), frame.paths))
         effects: list[Effect] = [PersistBatch(messages)]
