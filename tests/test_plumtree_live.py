@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from gossip.core import plumtree as plumtree_module
 from gossip.core.frames import GraftFrame, PruneFrame
 from gossip.core.plumtree import OriginTrees, Plumtree, ShortestPathTrees
+from gossip.core.sync import QUIET_SECONDS
 from gossip.sim import Simulation
 from gossip.sim.report import repaired
 from gossip.topology import generate_graph
@@ -29,8 +30,10 @@ from gossip.topology import generate_graph
 Graph = dict[int, frozenset[int]]
 
 # Simulated seconds with nothing to do after which a change has settled: longer than
-# the graft timeout and retries.
-SETTLE = 3.0
+# the graft timeout and retries, and than the quiet after which a node that heard
+# sustained gossip runs the re-sync sessions it deferred (gossip.core.sync: a hint
+# from a neighbour that pulled what this node also lacks waits for that quiet).
+SETTLE = 3.0 + QUIET_SECONDS
 
 
 def jitter(rng: random.Random, src: int, dst: int) -> float:

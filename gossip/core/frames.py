@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -62,7 +63,7 @@ class GossipFrame:
         frame._messages = None
         return frame
 
-    def select(self, rows: list[int], path: tuple[int, ...] | None = None) -> GossipFrame:
+    def select(self, rows: Sequence[int], path: tuple[int, ...] | None = None) -> GossipFrame:
         """The messages at ``rows`` (ascending, no repeats); all with ``path`` when given."""
         ids, bodies, heads = self.ids, self.bodies, self.heads
         if len(rows) == len(ids):  # every row, in order (rows are ascending)
