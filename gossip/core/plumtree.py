@@ -136,6 +136,9 @@ def _distances(graph: Mapping[int, Iterable[int]], source: int) -> dict[int, int
     return dist
 
 
+_NO_NODES: frozenset[int] = frozenset()
+
+
 class Tree(NamedTuple):
     """One origin's shortest-path tree, over ``ShortestPathTrees.ids`` indices."""
 
@@ -181,6 +184,8 @@ class ShortestPathTrees:
         self.adjacency: tuple[tuple[int, ...], ...] = tuple(
             tuple(self.index[w] for w in self.graph[v]) for v in self.ids
         )
+        # origin -> its kept tree (shared only). Hot callers read it before calling
+        # ``tree``: most asks find a kept tree, and a call costs more than the read.
         self._trees: dict[int, Tree] = {}
         # What changed since ``previous`` (see ``may_change``).
         self._diffed = previous is not None
@@ -231,9 +236,7 @@ class ShortestPathTrees:
                     depth[w] = d
                     order.append(w)
         deepest = depth[order[-1]]
-        return Tree(
-            root, array("i", parent), bytes(depth) if deepest < 256 else array("i", depth)
-        )
+        return Tree(root, array("i", parent), bytes(depth) if deepest < 256 else array("i", depth))
 
     def parents(self, origin: int) -> dict[int, int]:
         """node -> its parent in ``origin``'s tree (the origin maps to itself), as a map
@@ -397,7 +400,7 @@ class OriginTrees:
     def children(self, origin: int) -> tuple[int, ...]:
         trees = self.trees
         if trees.share:
-            tree = trees.tree(origin)
+            tree = trees._trees.get(origin) or trees.tree(origin)
             if tree is None:
                 return ()
             self._asked[tree.root] = 1
@@ -419,7 +422,7 @@ class OriginTrees:
         if trees.share:
             # Not an ask (``retree`` reports no change of it): only children and
             # path are (see ``origins_under``).
-            tree = trees.tree(origin)
+            tree = trees._trees.get(origin) or trees.tree(origin)
             me = self._me
             if tree is None or me is None or me == tree.root:
                 return None
@@ -441,7 +444,7 @@ class OriginTrees:
             return []
         out = []
         for origin in trees.ids:
-            tree = trees.tree(origin)
+            tree = trees._trees.get(origin) or trees.tree(origin)
             assert tree is not None
             if tree.parent[me] == p and tree.root != me:
                 out.append(origin)
@@ -460,7 +463,7 @@ class OriginTrees:
         if cached is not None:
             return cached
         trees = self.trees
-        tree = trees.tree(origin)
+        tree = trees._trees.get(origin) or trees.tree(origin)
         me = self._me
         if tree is None or me is None:
             return ()
@@ -468,9 +471,10 @@ class OriginTrees:
         if me == root or parent[me] < 0:
             return ()
         ids, mine = trees.ids, self._mine
-        # A neighbour of ours is at most one hop nearer the origin than we are: a path
-        # up the tree leaves our neighbours behind below the nearest one's depth.
-        nearest = min([depth[w] for w in mine])
+        here = depth[me]
+        # Our neighbours are at most one hop nearer the origin than we are, so a walk up
+        # from one meets no neighbour of ours above that depth: at most two steps.
+        nearest = here - 1
         ranked = []
         for w in mine:
             if parent[w] != me:
@@ -480,10 +484,10 @@ class OriginTrees:
                     v = parent[v]
                     if v in mine:
                         via.append(ids[v])
-                ranked.append(((depth[w], ids[w]), ids[w], frozenset(via)))
-        ranked.sort(key=lambda r: r[0])
-        mine_key = (depth[me], self.node_id)
-        out = tuple((w, key < mine_key, via) for key, w, via in ranked)
+                ranked.append((depth[w], ids[w], frozenset(via) if via else _NO_NODES))
+        ranked.sort()  # by (depth, id): ids differ, so ``via`` is never compared
+        mine_key = (here, self.node_id)
+        out = tuple([(w, (hops, w) < mine_key, via) for hops, w, via in ranked])
         if not trees.share:
             self._alternatives[origin] = out  # a search saved; shared, a few reads
         return out
@@ -493,7 +497,7 @@ class OriginTrees:
         (origin first, our parent last; empty at the origin or off the graph)."""
         trees = self.trees
         if trees.share:
-            tree = trees.tree(origin)
+            tree = trees._trees.get(origin) or trees.tree(origin)
             if tree is None:
                 return ()
             self._asked[tree.root] = 1
@@ -646,38 +650,39 @@ class Plumtree:
         with ``cut``), which then look for another feed in turn, so the news spreads
         down a cut-off region until it reaches nodes with another way in. A cut-off
         node still grafts at once on an IHave; the peer it grafts from stands in."""
-        up = self.up
-        down = {n for n in self.trees.trees.graph.get(self.node_id, ()) if n not in up}
+        up, trees, usable = self.up, self.trees, self._usable
+        standins, orphaned = self.standins, self.orphaned
+        down = {n for n in trees.trees.graph.get(self.node_id, ()) if n not in up}
         asks: dict[int, list[int]] = {}
         prunes: dict[int, list[int]] = {}
         cuts: dict[int, list[int]] = {}
         for origin in origins:
-            parent = self.trees.parent(origin)
+            parent = trees.parent(origin)
             if parent is None:
                 continue
-            if self._usable(parent, origin):
-                self.orphaned.discard(origin)
+            if usable(parent, origin):
+                orphaned.discard(origin)
                 self._uncut(origin, parent, prunes)
                 self._end_asked(origin, parent, prunes)
-                old = self.standins.pop(origin, None)
+                old = standins.pop(origin, None)
                 if old is not None and old in up and origin not in prunes.get(old, ()):
                     prunes.setdefault(old, []).append(origin)
                     self._pruned.add((old, origin))
                 continue
-            self.orphaned.add(origin)
-            old = self.standins.get(origin)
+            orphaned.add(origin)
+            old = standins.get(origin)
             if old is not None:
-                if self._usable(old, origin):
+                if usable(old, origin):
                     continue
-                del self.standins[origin]  # not pruned: it pushes again once fed
+                del standins[origin]  # not pruned: it pushes again once fed
             best: tuple[int, int] | None = None
-            for w, before, via in self.trees.alternatives(origin):
-                if self._usable(w, origin):
-                    rank = RANKS[before, not via & down]
+            for w, before, via in trees.alternatives(origin):
+                if usable(w, origin):
+                    rank = RANKS[before, via.isdisjoint(down)]
                     if best is None or rank < best[0]:
                         best = (rank, w)
             if best is not None:
-                self.standins[origin] = best[1]
+                standins[origin] = best[1]
                 self._asking(best[1], origin)
                 self._uncut(origin, best[1], prunes)
                 asks.setdefault(best[1], []).append(origin)
