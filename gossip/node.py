@@ -82,6 +82,16 @@ MAX_WAITING_SUBMIT_BYTES = settings.MAX_WAITING_SUBMIT_BYTES.default
 SUBMIT_OUTCOMES = ("stored", "duplicate", "rejected", "busy", "failed")
 
 
+def _refusal_texts(
+    results: list[tuple[bytes, bool] | Exception],
+) -> list[tuple[bytes, bool] | str]:
+    """``submit_each``'s results with each refusal as the client's one-line reason."""
+    return [
+        r if isinstance(r, tuple) else f"not stored: {r}" if isinstance(r, StoreError) else str(r)
+        for r in results
+    ]
+
+
 def frame_limit(max_body: int) -> int:
     """Largest peer frame accepted: a full batch of maximum-size messages fits."""
     return max(1 << 20, 8 * max_body + 65536)
@@ -323,24 +333,46 @@ class GossipNode(service.Service):
         """Accept several messages; fires, once all are stored, with (id, new) for each
         accepted body and the reason for each refused one, in order (waits, or raises
         SubmitBusy, as ``submit`` does)."""
-        size = sum(len(b) for b in bodies)
+        return self.submit_each(bodies).addCallback(_refusal_texts)
+
+    def submit_each(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | Exception]]:
+        """``submit_many`` with each refusal as its exception (``SubmitRejected``, or
+        ``StoreError`` once the store failed), as ``submit`` would raise it. The bodies
+        enter the core as one batch (``GossipCore.submit_many``): their new messages
+        reach the store and the neighbours' outboxes together."""
+        size = sum(map(len, bodies))
         try:
-            return self.submits.admit(size, lambda: self._submit_many_now(bodies))
+            return self.submits.admit(size, lambda: self._submit_each_now(bodies))
         except SubmitBusy:
             self.submit_outcomes["busy"] += len(bodies)
             raise
 
-    def _submit_many_now(self, bodies: list[bytes]) -> Deferred[list[tuple[bytes, bool] | str]]:
-        now = self.clock.seconds()
-        results: list[tuple[bytes, bool] | str] = []
-        for body in bodies:
-            try:
-                results.append(self._accept(body, now))
-            except SubmitRejected as e:
-                results.append(str(e))
-            except StoreError as e:
-                results.append(f"not stored: {e}")
+    def _submit_each_now(
+        self, bodies: list[bytes]
+    ) -> Deferred[list[tuple[bytes, bool] | Exception]]:
+        results = self._accept_many(bodies, self.clock.seconds())
         return self.store.when_durable().addCallback(lambda _: results)
+
+    def _accept_many(self, bodies: list[bytes], now: float) -> list[tuple[bytes, bool] | Exception]:
+        """``_accept`` of each body, as one batch into the core, its effects carried out."""
+        outcomes = self.submit_outcomes
+        if self.failed is not None:
+            outcomes["failed"] += len(bodies)
+            return [StoreError(self.failed) for _ in bodies]
+        batch = self.core.submit_many(bodies, now)
+        self._apply(batch.effects)
+        results: list[tuple[bytes, bool] | Exception] = []
+        for r in batch.results:
+            if isinstance(r, SubmitRejected):
+                outcomes["rejected"] += 1
+                results.append(r)
+            elif self.failed is not None:
+                outcomes["failed"] += 1
+                results.append(StoreError(self.failed))
+            else:
+                outcomes["stored" if r[1] else "duplicate"] += 1
+                results.append(r)
+        return results
 
     def _accept(self, body: bytes, now: float) -> tuple[bytes, bool]:
         """One submit into the core, its effects carried out: (id, new)."""

@@ -202,15 +202,15 @@ def test_client_path_bench_times_every_way_and_refuses_an_unknown_one() -> None:
     is one usage line, exit status 2."""
     r = run_main(
         "gossip.bench.client_path",
-        ["--messages", "64", "--rounds", "1", "--ways", "core,submit,many16"],
+        ["--messages", "64", "--rounds", "1", "--ways", "core,submit,pipe16,many16"],
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines()[1:]]
-    assert [row[0] for row in rows] == ["core", "submit", "many16"]
+    assert [row[0] for row in rows] == ["core", "submit", "pipe16", "many16"]
     assert all(float(row[1]) > 0 for row in rows)
     bad = run_main("gossip.bench.client_path", ["--ways", "core,sideways"])
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "python -m gossip.bench.client_path: error: --ways: unknown way 'sideways'"
-        " (core, submit, manyN) (see --help)"
+        " (core, submit, pipeN, manyN) (see --help)"
     ]

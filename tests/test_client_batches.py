@@ -19,7 +19,7 @@ from gossip.client import api
 from gossip.client.api import MAX_BATCHES_IN_FLIGHT, ClientAMP, GossipClient, batches
 from gossip.client.commands import BATCH_BYTES, MessageRejected, RateLimited
 from gossip.client.responder import ClientLimits, ClientProtocol
-from gossip.core.message import id_text, message_id
+from gossip.core.message import Message, id_text, message_id
 
 
 def record_batches(h: Harness) -> list[int]:
@@ -198,3 +198,37 @@ def test_per_turn_batches_of_single_submits_share_the_in_flight_bound() -> None:
     assert [g[0] for g in got] == [
         id_text(message_id(f"t{t}.{k}".encode())) for t in range(turns) for k in range(2)
     ]
+
+
+def test_a_submit_many_reaches_the_store_as_one_batch_and_counts_each_outcome() -> None:
+    """The node hands a SubmitMany's bodies to the core as one batch: its new messages
+    reach the store in one ``add_many`` (no ``add`` per message), and the submit
+    outcomes are still counted per body (stored, duplicate, rejected)."""
+    h = Harness()
+    h.store_bodies([b"held"])
+    calls: list[str] = []
+    add, add_many = h.store.add, h.store.add_many
+
+    def count_add(m: Message) -> bool:
+        calls.append("add")
+        return add(m)
+
+    def count_add_many(first: Any, *rest: Any) -> int:  # messages, or the id column first
+        calls.append(f"add_many {len(first)}")
+        h.store.add = add  # type: ignore[method-assign]  # (the memory store's own adds)
+        try:
+            return add_many(first, *rest)
+        finally:
+            h.store.add = count_add  # type: ignore[method-assign]
+
+    h.store.add = count_add  # type: ignore[method-assign]
+    h.store.add_many = count_add_many  # type: ignore[method-assign]
+    r = h.call(api.SubmitMany, bodies=["a", "b", "", "held", "a", "c"])
+    assert r["ids"][2] == "" and "empty" in r["errors"][2]
+    assert r["ids"][4] == r["ids"][0] == id_text(message_id(b"a"))
+    assert calls == ["add_many 3"]
+    assert {k: v for k, v in h.node.submit_outcomes.items() if v} == {
+        "stored": 3,
+        "duplicate": 2,
+        "rejected": 1,
+    }

@@ -28,7 +28,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from gossip.client.commands import PAGE_BYTES, Get, ListMessages, Status
-from gossip.client.responder import ClientProtocol
+from gossip.client.responder import ClientLimits, ClientProtocol
 from gossip.core.message import id_text, message_id
 
 GCLIENT = "import sys; from gossip.client.cli import main; sys.exit(main())"
@@ -76,10 +76,12 @@ class TcpLikeTransport(StringTransport):
 class Conn:
     """One raw client connection to the harness's node."""
 
-    def __init__(self, h: Harness, host: str = "192.0.2.7") -> None:
+    def __init__(
+        self, h: Harness, host: str = "192.0.2.7", limits: ClientLimits | None = None
+    ) -> None:
         self.h = h
         self.transport = TcpLikeTransport(host)
-        self.proto = ClientProtocol(h.node)
+        self.proto = ClientProtocol(h.node) if limits is None else ClientProtocol(h.node, limits)
         self.proto.makeConnection(self.transport)
 
     def send(self, *boxes: amp.AmpBox) -> None:
@@ -450,3 +452,64 @@ def test_flush_calls_only_watchers_that_can_take_more_and_are_behind(h: Harness)
     stuck.transport.drain()  # it reads: pushed from its cursor at once
     pushed = [b for b in stuck.take() if b.get(b"_command") == b"Delivered"]
     assert [b[b"ids"] for b in pushed] == [message_id(b"new")]
+
+
+def record_submit_each(h: Harness) -> list[int]:
+    """The size of every batch that enters the node through ``submit_each``."""
+    sizes: list[int] = []
+    real = h.node.submit_each
+
+    def submit_each(bodies: list[bytes]) -> Any:
+        sizes.append(len(bodies))
+        return real(bodies)
+
+    h.node.submit_each = submit_each  # type: ignore[method-assign]
+    return sizes
+
+
+def test_pipelined_submits_of_one_read_enter_the_node_as_one_batch(h: Harness) -> None:
+    """Submits a client pipelines, read at once, enter the node as one batch; each is
+    still answered on its own and in order: its id, or its own refusal (an empty
+    body is REJECTED naming why), and a repeat gets the same id, not new."""
+    sizes = record_submit_each(h)
+    c = Conn(h)
+    bodies = [b"p0", b"p1", b"", b"p0", b"p2"]
+    c.send(*(request(b"Submit", i, body=b) for i, b in enumerate(bodies)))
+    h.reactor.advance(0)
+    boxes = c.take()
+    assert sizes == [5]
+    assert [b.get(b"_answer", b.get(b"_error")) for b in boxes] == [b"0", b"1", b"2", b"3", b"4"]
+    assert [b.get(b"id") for b in boxes] == [
+        id_text(message_id(b)).encode() if b else None for b in bodies
+    ]
+    assert [b.get(b"new") for b in boxes] == [b"True", b"True", None, b"False", b"True"]
+    assert boxes[2][b"_error_code"] == b"REJECTED"
+    assert b"empty" in boxes[2][b"_error_description"]
+    assert len(h.store) == 3
+
+
+def test_a_request_after_pipelined_submits_sees_them_stored(h: Harness) -> None:
+    """Requests take effect in the order they were sent: a Get pipelined after Submits
+    in the same read finds the message the Submit before it stored."""
+    c = Conn(h)
+    c.send(
+        request(b"Submit", 0, body=b"first"),
+        request(b"Get", 1, id=id_text(message_id(b"first")).encode()),
+        request(b"Submit", 2, body=b"second"),
+    )
+    h.reactor.advance(0)
+    got = {int(b[b"_answer"]): b for b in c.take()}
+    assert got[1][b"body"] == b"first"
+    assert sorted(got) == [0, 1, 2] and len(h.store) == 2
+
+
+def test_pipelined_submits_over_the_submit_rate_are_refused_one_by_one(h: Harness) -> None:
+    """The per-connection submit rate applies to each pipelined Submit as it is read:
+    those within the burst are stored, the rest answered RATE_LIMIT."""
+    c = Conn(h, limits=ClientLimits(submit_rate=1.0, submit_burst=2.0))
+    c.send(*(request(b"Submit", i, body=b"r%d" % i) for i in range(4)))
+    h.reactor.advance(0)
+    boxes = c.take()
+    assert answered_tags(boxes) == [0, 1]
+    assert [b[b"_error_code"] for b in boxes if b"_error" in b] == [b"RATE_LIMIT"] * 2
+    assert len(h.store) == 2

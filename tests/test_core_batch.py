@@ -162,3 +162,66 @@ def test_a_copy_of_a_held_message_costs_no_check_of_its_body() -> None:
     forged_new = Envelope(message_id(b"b"), b"not b", (3,))
     effects = core.receive(3, GossipFrame((forged_new,)), NOW)
     assert [type(e) for e in effects] == [DropPeer] and len(store) == 1
+
+
+def trace(
+    strategy: str,
+    per_frame: bool,
+    one_at_a_time: bool,
+    script: list[tuple[int, list[Envelope], int]],
+) -> tuple[list[list[Effect]], dict[str, int], object]:
+    """Every effect list ``script`` yields, in order, and the counters after it; with
+    ``one_at_a_time`` every Gossip frame is read by ``_receive_rows`` (the rule as written)."""
+    core, store = make(strategy, per_frame)
+    if one_at_a_time:
+        core._receive_gossip = core._receive_rows
+    now = NOW
+    out: list[list[Effect]] = []
+    for sender, envs, ticks in script:
+        if sender in core.up:
+            out.append(core.receive(sender, GossipFrame(tuple(envs)), now))
+            carry_out(store, out[-1])
+        for _ in range(ticks):
+            now += 0.1
+            out.append(core.tick(now))
+            carry_out(store, out[-1])
+    return out, core.refused, (core.arrivals.stored, core.arrivals.duplicates)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["plumtree", "flood"]), st.booleans(), frames)
+def test_the_frame_pass_yields_what_reading_one_message_at_a_time_does(
+    strategy: str, per_frame: bool, script: list[tuple[int, list[Envelope], int]]
+) -> None:
+    """``_receive_gossip`` reads a frame's columns a path at a time and hands any frame it
+    cannot vouch for to ``_receive_rows``: for any frames (copies, ids repeated within a
+    frame, paths interleaved or refused, malformed or forged messages, origins over
+    quota) it yields the very effects, in the same order, and the same counters."""
+    assert trace(strategy, per_frame, False, script) == trace(strategy, per_frame, True, script)
+
+
+def test_copies_and_refused_paths_are_read_a_frame_at_a_time() -> None:
+    """Copies (even with a body that does not match), refused paths and new messages of
+    several interleaved paths in one frame take the frame pass, not ``_receive_rows``:
+    the copies reach the strategy, the refusals are counted, the rest is stored."""
+    core, store = make("flood", True)
+    carry_out(store, core.receive(2, GossipFrame((make_envelope(b"m0", (2,), "ok"),)), NOW))
+
+    def one_at_a_time(peer: int, frame: GossipFrame, now: float) -> list[Effect]:
+        raise AssertionError("a clean frame was read one message at a time")
+
+    core._receive_rows = one_at_a_time
+    frame = GossipFrame(
+        (
+            Envelope(message_id(b"m0"), b"not m0", (3,)),  # a copy: its body is not looked at
+            make_envelope(b"m1", (1, 3), "ok"),
+            make_envelope(b"m2", (3,), "ok"),
+            make_envelope(b"m3", (2,), "ok"),  # path not from the sender: refused
+            make_envelope(b"m4", (1, 3), "ok"),
+        )
+    )
+    effects = carry_out(store, core.receive(3, frame, NOW))
+    assert [m.body for m in store.scan(0)] == [b"m0", b"m1", b"m2", b"m4"]
+    assert core.refused["path_not_from_sender"] == 1
+    assert core.arrivals.duplicates["gossip"] == 1
+    assert {e.peer for e in effects if isinstance(e, Send)} == {2, 7, 8}

@@ -11,6 +11,7 @@ import os
 import random
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger, LogLevel, formatEvent
 
@@ -37,6 +39,7 @@ from gossip.store import fsync_pacing
 from gossip.store import log as log_module
 from gossip.store import recovery as recovery_module
 from gossip.store.fsync_pacing import GAP_FACTOR, FsyncPacer
+from gossip.store.group_commit import GroupCommit
 from gossip.store.log import (
     LOG_NAME,
     MAGIC,
@@ -1261,6 +1264,120 @@ def test_pacer_syncs_at_once_when_quiet_and_leaves_a_gap_after_each_fsync() -> N
     assert pacer.inline()
 
 
+def test_pacer_gap_ends_at_most_max_delay_after_the_last_fsync() -> None:
+    """The gap after a slow fsync (a busy machine stretches one to 10 ms) ends at most
+    max_delay after that fsync: a record that comes later, on a quiet node, is synced
+    at once instead of waiting max_delay more (at 50 messages a second every message
+    waited 4 ms so)."""
+    pacer = FsyncPacer(max_delay=0.004, inline_below=0.002)
+    pacer.done(100.0, 0.010, 0.001)
+    assert pacer.delay(100.0) == pytest.approx(0.004)  # right after it: the capped gap
+    assert pacer.delay(100.003) == pytest.approx(0.001)
+    assert pacer.delay(100.006) == 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_fsync_starts_after_the_reactor_wrote_what_the_read_queued(
+    tmp_path: Path,
+) -> None:
+    """A read that appends a record and writes a frame (a node forwarding what it
+    received) gets its frame onto the socket before the fsync runs: Twisted writes
+    queued bytes in its next poll, after the timed calls due, and an inline fsync due
+    at the end of the read's turn used to run first and hold the forwarded frame for as
+    long as the disk took, at every hop. Real reactor and sockets; the fsync peeks at
+    the peer's end of the socket."""
+    ours, theirs = socket.socketpair()
+    seen: list[bytes] = []
+
+    def peeking_fsync(fd: int) -> None:
+        try:
+            seen.append(theirs.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            seen.append(b"")
+        os.fsync(fd)
+
+    store, _ = open_store(
+        tmp_path, fsync="batch", fsync_function=peeking_fsync, inline_fsync_below=1.0
+    )
+    durable: list[Deferred[None]] = []
+
+    class Relay(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            store.add(msg(len(durable)))
+            self.transport.write(b"forwarded " + data)
+            durable.append(store.when_durable())
+
+    factory = Factory.forProtocol(Relay)
+    reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+    ours.close()  # the reactor holds its own duplicate
+    try:
+        for k in range(3):
+            theirs.sendall(b"frame %d" % k)
+            await wait_until(lambda k=k: len(durable) > k)
+            await durable[k]
+            assert seen[-1].endswith(b"forwarded frame %d" % k)
+            theirs.recv(64)
+    finally:
+        theirs.close()
+        store.close()
+
+
+class InlineThreads:
+    """A thread pool whose jobs run when the test says (``run_next``), and a Clock that
+    takes the results as the reactor does (``callFromThread``)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.jobs: list[Callable[[], None]] = []
+        clock.getThreadPool = lambda: self  # type: ignore[attr-defined]
+        clock.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any) -> None:
+        self.jobs.append(lambda: on_result(True, f(*args)))
+
+    def run_next(self) -> None:
+        self.jobs.pop(0)()
+
+
+def test_fsync_after_a_threaded_one_that_left_records_waiting_waits_for_the_io_pass() -> None:
+    """When an fsync that ran in a thread ends and records appended meanwhile have
+    waiters, the next fsync starts on a later reactor pass, not inside the completion:
+    the completion runs in the timed-call pass, right after the poll that read those
+    records, and the frames that read queued are written in the next poll only; an
+    fsync started at once would hold them (it used to, behind every such fsync)."""
+    clock = Clock()
+    threads = InlineThreads(clock)
+    appended = [10]
+    prepared: list[int] = []
+
+    def prepare() -> tuple[int, int] | None:
+        prepared.append(appended[0])
+        return os.open(os.devnull, os.O_RDONLY), appended[0]
+
+    commit = GroupCommit(
+        reactor=clock,
+        fsync_function=lambda fd: None,
+        max_delay=0.004,
+        inline_below=0.0,  # every fsync in a "thread"
+        durable=0,
+        prepare=prepare,
+        failed=StoreError,
+        appended=lambda: appended[0],
+        path="log",
+    )
+    first = commit.wait(10)
+    clock.advance(0)
+    assert prepared == [10] and len(threads.jobs) == 1
+    appended[0] = 20  # a read appends while the fsync is in flight, and a client waits
+    second = commit.wait(20)
+    threads.run_next()
+    assert first.called and not second.called
+    assert prepared == [10], "the next fsync started inside the completion"
+    clock.advance(0)
+    assert prepared == [10, 20]
+    threads.run_next()
+    assert second.called
+
+
 def test_batch_fsync_of_a_quiet_store_runs_at_the_end_of_the_turn_and_paces_under_load(
     tmp_path: Path,
 ) -> None:
@@ -1321,3 +1438,32 @@ def test_batch_fsync_slowed_only_by_a_busy_cpu_stays_inline(
         assert threads == [threading.current_thread().name] * 2
     finally:
         store.close()
+
+
+def test_record_offsets_take_4_bytes_until_the_log_passes_4_gib(tmp_path: Path) -> None:
+    """The store keeps each record's offset in 4 bytes (part of its memory per message)
+    while every offset fits, after a fresh start and after recovery, and widens them to
+    8, values kept, once the log's data reaches past 4 GiB (too big to write here: the
+    widening itself is checked)."""
+    body = b"offsets"
+    store = LogStore.open(tmp_path, fsync="never", reactor=Clock())
+    try:
+        store.add(Message(message_id(body), body, 1.0, (1,)))
+        assert store._offsets.itemsize == 4
+    finally:
+        store.close()
+    store = LogStore.open(tmp_path, fsync="never", reactor=Clock())
+    try:
+        assert store._offsets.itemsize == 4 and len(store._offsets) == 1
+    finally:
+        store.close()
+    end = recovery_module.NARROW_END
+    narrow = recovery_module.offset_array(end, [0, 5, end - 1])
+    assert narrow.itemsize == 4
+    assert recovery_module.fit_offsets(narrow, end) is narrow
+    wide = recovery_module.fit_offsets(narrow, end + 1)
+    assert wide.itemsize == 8 and list(wide) == [0, 5, end - 1]
+    wide.append(1 << 40)
+    assert recovery_module.offset_array(end + 1).itemsize == 8
+    with pytest.raises(OverflowError):
+        narrow.append(end + 1)

@@ -184,6 +184,19 @@ def test_arrivals_count_redundant_copies_of_recent_messages_only() -> None:
     assert a.duplicates == {"submit": 1, "gossip": 1, "sync": 1}
 
 
+def test_arrivals_of_a_frame_past_the_limit_keep_the_newest() -> None:
+    """A frame's messages stored at once (``stored_many``) push out the oldest ones,
+    however many go at a time: the newest ``limit`` are remembered, in order."""
+    a = Arrivals(limit=3)
+    a.stored_many((b"a", b"b"), "gossip")
+    a.stored_many((b"c", b"d", b"e", b"f"), "sync")
+    assert [a.of(m) for m in (b"a", b"b", b"c")] == [("", UNKNOWN)] * 3
+    assert [a.of(m) for m in (b"d", b"e", b"f")] == [("sync", 0)] * 3
+    a.stored_many((b"g",), "gossip")
+    assert a.of(b"d") == ("", UNKNOWN) and a.of(b"g") == ("gossip", 0)
+    assert a.stored == {"submit": 0, "gossip": 3, "sync": 4}
+
+
 def test_json_logs_are_one_object_per_line_with_the_stable_keys() -> None:
     """--log-format json: every event is one JSON line with node, peer and msg_id (null
     when the event names none; node defaults to the process's node) and its text."""

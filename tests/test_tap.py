@@ -279,3 +279,57 @@ async def test_two_nodes_on_ipv6_loopback_link_and_gossip() -> None:
             c.close()
         for top in services:
             await top.stopService()
+
+
+def _no_delay(transport: Any) -> bool:
+    sock = transport.getHandle()
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_and_client_connections_send_without_nagle() -> None:
+    """Every connection a node uses sets TCP_NODELAY, both ends: peer links (dialed
+    and accepted), the node's client connections and the client's own. With Nagle's
+    algorithm a small frame written while an earlier one is unacknowledged waits for
+    that acknowledgement (up to the peer's delayed-ACK time, tens of ms): at a low
+    message rate every hop and every answer would pay it."""
+    from twisted.internet import reactor
+
+    base = free_port_base(4)
+    text = (
+        '[cluster]\nname = "nodelay"\nallow_any_degree = true\n'
+        f'[[node]]\nid = 1\nhost = "127.0.0.1"\npeer_port = {base}\nclient_port = {base + 1}\n'
+        "neighbours = [2]\n"
+        f'[[node]]\nid = 2\nhost = "127.0.0.1"\npeer_port = {base + 2}\n'
+        f"client_port = {base + 3}\nneighbours = [1]\n"
+    )
+    config = parse_config(text)
+    nodes = [GossipNode(config, node_id, MemoryStore(), reactor) for node_id in (1, 2)]
+    services = [node_services(node, reactor) for node in nodes]
+    for top in services:
+        top.privilegedStartService()
+        top.startService()
+    client: GossipClient | None = None
+    try:
+
+        async def linked() -> bool:
+            return all(s.state == "up" for n in nodes for s in n.links.status())
+
+        await wait_for(reactor, linked, 10, "the link up on both nodes", 0.01)
+        # The connection each link kept: one end dialed, the other accepted (a second
+        # connection, when both dialed at once, is being closed and is not looked at).
+        kept = [link.proto for n in nodes for link in n.links.links.values()]
+        assert all(p is not None for p in kept)
+        assert {p.outbound for p in kept if p is not None} == {True, False}
+        peer_transports = [p.transport for p in kept if p is not None]
+        client = await GossipClient.connect_node(reactor, 1, config)
+        await client.watch(lambda start, ids: None)
+        (served,) = nodes[0].following
+        assert all(_no_delay(t) for t in peer_transports)
+        assert _no_delay(served.transport)
+        assert _no_delay(client.proto.transport)
+    finally:
+        if client is not None:
+            client.close()
+        for top in services:
+            await top.stopService()

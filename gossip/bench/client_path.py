@@ -10,6 +10,8 @@ directly, no AMP) is what the AMP path adds per message at the submitting node:
 - ``core``: 16 bodies per ``submit_many`` and one ``flush``, no AMP;
 - ``submit``: one ``Submit`` box per message (``gclient``, or a client without
   a reactor);
+- ``pipe16``, ...: ``Submit`` boxes, N of them per read (a client that pipelines
+  single submits; the node enters those of one read as one batch);
 - ``many16``, ``many64``, ...: one ``SubmitMany`` box per N messages
   (``GossipClient.submit_messages``, or ``submit_message`` calls in one turn).
 
@@ -38,7 +40,7 @@ from gossip.store.log import LogStore
 from gossip.topology import generate_config
 
 CORE_BATCH = 16  # bodies per submit_many in the ``core`` way
-WAYS = ("core", "submit", "many16", "many64")
+WAYS = ("core", "submit", "pipe16", "many16", "many64")
 # No client bound may refuse or hold a submit here: every way must store everything.
 UNBOUNDED = ClientLimits(submit_rate=1e12, submit_burst=1e12, outstanding=1 << 40)
 
@@ -80,11 +82,14 @@ def measure(way: str, bodies: list[str]) -> float:
                     node.submit_many(chunk)
                     node.flush()
         else:
-            boxes = (
-                submit_boxes(bodies)
-                if way == "submit"
-                else submit_many_boxes(bodies, int(way.removeprefix("many")))
-            )
+            if way == "submit":
+                boxes = submit_boxes(bodies)
+            elif way.startswith("pipe"):
+                single = submit_boxes(bodies)
+                n = int(way.removeprefix("pipe"))
+                boxes = [b"".join(single[i : i + n]) for i in range(0, len(single), n)]
+            else:
+                boxes = submit_many_boxes(bodies, int(way.removeprefix("many")))
 
             def run() -> None:
                 for data in boxes:
@@ -102,11 +107,14 @@ def measure(way: str, bodies: list[str]) -> float:
 
 
 def _way(text: str) -> str:
-    if text in ("core", "submit") or (text.startswith("many") and text[4:].isdigit()):
-        if text.startswith("many") and int(text[4:]) < 1:
-            raise argparse.ArgumentTypeError(f"{text}: at least many1")
+    if text in ("core", "submit"):
         return text
-    raise argparse.ArgumentTypeError(f"unknown way {text!r} (core, submit, manyN)")
+    for prefix in ("many", "pipe"):
+        if text.startswith(prefix) and text[4:].isdigit():
+            if int(text[4:]) < 1:
+                raise argparse.ArgumentTypeError(f"{text}: at least {prefix}1")
+            return text
+    raise argparse.ArgumentTypeError(f"unknown way {text!r} (core, submit, pipeN, manyN)")
 
 
 def main(argv: list[str] | None = None) -> int:

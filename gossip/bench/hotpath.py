@@ -15,6 +15,12 @@ alternating with the nodes (the order rotates from round to round), and the
 summary quotes each variant's median figure over the relay's: delivered-to-all
 throughput, CPU per message per node under that load, and p50 latency to the
 last node (durable, for nodes) at one message every ``--latency-interval``.
+That latency is not the one of separate processes: here the 16 nodes' fsyncs
+(each in the reactor thread while the disk is fast) run one after another in
+the one thread, so a message is durable on the last node only after all of
+them: 16 fsyncs of 0.2-0.3 ms each on our disk, which 16 processes would run
+side by side; ``--fsync never`` shows the rest. ``gossip-bench`` measures
+the latency of the deployment.
 
 ``--relay`` measures less but steadily (within a few percent): one node, with
 its neighbours' links joined to in-memory transports (``StringTransport``), is

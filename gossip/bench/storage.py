@@ -14,6 +14,11 @@ opens the log they made (recovery) and reports the time it took and its RSS
 growth per message. Fresh processes, so that nothing else the benchmark
 allocated is counted.
 
+``--index N`` times the id index alone (``gossip/store/id_index.py``) with N
+random ids: CPU nanoseconds per ``add_id``, per ``in`` of a held and of a new id
+(fresh objects, as a decoded frame gives: their hash is not cached), per
+``add_id`` of a held id and per ``position``.
+
 Figures depend on the disk and the page cache: the recovery file was just
 written, so it is read from memory, and "always"/"batch" measure the fsync
 latency of whatever holds the ``--dir`` directory.
@@ -25,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -37,7 +43,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from gossip.core.message import Message, message_id
+from gossip.core.message import ID_BYTES, Message, message_id
+from gossip.store.id_index import IdIndex
 from gossip.store.log import LOG_NAME, MAGIC, LogStore, StoreError, encode_record
 
 BODY_BYTES = 100
@@ -216,6 +223,50 @@ def format_memory(result: dict[str, Any]) -> str:
     )
 
 
+def bench_index(n: int, probes: int = 100_000) -> dict[str, Any]:
+    """CPU ns per operation of an ``IdIndex`` holding ``n`` random ids (see the module
+    docstring); each figure is the best of three passes over ``probes`` ids."""
+    rng = random.Random(11)
+    ids = [rng.randbytes(ID_BYTES) for _ in range(n)]
+    index = IdIndex()
+    add = index.add_id
+    started = time.process_time()
+    for mid in ids:
+        add(mid)
+    add_ns = (time.process_time() - started) / n * 1e9
+    count = min(probes, n)
+    held = [bytes(bytearray(mid)) for mid in rng.sample(ids, count)]  # fresh objects
+    new = [rng.randbytes(ID_BYTES) for _ in range(count)]
+    index.position(ids[0])  # the ids wait in one batch for id order; not a lookup's cost
+
+    def per_call(op: Callable[[bytes], object], probe: list[bytes]) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.process_time()
+            for mid in probe:
+                op(mid)
+            best = min(best, time.process_time() - started)
+        return best / len(probe) * 1e9
+
+    contains = index.__contains__
+    return {
+        "ids": n,
+        "add_ns": add_ns,
+        "in_held_ns": per_call(contains, held),
+        "in_new_ns": per_call(contains, new),
+        "add_held_ns": per_call(add, held),
+        "position_ns": per_call(index.position, held),
+    }
+
+
+def format_index(r: dict[str, Any]) -> str:
+    return (
+        f"id index, {r['ids']:,} ids: CPU ns per add_id {r['add_ns']:.0f},"
+        f" in (held) {r['in_held_ns']:.0f}, in (new) {r['in_new_ns']:.0f},"
+        f" add_id (held) {r['add_held_ns']:.0f}, position {r['position_ns']:.0f}"
+    )
+
+
 def _run_in_reactor(make: Callable[[Any], Deferred[dict[str, Any]]]) -> dict[str, Any]:
     from twisted.internet import reactor as global_reactor
 
@@ -287,11 +338,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="instead: RSS per stored message with N messages, and the time to open them",
     )
     p.add_argument("--memory-phase", choices=("add", "open"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--index",
+        type=int,
+        metavar="N",
+        help="instead: CPU ns per operation of the id index alone, holding N ids",
+    )
     p.add_argument("--dir", type=Path, help="where to write the logs (default: a temp dir)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     args = p.parse_args(argv)
     if args.memory is not None and args.memory < 1:
         p.error("--memory must be at least 1")
+    if args.index is not None and args.index < 1:
+        p.error("--index must be at least 1")
+    if args.index is not None and args.memory is not None:
+        p.error("--index and --memory are separate runs")
     if args.memory_phase is not None and (args.memory is None or args.dir is None):
         p.error("--memory-phase needs --memory and --dir")
     for name in ("always_messages", "batch_messages", "batch_chunk", "never_messages"):
@@ -331,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_phase is not None:
         print(json.dumps(memory_phase(args.memory_phase, args.dir, args.memory)))
+        return 0
+    if args.index is not None:
+        result = bench_index(args.index)
+        print(format_index(result))
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
 
     def measure(base: Path) -> dict[str, Any]:

@@ -157,6 +157,10 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         # Logged in with the node's client token (or the node has none).
         self.authenticated = node.client_token is None
         self._submits = TokenBucket(limits.submit_rate, limits.submit_burst)
+        # Submit requests of the read being parsed, entered into the node together at
+        # its end (bounded by the read: ``limits.outstanding`` requests at most).
+        self._read_submits: list[tuple[bytes, Deferred[dict[str, Any]]]] = []
+        self._in_read = False
 
     # AMP logs every connection at info level; a client per command makes that noise.
     def makeConnection(self, transport: Any) -> None:
@@ -170,7 +174,13 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
         return self.node.clock.callLater(period, func)
 
     def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
+        self._in_read = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._in_read = False
+        if self._read_submits:
+            self._submit_read()
         self.node.flush()  # what the submits in this read produced goes out now
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -267,6 +277,8 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
             if self._outstanding >= self.limits.outstanding:
                 self._hold(_TOO_MANY_REQUESTS)
         self._idle_check()
+        if self._read_submits and box[amp.COMMAND] != Submit.commandName:
+            self._submit_read()  # requests take effect in order: the Submits before this
         super().ampBoxReceived(box)
 
     def sendBox(self, box: amp.AmpBox) -> None:
@@ -355,19 +367,71 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
 
     @Submit.responder
     def submit(self, body: str) -> Deferred[dict[str, Any]]:
-        # Plain callbacks, not a coroutine: this runs for every submit, and the
-        # coroutine's Deferred plumbing cost more than the rest of the command.
+        """Consecutive Submits of one read (a client that pipelines them) enter the node
+        as one batch at the end of the read, or before the next other request; each is
+        answered or refused on its own, as when it is submitted alone."""
         try:
             encoded = body.encode("utf-8")
         except UnicodeEncodeError:
             raise MessageRejected("message is not valid Unicode text") from None
         if not self._submits.take(self.node.clock.seconds()):
             raise self._rate_limited()
+        answer: Deferred[dict[str, Any]] = Deferred()
+        self._read_submits.append((encoded, answer))
+        if not self._in_read:
+            self._submit_read()
+        return answer
+
+    def _submit_read(self) -> None:
+        """The waiting Submits into the node as one ``submit_each``; each answered. While
+        submits wait for a full link, each goes alone, so the bound on waiting bytes
+        refuses the ones over it and not the whole read."""
+        waiting, self._read_submits = self._read_submits, []
+        if len(waiting) == 1 or not self.node.submits.is_open or self.node.submits.waiting:
+            for body, answer in waiting:
+                self._submit_one(body).chainDeferred(answer)
+            return
+        answers = [answer for _, answer in waiting]
         try:
-            stored = self.node.submit(encoded)
+            stored = self.node.submit_each([body for body, _ in waiting])
+        except (StoreError, SubmitBusy) as e:
+            for answer in answers:
+                answer.errback(Failure(self._refusal(e)))
+            return
+        except Exception:
+            for answer in answers:
+                answer.errback(Failure())  # a bug: AMP reports it to each request
+            return
+        stored.addCallbacks(
+            self._answer_submits,
+            self._submits_failed,
+            callbackArgs=(answers,),
+            errbackArgs=(answers,),
+        )
+
+    def _submit_one(self, body: bytes) -> Deferred[dict[str, Any]]:
+        try:
+            stored = self.node.submit(body)
         except (SubmitRejected, StoreError, SubmitBusy) as e:
-            raise self._refusal(e) from None
+            return fail(self._refusal(e))
+        except Exception:
+            return fail()
         return stored.addCallbacks(_submitted, self._submit_failed)
+
+    def _answer_submits(
+        self, results: list[tuple[bytes, bool] | Exception], answers: list[Deferred[Any]]
+    ) -> None:
+        for result, answer in zip(results, answers, strict=True):
+            if isinstance(result, tuple):
+                answer.callback({"id": id_text(result[0]), "new": result[1]})
+            else:
+                answer.errback(Failure(self._refusal(result)))
+
+    def _submits_failed(self, failure: Failure, answers: list[Deferred[Any]]) -> None:
+        """Waiting Submits refused after all (busy node) or not made durable."""
+        known = failure.check(SubmitRejected, StoreError, SubmitBusy) is not None
+        for answer in answers:
+            answer.errback(Failure(self._refusal(failure.value)) if known else failure)  # type: ignore[arg-type]
 
     @SubmitMany.responder
     def submit_many(self, bodies: list[str]) -> Deferred[dict[str, Any]]:

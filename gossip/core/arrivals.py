@@ -11,7 +11,8 @@ the Prometheus counters.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from itertools import repeat
 
 # Messages whose route and duplicate count are remembered (about 120 bytes each).
 RECENT_ARRIVALS = 8192
@@ -35,8 +36,9 @@ class Arrivals:
         self.stored[via] += len(mids)
         recent = self._recent
         recent.update(dict.fromkeys(mids, VIAS.index(via)))
-        for _ in range(len(recent) - self.limit):
-            recent.popitem(last=False)
+        excess = len(recent) - self.limit
+        if excess > 0:  # the oldest go, one per new message once full: consumed in C
+            deque(map(recent.popitem, repeat(False, excess)), maxlen=0)
 
     def duplicate(self, mid: bytes, via: str) -> None:
         """Another copy of a held message arrived (and was dropped). A client's resubmit

@@ -6,7 +6,9 @@ returns ``Send`` effects. It never stores anything; ``GossipCore`` does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from itertools import compress, pairwise
+from operator import ne
 from typing import Protocol
 
 from gossip.core.effects import Effect, Send
@@ -20,17 +22,26 @@ class MessageReader(Protocol):
     def get(self, mid: bytes) -> Message | None: ...
 
 
-def group_by_path(frame: GossipFrame) -> dict[tuple[int, ...], list[int]]:
+def group_by_path(frame: GossipFrame) -> Mapping[tuple[int, ...], Sequence[int]]:
     """path -> the rows of ``frame`` with that path, in order (first seen first). The
     messages of one path have one origin and one sender, so they go to the same
-    neighbours: a relay decides once per path, not once per message."""
+    neighbours: a relay decides once per path, not once per message. A sender writes
+    a path's messages together, so a frame is a few runs of one path: the rows are
+    found a run at a time (the comparisons of neighbouring paths are made in C)."""
+    paths = frame.paths
+    n = len(paths)
+    if not n:
+        return {}
+    if paths.count(paths[0]) == n:
+        return {paths[0]: range(n)}
+    starts = [0, *compress(range(1, n), map(ne, paths[1:], paths[:-1])), n]
     groups: dict[tuple[int, ...], list[int]] = {}
-    for row, path in enumerate(frame.paths):
-        rows = groups.get(path)
+    for start, stop in pairwise(starts):
+        rows = groups.get(paths[start])
         if rows is None:
-            groups[path] = [row]
+            groups[paths[start]] = list(range(start, stop))
         else:
-            rows.append(row)
+            rows += range(start, stop)
     return groups
 
 

@@ -41,7 +41,7 @@ def frame_problem(frame: PeerFrame, members: int) -> tuple[str, str] | None:
         name = "IHave" if isinstance(frame, IHaveFrame) else "Graft"
         if len(frame.ids) > IDS_PER_FRAME:
             return OVERSIZED_BATCH, f"{len(frame.ids)} ids in one {name} (at most {IDS_PER_FRAME})"
-        if any(len(mid) != ID_BYTES for mid in frame.ids):
+        if not set(map(len, frame.ids)) <= {ID_BYTES}:
             return BAD_IDS, f"an id in a {name} is not {ID_BYTES} bytes"
         if isinstance(frame, IHaveFrame) and len(frame.origins) > len(frame.ids):
             return BAD_IDS, f"{len(frame.origins)} origins for {len(frame.ids)} ids in an IHave"

@@ -54,7 +54,8 @@ from __future__ import annotations
 from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from itertools import compress
+from itertools import chain, compress, repeat
+from operator import not_
 from typing import NamedTuple
 
 import attrs
@@ -539,7 +540,8 @@ class Plumtree:
         # neighbour pruned it or went down is removed: at most one entry per node.
         self.adopted: dict[int, set[int]] = {}
         self.now = 0.0
-        self._ihave: dict[int, list[tuple[bytes, int]]] = {}
+        # peer -> ids to announce to it at the next tick, and their origins (columns).
+        self._ihave: dict[int, tuple[list[bytes], list[int]]] = {}
         # Ids announced to us but not received, oldest first (bounded).
         self.missing: dict[bytes, _Missing] = {}
         self._pruned: set[tuple[int, int]] = set()
@@ -874,7 +876,7 @@ class Plumtree:
         return effects
 
     def _forward(
-        self, frame: GossipFrame, rows: list[int], path: tuple[int, ...], sender: int | None
+        self, frame: GossipFrame, rows: Sequence[int], path: tuple[int, ...], sender: int | None
     ) -> list[Effect]:
         """Push the messages at ``rows`` of ``frame`` (all with ``path``) to the eager
         neighbours and announce them to the lazy ones."""
@@ -890,39 +892,44 @@ class Plumtree:
                 effects = self._heard_from(sender, origin)
                 if effects:
                     eager, lazy, _ = self._plan(origin, sender)
-        ids = frame.ids
-        pushed_to_all: list[int] = []
-        missing = self.missing
-        if missing and any(ids[row] in missing for row in rows):
-            pushed_to_all = [row for row in rows if self._arrived(ids[row], path, origin)]
-            if pushed_to_all:
-                rows = [row for row in rows if row not in pushed_to_all]
-        relayed = (*path, self.node_id)
-        for group, to_eager, to_lazy in (
-            (rows, eager, lazy),
-            (pushed_to_all, eager + lazy, ()),
-        ):
-            if not group:
-                continue
-            out: GossipFrame | None = None
-            for p in to_eager:
-                if p not in path:
-                    if out is None:
-                        out = frame.select(group, relayed)
-                    effects.append(Send(p, out))
+        out = frame.select(rows, (*path, self.node_id))  # as sent on: with this node
+        parts = [(out, eager, lazy)]
+        if self.missing and not self.missing.keys().isdisjoint(out.ids):
+            grafted = [self._arrived(mid, path, origin) for mid in out.ids]
+            if True in grafted:
+                # Those we had to graft go to every neighbour (see ``_arrived``).
+                everywhere = eager + lazy, ()
+                kept = list(compress(range(len(grafted)), map(not_, grafted)))
+                to_all = list(compress(range(len(grafted)), grafted))
+                parts = [(out.select(kept), eager, lazy)] if kept else []
+                parts.append((out.select(to_all), *everywhere))
+        for part, to_eager, to_lazy in parts:
+            effects += [Send(p, part) for p in to_eager if p not in path]
             for p in to_lazy:
                 if p not in path:
-                    batch = self._ihave.get(p)
-                    if batch is None:
-                        batch = self._ihave[p] = []
-                    batch += [(ids[row], origin) for row in group]
-                    if feeds or len(batch) >= IDS_PER_FRAME:
-                        # Off the tree: the tree around us is broken for this origin,
-                        # and a neighbour cut off with us should hear of it now.
-                        for i in range(0, len(batch), IDS_PER_FRAME):
-                            effects.append(self._ihave_frame(p, batch[i : i + IDS_PER_FRAME]))
-                        self._ihave[p] = []
+                    # Off the tree, announce at once: the tree around us is broken for
+                    # this origin, and a neighbour cut off with us should hear of it now.
+                    effects += self._announce(p, part.ids, origin, at_once=feeds)
         return effects
+
+    def _announce(
+        self, peer: int, ids: tuple[bytes, ...], origin: int, *, at_once: bool
+    ) -> list[Effect]:
+        """Queue ``ids`` (all of ``origin``) for an IHave to ``peer`` at the next tick;
+        send the queue now when ``at_once`` or when it fills a frame."""
+        queue = self._ihave.get(peer)
+        if queue is None:
+            queue = self._ihave[peer] = ([], [])
+        queued, origins = queue
+        queued += ids
+        origins += repeat(origin, len(ids))
+        if not at_once and len(queued) < IDS_PER_FRAME:
+            return []
+        del self._ihave[peer]
+        return [
+            self._ihave_frame(peer, queued[i : i + IDS_PER_FRAME], origins[i : i + IDS_PER_FRAME])
+            for i in range(0, len(queued), IDS_PER_FRAME)
+        ]
 
     def _arrived(self, mid: bytes, path: tuple[int, ...], origin: int) -> bool:
         """``mid`` came, announced before: learn how late the tree was, and say whether
@@ -1088,8 +1095,8 @@ class Plumtree:
             del self.adopted[origin]
         self._plans.clear()
 
-    def _ihave_frame(self, peer: int, batch: list[tuple[bytes, int]]) -> Send:
-        return Send(peer, IHaveFrame(tuple(i for i, _ in batch), tuple(o for _, o in batch)))
+    def _ihave_frame(self, peer: int, ids: list[bytes], origins: list[int]) -> Send:
+        return Send(peer, IHaveFrame(tuple(ids), tuple(origins)))
 
     def _announced(
         self, peer: int, ids: tuple[bytes, ...], origins: tuple[int, ...]
@@ -1097,9 +1104,13 @@ class Plumtree:
         """Note what ``peer`` announced; return the ids to graft from it at once."""
         store = self._store
         now: list[bytes] = []
-        for k, mid in enumerate(ids):
-            if store is not None and mid in store:
-                continue
+        # Each id with its origin (None past the origins given), held ones left out:
+        # an IHave mostly names messages that came down the tree before it.
+        origins_or_none = chain(origins, repeat(None))
+        announced: Iterable[tuple[bytes, int | None]] = zip(ids, origins_or_none, strict=False)
+        if store is not None:
+            announced = compress(announced, map(not_, map(store.__contains__, ids)))
+        for mid, origin in announced:
             entry = self.missing.get(mid)
             if entry is not None:
                 if peer not in entry.announcers:
@@ -1107,7 +1118,6 @@ class Plumtree:
                 continue
             if len(self.missing) >= self.max_missing:
                 del self.missing[next(iter(self.missing))]  # re-sync will still bring it
-            origin = origins[k] if k < len(origins) else None
             if origin is not None and origin in self.orphaned and origin not in self.standins:
                 # Our tree parent is away and no stand-in: nothing will come, ask now
                 # (and ask the next announcer if this one does not answer). The graft
@@ -1177,9 +1187,9 @@ class Plumtree:
                 if peer not in self._known:
                     self._known.add(peer)
                     effects += self._orphan(peer)
-        for peer, batch in self._ihave.items():
-            if batch:
-                effects.append(self._ihave_frame(peer, batch))
+        for peer, (ids, origins) in self._ihave.items():
+            if ids:
+                effects.append(self._ihave_frame(peer, ids, origins))
         self._ihave.clear()
         grafts: dict[int, list[bytes]] = {}
         expired = [

@@ -8,15 +8,17 @@ each with ``now`` passed in; the output is a list of effects (see
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from itertools import repeat
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Protocol
 
 import attrs
 
 from gossip import settings
 from gossip.core.arrivals import Arrivals
-from gossip.core.dissemination import Dissemination
+from gossip.core.dissemination import Dissemination, group_by_path
 from gossip.core.effects import (
     BAD_MESSAGE,
     BAD_SYNC_REQUEST,
@@ -40,7 +42,7 @@ from gossip.core.frames import (
     SyncReplyFrame,
     SyncWantFrame,
 )
-from gossip.core.message import ID_BYTES, Message, message_id
+from gossip.core.message import ID_BYTES, Message, ids_match, message_id
 from gossip.core.overlay import Overlay
 from gossip.core.paths import BODY_TOO_LARGE, REFUSALS, path_problem
 from gossip.core.rate import KeyedBuckets, TokenBucket
@@ -73,6 +75,15 @@ class SubmitRejected(ValueError):
 class OriginRateLimited(SubmitRejected):
     """The node accepted as many new messages from its clients as ``origin_rate``
     allows for now: nothing was stored, retry later."""
+
+
+@attrs.frozen(slots=True)
+class SubmitBatch:
+    """What ``GossipCore.submit_many`` made of several bodies: per body, in order, its
+    (id, new) or why it was refused; and the effects of them all."""
+
+    results: list[tuple[bytes, bool] | SubmitRejected]
+    effects: list[Effect]
 
 
 @attrs.frozen(slots=True)
@@ -164,15 +175,58 @@ class GossipCore:
             self.arrivals.duplicate(mid, "submit")
             return SubmitResult(mid, False, [])
         if not self.origin_quota.take(now):
-            self.submits_rate_limited += 1
-            raise OriginRateLimited(
-                f"rate limit: node {self.node_id} takes at most {self.origin_quota.rate:g}"
-                " new messages per second from its clients; retry later"
-            )
+            raise self._origin_rate_limited()
         self.arrivals.stored_new(mid, "submit")
         effects: list[Effect] = [self._persist(Message(mid, body, now, ()))]
         effects += self.strategy.on_new(Envelope(mid, body, ()), None, self.up)
         return SubmitResult(mid, True, effects)
+
+    def submit_many(self, bodies: Iterable[bytes], now: float) -> SubmitBatch:
+        """``submit`` of each body in order, a refusal given as its result rather than
+        raised. The new messages are then stored and handed on together, as a
+        received frame's are (one ``PersistBatch`` and ``on_new_batch`` when
+        ``effects_per_frame``): a client's batch costs the node per batch, not per
+        message, what a relayed frame costs."""
+        results: list[tuple[bytes, bool] | SubmitRejected] = []
+        ids: list[bytes] = []
+        kept: list[bytes] = []
+        fresh: set[bytes] = set()
+        held, quota, max_body = self.store, self.origin_quota, self.max_body
+        for body in bodies:
+            problem = check_body(body, max_body)
+            if problem:
+                results.append(SubmitRejected(problem))
+                continue
+            mid = message_id(body)
+            if mid in fresh or mid in held:
+                self.arrivals.duplicate(mid, "submit")
+                results.append((mid, False))
+            elif quota.take(now):
+                fresh.add(mid)
+                ids.append(mid)
+                kept.append(body)
+                results.append((mid, True))
+            else:
+                results.append(self._origin_rate_limited())
+        if not ids:
+            return SubmitBatch(results, [])
+        new = GossipFrame.of_columns(tuple(ids), tuple(kept), ((),) * len(ids))
+        if self.effects_per_frame:
+            return SubmitBatch(results, self._stored_batch(new, None, now, via="submit"))
+        effects: list[Effect] = []
+        for env in new.messages:
+            self.arrivals.stored_new(env.id, "submit")
+            effects.append(self._persist(Message(env.id, env.body, now, ())))
+            effects += self.strategy.on_new(env, None, self.up)
+        return SubmitBatch(results, effects)
+
+    def _origin_rate_limited(self) -> OriginRateLimited:
+        """A submit over ``origin_rate`` (counted): the client's one-line reason."""
+        self.submits_rate_limited += 1
+        return OriginRateLimited(
+            f"rate limit: node {self.node_id} takes at most {self.origin_quota.rate:g}"
+            " new messages per second from its clients; retry later"
+        )
 
     def peer_up(self, peer: int, now: float) -> list[Effect]:
         if peer in self.up:
@@ -184,7 +238,7 @@ class GossipCore:
         elif peer not in self.neighbours:
             return []
         self.up = self.up | {peer}
-        return effects + self.strategy.on_peer_up(peer) + self.sync.request(peer, self.up, now)
+        return effects + self.strategy.on_peer_up(peer) + self.sync.link_up(peer, self.up, now)
 
     def peer_down(self, peer: int, now: float) -> list[Effect]:
         if peer not in self.up:
@@ -226,6 +280,7 @@ class GossipCore:
         if problem is not None:
             return [DropPeer(peer, problem[1], problem[0])]
         if isinstance(frame, GossipFrame):
+            self.sync.heard(now)  # re-sync spaces its sessions while gossip flows
             return self._receive_gossip(peer, frame, now)
         if isinstance(frame, SyncDataFrame):
             return self._receive_sync_data(peer, frame, now)
@@ -247,10 +302,93 @@ class GossipCore:
         return self.strategy.on_control(peer, frame)
 
     def _receive_gossip(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:
-        """The frame's messages in order, read from its columns: a copy of a held message
-        costs a set lookup (the strategy learns who sent it); a new one is checked
-        (``_check``), limited per origin, stored and handed on. The first message only
-        a broken or hostile sender makes ends the frame with a ``DropPeer``."""
+        """The frame's messages, a path at a time: a frame's messages share few paths
+        (and so origins), and an honest sender's are well formed, so the rules read
+        its columns. A copy of a held message costs a lookup (the strategy learns who
+        sent it); a path is checked once for all its messages; new messages are checked
+        together (``_all_sound``) and limited per origin. A frame where any of that
+        finds more than copies and refused paths (a malformed or forged message, ids
+        repeated within it, an origin over its quota) is read one message at a time by
+        ``_receive_rows``, the rule as written, which this pass matches whenever it
+        applies."""
+        ids, paths = frame.ids, frame.paths
+        if not ids or set(map(len, ids)) != {ID_BYTES}:
+            return self._receive_rows(peer, frame, now)
+        groups = group_by_path(frame)
+        problems: dict[tuple[int, ...], str | None] = {}
+        for path in groups:
+            problems[path] = path_problem(path, peer, self.node_id, self.members)
+        # Dedup before validation: nothing of a copy is kept, so its body is neither
+        # hashed nor checked.
+        copies = list(map(self.store.__contains__, ids))
+        any_copy = True in copies
+        new: GossipFrame | None = frame  # the usual frame: all new, all paths good
+        if any_copy or any(problems.values()):
+            taken = [not c and problems[p] is None for c, p in zip(copies, paths, strict=True)]
+            rows = list(compress(range(len(ids)), taken))
+            new = frame.select(rows) if rows else None
+            per_origin = Counter(map(itemgetter(0), new.paths)) if new is not None else {}
+        else:
+            per_origin = {}
+            for path, rows_of in groups.items():
+                per_origin[path[0]] = per_origin.get(path[0], 0) + len(rows_of)
+        if new is not None and not (self._all_sound(new) and self._within_quota(per_origin, now)):
+            return self._receive_rows(peer, frame, now)
+        refused = self.refused
+        effects: list[Effect] = []
+        if any_copy:
+            for row in compress(range(len(ids)), copies):
+                path = paths[row]
+                if problems[path] is None:
+                    self.arrivals.duplicate(ids[row], "gossip")
+                    env = Envelope(ids[row], frame.bodies[row], path)
+                    effects += self.strategy.on_duplicate(env, peer)
+        for path, problem in problems.items():
+            if problem is not None:
+                refused[problem] += len(groups[path])
+        if new is not None:
+            for origin, n in per_origin.items():
+                self.relay_quota.take(origin, now, n)
+            effects += self._stored(new, peer, now)
+        return effects
+
+    def _all_sound(self, new: GossipFrame) -> bool:
+        """Whether every message of ``new`` (new, paths good, ids of ``ID_BYTES``) passes
+        ``_check``, and no id repeats: a body of 1 to ``max_body`` bytes of UTF-8
+        whose hash is its id."""
+        ids, bodies = new.ids, new.bodies
+        sizes = list(map(len, bodies))
+        if len(set(ids)) != len(ids) or min(sizes) == 0 or max(sizes) > self.max_body:
+            return False
+        try:
+            for _ in map(bytes.decode, bodies):
+                pass
+        except UnicodeDecodeError:
+            return False
+        return ids_match(ids, bodies)
+
+    def _within_quota(self, per_origin: Mapping[int, int], now: float) -> bool:
+        """Whether each origin's relay quota covers its messages in a frame (else
+        ``_receive_rows`` decides which of them are dropped)."""
+        quota = self.relay_quota
+        return all(n <= quota.available(origin, now) for origin, n in per_origin.items())
+
+    def _stored(self, new: GossipFrame, peer: int, now: float) -> list[Effect]:
+        """``new``'s messages (new, checked) stored and handed on (see the class)."""
+        if self.effects_per_frame:
+            return self._stored_batch(new, peer, now)
+        effects: list[Effect] = []
+        for env in new.messages:
+            effects.append(self._persist(Message(env.id, env.body, now, env.path)))
+            self.arrivals.stored_new(env.id, "gossip")
+            effects += self.strategy.on_new(env, peer, self.up)
+        return effects
+
+    def _receive_rows(self, peer: int, frame: GossipFrame, now: float) -> list[Effect]:
+        """The frame's messages one at a time, in order: a copy of a held message costs a
+        set lookup (the strategy learns who sent it); a new one is checked (``_check``),
+        limited per origin, stored and handed on. The first message only a broken or
+        hostile sender makes ends the frame with a ``DropPeer``."""
         effects: list[Effect] = []
         ids, bodies, paths = frame.ids, frame.bodies, frame.paths
         held, fresh, refused = self.store, set(), self.refused
@@ -298,21 +436,17 @@ class GossipCore:
             self.relay_quota.take(origin, now, used)
         if rows:
             new = frame if len(rows) == len(ids) else frame.select(rows)
-            if self.effects_per_frame:
-                effects += self._stored_batch(new, peer, now)
-            else:
-                for env in new.messages:
-                    effects.append(self._persist(Message(env.id, env.body, now, env.path)))
-                    self.arrivals.stored_new(env.id, "gossip")
-                    effects += self.strategy.on_new(env, peer, self.up)
+            effects += self._stored(new, peer, now)
         if dropped is not None:
             effects.append(dropped)
         return effects
 
-    def _stored_batch(self, frame: GossipFrame, sender: int, now: float) -> list[Effect]:
+    def _stored_batch(
+        self, frame: GossipFrame, sender: int | None, now: float, via: str = "gossip"
+    ) -> list[Effect]:
         """``frame``'s messages (new, checked) stored with one ``PersistBatch`` and handed
         on with one ``Send`` per neighbour and group of messages (``on_new_batch``)."""
-        self.arrivals.stored_many(frame.ids, "gossip")
+        self.arrivals.stored_many(frame.ids, via)
         self.tree.add_many(frame.ids)
         messages = tuple(map(Message, frame.ids, frame.bodies, repeat(now), frame.paths))
         effects: list[Effect] = [PersistBatch(messages)]

@@ -19,6 +19,23 @@ a neighbour hints that it just learned messages by re-sync. Messages learned
 by re-sync are stored but not forwarded: the node hints its other neighbours,
 which reconcile with it and pull only what they lack.
 
+Under sustained gossip (``busy``), sessions are spaced out. While messages
+are in flight two nodes' fingerprints always differ, by the messages on their
+way, and no comparison of sums can tell those from messages really missed (a
+"settled" tree of ids held for some seconds differs just as much: by the
+messages whose arrivals straddle the two nodes' cut-offs). So a session then
+walks down to every range in-flight messages touch, pulls copies gossip
+delivers a few ms later, and, having learned them, hints its neighbours into
+sessions of their own that do the same: a cascade as long as the load. While
+busy, a queued session therefore waits until gossip quiets down or
+``BUSY_SPACING`` intervals have passed since this node's last session start:
+a node that really lacks messages under sustained load still reconciles
+within that bound (its periodic request is queued within one interval). The
+first session after a link comes up is never held back: a restarted node
+pulls what it missed at once. And a session run while busy asks for the ids
+it found missing only if they are still missing ``HOLD_SECONDS`` later,
+rather than race gossip for them.
+
 Flow control: a node that lost much of its log learns of tens of thousands of
 missing ids at once, and every reply of the walk adds wants. The initiator
 keeps what it wants in a per-session backlog and has at most ``WANT_WINDOW``
@@ -33,6 +50,7 @@ what it got: the next one walks the tree again and asks only for the rest.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Set
 from typing import Protocol
@@ -72,6 +90,20 @@ WANT_WINDOW = 4
 # Sessions this node started that still take SyncData (the active one and those
 # given up on lately: their data may still be on the way, and is honest).
 RECENT_SESSIONS = 8
+# Gossip is sustained (the node is busy) once Gossip frames have kept arriving, no
+# two more than QUIET_SECONDS apart, for FLOW_SECONDS; a burst that ends at once (a
+# few messages, then a partition heals) leaves sessions as prompt as ever. The gap
+# allowed is longer than the flow asked for: a node on a busy machine hears its
+# frames in spurts, and the trickle at the end of a load comes with pauses.
+FLOW_SECONDS = 1.0
+QUIET_SECONDS = 3.0
+# While busy, at most one session start per this many intervals (link-ups aside).
+BUSY_SPACING = 3
+# While busy, ids a session finds missing are asked for only if still missing this
+# long after: most are on their way by gossip. A copy pulled first would be stored
+# but not forwarded (its gossip copy, come later, is a duplicate), leaving the
+# node's tree children to repair it, and would make the node hint its neighbours.
+HOLD_SECONDS = 2.0
 
 
 def make_key(level: int, index: int) -> int:
@@ -100,116 +132,119 @@ def key_range(key: int) -> tuple[bytes, bytes]:
 
 
 # Non-empty leaves a tree holds in its sparse form: up to this many, its dicts take
-# less memory than the dense lists (at the limit 0.78 MB against 0.90 MB, tracemalloc).
+# less memory than the dense lists.
 SPARSE_MAX_LEAVES = 4096
 # Each tree node's count and prefix sum share one int: count << COUNT_SHIFT | sum.
 # The sum of n 64-bit prefixes is below n * 2**64 < 2**COUNT_SHIFT for any n < 2**64,
-# so the fields never overlap. One int per node halves the containers ``add`` updates.
+# so the fields never overlap, and the int of a node is the sum of its children's.
 COUNT_SHIFT = 128
 COUNT_ONE = 1 << COUNT_SHIFT
-
-
-class _Level(Protocol):
-    """One level of the tree, indexed by node index: a dense list or a sparse dict."""
-
-    def __getitem__(self, index: int, /) -> int: ...
-
-    def __setitem__(self, index: int, value: int, /) -> None: ...
-
-
-class _SparseLevel(dict[int, int]):
-    """A level holding only its non-empty nodes; an absent one reads as 0 (not added)."""
-
-    __slots__ = ()
-
-    def __missing__(self, index: int) -> int:
-        return 0
+# The one inner level kept up to date per id (besides the leaves); see FingerprintTree.
+KEPT_LEVEL = 2
 
 
 class FingerprintTree:
     """Per tree node: how many ids are under it and the sum of their 8-byte prefixes.
 
     Both live in one int per node (``count << COUNT_SHIFT | sum``, sum not yet
-    reduced mod 2**64). A tree starts sparse (a dict per level, holding only
-    non-empty nodes: a simulator runs 10,000 cores, most holding few ids) and
-    switches for good to dense lists (69,905 slots) once it has more than
-    ``sparse_max_leaves`` non-empty leaves, where lists are the smaller and
-    faster form. ``add`` runs for every stored message: it is unrolled over
-    the levels and the same code serves both forms.
+    reduced mod 2**64), so a node's int is the sum of its children's. ``add``
+    runs for every stored message, and the tree is read only by re-sync
+    sessions (rare while gossip flows: see the module docstring), so each id
+    updates just two levels: the leaves and level ``KEPT_LEVEL``. A node at
+    another level is summed when read: 16 leaves for level 3, 16 or 256
+    level-2 nodes for level 1 or the root.
+
+    A tree starts sparse (a dict per kept level, holding only non-empty nodes:
+    a simulator runs 10,000 cores, most holding few ids) and switches for good
+    to dense lists (65,792 slots) once it has more than ``sparse_max_leaves``
+    non-empty leaves, where lists are the smaller and faster form.
     """
 
     def __init__(
         self, ids: Iterable[bytes] = (), *, sparse_max_leaves: int = SPARSE_MAX_LEAVES
     ) -> None:
         self._sparse_max_leaves = sparse_max_leaves
-        # The levels while the tree is sparse; None once it is dense.
-        self._sparse: list[_SparseLevel] | None = [_SparseLevel() for _ in range(LEAF_LEVEL + 1)]
-        self._levels: list[_Level] = list(self._sparse)
+        self._sparse = True
+        self._leaves: list[int] | dict[int, int] = {}
+        self._kept: list[int] | dict[int, int] = {}
         if sparse_max_leaves <= 0:
             self._densify()
         self.add_many(ids)
 
     def add(self, mid: bytes) -> None:
-        x = int.from_bytes(mid[:8], "big")
-        i = x >> 48  # the leaf: LEAF_LEVEL * FANOUT_BITS == 16 bits
-        x += COUNT_ONE
-        v0, v1, v2, v3, v4 = self._levels
-        v4[i] += x
-        v3[i >> 4] += x
-        v2[i >> 8] += x
-        v1[i >> 12] += x
-        v0[0] += x
-        if self._sparse is not None and len(self._sparse[LEAF_LEVEL]) > self._sparse_max_leaves:
-            self._densify()
+        self.add_many((mid,))
 
     def add_many(self, ids: Iterable[bytes]) -> None:
-        """``add`` each id: a frame's worth on the hot path, or a whole store at start-up.
-        Once dense, one loop with the levels held locally and one update of the root."""
+        """Count each id in: a frame's worth on the hot path, or a whole store at start-up."""
         it = iter(ids)
-        if self._sparse is not None:
-            add = self.add
+        leaves, kept = self._leaves, self._kept
+        if isinstance(leaves, dict):
+            assert isinstance(kept, dict)
+            limit = self._sparse_max_leaves
             for mid in it:
-                add(mid)
-                if self._sparse is None:
+                x = int.from_bytes(mid[:8], "big")
+                i = x >> 48  # the leaf: LEAF_LEVEL * FANOUT_BITS == 16 bits
+                x += COUNT_ONE
+                leaves[i] = leaves.get(i, 0) + x
+                k = i >> 8  # its level-2 node
+                kept[k] = kept.get(k, 0) + x
+                if len(leaves) > limit:
+                    self._densify()
+                    leaves, kept = self._leaves, self._kept
                     break
             else:
                 return
-        # Dense from here: the root's update is gathered and made once.
-        v0, v1, v2, v3, v4 = self._levels
-        total = 0
         for mid in it:
             x = int.from_bytes(mid[:8], "big")
             i = x >> 48
             x += COUNT_ONE
-            v4[i] += x
-            v3[i >> 4] += x
-            v2[i >> 8] += x
-            v1[i >> 12] += x
-            total += x
-        v0[0] += total
+            leaves[i] += x
+            kept[i >> 8] += x
 
     def _densify(self) -> None:
-        if self._sparse is None:
+        if not self._sparse:
             return
-        dense: list[_Level] = []
-        for lv, level in enumerate(self._sparse):
-            values = [0] * FANOUT**lv
-            for index, value in level.items():
+        dense = []
+        for level, size in ((self._leaves, FANOUT**LEAF_LEVEL), (self._kept, FANOUT**KEPT_LEVEL)):
+            values = [0] * size
+            for index, value in level.items():  # type: ignore[union-attr]
                 values[index] = value
             dense.append(values)
-        self._levels = dense
-        self._sparse = None
+        self._leaves, self._kept = dense
+        self._sparse = False
+
+    def _values(self, level: int, first: int, n: int) -> list[int]:
+        """The ints of the ``n`` nodes from index ``first`` at ``level``."""
+        kept = LEAF_LEVEL if level > KEPT_LEVEL else KEPT_LEVEL
+        values = self._leaves if kept == LEAF_LEVEL else self._kept
+        shift = FANOUT_BITS * (kept - level)  # one node here covers 1 << shift kept ones
+        lo, hi = first << shift, (first + n) << shift
+        if isinstance(values, list):
+            row = values[lo:hi]
+        elif hi - lo <= len(values):
+            row = [values.get(i, 0) for i in range(lo, hi)]
+        else:  # a wide range of a small dict: walk the dict instead
+            row = [0] * (hi - lo)
+            for i, v in values.items():
+                if lo <= i < hi:
+                    row[i - lo] = v
+        if not shift:
+            return row
+        if n == 1:
+            return [sum(row)]
+        width = 1 << shift
+        return [sum(row[j : j + width]) for j in range(0, len(row), width)]
 
     @property
     def sparse(self) -> bool:
         """Whether the tree still keeps only its non-empty nodes."""
-        return self._sparse is not None
+        return self._sparse
 
     @property
     def counts(self) -> list[list[int]]:
         """Every node's count, level by level (a dense copy, for inspection)."""
         return [
-            [self._levels[lv][i] >> COUNT_SHIFT for i in range(FANOUT**lv)]
+            [v >> COUNT_SHIFT for v in self._values(lv, 0, FANOUT**lv)]
             for lv in range(LEAF_LEVEL + 1)
         ]
 
@@ -217,31 +252,30 @@ class FingerprintTree:
     def sums(self) -> list[list[int]]:
         """Every node's prefix sum mod 2**64, level by level (a dense copy)."""
         return [
-            [self._levels[lv][i] & MASK64 for i in range(FANOUT**lv)]
-            for lv in range(LEAF_LEVEL + 1)
+            [v & MASK64 for v in self._values(lv, 0, FANOUT**lv)] for lv in range(LEAF_LEVEL + 1)
         ]
 
     def node(self, key: int) -> FpNode:
         level, index = divmod(key, KEY_STRIDE)
-        v = self._levels[level][index]
+        (v,) = self._values(level, index, 1)
         return FpNode(key, v >> COUNT_SHIFT, v & MASK64)
 
     def children(self, key: int) -> list[FpNode]:
         """The non-empty children of a node (empty ones mean: nothing held there)."""
         level, index = divmod(key, KEY_STRIDE)
         child_level = level + 1
-        values = self._levels[child_level]
         base = child_level * KEY_STRIDE
         first = index * FANOUT
         return [
             FpNode(base + i, v >> COUNT_SHIFT, v & MASK64)
-            for i in range(first, first + FANOUT)
-            if (v := values[i])
+            for i, v in enumerate(self._values(child_level, first, FANOUT), first)
+            if v
         ]
 
     @property
     def total(self) -> int:
-        return self._levels[0][0] >> COUNT_SHIFT
+        (v,) = self._values(ROOT, 0, 1)
+        return v >> COUNT_SHIFT
 
 
 class SyncStore(Protocol):
@@ -302,6 +336,8 @@ class Session:
     wants: int = 0  # in flight: at most WANT_WINDOW
     learned: int = 0
     wanted: set[bytes] = attrs.field(factory=set)
+    # Found missing while busy, with when to ask for those still missing (HOLD_SECONDS).
+    held: deque[tuple[float, list[bytes]]] = attrs.field(factory=deque)
     # Found missing but not yet asked for (the window was full), oldest first.
     backlog_ids: deque[bytes] = attrs.field(factory=deque)
     backlog_ranges: deque[int] = attrs.field(factory=deque)
@@ -340,6 +376,34 @@ class SyncEngine:
         self._recent: deque[tuple[int, int]] = deque(maxlen=RECENT_SESSIONS)
         self._next_periodic: float | None = None
         self._turn = 0
+        # The current run of gossip: its first and its last frame (see ``busy``).
+        self._flow_first = -math.inf
+        self._flow_last = -math.inf
+        self._last_start = -math.inf
+        # Peers whose link came up since this node last started a session: the next
+        # session is with one of them, busy or not (see ``_maybe_start``).
+        self._linked: set[int] = set()
+
+    # -- load --------------------------------------------------------------
+
+    def heard(self, now: float) -> None:
+        """A Gossip frame arrived (the core calls this for every one)."""
+        if now - self._flow_last > QUIET_SECONDS:
+            self._flow_first = now
+        self._flow_last = now
+
+    def busy(self, now: float) -> bool:
+        """Whether gossip is sustained: frames at most QUIET_SECONDS apart, for at
+        least FLOW_SECONDS."""
+        return (
+            now - self._flow_last <= QUIET_SECONDS
+            and self._flow_last - self._flow_first >= FLOW_SECONDS
+        )
+
+    def _due(self, now: float) -> bool:
+        """Whether the next queued session may start now: at once unless gossip is
+        sustained, else once BUSY_SPACING intervals have passed since the last start."""
+        return now - self._last_start >= BUSY_SPACING * self.interval or not self.busy(now)
 
     # -- scheduling --------------------------------------------------------
 
@@ -352,7 +416,14 @@ class SyncEngine:
             self.queue.append(peer)
         return self._maybe_start(up, now)
 
+    def link_up(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
+        """The link to ``peer`` came up: queue a session with it, to be the next one,
+        busy or not (what a node missed while down is pulled at once)."""
+        self._linked.add(peer)
+        return self.request(peer, up, now)
+
     def peer_down(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
+        self._linked.discard(peer)
         if peer in self.queue:
             self.queue.remove(peer)
         if self.active is not None and self.active.peer == peer:
@@ -366,6 +437,8 @@ class SyncEngine:
         if active is not None and now - active.last_progress > self.timeout:
             self.active = None
             self.counters.sessions_aborted += 1
+        elif active is not None and active.held and active.held[0][0] <= now:
+            effects += self._release(active, up, now)
         if self._next_periodic is None:
             self._next_periodic = now + self.interval
         elif now >= self._next_periodic:
@@ -373,27 +446,39 @@ class SyncEngine:
             peers = sorted(up)
             if peers:
                 self._turn = (self._turn + 1) % len(peers)
-                return self.request(peers[self._turn], up, now)
+                return effects + self.request(peers[self._turn], up, now)
         effects += self._maybe_start(up, now)
         return effects
 
     def _maybe_start(self, up: frozenset[int], now: float) -> list[Effect]:
-        while self.active is None and self.queue:
-            peer = self.queue.popleft()
-            if peer not in up:
-                continue
-            s = Session(peer, self._next_session, now, now)
-            self._next_session += 1
-            self.active = s
-            self._recent.append((peer, s.id))
-            self.counters.sessions_started += 1
-            root = self.tree.node(ROOT)
-            if root.count == 0:
-                s.wants = 1
-                return [Send(peer, SyncWantFrame(s.id, (), (ROOT,)))]
-            s.queries = 1
-            return [Send(peer, SyncQueryFrame(s.id, (root,), ()))]
-        return []
+        """Start the next queued session if one is due (peers no longer up leave the
+        queue): the first with a newly linked peer, else the oldest request."""
+        if self.active is not None or not self.queue:
+            return []
+        for peer in [p for p in self.queue if p not in up]:
+            self.queue.remove(peer)
+        linked = [p for p in self.queue if p in self._linked]
+        if linked:
+            self.queue.remove(linked[0])
+            return self._start(linked[0], now)
+        if not self.queue or not self._due(now):
+            return []
+        return self._start(self.queue.popleft(), now)
+
+    def _start(self, peer: int, now: float) -> list[Effect]:
+        s = Session(peer, self._next_session, now, now)
+        self._next_session += 1
+        self.active = s
+        self._recent.append((peer, s.id))
+        self._last_start = now
+        self._linked.clear()
+        self.counters.sessions_started += 1
+        root = self.tree.node(ROOT)
+        if root.count == 0:
+            s.wants = 1
+            return [Send(peer, SyncWantFrame(s.id, (), (ROOT,)))]
+        s.queries = 1
+        return [Send(peer, SyncQueryFrame(s.id, (root,), ()))]
 
     def solicited(self, peer: int, session: int) -> bool:
         """Whether SyncData for ``session`` from ``peer`` answers a session this node
@@ -411,16 +496,17 @@ class SyncEngine:
         # The initiator sized the query by our counts; the slack covers messages
         # stored since, and the cap keeps the reply well inside one frame.
         budget = MAX_IDS_PER_QUERY * 2
+        tree = self.tree
         for theirs in q.children:
             parts = split_key(theirs.key)
             if parts is None or parts[0] >= LEAF_LEVEL:
                 return f"sync query for children of bad node {theirs.key}"
-            if self.tree.node(theirs.key) != theirs:
-                nodes.extend(self.tree.children(theirs.key))
+            if tree.node(theirs.key) != theirs:
+                nodes.extend(tree.children(theirs.key))
         for theirs in q.ids:
             if split_key(theirs.key) is None:
                 return f"sync query for ids of bad node {theirs.key}"
-            mine = self.tree.node(theirs.key)
+            mine = tree.node(theirs.key)
             if mine != theirs and mine.count:
                 lo, hi = key_range(theirs.key)
                 ids = self.store.ids_between(lo, hi, budget)
@@ -449,14 +535,18 @@ class SyncEngine:
         children: list[FpNode] = []
         ask_ids: list[tuple[FpNode, int]] = []
         ranges: list[int] = []
+        tree = self.tree
+        # While busy, a small range held here by nothing is listed too (not pulled
+        # whole), so that its ids are held like the others (HOLD_SECONDS).
+        whole = IDS_THRESHOLD if self.busy(now) else 0
         for theirs in r.nodes:
             parts = split_key(theirs.key)
-            if parts is None:
+            if parts is None or theirs.count == 0:
                 continue
-            mine = self.tree.node(theirs.key)
-            if mine == theirs or theirs.count == 0:
+            mine = tree.node(theirs.key)
+            if mine == theirs:
                 continue
-            if mine.count == 0:
+            if mine.count == 0 and theirs.count > whole:
                 ranges.append(theirs.key)
             elif theirs.count <= IDS_THRESHOLD or parts[0] == LEAF_LEVEL:
                 ask_ids.append((mine, theirs.count))
@@ -486,9 +576,20 @@ class SyncEngine:
         if batch:
             effects.append(Send(peer, SyncQueryFrame(s.id, (), tuple(batch))))
         s.queries += len(effects)
-        s.backlog_ids.extend(missing)
+        if missing and whole:
+            s.held.append((now + HOLD_SECONDS, missing))  # see HOLD_SECONDS
+        else:
+            s.backlog_ids.extend(missing)
         s.backlog_ranges.extend(ranges)
         return effects + self._send_wants(s) + self._maybe_finish(s, up, now)
+
+    def _release(self, s: Session, up: frozenset[int], now: float) -> list[Effect]:
+        """Ask for the held ids whose time has come and that are still missing."""
+        store = self.store
+        while s.held and s.held[0][0] <= now:
+            s.backlog_ids.extend(mid for mid in s.held.popleft()[1] if mid not in store)
+        s.last_progress = now
+        return self._send_wants(s) + self._maybe_finish(s, up, now)
 
     def on_data(
         self, peer: int, d: SyncDataFrame, learned: int, up: frozenset[int], now: float
@@ -523,7 +624,7 @@ class SyncEngine:
         return effects
 
     def _maybe_finish(self, s: Session, up: frozenset[int], now: float) -> list[Effect]:
-        if s.queries > 0 or s.wants > 0 or s.backlog_ids or s.backlog_ranges:
+        if s.queries > 0 or s.wants > 0 or s.held or s.backlog_ids or s.backlog_ranges:
             return []
         self.active = None
         self.counters.sessions_completed += 1

@@ -1,28 +1,35 @@
-"""The ids a store holds, numbered in arrival order, in about 30 bytes per id.
+"""The ids a store holds, numbered in arrival order: ``in`` and ``add_id`` at set speed.
 
 Both stores (``log.py``, ``memory.py``) keep this one index; what they keep
-beside it per position (a file offset, a ``Message``) is theirs. A Python
-``dict`` of ``bytes`` ids costs over 150 bytes per id (a 64-byte object per id
-and per position number, plus the table); this index holds no object per id:
+beside it per position (a file offset, a ``Message``) is theirs. ``x in store``
+runs for every copy and every announcement a node receives (about 2.6 times per
+stored message on the throughput benchmark), and ``add_id`` for every message
+stored, so both are one C-level ``set`` operation plus what a Python call costs.
+The index keeps the caller's id objects, shared by its parts:
 
-* ``_ids``: one ``bytearray`` of the 16-byte ids in arrival order (position n
-  at bytes ``16n``..``16n+16``): ``ids_from`` and ``id_at`` slice it.
-* Membership (``__contains__``, ``position``): a hash table by linear hashing
-  whose buckets are ``bytes`` of 20-byte entries (id, position as u32): a
-  ``bytes`` object holds its data inline, one cache miss fewer per lookup than a
-  ``bytearray``, and without spare capacity; an add replaces its bucket.
-  The bucket is chosen by ``hash(id)``, Python's keyed SipHash (random per
-  process), so a client cannot grind ids into one bucket; a lookup is one
-  ``bytes.find`` over about ``LOAD`` entries, at C speed. The table grows by
-  splitting one bucket at a time (linear hashing), so no add ever rehashes
-  everything.
-* Id order (``ids_between``): buckets of positions (``array('I')``) by id
-  prefix, also split one at a time as the index grows; a range query sorts only
-  the buckets it covers. Ids are uniform hashes, so the buckets stay even. New
-  ids join them in batches (``_fold``: at the next ``ids_between``, or once
-  ``FOLD_BOUND`` wait), which keeps that work off ``add_id``.
+* ``_held``: a ``set`` of the ids: membership, and the duplicate check of
+  ``add_id``. Python's ``hash`` of ``bytes`` is keyed SipHash (random per
+  process), so a client cannot grind ids into one slot.
+* ``_ids``: a ``list`` of the same objects in arrival order (position n at
+  index n): ``ids_from``, ``id_at`` and ``ids`` slice it and return the objects
+  themselves.
+* Id order (``ids_between``) and ``position``: buckets of positions
+  (``array('I')``) by id prefix, split one at a time as the index grows (linear
+  hashing), so no add ever rehashes everything. Ids are uniform hashes, so the
+  buckets stay even (about ``RANGE_LOAD`` ids each): a range query sorts only
+  the buckets it covers, and ``position`` (a ``get`` by id: graft replies,
+  re-sync serving, client lookups; not per copy) scans one bucket. New ids join
+  them in batches (``_fold``: at the next ``ids_between`` or ``position``, or
+  once ``FOLD_BOUND`` wait), which keeps that work off ``add_id``.
 
-Measured with ``gossip-bench-store --memory 1000000`` (see docs/benchmarks.md).
+Memory per id at 1,000,000 ids: the ``bytes`` object (49 bytes, 64 with
+pymalloc's rounding), its ``set`` slot (16 bytes in a table kept under 60% full:
+about 34 bytes), its ``list`` slot (8) and its position in a bucket (4, plus the
+buckets' slack): about 115 bytes, under the 150 a node may spend per message
+with the log's offsets. (The packed table this replaced held no object per id,
+about 55 bytes, but a lookup was a Python-level hash, index and ``bytes.find``:
+several times slower.) Measured with ``gossip-bench-store --memory 1000000``
+and ``--index`` (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,23 +37,21 @@ from __future__ import annotations
 import struct
 from array import array
 from collections.abc import Iterator
+from itertools import compress
 
 from gossip.core.message import ID_BYTES
 
-ENTRY_BYTES = ID_BYTES + 4  # id, position (u32 little-endian)
-MAX_POSITIONS = 1 << 32  # positions are stored as u32
-# Average entries per membership bucket before one more bucket is split off: a
-# lookup scans about this many entries (320 bytes) with one find.
-LOAD = 16
-# Average ids per id-order bucket before one more is split.
-RANGE_LOAD = 32
+MAX_POSITIONS = 1 << 32  # positions are stored as u32 in the id-order buckets
+# Average ids per id-order bucket before one more is split: ``position`` scans
+# about this many.
+RANGE_LOAD = 64
 # Ids are put in id order in batches, off the path of every add: when an
-# ids_between asks, or once this many wait.
+# ids_between or position asks, or once this many wait.
 FOLD_BOUND = 4096
 
-_POS = struct.Struct("<I")
-# The id-order buckets are chosen by the first 64 bits of the id (2**64 buckets: never).
-_PREFIX = struct.Struct(f">Q{ID_BYTES - 8}x")
+# The id-order buckets are chosen by the first 64 bits of the id (2**64 buckets: never);
+# beside its position, a bucket keeps the id's last byte (see position).
+_PREFIX_TAIL = struct.Struct(f">Q{ID_BYTES - 9}xB")
 _PREFIX_BITS = 64
 
 
@@ -60,18 +65,16 @@ class IdIndex:
     """
 
     __slots__ = (
-        "_buckets",
-        "_grow_at",
-        "_high",
+        "_fold_at",
+        "_held",
         "_ids",
-        "_level",
-        "_low",
         "_ranged",
         "_ranges_coarse",
         "_ranges_fine",
         "_ranges_level",
         "_ranges_split",
-        "_split",
+        "_tails_coarse",
+        "_tails_fine",
     )
 
     def __init__(self, source: IdIndex | None = None) -> None:
@@ -81,72 +84,72 @@ class IdIndex:
             for name in IdIndex.__slots__:
                 setattr(self, name, getattr(source, name))
             return
-        self._ids = bytearray()
-        # Membership: linear hashing. Bucket of hash h: h & _low, or h & _high when
-        # that is below _split (those buckets have been split at this level).
-        self._buckets: list[bytes] = [b""]
-        self._level = 0
-        self._split = 0
-        self._low = 0
-        self._high = 1
-        # Id order: the same scheme on id prefixes. Buckets of prefix length
+        self._held: set[bytes] = set()
+        self._ids: list[bytes] = []
+        # Id order: linear hashing on id prefixes. Buckets of prefix length
         # _ranges_level in _ranges_coarse (those from _ranges_split on), of one bit more
-        # in _ranges_fine (the first 2 * _ranges_split).
+        # in _ranges_fine (the first 2 * _ranges_split). Beside each bucket of
+        # positions, the last byte of each of its ids, in the same order (_tails_*).
         self._ranges_coarse: list[array[int] | None] = [array("I")]
         self._ranges_fine: list[array[int]] = []
+        self._tails_coarse: list[bytearray | None] = [bytearray()]
+        self._tails_fine: list[bytearray] = []
         self._ranges_level = 0
         self._ranges_split = 0
         self._ranged = 0  # positions below are in the id-order buckets (see _fold)
-        self._grow_at = 0  # the next position at which _grow has work
+        self._fold_at = FOLD_BOUND - 1  # the position whose add folds first (see add_id)
 
     # -- reading -------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._ids) // ID_BYTES
+        return len(self._ids)
 
     def __contains__(self, mid: bytes) -> bool:
-        h = hash(mid)
-        a = h & self._low
-        if a < self._split:
-            a = h & self._high
-        bucket = self._buckets[a]
-        i = bucket.find(mid)
-        if i < 0:
-            return False
-        if i % ENTRY_BYTES == 0 and len(mid) == ID_BYTES:
-            return True
-        return _find_entry(bucket, mid) >= 0
+        return mid in self._held
 
     def position(self, mid: bytes) -> int | None:
         """The arrival position of ``mid``, or None when it is not held."""
-        bucket = self._buckets[self._address(hash(mid))]
-        i = _find_entry(bucket, mid)
-        if i < 0:
+        if len(mid) != ID_BYTES:
             return None
-        pos: int = _POS.unpack_from(bucket, i + ID_BYTES)[0]
-        return pos
+        if self._ranged < len(self._ids):
+            self._fold()
+        # _range_bucket, inline. The bucket's ids are scattered in memory; their last
+        # bytes are not: one find, and (nearly always) one id compared.
+        top = int.from_bytes(mid[:8], "big")
+        level = self._ranges_level
+        p = top >> (_PREFIX_BITS - level)
+        if p < self._ranges_split:
+            p = top >> (_PREFIX_BITS - level - 1)
+            positions, tails = self._ranges_fine[p], self._tails_fine[p]
+        else:
+            positions, tails = self._ranges_coarse[p], self._tails_coarse[p]  # type: ignore[assignment]
+        ids, tail = self._ids, mid[-1]
+        i = tails.find(tail)
+        while i >= 0:
+            q = positions[i]
+            if ids[q] == mid:
+                return q
+            i = tails.find(tail, i + 1)
+        return None
 
     def id_at(self, position: int) -> bytes:
-        start = ID_BYTES * position
-        return bytes(self._ids[start : start + ID_BYTES])
+        return self._ids[position]
 
     def ids_from(self, start: int, limit: int) -> list[bytes]:
         """Up to ``limit`` ids in arrival order from position ``start``."""
         start = max(start, 0)
-        chunk = bytes(self._ids[ID_BYTES * start : ID_BYTES * (start + max(limit, 0))])
-        return [chunk[i : i + ID_BYTES] for i in range(0, len(chunk), ID_BYTES)]
+        return self._ids[start : start + max(limit, 0)]
 
     def ids(self) -> Iterator[bytes]:
         """Every id in arrival order, as held when this is called."""
-        snapshot = bytes(self._ids)
-        return (snapshot[i : i + ID_BYTES] for i in range(0, len(snapshot), ID_BYTES))
+        return iter(self._ids[:])
 
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]:
         """Up to ``limit`` held ids in [lo, hi), in id order. ``hi`` may be longer
         than an id (17 bytes: past the top of the id space)."""
         if limit <= 0 or lo >= hi or not self._ids:
             return []
-        if self._ranged < len(self):
+        if self._ranged < len(self._ids):
             self._fold()
         level, split = self._ranges_level, self._ranges_split
         coarse, fine = self._ranges_coarse, self._ranges_fine
@@ -159,7 +162,7 @@ class IdIndex:
             if top < 0:
                 return []
         first, last = first >> (bits - level), top >> (bits - level)
-        ids = self._ids
+        at = self._ids.__getitem__
         out: list[bytes] = []
         for p in range(first, last + 1):
             if p < split:
@@ -169,11 +172,9 @@ class IdIndex:
                 assert part is not None
                 parts = (part,)
             for positions in parts:
-                found = []
-                for q in positions:
-                    mid = bytes(ids[ID_BYTES * q : ID_BYTES * q + ID_BYTES])
-                    if lo <= mid < hi:
-                        found.append(mid)
+                found = list(map(at, positions))
+                if p in (first, last):  # the buckets between lie wholly in range
+                    found = [mid for mid in found if lo <= mid < hi]
                 found.sort()
                 out.extend(found)
             if len(out) >= limit:
@@ -187,55 +188,53 @@ class IdIndex:
 
         One call for the lookup and the insertion: the log store calls it for every
         new message (and takes the id back with ``truncate_ids`` if it cannot store it).
+        The index keeps ``mid`` itself (bytes are immutable).
         """
+        held = self._held
+        if mid in held:
+            return None
         if len(mid) != ID_BYTES:
             raise ValueError(f"a message id has {ID_BYTES} bytes, got {len(mid)}")
-        h = hash(mid)
-        a = h & self._low
-        if a < self._split:
-            a = h & self._high
-        bucket = self._buckets[a]
-        i = bucket.find(mid)
-        if i >= 0 and (i % ENTRY_BYTES == 0 or _find_entry(bucket, mid) >= 0):
-            return None
         ids = self._ids
-        pos = len(ids) // ID_BYTES
-        if pos >= MAX_POSITIONS:
-            raise ValueError(f"an index holds at most {MAX_POSITIONS} ids")
-        self._buckets[a] = b"".join((bucket, mid, _POS.pack(pos)))
-        ids += mid
-        if pos >= self._grow_at:
+        pos = len(ids)
+        if pos >= self._fold_at:
             self._grow(pos)
+        held.add(mid)
+        ids.append(mid)
         return pos
 
     def _grow(self, pos: int) -> None:
-        """Split a hash bucket if the table has passed its load; fold the ids added
-        since the last fold into id order once there are ``FOLD_BOUND`` of them."""
-        if pos >= LOAD * len(self._buckets):
-            self._split_bucket()
+        """Before position ``pos`` is taken: refuse it past ``MAX_POSITIONS``, and fold
+        the ids added since the last fold into id order once ``FOLD_BOUND`` wait."""
+        if pos >= MAX_POSITIONS:
+            raise ValueError(f"an index holds at most {MAX_POSITIONS} ids")
         if pos + 1 - self._ranged >= FOLD_BOUND:
             self._fold()
-        self._grow_at = min(LOAD * len(self._buckets), self._ranged + FOLD_BOUND - 1)
+        self._fold_at = min(self._ranged + FOLD_BOUND - 1, MAX_POSITIONS)
 
     def _fold(self) -> None:
         """Put the ids from position ``_ranged`` on into their id-order buckets: in
         runs between two bucket splits, each a tight loop (``_range_bucket`` inline)."""
         ids = self._ids
-        end = len(ids) // ID_BYTES
+        end = len(ids)
         q = self._ranged
         while q < end:
             split, coarse, fine = self._ranges_split, self._ranges_coarse, self._ranges_fine
+            coarse_tails, fine_tails = self._tails_coarse, self._tails_fine
             due = RANGE_LOAD * (len(coarse) + split)  # the position that splits one more
             stop = min(end, due + 1)
             coarse_shift = _PREFIX_BITS - self._ranges_level
             fine_shift = coarse_shift - 1
-            chunk = ids[ID_BYTES * q : ID_BYTES * stop]
-            for n, (top,) in enumerate(_PREFIX.iter_unpack(chunk), q):
+            chunk = b"".join(ids[q:stop])
+            for n, (top, tail) in enumerate(_PREFIX_TAIL.iter_unpack(chunk), q):
                 p = top >> coarse_shift
                 if p < split:
-                    fine[top >> fine_shift].append(n)
+                    p = top >> fine_shift
+                    fine[p].append(n)
+                    fine_tails[p].append(tail)
                 else:
                     coarse[p].append(n)
+                    coarse_tails[p].append(tail)
             q = stop
             if q > due:
                 self._split_range()
@@ -244,79 +243,51 @@ class IdIndex:
     def truncate_ids(self, count: int) -> list[bytes]:
         """Forget every id from position ``count`` on; return them (arrival order)."""
         count = max(count, 0)
-        gone = self.ids_from(count, len(self) - count)
-        for j, mid in enumerate(gone):
-            a = self._address(hash(mid))
-            bucket = self._buckets[a]
-            i = _find_entry(bucket, mid)
-            self._buckets[a] = bucket[:i] + bucket[i + ENTRY_BYTES :]
-            if count + j < self._ranged:
-                self._range_bucket(int.from_bytes(mid[:8], "big")).remove(count + j)
-        del self._ids[ID_BYTES * count :]
+        ids = self._ids
+        gone = ids[count:]
+        self._held.difference_update(gone)
+        for n in range(count, min(self._ranged, len(ids))):
+            positions, tails = self._range_bucket(int.from_bytes(ids[n][:8], "big"))
+            i = positions.index(n)
+            del positions[i], tails[i]
+        del ids[count:]
         self._ranged = min(self._ranged, count)
+        self._fold_at = min(self._fold_at, self._ranged + FOLD_BOUND - 1)
         return gone
 
     # -- internals -----------------------------------------------------------
 
-    def _address(self, h: int) -> int:
-        a = h & self._low
-        return h & self._high if a < self._split else a
-
-    def _split_bucket(self) -> None:
-        """Linear hashing: split bucket ``_split`` by the next bit of the hash."""
-        data = self._buckets[self._split]
-        keep, move = bytearray(), bytearray()
-        bit = 1 << self._level
-        for i in range(0, len(data), ENTRY_BYTES):
-            if hash(data[i : i + ID_BYTES]) & bit:
-                move += data[i : i + ENTRY_BYTES]
-            else:
-                keep += data[i : i + ENTRY_BYTES]
-        self._buckets[self._split] = bytes(keep)
-        self._buckets.append(bytes(move))
-        self._split += 1
-        if self._split == bit:
-            self._level += 1
-            self._split = 0
-            self._low = (1 << self._level) - 1
-            self._high = (1 << (self._level + 1)) - 1
-
-    def _range_bucket(self, top: int) -> array[int]:
-        """The id-order bucket of the id whose first 64 bits are ``top``."""
+    def _range_bucket(self, top: int) -> tuple[array[int], bytearray]:
+        """The id-order bucket (positions, last bytes) of the id whose first 64 bits
+        are ``top``."""
         level = self._ranges_level
         p = top >> (_PREFIX_BITS - level)
         if p < self._ranges_split:
-            return self._ranges_fine[top >> (_PREFIX_BITS - level - 1)]
-        bucket = self._ranges_coarse[p]
-        assert bucket is not None
-        return bucket
+            p = top >> (_PREFIX_BITS - level - 1)
+            return self._ranges_fine[p], self._tails_fine[p]
+        positions, tails = self._ranges_coarse[p], self._tails_coarse[p]
+        assert positions is not None and tails is not None
+        return positions, tails
 
     def _split_range(self) -> None:
         """Split id-order bucket ``_ranges_split`` in two by the next bit of the ids."""
         level, p = self._ranges_level, self._ranges_split
         if level >= _PREFIX_BITS - 1:
             return  # 2**63 buckets: never reached
-        old = self._ranges_coarse[p]
-        assert old is not None
+        old, old_tails = self._ranges_coarse[p], self._tails_coarse[p]
+        assert old is not None and old_tails is not None
         ids, byte, mask = self._ids, level >> 3, 0x80 >> (level & 7)
-        low = array("I", [q for q in old if not ids[ID_BYTES * q + byte] & mask])
-        high = array("I", [q for q in old if ids[ID_BYTES * q + byte] & mask])
+        high_bits = [ids[q][byte] & mask for q in old]
+        low_bits = [not bit for bit in high_bits]
+        low, high = array("I", compress(old, low_bits)), array("I", compress(old, high_bits))
+        low_tails = bytearray(compress(old_tails, low_bits))
+        high_tails = bytearray(compress(old_tails, high_bits))
         self._ranges_fine += (low, high)
-        self._ranges_coarse[p] = None
+        self._tails_fine += (low_tails, high_tails)
+        self._ranges_coarse[p] = self._tails_coarse[p] = None
         self._ranges_split = p + 1
         if self._ranges_split == 1 << level:
-            self._ranges_coarse = list(self._ranges_fine)
-            self._ranges_fine = []
+            self._ranges_coarse, self._ranges_fine = list(self._ranges_fine), []
+            self._tails_coarse, self._tails_fine = list(self._tails_fine), []
             self._ranges_level = level + 1
             self._ranges_split = 0
-
-
-def _find_entry(bucket: bytes, mid: bytes) -> int:
-    """Where the entry of ``mid`` starts in ``bucket``, or -1 (matches that straddle
-    two entries, or that a shorter ``mid`` makes, do not count)."""
-    if len(mid) != ID_BYTES:
-        return -1
-    i = bucket.find(mid)
-    while i >= 0 and i % ENTRY_BYTES:
-        i = bucket.find(mid, i + 1)
-    return i

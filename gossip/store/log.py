@@ -68,9 +68,10 @@ Memory
 ------
 Bodies stay on disk; ``get`` and ``scan`` read records back with
 ``os.pread`` (checking the checksum again). In memory there is the id index
-(``id_index.py``: 16-byte ids in one ``bytearray``, hash and id-order buckets
-of packed integers; no Python object per message) and the record offsets in
-an ``array('q')``, by arrival position. ``gossip-bench-store --memory N``
+(``id_index.py``: each id once, as a ``bytes`` object in a ``set`` and an
+arrival-order ``list``, and id-order buckets of positions) and the record
+offsets in an ``array``, by arrival position (4 bytes each while the log is
+under 4 GiB). ``gossip-bench-store --memory N``
 measures the resident memory per message.
 """
 
@@ -103,7 +104,14 @@ from gossip.store.record import (
     decode_record,
     encode_record,
 )
-from gossip.store.recovery import _WAITING_CHECK_BYTES, LOG_NAME, Recovered, open_log
+from gossip.store.recovery import (
+    _WAITING_CHECK_BYTES,
+    LOG_NAME,
+    NARROW_END,
+    Recovered,
+    fit_offsets,
+    open_log,
+)
 
 LOCK_NAME = "messages.lock"
 _SCAN_CHUNK = 64 << 10  # scan() reads records back in chunks of this size
@@ -477,6 +485,8 @@ class LogStore(IdIndex):
                 self._write_out()  # if it fails, it forgets the ids taken for ``data`` too
             self._pending.append(data)
         self._end = offset + len(data)
+        if self._end > NARROW_END:
+            self._offsets = fit_offsets(self._offsets, self._end)
         self._offsets.extend(offset + start for start in starts)
         if self.policy == "always":
             self._commit.sync_now(self._fd, self._end)

@@ -45,7 +45,7 @@ import shutil
 import time
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -246,6 +246,24 @@ def _resync(win: _Window, start: int) -> int | None:
     return None
 
 
+# Record offsets are kept in 4 bytes each while they fit (a log under 4 GiB), in 8 after.
+_NARROW_OFFSETS = "I"
+NARROW_END = 0xFFFFFFFF  # the largest end of data whose record offsets all fit in 4 bytes
+
+
+def offset_array(end: int, offsets: Iterable[int] = ()) -> array[int]:
+    """An array for the offsets of records in the first ``end`` bytes of a log: 4 bytes
+    per record (a message's share of the store's memory) unless an offset may not fit."""
+    return array(_NARROW_OFFSETS if end <= NARROW_END else "q", offsets)
+
+
+def fit_offsets(offsets: array[int], end: int) -> array[int]:
+    """``offsets``, or a wider copy once the log's data reaches past 4 GiB (``end``)."""
+    if end > NARROW_END and offsets.typecode == _NARROW_OFFSETS:
+        return offset_array(end, offsets)
+    return offsets
+
+
 @attrs.define
 class Recovered:
     index: IdIndex  # the ids of the valid records, first copies, in file order
@@ -260,7 +278,7 @@ class Recovered:
 def scan_log(f: BinaryIO, size: int) -> Recovered:
     index = IdIndex()
     add = index.add_id
-    offsets = array("q")
+    offsets = offset_array(size)
     rec = Recovered(index, offsets, len(MAGIC), size)
     win = _Window(f, size, len(MAGIC))
     pos = len(MAGIC)
@@ -348,7 +366,7 @@ def open_log(directory: Path, log: Logger, sync: bool) -> tuple[Recovered, int]:
         f = open(path, "rb")  # noqa: SIM115 (closed below, on every path)
     except FileNotFoundError:
         write_new_file(path, iter((MAGIC,)))
-        return Recovered(IdIndex(), array("q"), len(MAGIC), len(MAGIC)), len(MAGIC)
+        return Recovered(IdIndex(), offset_array(0), len(MAGIC), len(MAGIC)), len(MAGIC)
     with f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(len(MAGIC))
@@ -360,7 +378,7 @@ def open_log(directory: Path, log: Logger, sync: bool) -> tuple[Recovered, int]:
                     size=size,
                 )
                 write_new_file(path, iter((MAGIC,)))
-                return Recovered(IdIndex(), array("q"), len(MAGIC), len(MAGIC)), len(MAGIC)
+                return Recovered(IdIndex(), offset_array(0), len(MAGIC), len(MAGIC)), len(MAGIC)
             raise StoreError(
                 f"{path} is not a gossip message log (bad magic {head[:8]!r}); refusing to start"
             )
@@ -419,7 +437,7 @@ def _rewrite(path: Path, rec: Recovered, log: Logger) -> int:
         os.fsync(fd)
     finally:
         os.close(fd)
-    new_offsets = array("q")
+    new_offsets = array(rec.offsets.typecode)  # the rewritten file is no longer than the old
     src = os.open(path, os.O_RDONLY)
     try:
 

@@ -1,0 +1,230 @@
+"""Re-sync under sustained gossip (gossip.core.sync, "busy"): sessions are spaced out
+while messages flow, never longer than the bound, and a link that comes up is
+reconciled at once. Simulated clusters with a steady stream of submits."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from test_sync import Wire, holdings, make_core, random_body, regular_graph
+
+from gossip.core import sync
+from gossip.core.frames import Envelope, GossipFrame, PeerFrame, SyncQueryFrame, SyncReplyFrame
+from gossip.core.message import message_id
+from gossip.core.sync import (
+    BUSY_SPACING,
+    FLOW_SECONDS,
+    HOLD_SECONDS,
+    QUIET_SECONDS,
+    FingerprintTree,
+    SyncEngine,
+)
+from gossip.sim import Simulation
+from gossip.store.memory import MemoryStore
+
+INTERVAL = 2.0  # sync_interval in these clusters: the bound is BUSY_SPACING * 2 s
+RATE = 100.0  # messages per second submitted, at random nodes
+
+
+def jitter(rng: random.Random, _src: int, _dst: int) -> float:
+    """5-300 ms per frame: many messages are in flight at any time."""
+    return rng.uniform(0.005, 0.3)
+
+
+def loaded_cluster(frame_bytes: Callable[[PeerFrame], bytes] | None = None) -> Simulation:
+    sim = Simulation(
+        regular_graph(8, 3, seed=7),
+        seed=7,
+        latency=jitter,
+        frame_bytes=frame_bytes,
+        core_options={"sync_interval": INTERVAL},
+    )
+    sim.run(until=1.0)  # the link-up sessions, before any load
+    return sim
+
+
+class Load:
+    """Submits at random nodes, RATE per second, as the simulation advances."""
+
+    def __init__(self, sim: Simulation, seed: int) -> None:
+        self.sim = sim
+        self.rng = random.Random(seed)
+        self.submitted = 0
+
+    def run(self, until: float) -> None:
+        sim = self.sim
+        while sim.now < until:
+            sim.submit(self.rng.randrange(len(sim.nodes)), f"load {self.submitted}".encode())
+            self.submitted += 1
+            sim.run(until=sim.now + 1.0 / RATE)
+
+
+def test_busy_means_gossip_sustained_for_a_while_not_a_burst() -> None:
+    """A node is busy once Gossip frames have arrived at most QUIET_SECONDS apart for
+    FLOW_SECONDS, and stays so through shorter pauses until a gap longer than
+    QUIET_SECONDS; a short burst (a few frames in half a second) never makes it busy."""
+    engine = SyncEngine(1, FingerprintTree(), MemoryStore(), interval=10.0, timeout=30.0)
+    assert not engine.busy(0.0)
+    for t in (0.0, 0.2, 0.5):
+        engine.heard(t)
+    assert not engine.busy(0.5)
+    assert not engine.busy(1.4)
+    start = 0.5 + QUIET_SECONDS + 0.1  # after a gap: a new run of gossip starts here
+    for k in range(12):
+        engine.heard(start + 0.1 * k)
+    last = start + 1.1
+    assert engine.busy(start + FLOW_SECONDS + 0.1)
+    assert engine.busy(last + QUIET_SECONDS)
+    engine.heard(last + QUIET_SECONDS)  # a long pause, not a gap: still the same run
+    assert engine.busy(last + QUIET_SECONDS + 0.5)
+    assert not engine.busy(last + 2 * QUIET_SECONDS + 0.01)
+
+
+def test_node_missing_messages_under_continuous_gossip_catches_up_within_the_bound() -> None:
+    """8 nodes, 100 messages per second. Right after node 0 finished a session, 50
+    messages appear at every other node (as if node 0 had lost them; gossip never
+    brings them). Node 0 stays busy throughout, so its next session is held back,
+    but for no longer than BUSY_SPACING intervals, and asks for what it found missing
+    HOLD_SECONDS later: it holds all 50 between 6 s and 11 s after that session
+    started (the bound, the hold, a tick, and the session's own round trips at up to
+    300 ms a frame behind the gossip on the same links), still busy when it does."""
+    sim = loaded_cluster()
+    load = Load(sim, seed=1)
+    load.run(until=4.0)
+    engine = sim.cores[0].sync
+    assert engine.busy(sim.now)
+    completed = engine.counters.sessions_completed
+    while engine.counters.sessions_completed == completed:
+        load.run(until=sim.now + 0.01)
+    started = engine._last_start
+    rng = random.Random(2)
+    missed = [random_body(rng) for _ in range(50)]
+    for node in sim.nodes:
+        if node != 0:
+            mids = holdings(sim, node, missed)
+    caught: float | None = None
+    while sim.now < started + 3 * BUSY_SPACING * INTERVAL:
+        load.run(until=sim.now + 0.01)
+        if all(mid in sim.stores[0] for mid in mids):
+            caught = sim.now
+            break
+    assert caught is not None
+    assert engine.busy(caught)
+    bound = BUSY_SPACING * INTERVAL
+    assert bound + HOLD_SECONDS <= caught - started <= bound + HOLD_SECONDS + 3.0
+    assert sim.drops == []
+
+
+def test_a_link_that_comes_up_under_load_is_reconciled_at_once() -> None:
+    """Node 0's link to a neighbour is down while that neighbour takes 50 messages no
+    one else holds; gossip keeps node 0 busy over its other links. The link comes back
+    right after node 0's last session, so a spaced session would not start for 6 s: the
+    session of a link that comes up is not held back, goes ahead of the requests already
+    queued, and node 0 holds the 50 within HOLD_SECONDS and 3 s (the session's own
+    round trips)."""
+    sim = loaded_cluster()
+    load = Load(sim, seed=3)
+    peer = min(sim.neighbours[0])
+    sim.disconnect(0, peer)
+    load.run(until=4.0)
+    rng = random.Random(4)
+    mids = holdings(sim, peer, [random_body(rng) for _ in range(50)])
+    engine = sim.cores[0].sync
+    completed = engine.counters.sessions_completed
+    while engine.counters.sessions_completed == completed:
+        load.run(until=sim.now + 0.01)
+    assert engine.busy(sim.now)
+    reconnected = sim.now
+    sim.connect(0, peer)
+    load.run(until=reconnected + HOLD_SECONDS + 3.0)
+    assert all(mid in sim.stores[0] for mid in mids)
+
+
+def steady_costs() -> tuple[int, Counter[str], int]:
+    """Sessions started, FpNodes sent in queries and replies, and messages pulled by
+    re-sync, over 30 s of steady load (3,000 messages) after the link-up sessions."""
+    sent: Counter[str] = Counter()
+
+    def count(frame: PeerFrame) -> bytes:
+        if isinstance(frame, SyncQueryFrame):
+            sent["queries"] += 1
+            sent["fp_nodes"] += len(frame.children) + len(frame.ids)
+        elif isinstance(frame, SyncReplyFrame):
+            sent["fp_nodes"] += len(frame.nodes)
+            sent["ids_listed"] += sum(len(ids) for _, ids in frame.ids)
+        return b""
+
+    sim = loaded_cluster(count)
+    sent.clear()
+    before = sum(sim.cores[n].sync.counters.sessions_started for n in sim.nodes)
+    pulled = sum(sim.sync_received.values())
+    Load(sim, seed=5).run(until=31.0)
+    started = sum(sim.cores[n].sync.counters.sessions_started for n in sim.nodes) - before
+    return started, sent, sum(sim.sync_received.values()) - pulled
+
+
+def test_sessions_under_steady_traffic_cost_a_third_of_unspaced_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """30 s of 100 messages per second over 8 nodes (interval 2 s): each node starts a
+    session at most once per BUSY_SPACING intervals, so at most 8 * (1 + 30 / 6) = 48
+    sessions in all (without spacing, one per interval per node: 120), with at most 130
+    queries and 7,000 FpNodes sent in queries and replies (2.3 per broadcast; every
+    session walks where in-flight messages make the fingerprints differ), and no
+    message pulled: all of it is a third or less of what the same load costs when
+    sessions are not spaced (BUSY_SPACING 0, as before)."""
+    started, sent, pulled = steady_costs()
+    print(f"\nspaced: {started} sessions, {dict(sent)}, {pulled} pulled")
+    assert started <= 8 * (1 + 30 / (BUSY_SPACING * INTERVAL))
+    assert sent["queries"] <= 130
+    assert sent["fp_nodes"] <= 7_000
+    assert pulled == 0
+    monkeypatch.setattr(sync, "BUSY_SPACING", 0)
+    unspaced, unspaced_sent, _ = steady_costs()
+    print(f"unspaced: {unspaced} sessions, {dict(unspaced_sent)}")
+    assert unspaced >= 100
+    assert 3 * started <= unspaced
+    assert 3 * sent["queries"] <= unspaced_sent["queries"] + 30
+    assert 2.5 * sent["fp_nodes"] <= unspaced_sent["fp_nodes"]
+
+
+def test_a_busy_session_leaves_to_gossip_what_arrives_within_the_hold() -> None:
+    """A busy node's session finds 40 ids it lacks that are in fact on their way by
+    gossip (here: they arrive 1 s later). It asks for none of them: they are held
+    for HOLD_SECONDS, and once that has passed (at the next tick) none is missing
+    any more, so the session ends having sent no SyncWant, pulled nothing and hinted
+    no one. Asked for at once (as before), they would have been pulled by re-sync
+    and never forwarded by this node."""
+    rng = random.Random(9)
+    common = [random_body(rng) for _ in range(500)]
+    in_flight = [random_body(rng) for _ in range(40)]
+    a, a_store = make_core(1, (2,), common)
+    b, b_store = make_core(2, (1,), common + in_flight)
+    wire = Wire((a, a_store), (b, b_store))
+    b.peer_up(1, 0.0)
+    for k in range(30):  # gossip has flowed for 3 s
+        a.sync.heard(k * 0.1)
+    assert a.sync.busy(3.0)
+    wire.apply(1, a.peer_up(2, 3.0))
+    wire.run(3.0)
+    session = a.sync.active
+    assert session is not None
+    held = {mid for _, ids in session.held for mid in ids}
+    assert held == {message_id(body) for body in in_flight}
+    envelopes = tuple(Envelope(message_id(body), body, (2,)) for body in in_flight)
+    for k in range(1, 26):  # ticks every 0.1 s; the gossip copies come at 4.0
+        now = 3.0 + 0.1 * k
+        if k == 10:
+            wire.apply(1, a.receive(2, GossipFrame(envelopes), now))
+        wire.apply(1, a.tick(now))
+        wire.run(now)
+    assert a.sync.active is None
+    assert a.sync.counters.sessions_completed == 1
+    assert a.sync.counters.messages_pulled == 0
+    sent = [type(f).__name__ for src, _, f in wire.log if src == 1]
+    assert "SyncWantFrame" not in sent
+    assert "SyncHintFrame" not in sent
+    assert all(message_id(body) in a_store for body in in_flight)
