@@ -534,7 +534,9 @@ class GossipNode(service.Service):
                     if isinstance(effect, Persist):
                         self.store.add(effect.message)
                     else:
-                        self.store.add_many(effect.messages)
+                        self.store.add_many(
+                            effect.ids, effect.bodies, effect.paths, effect.received_at
+                        )
                 except StoreError as e:
                     self._store_failed(e)
                     return  # nothing after a failed Persist: its sends least of all

@@ -41,7 +41,7 @@ def carry_out(store: MemoryStore, effects: list[Effect]) -> list[Effect]:
         if isinstance(e, Persist):
             assert store.add(e.message)
         elif isinstance(e, PersistBatch):
-            assert store.add_many(e.messages) == len(e.messages)
+            assert store.add_many(e.ids, e.bodies, e.paths, e.received_at) == len(e.ids)
         else:
             rest.append(e)
     return rest
@@ -139,7 +139,10 @@ def test_a_frame_yields_one_persist_batch_then_one_send_per_neighbour_and_path()
         Envelope(message_id(x), x, p) for x, p in ((b"a", (2,)), (b"b", (1, 2)), (b"c", (2,)))
     )
     effects = core.receive(2, GossipFrame((a, b, c)), NOW)
-    assert effects[0] == PersistBatch(tuple(Message(e.id, e.body, NOW, e.path) for e in (a, b, c)))
+    assert effects[0] == PersistBatch(
+        (a.id, b.id, c.id), (b"a", b"b", b"c"), ((2,), (1, 2), (2,)), NOW
+    )
+    assert effects[0].messages == tuple(Message(e.id, e.body, NOW, e.path) for e in (a, b, c))
     own = GossipFrame(tuple(Envelope(e.id, e.body, (2, ME)) for e in (a, c)))
     via_1 = GossipFrame((Envelope(b.id, b.body, (1, 2, ME)),))
     assert effects[1:] == [

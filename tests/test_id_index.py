@@ -12,6 +12,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from test_log_store_batch import columns
 
 from gossip.core.message import Message, message_id
 from gossip.store.id_index import IdIndex
@@ -133,7 +134,9 @@ def test_memory_store_answers_through_the_index() -> None:
     with the messages added; add_many adds each new one once, in order."""
     store = MemoryStore()
     messages = [Message(message_id(b"m%d" % i), b"m%d" % i, float(i), (i,)) for i in range(300)]
-    assert store.add_many([*messages[:10], messages[3]]) == 10
+    batch = [Message(m.id, m.body, 0.0, m.path) for m in (*messages[:10], messages[3])]
+    assert store.add_many(*columns(batch)) == 10
+    messages[:10] = batch[:10]
     for m in messages[10:]:
         store.add(m)
     assert not store.add(messages[0])

@@ -28,6 +28,7 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_log_store_batch import AT, columns
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -57,9 +58,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- helpers -------------------------------------------------------------------
 
 
-def msg(i: int, size: int = 40) -> Message:
+def msg(i: int, size: int = 40, at: float | None = None) -> Message:
+    """Message ``i``, received at ``at`` (default: a time of its own)."""
     body = f"message {i} ".encode() + "é".encode() * (i % 7) + b"x" * (size + i % 13)
-    return Message(message_id(body), body, 1000.0 + i, tuple(range(i % 4)))
+    return Message(message_id(body), body, 1000.0 + i if at is None else at, tuple(range(i % 4)))
 
 
 class Captured:
@@ -299,11 +301,11 @@ def test_add_many_takes_a_batch_with_one_write_and_counts_the_new(
     clock = Clock()
     store, _ = open_store(tmp_path, reactor=clock)
     writes = count_writes(store, monkeypatch)
-    m = [msg(i) for i in range(5)]
+    m = [msg(i, at=AT) for i in range(5)]
     store.add(m[0])
     clock.advance(0)
-    assert store.add_many([m[1], m[0], m[2], m[1], m[3]]) == 3
-    assert store.add_many([]) == 0
+    assert store.add_many(*columns([m[1], m[0], m[2], m[1], m[3]])) == 3
+    assert store.add_many(*columns([])) == 0
     assert [store.get(x.id) for x in m[:4]] == m[:4] and m[4].id not in store
     assert store.ids_from(0, 10) == [x.id for x in m[:4]] and len(store) == 4
     clock.advance(0)
@@ -321,7 +323,7 @@ def test_add_many_under_always_costs_one_fsync_per_batch(tmp_path: Path) -> None
     (a run of ``add`` fsyncs once per message), and counts as durable."""
     synced: list[int] = []
     store, _ = open_store(tmp_path, fsync="always", fsync_function=synced.append)
-    assert store.add_many([msg(i) for i in range(20)]) == 20
+    assert store.add_many(*columns([msg(i, at=AT) for i in range(20)])) == 20
     assert len(synced) == 1 and store.durable_count() == 20
     assert file_size(tmp_path) == len(MAGIC) + sum(len(encode_record(msg(i))) for i in range(20))
     store.close()
@@ -332,11 +334,11 @@ def test_add_many_is_all_or_nothing_on_a_message_it_cannot_encode(tmp_path: Path
     none of the batch, not even the messages before it."""
     store, _ = open_store(tmp_path, reactor=Clock())
     huge = b"x" * (MAX_RECORD_BYTES + 1)
-    bad = Message(message_id(huge), huge, 1.0, ())
+    bad = Message(message_id(huge), huge, AT, ())
     with pytest.raises(ValueError, match="at most"):
-        store.add_many([msg(1), bad, msg(2)])
+        store.add_many(*columns([msg(1, at=AT), bad, msg(2, at=AT)]))
     assert len(store) == 0 and msg(1).id not in store
-    assert store.add_many([msg(1)]) == 1
+    assert store.add_many(*columns([msg(1, at=AT)])) == 1
     store.close()
 
 

@@ -12,6 +12,8 @@ import attrs
 import pytest
 import pytest_twisted
 from clusterlib import wait_for
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -23,7 +25,7 @@ from gossip.client.analytics import percentile, trace, window_stats
 from gossip.client.api import GossipClient
 from gossip.cluster import free_port_base
 from gossip.config import ClusterConfig, dump_config, parse_config
-from gossip.core.arrivals import UNKNOWN, Arrivals
+from gossip.core.arrivals import UNKNOWN, VIAS, Arrivals
 from gossip.latency import LatencyHistogram
 from gossip.node import GossipNode
 from gossip.store.memory import MemoryStore
@@ -182,6 +184,34 @@ def test_arrivals_count_redundant_copies_of_recent_messages_only() -> None:
     assert a.of(b"a") == ("", UNKNOWN)
     assert a.stored == {"submit": 1, "gossip": 1, "sync": 1}
     assert a.duplicates == {"submit": 1, "gossip": 1, "sync": 1}
+
+
+@given(
+    limit=st.integers(1, 9),
+    batches=st.lists(st.tuples(st.integers(0, 25), st.sampled_from(VIAS)), max_size=30),
+)
+def test_arrivals_remember_exactly_the_last_stored_messages(
+    limit: int, batches: list[tuple[int, str]]
+) -> None:
+    """Whatever the sizes of the batches stored (empty, across the end of the ring, larger
+    than ``limit``), the ``limit`` most recently stored messages are known with their
+    route and redundant copies, every older one is UNKNOWN, and no more than ``limit``
+    are held."""
+    a = Arrivals(limit=limit)
+    stored: list[tuple[bytes, str]] = []
+    copies: dict[bytes, int] = {}
+    for size, via in batches:
+        mids = tuple(b"%d" % (len(stored) + k) for k in range(size))
+        a.stored_many(mids, via)
+        stored += [(mid, via) for mid in mids]
+        if stored:
+            a.duplicate(stored[-1][0], "gossip")
+            copies[stored[-1][0]] = copies.get(stored[-1][0], 0) + 1
+        recent = stored[-limit:]
+        assert [a.of(mid) for mid, _ in recent] == [(v, copies.get(m, 0)) for m, v in recent]
+        assert all(a.of(mid) == ("", UNKNOWN) for mid, _ in stored[:-limit])
+        assert len(a._recent) <= limit
+    assert sum(a.stored.values()) == len(stored)
 
 
 def test_arrivals_of_a_frame_past_the_limit_keep_the_newest() -> None:

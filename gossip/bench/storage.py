@@ -3,9 +3,10 @@
 Appends 100-byte messages under each fsync policy ("always": each add fsyncs;
 "batch": adds issued in chunks, each chunk acknowledged through
 ``when_durable`` with the real reactor running the fsyncs in a thread;
-"never": no fsync), then times ``LogStore.open`` (recovery) on a log of
-``--recovery-messages`` messages and measures the in-memory index per message
-with tracemalloc. Prints a table; ``--json FILE`` writes the same figures.
+"never": no fsync; and "never" once more as a relay appends, ``add_many`` of
+the columns of one frame at a time), then times ``LogStore.open`` (recovery)
+on a log of ``--recovery-messages`` messages and measures the in-memory index
+per message with tracemalloc. Prints a table; ``--json FILE`` writes the same figures.
 
 ``--memory N`` measures instead what a node pays in resident memory per stored
 message: a fresh child process adds N 100-byte messages to an empty store
@@ -84,6 +85,32 @@ def bench_sync(directory: Path, policy: str, n: int) -> dict[str, Any]:
             store.add(m)
         seconds = time.perf_counter() - started
         return _append_result(policy, store, n, seconds)
+    finally:
+        store.close()
+
+
+def bench_frames(directory: Path, n: int, frame: int) -> dict[str, Any]:
+    """Appends as a relay makes them, fsync "never": ``add_many`` of the columns of
+    frames of ``frame`` messages (one arrival time each)."""
+    messages = _messages(n)
+    frames = [
+        (
+            tuple(m.id for m in chunk),
+            tuple(m.body for m in chunk),
+            tuple(m.path for m in chunk),
+            chunk[0].received_at,
+        )
+        for chunk in (messages[lo : lo + frame] for lo in range(0, n, frame))
+    ]
+    store = LogStore.open(directory, fsync="never")
+    try:
+        started = time.perf_counter()
+        for ids, bodies, paths, received_at in frames:
+            store.add_many(ids, bodies, paths, received_at)
+        seconds = time.perf_counter() - started
+        if len(store) != n:
+            raise StoreError(f"the store holds {len(store)} of {n} messages")
+        return {**_append_result("never", store, n, seconds), "frame": frame}
     finally:
         store.close()
 
@@ -294,8 +321,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'append':<8}{'messages':>10}{'seconds':>9}{'msg/s':>11}{'MB/s':>8}{'fsyncs':>8}",
     ]
     for r in result["append"]:
+        label = f"{r['policy']}/{r['frame']}" if "frame" in r else r["policy"]
         lines.append(
-            f"{r['policy']:<8}{r['messages']:>10,}{r['seconds']:>9.2f}"
+            f"{label:<8}{r['messages']:>10,}{r['seconds']:>9.2f}"
             f"{r['messages_per_second']:>11,.0f}{r['mb_per_second']:>8.1f}{r['fsyncs']:>8,}"
         )
     rec = result["recovery"]
@@ -310,7 +338,9 @@ def format_table(result: dict[str, Any]) -> str:
         f" (tracemalloc, {result['index_sample']:,} messages)",
         "MB/s counts log bytes (records with their headers); batch acks each chunk of"
         f" {result['batch_chunk']:,}",
-        "through when_durable; recovery reads a warm page cache.",
+        "through when_durable; never/N appends frames of N messages with add_many (a"
+        " relay's appends);",
+        "recovery reads a warm page cache.",
     ]
     return "\n".join(lines)
 
@@ -324,6 +354,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-messages", type=int, default=100_000, metavar="N")
     p.add_argument("--batch-chunk", type=int, default=1_000, metavar="N")
     p.add_argument("--never-messages", type=int, default=200_000, metavar="N")
+    p.add_argument(
+        "--frame",
+        type=int,
+        default=8,
+        metavar="N",
+        help="messages per add_many in the never/N row (default 8, as gossip-bench-hotpath"
+        " --relay)",
+    )
     p.add_argument(
         "--recovery-messages",
         type=int,
@@ -355,7 +393,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--index and --memory are separate runs")
     if args.memory_phase is not None and (args.memory is None or args.dir is None):
         p.error("--memory-phase needs --memory and --dir")
-    for name in ("always_messages", "batch_messages", "batch_chunk", "never_messages"):
+    for name in ("always_messages", "batch_messages", "batch_chunk", "never_messages", "frame"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.recovery_messages < 1:
@@ -375,6 +413,7 @@ def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 
     appends.append(_run_in_reactor(batch))
     appends.append(bench_sync(base / "never", "never", args.never_messages))
+    appends.append(bench_frames(base / "frames", args.never_messages, args.frame))
     recovery = bench_recovery(base / "recovery", args.recovery_messages)
     return {
         "body_bytes": BODY_BYTES,

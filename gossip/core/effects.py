@@ -8,6 +8,8 @@ ask for it, then ``Send``.
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import attrs
 
 from gossip.core.frames import PeerFrame
@@ -21,9 +23,19 @@ class Persist:
 
 @attrs.frozen(slots=True)
 class PersistBatch:
-    """Store these messages, in order (the new messages of one received frame)."""
+    """Store these messages, in order: the new messages of one received frame, as its
+    columns (``ids[i]``, ``bodies[i]``, ``paths[i]``: one message), all received at
+    ``received_at``. No object per message: the store encodes the columns."""
 
-    messages: tuple[Message, ...]
+    ids: tuple[bytes, ...]
+    bodies: tuple[bytes, ...]
+    paths: tuple[tuple[int, ...], ...]
+    received_at: float
+
+    @property
+    def messages(self) -> tuple[Message, ...]:
+        """The batch as ``Message`` records (for readers such as tests, not the store)."""
+        return tuple(map(Message, self.ids, self.bodies, repeat(self.received_at), self.paths))
 
 
 @attrs.frozen(slots=True)

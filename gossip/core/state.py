@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import compress, repeat
+from itertools import compress
 from operator import itemgetter
 from typing import Protocol
 
@@ -448,8 +448,7 @@ class GossipCore:
         on with one ``Send`` per neighbour and group of messages (``on_new_batch``)."""
         self.arrivals.stored_many(frame.ids, via)
         self.tree.add_many(frame.ids)
-        messages = tuple(map(Message, frame.ids, frame.bodies, repeat(now), frame.paths))
-        effects: list[Effect] = [PersistBatch(messages)]
+        effects: list[Effect] = [PersistBatch(frame.ids, frame.bodies, frame.paths, now)]
         return effects + self.strategy.on_new_batch(frame, sender, self.up)
 
     def _receive_sync_data(self, peer: int, frame: SyncDataFrame, now: float) -> list[Effect]:

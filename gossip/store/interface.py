@@ -8,7 +8,7 @@ with a plain integer cursor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -29,9 +29,16 @@ class MessageStore(Protocol):
         """Store ``message`` unless its id is already held; say whether it was new."""
         ...
 
-    def add_many(self, messages: tuple[Message, ...]) -> int:
-        """``add`` for each message in order (the new messages of one received frame),
-        at the cost of one append; returns how many were new."""
+    def add_many(
+        self,
+        ids: Sequence[bytes],
+        bodies: Sequence[bytes],
+        paths: Sequence[tuple[int, ...]],
+        received_at: float,
+    ) -> int:
+        """``add`` for each message of a batch in order: the new messages of one received
+        frame, as parallel columns, all received at ``received_at`` (what ``PersistBatch``
+        carries), at the cost of one append; returns how many were new."""
         ...
 
     def get(self, mid: bytes) -> Message | None: ...

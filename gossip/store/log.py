@@ -82,7 +82,7 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +103,7 @@ from gossip.store.record import (
     MAX_RECORD_BYTES,
     decode_record,
     encode_record,
+    encode_records,
 )
 from gossip.store.recovery import (
     _WAITING_CHECK_BYTES,
@@ -300,35 +301,40 @@ class LogStore(IdIndex):
         self._append(record, _ONE_RECORD)
         return True
 
-    def add_many(self, messages: Iterable[Message]) -> int:
-        """``add`` for each message, in order (the new messages of one received frame),
-        with one buffer entry (one write; under "always" one write and one fsync before
-        it returns) for all the new ones; returns how many were new (a repeat within
-        the batch is not).
+    def add_many(
+        self,
+        ids: Sequence[bytes],
+        bodies: Sequence[bytes],
+        paths: Sequence[tuple[int, ...]],
+        received_at: float,
+    ) -> int:
+        """``add`` for each message of a batch received together (the new messages of
+        one frame, as its columns: the effect ``PersistBatch``), in order, with one
+        encoding pass (``encode_records``) and one buffer entry (one write; under
+        "always" one write and one fsync before it returns) for all the new ones;
+        returns how many were new (a repeat within the batch is not).
 
         All or nothing: a message that cannot be encoded (``ValueError``) or a
         store that cannot append (``StoreError``) leaves none of them added.
         """
-        records: list[bytes] = []
-        starts: list[int] = []
-        first = len(self._offsets)
-        size = 0
+        first = len(self)
         try:
-            for m in messages:
-                if self.add_id(m.id) is None:
-                    continue
-                if not records:
-                    self._check_open()
-                record = encode_record(m)
-                records.append(record)
-                starts.append(size)
-                size += len(record)
+            positions = list(map(self.add_id, ids))
+            taken = len(self) - first
+            if not taken:
+                return 0
+            self._check_open()
+            if taken < len(ids):  # some held already, or repeated
+                rows = [row for row, pos in enumerate(positions) if pos is not None]
+                ids = [ids[row] for row in rows]
+                bodies = [bodies[row] for row in rows]
+                paths = [paths[row] for row in rows]
+            data, starts = encode_records(ids, bodies, paths, received_at)
         except BaseException:
             self.truncate_ids(first)
             raise
-        if records:
-            self._append(b"".join(records), starts)
-        return len(records)
+        self._append(data, starts)
+        return taken
 
     def durable_count(self) -> int:
         """How many records, in arrival order, are durable under the policy (all of
@@ -487,7 +493,7 @@ class LogStore(IdIndex):
         self._end = offset + len(data)
         if self._end > NARROW_END:
             self._offsets = fit_offsets(self._offsets, self._end)
-        self._offsets.extend(offset + start for start in starts)
+        self._offsets.extend(map(offset.__add__, starts))
         if self.policy == "always":
             self._commit.sync_now(self._fd, self._end)
         elif self.policy == "batch":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
+from itertools import repeat
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -13,41 +14,70 @@ from gossip.store.interface import StoreError
 
 
 class MemoryStore(IdIndex):
-    """The ids in the shared ``IdIndex`` (its base); the messages in a list by position."""
+    """The ids in the shared ``IdIndex`` (its base); beside them, by position, the
+    bodies, paths and arrival times as columns, as ``add_many`` takes them (a ``Message``
+    is made only for a reader: ``get``, ``scan``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._messages: list[Message] = []
+        self._bodies: list[bytes] = []
+        self._paths: list[tuple[int, ...]] = []
+        self._times: list[float] = []
 
     def add(self, message: Message) -> bool:
         if self.add_id(message.id) is None:
             return False
-        self._messages.append(message)
+        self._bodies.append(message.body)
+        self._paths.append(message.path)
+        self._times.append(message.received_at)
         return True
 
-    def add_many(self, messages: Iterable[Message]) -> int:
-        """``add`` for each message, in order; how many were new."""
-        return sum(self.add(m) for m in messages)
+    def add_many(
+        self,
+        ids: Sequence[bytes],
+        bodies: Sequence[bytes],
+        paths: Sequence[tuple[int, ...]],
+        received_at: float,
+    ) -> int:
+        """``add`` for each message of a batch received together, in order; how many
+        were new. All or nothing: an id of the wrong length (``ValueError``) adds none."""
+        first = len(self)
+        try:
+            positions = list(map(self.add_id, ids))
+        except BaseException:
+            self.truncate_ids(first)
+            raise
+        taken = len(self) - first
+        if taken < len(ids):  # some held already, or repeated
+            rows = [row for row, pos in enumerate(positions) if pos is not None]
+            bodies = [bodies[row] for row in rows]
+            paths = [paths[row] for row in rows]
+        self._bodies += bodies
+        self._paths += paths
+        self._times += repeat(received_at, taken)
+        return taken
 
     def get(self, mid: bytes) -> Message | None:
         n = self.position(mid)
-        return None if n is None else self._messages[n]
+        if n is None:
+            return None
+        return Message(mid, self._bodies[n], self._times[n], self._paths[n])
 
     def stats(self) -> dict[str, Any]:
         return {
             "policy": "memory",
-            "records": len(self._messages),
+            "records": len(self),
             "fsyncs": 0,
             "last_fsync_seconds": 0.0,
         }
 
     def durable_count(self) -> int:
-        return len(self._messages)  # as durable as this store gets
+        return len(self)  # as durable as this store gets
 
     def scan(self, start: int) -> Iterator[Message]:
-        messages = self._messages
-        for i in range(max(start, 0), len(messages)):
-            yield messages[i]
+        bodies, times, paths = self._bodies, self._times, self._paths
+        for n in range(max(start, 0), len(self)):
+            yield Message(self.id_at(n), bodies[n], times[n], paths[n])
 
     def when_durable(self) -> Deferred[None]:
         return succeed(None)  # nothing is ever durable here; acks need not wait
