@@ -127,6 +127,106 @@ def test_shared_trees_answer_exactly_as_origin_trees() -> None:
                 assert view.children(origin) == own.children(origin)
 
 
+def search_parents(graph: Graph, origin: int) -> dict[int, int]:
+    """The rule's tree, searched the plain way: breadth first from the origin, each
+    node's neighbours in ascending id order, a node's parent the one that found it."""
+    parent = {origin: origin}
+    queue = deque([origin])
+    while queue:
+        v = queue.popleft()
+        for w in sorted(graph[v]):
+            if w not in parent:
+                parent[w] = v
+                queue.append(w)
+    return parent
+
+
+def walked_alternatives(
+    graph: Graph, me: int, origin: int
+) -> tuple[tuple[int, bool, frozenset[int]], ...]:
+    """``OriginTrees.alternatives`` by its definition: every neighbour that is not our
+    child, ranked by (hops to the origin up its tree path, id), with whether it ranks
+    before us and our neighbours on that path, found by walking it to the origin."""
+    parent = search_parents(graph, origin)
+    if me not in parent or me == origin:
+        return ()
+
+    def walk(v: int) -> tuple[int, frozenset[int]]:
+        hops, via = 0, set()
+        while v != origin:
+            v = parent[v]
+            hops += 1
+            if v in graph[me]:
+                via.add(v)
+        return hops, frozenset(via)
+
+    mine = (walk(me)[0], me)
+    ranked = sorted((walk(w)[0], w, walk(w)[1]) for w in set(graph[me]) if parent[w] != me)
+    return tuple((w, (hops, w) < mine, via) for hops, w, via in ranked)
+
+
+def test_kept_trees_are_a_fresh_search_with_its_depths() -> None:
+    """The arrays a shared tree keeps (each node's parent and depth, by index) are
+    exactly a plain breadth-first search from the origin: the same parent for every
+    node it reaches, its hop distance as depth, and no parent (-1) for a node it
+    does not reach (a graph in two parts). This is what every node of a simulation
+    reads its parent, children, path and stand-ins from."""
+    rng = random.Random(11)
+    graphs: list[dict[int, list[int]]] = [random_connected_graph(rng) for _ in range(30)]
+    graphs.append(adjacency(generate_graph(200, 3, 1)))
+    graphs.append({1: [2], 2: [1], 3: [4], 4: [3], 5: []})  # three parts
+    for graph in graphs:
+        trees = ShortestPathTrees(graph, share=True)
+        assert list(trees.ids) == sorted(graph)
+        for origin in graph:
+            tree = trees.tree(origin)
+            assert tree is not None and trees.ids[tree.root] == origin
+            parent, dist = search_parents(graph, origin), distances(graph, origin)
+            for i, v in enumerate(trees.ids):
+                if v in parent:
+                    assert trees.ids[tree.parent[i]] == parent[v]
+                    assert tree.depth[i] == dist[v]
+                else:
+                    assert tree.parent[i] == -1
+            assert trees.parents(origin) == parent
+            assert trees.tree(origin) is tree  # kept
+        assert trees.tree(10_000) is None
+
+
+def test_alternatives_are_those_found_by_walking_up_the_tree() -> None:
+    """``alternatives``, read from kept depths with at most two steps up, equals the
+    definition (walk every neighbour's tree path up to the origin) for every node and
+    origin of random graphs, with trees shared or a node's own."""
+    rng = random.Random(12)
+    graphs: list[dict[int, list[int]]] = [random_connected_graph(rng) for _ in range(30)]
+    graphs.append(adjacency(generate_graph(100, 3, 2)))
+    graphs.append(adjacency(cluster_edges()))
+    for graph in graphs:
+        shared = ShortestPathTrees(graph, share=True)
+        for v in graph:
+            own, view = OriginTrees(v, ShortestPathTrees(graph)), OriginTrees(v, shared)
+            for origin in [*graph, 10_000]:
+                expected = walked_alternatives(graph, v, origin) if origin in graph else ()
+                assert own.alternatives(origin) == expected, (v, origin)
+                assert view.alternatives(origin) == expected, (v, origin)
+
+
+def test_shared_trees_keep_no_answers_per_node() -> None:
+    """A node reading shared trees keeps no parent, children, path or stand-in list
+    per origin (n per node, n**2 in a simulation: gigabytes at 10,000 nodes), only a
+    byte per origin it asked about, which ``retree`` reports changes among."""
+    graph = adjacency(generate_graph(200, 3, 1))
+    shared = ShortestPathTrees(graph, share=True)
+    view = OriginTrees(1, shared)
+    for origin in graph:
+        view.children(origin)
+        view.path(origin)
+        view.parent(origin)
+        view.alternatives(origin)
+    assert not (view._children or view._parent or view._path or view._alternatives)
+    assert sum(view._asked) == len(graph)
+
+
 # -- Plumtree in a GossipCore ---------------------------------------------------
 
 # Node 5's view. Trees (BFS, lowest id first):

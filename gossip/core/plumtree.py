@@ -51,10 +51,12 @@ and a broadcast costs n - 1 payload sends again.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import chain, compress, repeat
 from operator import not_
+from typing import NamedTuple
 
 import attrs
 
@@ -135,13 +137,26 @@ def _distances(graph: Mapping[int, Iterable[int]], source: int) -> dict[int, int
     return dist
 
 
+_NO_NODES: frozenset[int] = frozenset()
+
+
+class Tree(NamedTuple):
+    """One origin's shortest-path tree, over ``ShortestPathTrees.ids`` indices."""
+
+    root: int  # the origin's index
+    parent: array[int]  # index -> its parent's (the root's own; -1: not reached)
+    depth: Sequence[int]  # index -> hops from the root (0 where not reached)
+
+
 class ShortestPathTrees:
     """Every origin's shortest-path tree of one graph: a breadth-first search that
     visits neighbours in ascending id order, so every node computes the same trees.
 
-    ``share=True`` keeps each origin's parent map (n entries) for every node that
-    asks, as a simulation of many nodes in one process wants; a real node keeps
-    only its own parent and children per origin (see ``OriginTrees``).
+    A tree is two arrays over the nodes' indices (``ids``, ascending): each node's
+    parent and its depth, both from one search. ``share=True`` keeps every origin's
+    tree for every node that asks (5 bytes a node per origin), as a simulation of
+    many nodes in one process wants; a real node keeps only its own parent and
+    children per origin (see ``OriginTrees``).
 
     A graph that replaces another (``successor``) also answers which origins' trees
     may have changed near a node (``may_change``), so a node recomputes only those.
@@ -163,7 +178,16 @@ class ShortestPathTrees:
         self.members = frozenset(self.graph)
         self.links = frozenset(links)
         self.share = share
-        self._parents: dict[int, dict[int, int]] = {}
+        # Node indices in ascending id order, so a search that visits neighbours in
+        # ascending index order visits them in ascending id order.
+        self.ids: tuple[int, ...] = tuple(sorted(self.graph))
+        self.index: dict[int, int] = {v: i for i, v in enumerate(self.ids)}
+        self.adjacency: tuple[tuple[int, ...], ...] = tuple(
+            tuple(self.index[w] for w in self.graph[v]) for v in self.ids
+        )
+        # origin -> its kept tree (shared only). Hot callers read it before calling
+        # ``tree``: most asks find a kept tree, and a call costs more than the read.
+        self._trees: dict[int, Tree] = {}
         # What changed since ``previous`` (see ``may_change``).
         self._diffed = previous is not None
         self._removed: frozenset[int] = frozenset()  # ends of links removed
@@ -186,23 +210,43 @@ class ShortestPathTrees:
         """The trees of ``graph``, which replaces this one (same sharing)."""
         return ShortestPathTrees(graph, share=self.share, previous=self)
 
-    def parents(self, origin: int) -> dict[int, int]:
-        """node -> its parent in ``origin``'s tree (the origin maps to itself)."""
-        parent = self._parents.get(origin)
-        if parent is not None:
-            return parent
-        parent = {origin: origin}
-        queue = deque([origin])
-        graph = self.graph
-        while queue:
-            v = queue.popleft()
-            for w in graph.get(v, ()):
-                if w not in parent:
+    def tree(self, origin: int) -> Tree | None:
+        """``origin``'s tree (None for an origin not in the graph): kept when shared,
+        else searched again on every call."""
+        tree = self._trees.get(origin)
+        if tree is None:
+            root = self.index.get(origin)
+            if root is None:
+                return None
+            tree = self._search(root)
+            if self.share:
+                self._trees[origin] = tree
+        return tree
+
+    def _search(self, root: int) -> Tree:
+        adjacency = self.adjacency
+        parent = [-1] * len(adjacency)
+        depth = [0] * len(adjacency)
+        parent[root] = root
+        order = [root]
+        for v in order:  # grows as it goes: first in, first searched
+            d = depth[v] + 1
+            for w in adjacency[v]:
+                if parent[w] < 0:
                     parent[w] = v
-                    queue.append(w)
-        if self.share:
-            self._parents[origin] = parent
-        return parent
+                    depth[w] = d
+                    order.append(w)
+        deepest = depth[order[-1]]
+        return Tree(root, array("i", parent), bytes(depth) if deepest < 256 else array("i", depth))
+
+    def parents(self, origin: int) -> dict[int, int]:
+        """node -> its parent in ``origin``'s tree (the origin maps to itself), as a map
+        of ids (for tests and tools: the rules read ``tree``)."""
+        tree = self.tree(origin)
+        if tree is None:
+            return {origin: origin}
+        ids = self.ids
+        return {ids[v]: ids[p] for v, p in enumerate(tree.parent) if p >= 0}
 
     def may_change(self, origin: int, cone: frozenset[int]) -> bool:
         """Whether ``origin``'s tree may differ from the previous graph's on the tree
@@ -243,12 +287,19 @@ class ShortestPathTrees:
 
 
 class OriginTrees:
-    """This node's parent and children in every origin's shortest-path tree."""
+    """This node's parent and children in every origin's shortest-path tree.
+
+    With trees of its own (a real node) every tree costs a search, so the answers are
+    kept per origin. With shared trees (a simulation) every answer is a few reads of
+    the kept arrays, and keeping answers would cost n entries per node (n**2 in all):
+    only which origins were asked about is kept, a byte per origin (see ``retree``).
+    """
 
     def __init__(self, node_id: int, trees: ShortestPathTrees) -> None:
         self.node_id = node_id
         self.trees = trees
         self.members = trees.members
+        self._me, self._mine = self._place(trees)
         self._children: dict[int, tuple[int, ...]] = {}
         self._parent: dict[int, int | None] = {}
         self._path: dict[int, tuple[int, ...]] = {}
@@ -256,29 +307,48 @@ class OriginTrees:
         # origin -> the nodes on the tree paths from us and our neighbours up to it:
         # what our parent, children and path depend on (see ``retree``).
         self._cone: dict[int, frozenset[int]] = {}
+        # Shared trees: by origin index, 1 for the origins asked about (see ``retree``).
+        self._asked = bytearray(len(trees.ids) if trees.share else 0)
+
+    def _place(self, trees: ShortestPathTrees) -> tuple[int | None, tuple[int, ...]]:
+        """Our index in ``trees`` (None if not in its graph) and our neighbours'."""
+        me = trees.index.get(self.node_id)
+        return me, (() if me is None else trees.adjacency[me])
+
+    def _answers(self, tree: Tree) -> tuple[int | None, tuple[int, ...], tuple[int, ...]]:
+        """Our (parent, children, path) in ``tree``, a tree of ``self.trees``."""
+        root, parent, _ = tree
+        me = self._me
+        if me is None or parent[me] < 0:
+            return None, (), ()  # not in the graph, or not reached from the origin
+        ids = self.trees.ids
+        kids = tuple([ids[w] for w in self._mine if parent[w] == me])
+        if me == root:
+            return None, kids, ()
+        up = []
+        v = me
+        while v != root:
+            v = parent[v]
+            up.append(ids[v])
+        up.reverse()
+        return up[-1], kids, tuple(up)
 
     def _compute(self, origin: int) -> None:
-        parent = self.trees.parents(origin)
-        me = self.node_id
-        mine = self.trees.graph.get(me, ())
-        self._children[origin] = tuple(w for w in mine if parent.get(w) == me and w != origin)
-        self._parent[origin] = parent.get(me) if me != origin else None
-        up: list[int] = []
-        v = parent.get(me)
-        while v is not None and me != origin:
-            up.append(v)
-            if v == origin:
-                break
-            v = parent.get(v)
-        self._path[origin] = tuple(reversed(up))
-        if self.trees.share:
-            return  # shared parent maps make a search free: ``retree`` redoes them all
-        cone = {me, *up}
-        for w in mine:
+        """Keep our answers for ``origin`` (in the graph), and their cone (own trees)."""
+        tree = self.trees.tree(origin)
+        assert tree is not None
+        parent_id, kids, path = self._answers(tree)
+        self._parent[origin] = parent_id
+        self._children[origin] = kids
+        self._path[origin] = path
+        ids, parent = self.trees.ids, tree.parent
+        cone = {self.node_id, *path}
+        for w in self._mine:
             # Paths up a tree merge for good: stop where this one meets the cone.
-            while w not in cone:
-                cone.add(w)
-                w = parent.get(w, w)
+            while ids[w] not in cone:
+                cone.add(ids[w])
+                if parent[w] >= 0:
+                    w = parent[w]
         self._cone[origin] = frozenset(cone)
 
     def retree(self, trees: ShortestPathTrees) -> dict[int, tuple[int | None, int | None]]:
@@ -287,51 +357,99 @@ class OriginTrees:
         about so far, its (old, new) parent; forgets origins no longer in the graph.
 
         Only origins whose tree may have moved near us are searched again (see
-        ``ShortestPathTrees.may_change``); all of them if our own links changed."""
-        old_graph = self.trees.graph
-        mine_moved = old_graph.get(self.node_id) != trees.graph.get(self.node_id)
+        ``ShortestPathTrees.may_change``); all of them if our own links changed, or
+        if the trees are shared (a search is free then)."""
+        old = self.trees
+        mine_moved = old.graph.get(self.node_id) != trees.graph.get(self.node_id)
+        asked: list[tuple[int, tuple[int | None, tuple[int, ...], tuple[int, ...]]]]
+        if old.share:
+            asked = []
+            for origin in compress(old.ids, self._asked):
+                tree = old.tree(origin)
+                assert tree is not None
+                asked.append((origin, self._answers(tree)))
+        else:
+            asked = [(o, (p, self._children[o], self._path[o])) for o, p in self._parent.items()]
         self.trees = trees
         self.members = trees.members
+        self._me, self._mine = self._place(trees)
         self._alternatives.clear()
+        self._asked = bytearray(len(trees.ids) if trees.share else 0)
         changed: dict[int, tuple[int | None, int | None]] = {}
-        for origin in list(self._parent):
-            before = (self._parent[origin], self._children[origin], self._path[origin])
+        for origin, before in asked:
             if origin not in trees.members:
-                del self._parent[origin], self._children[origin], self._path[origin]
+                self._parent.pop(origin, None)
+                self._children.pop(origin, None)
+                self._path.pop(origin, None)
                 self._cone.pop(origin, None)
                 changed[origin] = (before[0], None)
                 continue
-            if not (mine_moved or trees.share or trees.may_change(origin, self._cone[origin])):
+            if trees.share:
+                self._asked[trees.index[origin]] = 1
+                tree = trees.tree(origin)
+                assert tree is not None
+                after = self._answers(tree)
+            elif mine_moved or old.share or trees.may_change(origin, self._cone[origin]):
+                self._compute(origin)
+                after = (self._parent[origin], self._children[origin], self._path[origin])
+            else:
                 continue
-            self._compute(origin)
-            if (self._parent[origin], self._children[origin], self._path[origin]) != before:
-                changed[origin] = (before[0], self._parent[origin])
+            if after != before:
+                changed[origin] = (before[0], after[0])
         return changed
 
     def children(self, origin: int) -> tuple[int, ...]:
+        trees = self.trees
+        if trees.share:
+            tree = trees._trees.get(origin) or trees.tree(origin)
+            if tree is None:
+                return ()
+            self._asked[tree.root] = 1
+            me = self._me
+            if me is None:
+                return ()
+            parent, ids = tree.parent, trees.ids
+            return tuple([ids[w] for w in self._mine if parent[w] == me])
         kids = self._children.get(origin)
         if kids is None:
-            if origin not in self.trees.graph:
+            if origin not in trees.graph:
                 return ()
             self._compute(origin)
             kids = self._children[origin]
         return kids
 
     def parent(self, origin: int) -> int | None:
-        if origin not in self._parent:
-            if origin not in self.trees.graph:
+        trees = self.trees
+        if trees.share:
+            # Not an ask (``retree`` reports no change of it): only children and
+            # path are (see ``origins_under``).
+            tree = trees._trees.get(origin) or trees.tree(origin)
+            me = self._me
+            if tree is None or me is None or me == tree.root:
                 return None
-            if self.trees.share:
-                # Shared parent maps are kept: no need to cache children and path
-                # for an origin that is only asked about (see ``origins_under``).
-                parents = self.trees.parents(origin)
-                return None if origin == self.node_id else parents.get(self.node_id)
+            p = tree.parent[me]
+            return trees.ids[p] if p >= 0 else None
+        if origin not in self._parent:
+            if origin not in trees.graph:
+                return None
             self._compute(origin)
         return self._parent[origin]
 
     def origins_under(self, peer: int) -> list[int]:
         """The origins whose tree reaches us through ``peer`` (our parent in them)."""
-        return [o for o in sorted(self.members) if o != self.node_id and self.parent(o) == peer]
+        trees = self.trees
+        if not trees.share:
+            return [o for o in trees.ids if o != self.node_id and self.parent(o) == peer]
+        me, p = self._me, trees.index.get(peer)
+        if me is None or p is None or p == me:
+            return []
+        out = []
+        for origin in trees.ids:
+            tree = trees._trees.get(origin) or trees.tree(origin)
+            assert tree is not None
+            if tree.parent[me] == p and tree.root != me:
+                out.append(origin)
+        return out
 
     def alternatives(self, origin: int) -> tuple[tuple[int, bool, frozenset[int]], ...]:
         """The neighbours that could feed us ``origin``'s messages instead of our tree
@@ -345,38 +463,48 @@ class OriginTrees:
         cached = self._alternatives.get(origin)
         if cached is not None:
             return cached
-        me = self.node_id
-        parent = self.trees.parents(origin) if origin in self.trees.graph else {}
-        if me not in parent or me == origin:
+        trees = self.trees
+        tree = trees._trees.get(origin) or trees.tree(origin)
+        me = self._me
+        if tree is None or me is None:
             return ()
-        mine = self.trees.graph.get(me, ())
-        neighbours = frozenset(mine)
-
-        def walk(v: int) -> tuple[int, frozenset[int]]:
-            depth, via = 0, []
-            while v != origin:
-                v = parent[v]
-                depth += 1
-                if v in neighbours:
-                    via.append(v)
-            return depth, frozenset(via)
-
-        mine_key = (walk(me)[0], me)
+        root, parent, depth = tree
+        if me == root or parent[me] < 0:
+            return ()
+        ids, mine = trees.ids, self._mine
+        here = depth[me]
+        # Our neighbours are at most one hop nearer the origin than we are, so a walk up
+        # from one meets no neighbour of ours above that depth: at most two steps.
+        nearest = here - 1
         ranked = []
         for w in mine:
-            if w in parent and parent[w] != me:
-                depth, via = walk(w)
-                ranked.append(((depth, w), w, via))
-        ranked.sort(key=lambda r: r[0])
-        out = tuple((w, key < mine_key, via) for key, w, via in ranked)
-        self._alternatives[origin] = out
+            if parent[w] != me:
+                via = []
+                v = w
+                while depth[v] > nearest:
+                    v = parent[v]
+                    if v in mine:
+                        via.append(ids[v])
+                ranked.append((depth[w], ids[w], frozenset(via) if via else _NO_NODES))
+        ranked.sort()  # by (depth, id): ids differ, so ``via`` is never compared
+        mine_key = (here, self.node_id)
+        out = tuple([(w, (hops, w) < mine_key, via) for hops, w, via in ranked])
+        if not trees.share:
+            self._alternatives[origin] = out  # a search saved; shared, a few reads
         return out
 
     def path(self, origin: int) -> tuple[int, ...]:
         """The path a message of ``origin`` carries when it comes down the tree to us
         (origin first, our parent last; empty at the origin or off the graph)."""
+        trees = self.trees
+        if trees.share:
+            tree = trees._trees.get(origin) or trees.tree(origin)
+            if tree is None:
+                return ()
+            self._asked[tree.root] = 1
+            return self._answers(tree)[2]
         if origin not in self._path:
-            if origin not in self.trees.graph:
+            if origin not in trees.graph:
                 return ()
             self._compute(origin)
         return self._path[origin]
@@ -524,38 +652,39 @@ class Plumtree:
         with ``cut``), which then look for another feed in turn, so the news spreads
         down a cut-off region until it reaches nodes with another way in. A cut-off
         node still grafts at once on an IHave; the peer it grafts from stands in."""
-        up = self.up
-        down = {n for n in self.trees.trees.graph.get(self.node_id, ()) if n not in up}
+        up, trees, usable = self.up, self.trees, self._usable
+        standins, orphaned = self.standins, self.orphaned
+        down = {n for n in trees.trees.graph.get(self.node_id, ()) if n not in up}
         asks: dict[int, list[int]] = {}
         prunes: dict[int, list[int]] = {}
         cuts: dict[int, list[int]] = {}
         for origin in origins:
-            parent = self.trees.parent(origin)
+            parent = trees.parent(origin)
             if parent is None:
                 continue
-            if self._usable(parent, origin):
-                self.orphaned.discard(origin)
+            if usable(parent, origin):
+                orphaned.discard(origin)
                 self._uncut(origin, parent, prunes)
                 self._end_asked(origin, parent, prunes)
-                old = self.standins.pop(origin, None)
+                old = standins.pop(origin, None)
                 if old is not None and old in up and origin not in prunes.get(old, ()):
                     prunes.setdefault(old, []).append(origin)
                     self._pruned.add((old, origin))
                 continue
-            self.orphaned.add(origin)
-            old = self.standins.get(origin)
+            orphaned.add(origin)
+            old = standins.get(origin)
             if old is not None:
-                if self._usable(old, origin):
+                if usable(old, origin):
                     continue
-                del self.standins[origin]  # not pruned: it pushes again once fed
+                del standins[origin]  # not pruned: it pushes again once fed
             best: tuple[int, int] | None = None
-            for w, before, via in self.trees.alternatives(origin):
-                if self._usable(w, origin):
-                    rank = RANKS[before, not via & down]
+            for w, before, via in trees.alternatives(origin):
+                if usable(w, origin):
+                    rank = RANKS[before, via.isdisjoint(down)]
                     if best is None or rank < best[0]:
                         best = (rank, w)
             if best is not None:
-                self.standins[origin] = best[1]
+                standins[origin] = best[1]
                 self._asking(best[1], origin)
                 self._uncut(origin, best[1], prunes)
                 asks.setdefault(best[1], []).append(origin)

@@ -74,12 +74,9 @@ class Stats:
     drops: int
 
 
-@attrs.frozen(slots=True)
-class _InFlight:
-    src: int
-    dst: int
-    epoch: int
-    frame: PeerFrame
+# A frame in flight, as queued: (arrival, sequence number, src, dst, link epoch, frame).
+# A plain tuple: the simulator makes one per frame sent, millions in a large run.
+_InFlight = tuple[float, int, int, int, int, PeerFrame]
 
 
 def _link(a: int, b: int) -> tuple[int, int]:
@@ -187,7 +184,7 @@ class Simulation:
         self.frames_delivered: Counter[tuple[int, int, str]] = Counter()
         self.bytes_delivered: Counter[tuple[int, int, str]] = Counter()
 
-        self._queue: list[tuple[float, int, _InFlight]] = []
+        self._queue: list[_InFlight] = []
         self._seq = itertools.count()
         self._up: set[tuple[int, int]] = set()
         self._epoch: dict[tuple[int, int], int] = {}
@@ -299,9 +296,9 @@ class Simulation:
                 elif not self._queue:
                     quiet += 1
             else:
-                _, _, frame = heapq.heappop(self._queue)
+                _, _, src, dst, epoch, frame = heapq.heappop(self._queue)
                 self.now = next_frame
-                self._deliver(frame)
+                self._deliver(src, dst, epoch, frame)
                 quiet = 0
         if until is not None and until > self.now:
             self.now = until
@@ -373,38 +370,39 @@ class Simulation:
             self._apply(n, effects)
         return produced
 
-    def _deliver(self, f: _InFlight) -> None:
-        key = _link(f.src, f.dst)
-        if key not in self._up or self._epoch.get(key, 0) != f.epoch:
+    def _deliver(self, src: int, dst: int, epoch: int, frame: PeerFrame) -> None:
+        key = (src, dst) if src < dst else (dst, src)
+        if key not in self._up or self._epoch.get(key, 0) != epoch:
             self.frames_discarded += 1
             return
-        kind = (f.src, f.dst, type(f.frame).__name__)
+        kind = (src, dst, type(frame).__name__)
         self.frames_delivered[kind] += 1
         if self.frame_bytes is not None:
-            self.bytes_delivered[kind] += len(self.frame_bytes(f.frame))
-        if isinstance(f.frame, SyncDataFrame):
-            self.sync_received[f.dst] += len(f.frame.messages)
-        if isinstance(f.frame, GossipFrame):
-            store = self.stores[f.dst]
+            self.bytes_delivered[kind] += len(self.frame_bytes(frame))
+        if isinstance(frame, SyncDataFrame):
+            self.sync_received[dst] += len(frame.messages)
+        if isinstance(frame, GossipFrame):
+            store = self.stores[dst]
             seen: set[bytes] = set()
-            for env in f.frame.messages:
-                self.received[f.dst] += 1
-                self.received_by_message[env.id] = self.received_by_message.get(env.id, 0) + 1
-                if env.id in seen or env.id in store:
-                    self.duplicates[f.dst] += 1
-                seen.add(env.id)
-        self._apply(f.dst, self.cores[f.dst].receive(f.src, f.frame, self.now))
+            counts = self.received_by_message
+            for mid in frame.ids:  # the columns: no Envelope built per message
+                self.received[dst] += 1
+                counts[mid] = counts.get(mid, 0) + 1
+                if mid in seen or mid in store:
+                    self.duplicates[dst] += 1
+                seen.add(mid)
+        self._apply(dst, self.cores[dst].receive(src, frame, self.now))
 
     def _apply(self, node: int, effects: list[Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, Persist):
+            if isinstance(effect, Send):
+                self._send(node, effect.peer, effect.frame)
+            elif isinstance(effect, Persist):
                 message = effect.message
                 if self.stores[node].add(message):
                     self.deliveries[(node, message.id)] = Delivery(self.now, len(message.path))
                 else:
                     self.persist_conflicts += 1
-            elif isinstance(effect, Send):
-                self._send(node, effect.peer, effect.frame)
             elif isinstance(effect, StreamMessages):
                 members = self.cores[node].members
                 for frame in stream_frames(self.stores[node], node, effect, members):
@@ -415,12 +413,12 @@ class Simulation:
                     self.disconnect(node, effect.peer)
 
     def _send(self, src: int, dst: int, frame: PeerFrame) -> None:
-        key = _link(src, dst)
+        key = (src, dst) if src < dst else (dst, src)
         if key not in self._up:
             self.frames_unsendable += 1
             return
         if isinstance(frame, GossipFrame):
-            self.sent_to[dst] += len(frame.messages)
+            self.sent_to[dst] += len(frame)
         if self.loss and self.rng.random() < self.loss:
             self.frames_lost += 1
             return
@@ -429,7 +427,9 @@ class Simulation:
             raise ValueError(f"latency model gave {delay} for {src}->{dst}")
         arrival = self.now + delay
         # FIFO per directed link, as TCP: never overtake the previous frame.
-        arrival = max(arrival, self._link_clear.get((src, dst), arrival))
-        self._link_clear[(src, dst)] = arrival
-        item = _InFlight(src, dst, self._epoch.get(key, 0), frame)
-        heapq.heappush(self._queue, (arrival, next(self._seq), item))
+        clear = self._link_clear
+        arrival = max(arrival, clear.get((src, dst), arrival))
+        clear[(src, dst)] = arrival
+        heapq.heappush(
+            self._queue, (arrival, next(self._seq), src, dst, self._epoch.get(key, 0), frame)
+        )
