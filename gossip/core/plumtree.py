@@ -398,13 +398,21 @@ class OriginTrees:
                 changed[origin] = (before[0], after[0])
         return changed
 
+    def _asked_tree(self, origin: int) -> Tree | None:
+        """``origin``'s kept tree (shared mode), noted as asked about: ``retree``
+        reports changes for the origins asked about so far."""
+        trees = self.trees
+        tree = trees._trees.get(origin) or trees.tree(origin)
+        if tree is not None:
+            self._asked[tree.root] = 1
+        return tree
+
     def children(self, origin: int) -> tuple[int, ...]:
         trees = self.trees
         if trees.share:
-            tree = trees._trees.get(origin) or trees.tree(origin)
+            tree = self._asked_tree(origin)
             if tree is None:
                 return ()
-            self._asked[tree.root] = 1
             me = self._me
             if me is None:
                 return ()
@@ -498,11 +506,8 @@ class OriginTrees:
         (origin first, our parent last; empty at the origin or off the graph)."""
         trees = self.trees
         if trees.share:
-            tree = trees._trees.get(origin) or trees.tree(origin)
-            if tree is None:
-                return ()
-            self._asked[tree.root] = 1
-            return self._answers(tree)[2]
+            tree = self._asked_tree(origin)
+            return () if tree is None else self._answers(tree)[2]
         if origin not in self._path:
             if origin not in trees.graph:
                 return ()

@@ -279,6 +279,18 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             raise IndexError("varint too long for a length")
 
 
+def _gossip_span(data: bytes) -> tuple[int, int] | None:
+    """Where the messages of a ``Frame{gossip}`` lie in ``data`` (start, end): None
+    unless ``data`` is that one field, its length spanning the rest exactly."""
+    if len(data) < 2 or data[0] != 0x1A:
+        return None
+    try:
+        size, pos = _read_varint(data, 1)
+    except IndexError:
+        return None
+    return (pos, len(data)) if pos + size == len(data) else None
+
+
 def _gossip_columns(data: bytes) -> GossipFrame | None:
     """A ``Frame{gossip}`` read straight into columns (see ``_any_columns``), in the
     layout every node writes if it is that (``_usual_columns``)."""
@@ -291,13 +303,11 @@ def _usual_columns(data: bytes) -> GossipFrame | None:
     fewer steps per envelope: an id of ``ID_BYTES``, a body, a path of one-byte ids,
     in that order, and lengths of one or two bytes (up to 16 KiB). None for anything
     else, which ``_any_columns`` then reads. Equal paths share one tuple."""
-    if len(data) < 2 or data[0] != 0x1A:
+    span = _gossip_span(data)
+    if span is None:
         return None
+    pos, end = span
     try:
-        size, pos = _read_varint(data, 1)
-        end = len(data)
-        if pos + size != end:
-            return None
         ids: list[bytes] = []
         bodies: list[bytes] = []
         paths: list[tuple[int, ...]] = []
@@ -362,13 +372,11 @@ def _any_columns(data: bytes) -> GossipFrame | None:
     (fields in number order, each at most once, the path packed in one-byte ids);
     None for anything else, which ``decode`` then hands to protobuf: every frame
     decodes to the same messages either way."""
-    if len(data) < 2 or data[0] != 0x1A:
+    span = _gossip_span(data)
+    if span is None:
         return None
+    pos, end = span
     try:
-        size, pos = _read_varint(data, 1)
-        end = len(data)
-        if pos + size != end:
-            return None
         ids: list[bytes] = []
         bodies: list[bytes] = []
         paths: list[tuple[int, ...]] = []
