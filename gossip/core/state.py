@@ -293,7 +293,7 @@ class GossipCore:
         if isinstance(frame, SyncReplyFrame):
             return self.sync.on_reply(peer, frame, self.up, now)
         if isinstance(frame, SyncHintFrame):
-            return self.sync.request(peer, self.up, now)
+            return self.sync.hinted(peer, self.up, now)
         if isinstance(frame, NodeRecordsFrame):
             # Only a dynamic node sends records; a static one has no use for them.
             if self.overlay is None:

@@ -31,10 +31,11 @@ busy, a queued session therefore waits until gossip quiets down or
 ``BUSY_SPACING`` intervals have passed since this node's last session start:
 a node that really lacks messages under sustained load still reconciles
 within that bound (its periodic request is queued within one interval). The
-first session after a link comes up is never held back: a restarted node
-pulls what it missed at once. And a session run while busy asks for the ids
-it found missing only if they are still missing ``HOLD_SECONDS`` later,
-rather than race gossip for them.
+first session after a link comes up, or after a neighbour's hint, is never held
+back: a restarted node pulls what it missed at once, and what a healed link
+brings spreads hop by hop without waiting for the load to end. And a session
+run while busy asks for the ids it found missing only if they are still
+missing ``HOLD_SECONDS`` later, rather than race gossip for them.
 
 Flow control: a node that lost much of its log learns of tens of thousands of
 missing ids at once, and every reply of the walk adds wants. The initiator
@@ -419,6 +420,15 @@ class SyncEngine:
     def link_up(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
         """The link to ``peer`` came up: queue a session with it, to be the next one,
         busy or not (what a node missed while down is pulled at once)."""
+        self._linked.add(peer)
+        return self.request(peer, up, now)
+
+    def hinted(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
+        """``peer`` hints that it just pulled messages by re-sync: holes, not copies in
+        flight (a busy session holds those back, ``HOLD_SECONDS``), which this node may
+        have too. Its session is the next one, busy or not, as a link's that comes up:
+        spaced, a split healed under load would reach each hop behind the first only
+        after ``BUSY_SPACING`` intervals."""
         self._linked.add(peer)
         return self.request(peer, up, now)
 
