@@ -125,6 +125,23 @@ def test_node_missing_messages_under_continuous_gossip_catches_up_within_the_bou
     assert sim.drops == []
 
 
+def held_by_one_until_a_busy_session_ends(
+    sim: Simulation, load: Load, peer: int, seed: int
+) -> list[bytes]:
+    """After 4 s of load, 50 new messages held by ``peer`` alone (their ids); then the
+    load runs until node 0, busy, has just ended a session, so its next periodic one
+    is a spacing away."""
+    load.run(until=4.0)
+    rng = random.Random(seed)
+    mids = holdings(sim, peer, [random_body(rng) for _ in range(50)])
+    engine = sim.cores[0].sync
+    completed = engine.counters.sessions_completed
+    while engine.counters.sessions_completed == completed:
+        load.run(until=sim.now + 0.01)
+    assert engine.busy(sim.now)
+    return mids
+
+
 def test_a_link_that_comes_up_under_load_is_reconciled_at_once() -> None:
     """Node 0's link to a neighbour is down while that neighbour takes 50 messages no
     one else holds; gossip keeps node 0 busy over its other links. The link comes back
@@ -136,14 +153,7 @@ def test_a_link_that_comes_up_under_load_is_reconciled_at_once() -> None:
     load = Load(sim, seed=3)
     peer = min(sim.neighbours[0])
     sim.disconnect(0, peer)
-    load.run(until=4.0)
-    rng = random.Random(4)
-    mids = holdings(sim, peer, [random_body(rng) for _ in range(50)])
-    engine = sim.cores[0].sync
-    completed = engine.counters.sessions_completed
-    while engine.counters.sessions_completed == completed:
-        load.run(until=sim.now + 0.01)
-    assert engine.busy(sim.now)
+    mids = held_by_one_until_a_busy_session_ends(sim, load, peer, seed=4)
     reconnected = sim.now
     sim.connect(0, peer)
     load.run(until=reconnected + HOLD_SECONDS + 3.0)
@@ -160,14 +170,7 @@ def test_a_hint_under_load_is_followed_at_once() -> None:
     sim = loaded_cluster()
     load = Load(sim, seed=5)
     peer = min(sim.neighbours[0])
-    load.run(until=4.0)
-    rng = random.Random(6)
-    mids = holdings(sim, peer, [random_body(rng) for _ in range(50)])
-    engine = sim.cores[0].sync
-    completed = engine.counters.sessions_completed
-    while engine.counters.sessions_completed == completed:
-        load.run(until=sim.now + 0.01)
-    assert engine.busy(sim.now)
+    mids = held_by_one_until_a_busy_session_ends(sim, load, peer, seed=6)
     hinted = sim.now
     sim.carry_out(0, sim.cores[0].receive(peer, SyncHintFrame(), hinted))
     load.run(until=hinted + HOLD_SECONDS + 3.0)
