@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_client_protocol import Harness, SlowDurabilityStore, watch
+from test_client_protocol import Harness, SlowDurabilityStore, record_batch_sizes, watch
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -24,15 +24,7 @@ from gossip.core.message import Message, id_text, message_id
 
 def record_batches(h: Harness) -> list[int]:
     """The size of every batch that enters the node through ``submit_many``."""
-    sizes: list[int] = []
-    real = h.node.submit_many
-
-    def submit_many(bodies: list[bytes]) -> Any:
-        sizes.append(len(bodies))
-        return real(bodies)
-
-    h.node.submit_many = submit_many  # type: ignore[method-assign]
-    return sizes
+    return record_batch_sizes(h, "submit_many")
 
 
 def pump(h: Harness, rounds: int = 50) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_client_protocol import Harness, SlowDurabilityStore
+from test_client_protocol import Harness, SlowDurabilityStore, record_batch_sizes
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
@@ -454,24 +454,11 @@ def test_flush_calls_only_watchers_that_can_take_more_and_are_behind(h: Harness)
     assert [b[b"ids"] for b in pushed] == [message_id(b"new")]
 
 
-def record_submit_each(h: Harness) -> list[int]:
-    """The size of every batch that enters the node through ``submit_each``."""
-    sizes: list[int] = []
-    real = h.node.submit_each
-
-    def submit_each(bodies: list[bytes]) -> Any:
-        sizes.append(len(bodies))
-        return real(bodies)
-
-    h.node.submit_each = submit_each  # type: ignore[method-assign]
-    return sizes
-
-
 def test_pipelined_submits_of_one_read_enter_the_node_as_one_batch(h: Harness) -> None:
     """Submits a client pipelines, read at once, enter the node as one batch; each is
     still answered on its own and in order: its id, or its own refusal (an empty
     body is REJECTED naming why), and a repeat gets the same id, not new."""
-    sizes = record_submit_each(h)
+    sizes = record_batch_sizes(h, "submit_each")
     c = Conn(h)
     bodies = [b"p0", b"p1", b"", b"p0", b"p2"]
     c.send(*(request(b"Submit", i, body=b) for i, b in enumerate(bodies)))

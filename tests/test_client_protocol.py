@@ -406,6 +406,20 @@ class SlowDurabilityStore(MemoryStore):
             d.callback(None)
 
 
+def record_batch_sizes(h: Harness, method: str) -> list[int]:
+    """The size of every batch that enters the node through ``method`` (``submit_many``
+    or ``submit_each``), which keeps working as before."""
+    sizes: list[int] = []
+    real = getattr(h.node, method)
+
+    def recorded(bodies: list[bytes]) -> Any:
+        sizes.append(len(bodies))
+        return real(bodies)
+
+    setattr(h.node, method, recorded)
+    return sizes
+
+
 def watch(h: Harness, start: int = 0) -> tuple[int, list[tuple[int, list[bytes]]]]:
     got: list[tuple[int, list[bytes]]] = []
     durable = h.run(lambda: h.api.watch(lambda at, ids: got.append((at, ids)), start))
