@@ -211,14 +211,7 @@ class GossipCore:
         if not ids:
             return SubmitBatch(results, [])
         new = GossipFrame.of_columns(tuple(ids), tuple(kept), ((),) * len(ids))
-        if self.effects_per_frame:
-            return SubmitBatch(results, self._stored_batch(new, None, now, via="submit"))
-        effects: list[Effect] = []
-        for env in new.messages:
-            self.arrivals.stored_new(env.id, "submit")
-            effects.append(self._persist(Message(env.id, env.body, now, ())))
-            effects += self.strategy.on_new(env, None, self.up)
-        return SubmitBatch(results, effects)
+        return SubmitBatch(results, self._stored(new, None, now, via="submit"))
 
     def _origin_rate_limited(self) -> OriginRateLimited:
         """A submit over ``origin_rate`` (counted): the client's one-line reason."""
@@ -373,14 +366,17 @@ class GossipCore:
         quota = self.relay_quota
         return all(n <= quota.available(origin, now) for origin, n in per_origin.items())
 
-    def _stored(self, new: GossipFrame, peer: int, now: float) -> list[Effect]:
-        """``new``'s messages (new, checked) stored and handed on (see the class)."""
+    def _stored(
+        self, new: GossipFrame, peer: int | None, now: float, via: str = "gossip"
+    ) -> list[Effect]:
+        """``new``'s messages (new, checked; from ``peer``, None for this node's own
+        submits) stored and handed on (see the class)."""
         if self.effects_per_frame:
-            return self._stored_batch(new, peer, now)
+            return self._stored_batch(new, peer, now, via=via)
         effects: list[Effect] = []
         for env in new.messages:
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
-            self.arrivals.stored_new(env.id, "gossip")
+            self.arrivals.stored_new(env.id, via)
             effects += self.strategy.on_new(env, peer, self.up)
         return effects
 
