@@ -1364,9 +1364,11 @@ def test_fsync_after_a_threaded_one_that_left_records_waiting_waits_for_the_io_p
     appended = [10]
     prepared: list[int] = []
 
+    log_fd = os.open(os.devnull, os.O_RDONLY)
+
     def prepare() -> tuple[int, int] | None:
         prepared.append(appended[0])
-        return os.open(os.devnull, os.O_RDONLY), appended[0]
+        return log_fd, appended[0]
 
     commit = GroupCommit(
         reactor=clock,
@@ -1391,6 +1393,7 @@ def test_fsync_after_a_threaded_one_that_left_records_waiting_waits_for_the_io_p
     assert prepared == [10, 20]
     threads.run_next()
     assert second.called
+    os.close(log_fd)
 
 
 def test_batch_fsync_of_a_quiet_store_runs_at_the_end_of_the_turn_and_paces_under_load(
@@ -1491,6 +1494,86 @@ def test_batch_fsync_slowed_only_by_a_busy_cpu_stays_inline(
         assert threads == [threading.current_thread().name] * 2
     finally:
         store.close()
+
+
+def test_batch_fsync_in_the_reactor_thread_syncs_the_log_descriptor_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inline fsync syncs the log's own descriptor: no duplicate made and closed
+    around each one (two system calls per message at low rate). One in a thread syncs
+    a private duplicate, closed after, and the log's descriptor stays open."""
+    synced: list[tuple[int, bool]] = []  # (descriptor, whether it is the log's own)
+    dups: list[int] = []
+    real_dup = os.dup
+
+    def counting_dup(fd: int) -> int:
+        copy = real_dup(fd)
+        dups.append(copy)
+        return copy
+
+    monkeypatch.setattr(os, "dup", counting_dup)
+    clock = Clock()
+    threads = InlineThreads(clock)
+    store, _ = open_store(
+        tmp_path,
+        reactor=clock,
+        fsync="batch",
+        fsync_function=lambda fd: synced.append((fd, fd == store._fd)),
+        inline_fsync_below=1.0,
+    )
+    try:
+        store.add(msg(1))
+        d = store.when_durable()
+        clock.advance(0)
+        clock.advance(0)
+        assert d.called and synced == [(store._fd, True)] and dups == []
+        store._commit._pacer.inline_below = 0.0  # the disk turned slow: thread from now on
+        store.add(msg(2))
+        d = store.when_durable()
+        clock.advance(0)
+        clock.advance(0)
+        threads.run_next()
+        assert d.called and len(dups) == 1 and synced[1] == (dups[0], False)
+        with pytest.raises(OSError):
+            os.fstat(dups[0])  # the duplicate was closed after its fsync
+        os.fstat(store._fd)
+    finally:
+        store.close()
+
+
+def test_a_fast_fsync_reads_the_run_queue_time_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run-queue time is read after an fsync only when the fsync took long enough
+    for it to matter (the inline threshold): a faster one waited less than that for the
+    disk in any case. One read of /proc per fsync instead of two."""
+    reads: list[int] = []
+
+    def counted() -> float:
+        reads.append(1)
+        return 0.0
+
+    monkeypatch.setattr(fsync_pacing, "run_queue_seconds", counted)
+    clock = Clock()
+    store, _ = open_store(
+        tmp_path,
+        reactor=clock,
+        fsync="batch",
+        fsync_function=lambda fd: None,
+        inline_fsync_below=1.0,
+    )
+    try:
+        for i in range(3):
+            store.add(msg(i))
+            d = store.when_durable()
+            clock.advance(0)
+            clock.advance(0)
+            assert d.called
+        assert store.stats()["fsyncs"] == 3 and len(reads) == 3
+    finally:
+        store.close()
+    assert fsync_pacing.timed_sync(lambda fd: time.sleep(0.002), -1, 0.001)[0] >= 0.002
+    assert len(reads) == 5  # a slow one: read before and after
 
 
 def test_record_offsets_take_4_bytes_until_the_log_passes_4_gib(tmp_path: Path) -> None:

@@ -18,13 +18,16 @@ for the next one. A waiter fires once an fsync that *started after* its
 records were written has ended.
 
 The store stays the owner of the file: ``prepare`` writes its buffered
-records out and hands over a duplicate descriptor to sync (or None: nothing to
-do, or the store cannot go on), ``failed`` breaks the store and returns the
+records out and names its descriptor and the offset to cover (or None: nothing
+to do, or the store cannot go on); an fsync in the reactor thread syncs that
+descriptor as it is, one in a thread a private duplicate (the store may close
+its own meanwhile), ``failed`` breaks the store and returns the
 error the waiters get, ``appended`` says how many bytes the store has taken.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +38,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from gossip.latency import LatencyHistogram
-from gossip.store.fsync_pacing import FsyncPacer, timed_sync
+from gossip.store.fsync_pacing import FsyncPacer, sync_copy, timed_sync
 from gossip.store.interface import StoreError
 
 # "batch" runs an fsync in the reactor thread while the last one waited less than this
@@ -157,15 +160,18 @@ class GroupCommit:
         fd, target = started
         appends, self._appends = self._appends, 0
         self._in_flight = True
+        slow = self._pacer.inline_below
+        copy = None if self._pacer.inline() else _duplicate(fd)
         d: Deferred[tuple[float, float]]
-        if self._pacer.inline():
+        if copy is None:
             # The disk is fast: handing the fsync to a thread and back costs more
             # CPU (about 0.5 ms here, in thread switches and the reactor's waker)
-            # than the fsync itself (35 us of CPU, 0.18 ms in all).
-            d = maybeDeferred(timed_sync, self._fsync_function, fd)
+            # than the fsync itself (35 us of CPU, 0.18 ms in all). The log's own
+            # descriptor: nothing closes it during this call.
+            d = maybeDeferred(timed_sync, self._fsync_function, fd, slow)
         else:
             pool = self._reactor.getThreadPool()
-            d = deferToThreadPool(self._reactor, pool, timed_sync, self._fsync_function, fd)
+            d = deferToThreadPool(self._reactor, pool, sync_copy, self._fsync_function, copy, slow)
         d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(target, appends))
 
     def _synced(self, timing: tuple[float, float], target: int, appends: int) -> None:
@@ -188,3 +194,12 @@ class GroupCommit:
         if self._stopped:
             return
         self.fire(self._failed(f"fsync of {self.path} failed: {failure.getErrorMessage()}"))
+
+
+def _duplicate(fd: int) -> int | None:
+    """A private copy of ``fd`` for a thread's fsync (None: none to be had, e.g. out of
+    descriptors; the fsync then runs in the reactor thread)."""
+    try:
+        return os.dup(fd)
+    except OSError:
+        return None

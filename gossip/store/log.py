@@ -569,9 +569,9 @@ class LogStore(IdIndex):
                 self._write_out()
 
     def _start_sync(self) -> tuple[int, int] | None:
-        """For the group commit: write out, then what to fsync (a private duplicate of
-        the descriptor: close() may close ours while a thread runs the fsync) and the
-        offset it covers; None when there is nothing to cover or the store is broken."""
+        """For the group commit: write out, then what to fsync (the log's descriptor,
+        valid during the caller's call: a thread must sync a duplicate) and the offset
+        it covers; None when there is nothing to cover or the store is broken."""
         if self._closed or self._broken is not None:
             return None
         if self._pending:
@@ -581,7 +581,7 @@ class LogStore(IdIndex):
                 return None  # broken, waiters failed
         if self._commit.durable >= self._end:
             return None
-        return os.dup(self._fd), self._written
+        return self._fd, self._written
 
     def _sync_failed(self, why: str) -> StoreError:
         self._break(why)
