@@ -391,6 +391,20 @@ def test_ihaves_are_batched_per_peer_until_the_tick() -> None:
     assert node.tick(T0 + 0.2) == []
 
 
+def test_an_id_the_peer_announced_is_not_announced_back_to_it() -> None:
+    """An id queued for an IHave to a neighbour that announces it first is dropped from
+    that queue: the neighbour holds it. The others queued for it still go, and the
+    other neighbours still hear of it; nothing is sent to a peer left with none."""
+    node = Node()
+    a, b = b"of origin 1", b"also of origin 1"
+    node.gossip(2, a, (1, 2))
+    node.gossip(2, b, (1, 2))
+    assert node.receive(3, ihave(a, b)) == []
+    assert node.receive(7, ihave(a)) == []
+    flushed = {s.peer: s.frame for s in node.tick(T0 + 0.1)}
+    assert flushed == {7: IHaveFrame((message_id(b),), (1,))}
+
+
 def grafts(sends: list[Send]) -> list[Send]:
     return [s for s in sends if isinstance(s.frame, GraftFrame)]
 

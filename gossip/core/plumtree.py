@@ -936,6 +936,26 @@ class Plumtree:
             for i in range(0, len(queued), IDS_PER_FRAME)
         ]
 
+    def _held_by(self, peer: int, ids: tuple[bytes, ...]) -> None:
+        """``peer`` announced ``ids``, so it holds them: they need no IHave to it.
+
+        On a link off the tree both ends get a message and each queues it for the
+        other until its tick; the end that ticks second now sends nothing for it (at
+        50 messages a second on 16 nodes, most IHave frames named one id, and each
+        woke its receiver)."""
+        queue = self._ihave.get(peer)
+        if queue is None:
+            return
+        queued, origins = queue
+        held = set(ids)
+        if held.isdisjoint(queued):
+            return
+        keep = [i for i, mid in enumerate(queued) if mid not in held]
+        if keep:
+            self._ihave[peer] = ([queued[i] for i in keep], [origins[i] for i in keep])
+        else:
+            del self._ihave[peer]
+
     def _arrived(self, mid: bytes, path: tuple[int, ...], origin: int) -> bool:
         """``mid`` came, announced before: learn how late the tree was, and say whether
         it must be pushed to all neighbours (we had to graft it: the tree around us is
@@ -1010,6 +1030,7 @@ class Plumtree:
 
     def on_control(self, peer: int, frame: PeerFrame) -> list[Effect]:
         if isinstance(frame, IHaveFrame):
+            self._held_by(peer, frame.ids)
             now = self._announced(peer, frame.ids, frame.origins)
             return [Send(peer, GraftFrame(tuple(now)))] if now else []
         if isinstance(frame, PruneFrame):
