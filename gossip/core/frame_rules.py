@@ -17,9 +17,11 @@ from gossip.core.frames import (
     PeerFrame,
     PruneFrame,
     SyncDataFrame,
+    SyncHintFrame,
 )
 from gossip.core.message import ID_BYTES
 from gossip.core.plumtree import IDS_PER_FRAME
+from gossip.core.sync import MAX_HINT_IDS
 
 # Messages in one Gossip or SyncData frame. Honest senders split a batch at
 # 256 KiB of encoded envelopes (gossip.node.GOSSIP_FRAME_BYTES), and an envelope
@@ -46,6 +48,8 @@ def frame_problem(frame: PeerFrame, members: int) -> tuple[str, str] | None:
         if isinstance(frame, IHaveFrame) and len(frame.origins) > len(frame.ids):
             return BAD_IDS, f"{len(frame.origins)} origins for {len(frame.ids)} ids in an IHave"
         return None
+    if isinstance(frame, SyncHintFrame) and len(frame.ids) > MAX_HINT_IDS:
+        return OVERSIZED_BATCH, f"{len(frame.ids)} ids in one SyncHint (at most {MAX_HINT_IDS})"
     if isinstance(frame, PruneFrame) and len(frame.origins) > members:
         return OVERSIZED_BATCH, f"{len(frame.origins)} origins in one Prune ({members} nodes)"
     return None
