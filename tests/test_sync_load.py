@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 from test_sync import Wire, holdings, make_core, random_body, regular_graph
@@ -37,6 +38,7 @@ from gossip.store.memory import MemoryStore
 
 INTERVAL = 2.0  # sync_interval in these clusters: the bound is BUSY_SPACING * 2 s
 RATE = 100.0  # messages per second submitted, at random nodes
+F = TypeVar("F")
 
 
 def jitter(rng: random.Random, _src: int, _dst: int) -> float:
@@ -257,7 +259,8 @@ def give(core: GossipCore, store: MemoryStore, bodies: list[bytes]) -> list[byte
     return mids
 
 
-def sent_by(wire: Wire, node: int, kind: type) -> list[PeerFrame]:
+def sent_by(wire: Wire, node: int, kind: type[F]) -> list[F]:
+    """The frames of ``kind`` that ``node`` sent, in order."""
     return [f for src, _, f in wire.log if src == node and isinstance(f, kind)]
 
 
@@ -346,7 +349,7 @@ def test_ids_named_in_a_hint_are_asked_for_at_once_the_rest_left_to_gossip() -> 
     assert all(mid in a_store for mid in gaps)
     assert a.sync.counters.messages_pulled == 30
     wants = sent_by(wire, 1, SyncWantFrame)
-    assert [set(w.ids) for w in wants] == [set(gaps)]  # type: ignore[attr-defined]
+    assert [set(w.ids) for w in wants] == [set(gaps)]
     session = a.sync.active
     assert session is not None
     assert {mid for _, ids in session.held for mid in ids} == {
@@ -359,6 +362,49 @@ def test_ids_named_in_a_hint_are_asked_for_at_once_the_rest_left_to_gossip() -> 
         wire.run(3.0 + 0.1 * k)
     assert a.sync.active is None
     assert a.sync.counters.messages_pulled == 30
+
+
+def test_a_session_that_only_holds_ids_gives_way_to_a_hinted_one() -> None:
+    """A busy node's periodic session with B has walked the tree and now only waits
+    for the 40 ids it holds (copies in flight). A hint from C comes: the hinted session
+    starts at once (a query to C), not HOLD_SECONDS later, and the held ids are
+    dropped, never asked for (those really missing are found by a later session).
+    Before, the hinted session waited behind the hold: a hold again at every hop
+    behind a healed link."""
+    rng = random.Random(13)
+    common = [random_body(rng) for _ in range(500)]
+    a, a_store = make_core(1, (2, 3), common, sync_interval=1.0)
+    b, b_store = make_core(2, (1,), common)
+    c, c_store = make_core(3, (1,), common)
+    wire = Wire((a, a_store), (b, b_store), (c, c_store))
+    wire.apply(2, b.peer_up(1, 0.0))
+    wire.apply(3, c.peer_up(1, 0.0))
+    wire.apply(1, a.peer_up(2, 0.0))
+    wire.apply(1, a.peer_up(3, 0.0))
+    wire.run(0.0)
+    wire.apply(1, a.tick(0.0))
+    for k in range(30):  # gossip has flowed for 3 s
+        a.sync.heard(k * 0.1)
+    give(b, b_store, [random_body(rng) for _ in range(40)])
+    give(c, c_store, [random_body(rng) for _ in range(40)])  # C's turn comes later
+    wire.apply(1, a.tick(3.0))
+    wire.run(3.0)
+    session = a.sync.active
+    assert session is not None and session.peer in (2, 3) and session.held
+    other = 5 - session.peer
+    started = a.sync.counters.sessions_started
+    effects = a.receive(other, SyncHintFrame(), 3.2)
+    assert [(e.peer, type(e.frame)) for e in effects if isinstance(e, Send)] == [
+        (other, SyncQueryFrame)
+    ]
+    assert a.sync.active is not None and a.sync.active.peer == other
+    assert a.sync.counters.sessions_started == started + 1
+    wire.apply(1, effects)
+    for k in range(1, 30):  # past the hold the set-aside session had
+        wire.apply(1, a.tick(3.2 + 0.1 * k))
+        wire.run(3.2 + 0.1 * k)
+    asked = {w.session for w in sent_by(wire, 1, SyncWantFrame)}
+    assert session.id not in asked
 
 
 def test_a_split_healed_under_load_converges_without_a_hold_at_every_hop() -> None:

@@ -48,8 +48,12 @@ def frame_problem(frame: PeerFrame, members: int) -> tuple[str, str] | None:
         if isinstance(frame, IHaveFrame) and len(frame.origins) > len(frame.ids):
             return BAD_IDS, f"{len(frame.origins)} origins for {len(frame.ids)} ids in an IHave"
         return None
-    if isinstance(frame, SyncHintFrame) and len(frame.ids) > MAX_HINT_IDS:
-        return OVERSIZED_BATCH, f"{len(frame.ids)} ids in one SyncHint (at most {MAX_HINT_IDS})"
+    if isinstance(frame, SyncHintFrame):
+        if len(frame.ids) > MAX_HINT_IDS:
+            return OVERSIZED_BATCH, f"{len(frame.ids)} ids in one SyncHint (at most {MAX_HINT_IDS})"
+        if not set(map(len, frame.ids)) <= {ID_BYTES}:
+            return BAD_IDS, f"an id in a SyncHint is not {ID_BYTES} bytes"
+        return None
     if isinstance(frame, PruneFrame) and len(frame.origins) > members:
         return OVERSIZED_BATCH, f"{len(frame.origins)} origins in one Prune ({members} nodes)"
     return None
