@@ -355,7 +355,9 @@ class Session:
     queries: int = 0
     wants: int = 0  # in flight: at most WANT_WINDOW
     learned: int = 0
-    learned_ids: list[bytes] = attrs.field(factory=list)  # the first MAX_HINT_IDS
+    # Learned but not yet named in a hint; a session names MAX_HINT_IDS in all.
+    unhinted: list[bytes] = attrs.field(factory=list)
+    named: int = 0
     wanted: set[bytes] = attrs.field(factory=set)
     # Found missing while busy, with when to ask for those still missing (HOLD_SECONDS).
     held: deque[tuple[float, list[bytes]]] = attrs.field(factory=deque)
@@ -682,16 +684,21 @@ class SyncEngine:
         s = self.active
         if s is None or s.peer != peer or s.id != d.session:
             # Late data of a session given up on: still new to us, so tell the others.
-            return self._hints(learned[:MAX_HINT_IDS], up, peer)
+            return self._hints(learned[:MAX_HINT_IDS], up, peer) if learned else []
         s.learned += len(learned)
-        room = MAX_HINT_IDS - len(s.learned_ids)
+        room = MAX_HINT_IDS - s.named - len(s.unhinted)
         if room > 0:
-            s.learned_ids += learned[:room]
+            s.unhinted += learned[:room]
         s.last_progress = now
         if not d.done:
             return []
         s.wants = max(s.wants - 1, 0)  # a peer's extra done frame cannot open the window
-        return self._send_wants(s) + self._maybe_finish(s, up, now)
+        effects = self._send_wants(s)
+        if not s.wants and s.unhinted:
+            # Every want answered: name what came to the others now, not after the
+            # rest of the walk and its hold (the next hop would wait for those).
+            effects += self._hint_unhinted(s, up)
+        return effects + self._maybe_finish(s, up, now)
 
     def _send_wants(self, s: Session) -> list[Effect]:
         """Fill the window from the backlog: ids first (up to MAX_IDS_PER_WANT per want),
@@ -716,12 +723,18 @@ class SyncEngine:
         self.counters.sessions_completed += 1
         if s.again and s.peer not in self.queue:
             self.queue.append(s.peer)
-        return self._hints(s.learned_ids, up, s.peer) + self._maybe_start(up, now)
+        # A last hint for what is left to name, or for more than could be named.
+        last = self._hint_unhinted(s, up) if s.unhinted or s.learned > s.named else []
+        return last + self._maybe_start(up, now)
+
+    def _hint_unhinted(self, s: Session, up: frozenset[int]) -> list[Effect]:
+        effects = self._hints(s.unhinted, up, s.peer)
+        s.named += len(s.unhinted)
+        s.unhinted = []
+        return effects
 
     @staticmethod
     def _hints(learned: Sequence[bytes], up: frozenset[int], source: int) -> list[Effect]:
-        """Hint every up neighbour but ``source`` of the ids ``learned`` from it, if any."""
-        if not learned:
-            return []
+        """Hint every up neighbour but ``source``, naming the ids ``learned`` from it."""
         hint = SyncHintFrame(tuple(learned))
         return [Send(p, hint) for p in sorted(up) if p != source]
