@@ -364,6 +364,34 @@ def test_ids_named_in_a_hint_are_asked_for_at_once_the_rest_left_to_gossip() -> 
     assert a.sync.counters.messages_pulled == 30
 
 
+def test_a_hinted_session_hints_on_what_it_pulled_before_its_hold_ends() -> None:
+    """A busy node's hinted session pulls the 30 ids B's hint named and holds 40 copies
+    in flight. It hints its other neighbour C naming the 30 as soon as they came, while
+    it still holds the 40: the next hop does not wait HOLD_SECONDS either. Before, the
+    hint went out only when the session ended, after the hold."""
+    rng = random.Random(14)
+    common = [random_body(rng) for _ in range(500)]
+    a, a_store = make_core(1, (2, 3), common, sync_interval=60.0)
+    b, b_store = make_core(2, (1,), common)
+    c, c_store = make_core(3, (1,), common)
+    wire = Wire((a, a_store), (b, b_store), (c, c_store))
+    for node, core in ((2, b), (3, c)):
+        wire.apply(node, core.peer_up(1, 0.0))
+    wire.apply(1, a.peer_up(2, 0.0))
+    wire.apply(1, a.peer_up(3, 0.0))
+    wire.run(0.0)
+    for k in range(30):  # gossip has flowed for 3 s
+        a.sync.heard(k * 0.1)
+    gaps = give(b, b_store, [random_body(rng) for _ in range(30)])
+    give(b, b_store, [random_body(rng) for _ in range(40)])
+    wire.apply(1, a.receive(2, SyncHintFrame(tuple(gaps)), 3.0))
+    wire.run(3.0)
+    assert a.sync.active is not None and a.sync.active.held  # still holding the 40
+    hints = [(dst, f) for src, dst, f in wire.log if src == 1 and isinstance(f, SyncHintFrame)]
+    assert [(dst, set(f.ids)) for dst, f in hints] == [(3, set(gaps))]
+    assert all(mid in c_store for mid in gaps)  # C, not busy, pulled them at once
+
+
 def test_a_session_that_only_holds_ids_gives_way_to_a_hinted_one() -> None:
     """A busy node's periodic session with B has walked the tree and now only waits
     for the 40 ids it holds (copies in flight). A hint from C comes: the hinted session
