@@ -45,8 +45,11 @@ exceptions, ids known to be gaps that gossip will not fill:
 - the ids neighbours named in their hints: they pulled those by re-sync, so
   gossip does not carry them (pulled copies are not forwarded).
 
-So what a healed link brings crosses it at once and spreads one session per
-hop, with no hold at any hop, while copies in flight are still left to gossip:
+So what a healed link brings crosses it at once and spreads about one round
+trip per hop, with no hold at any hop: a session hints as soon as its wants are
+answered (not after the rest of its walk and hold), the hinted session asks for
+the named ids as it starts, beside its first query, and a session that only
+waits for held ids gives way to it. Copies in flight are still left to gossip:
 a hint names only what its sender pulled, never what it found in flight.
 
 Flow control: a node that lost much of its log learns of tens of thousands of
