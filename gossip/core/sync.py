@@ -49,7 +49,8 @@ So what a healed link brings crosses it at once and spreads about one round
 trip per hop, with no hold at any hop: a session hints as soon as its wants are
 answered (not after the rest of its walk and hold), the hinted session asks for
 the named ids as it starts, beside its first query, and a session that only
-waits for held ids gives way to it. Copies in flight are still left to gossip:
+waits for held ids gives way to it (those still missing when due are asked for
+in a session of their own). Copies in flight are still left to gossip:
 a hint names only what its sender pulled, never what it found in flight.
 
 Flow control: a node that lost much of its log learns of tens of thousands of
@@ -125,6 +126,9 @@ HOLD_SECONDS = 2.0
 MAX_HINT_IDS = 4096
 # Ids named in hints that a node keeps as known gaps (the oldest forgotten first).
 MAX_GAPS = 4 * MAX_HINT_IDS
+# Batches of held ids set aside by sessions that gave way, kept until due (the
+# oldest dropped first: a later session finds those again).
+MAX_SET_ASIDE = 64
 
 
 def make_key(level: int, index: int) -> int:
@@ -420,6 +424,9 @@ class SyncEngine:
         # Ids neighbours named in hints (oldest first), each with the neighbour that
         # named it last: gaps gossip will not fill.
         self._gaps: dict[bytes, int] = {}
+        # Held ids of sessions that gave way (see ``_maybe_start``): when to look at
+        # them again, the peer that has them, the ids.
+        self._set_aside: deque[tuple[float, int, list[bytes]]] = deque(maxlen=MAX_SET_ASIDE)
 
     # -- load --------------------------------------------------------------
 
@@ -472,15 +479,22 @@ class SyncEngine:
         and the ids it names that this node lacks are asked for at once, not held:
         gossip will not bring them. That session asks ``peer`` for them as it starts,
         beside its first query: a hop costs a round trip, not a walk of the tree."""
+        self._note_gaps(ids, peer)
+        self._linked.add(peer)
+        return self.request(peer, up, now)
+
+    def _note_gaps(self, ids: Iterable[bytes], peer: int) -> bool:
+        """Keep the ids this node lacks as gaps ``peer`` can fill; whether there were any."""
         gaps, store = self._gaps, self.store
+        found = False
         for mid in ids:
             if mid not in store:
                 gaps.pop(mid, None)  # to the end: the newest
                 gaps[mid] = peer
+                found = True
         while len(gaps) > MAX_GAPS:
             del gaps[next(iter(gaps))]
-        self._linked.add(peer)
-        return self.request(peer, up, now)
+        return found
 
     def peer_down(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
         self._linked.discard(peer)
@@ -500,6 +514,8 @@ class SyncEngine:
             self.counters.sessions_aborted += 1
         elif active is not None and active.held and active.held[0][0] <= now:
             effects += self._release(active, up, now)
+        if self._set_aside and self._set_aside[0][0] <= now:
+            effects += self._release_set_aside(up, now)
         if self._next_periodic is None:
             self._next_periodic = now + self.interval
         elif now >= self._next_periodic:
@@ -517,7 +533,7 @@ class SyncEngine:
 
         A session that only waits for its held ids gives way to such a peer's: the
         hold would be paid again at every hop behind a healed link. Its held ids are
-        dropped; any really missing are found again by a later session."""
+        set aside, to be looked at when due (``_release_set_aside``)."""
         for peer in [p for p in self.queue if p not in up]:
             self.queue.remove(peer)
         first = self._linked | self._came_up
@@ -525,6 +541,7 @@ class SyncEngine:
         active = self.active
         if active is not None:
             if _only_holding(active) and (linked or (active.again and active.peer in first)):
+                self._set_aside.extend((due, active.peer, ids) for due, ids in active.held)
                 active.held.clear()
                 return self._maybe_finish(active, up, now)
             return []
@@ -664,6 +681,22 @@ class SyncEngine:
             s.backlog_ids.extend(missing)
         s.backlog_ranges.extend(ranges)
         return effects + self._send_wants(s) + self._maybe_finish(s, up, now)
+
+    def _release_set_aside(self, up: frozenset[int], now: float) -> list[Effect]:
+        """The held ids of sessions that gave way, once due: those still missing are
+        gaps (gossip did not bring them in the hold), asked for in a session with the
+        peer that has them, next in line, as a hint's are."""
+        aside = self._set_aside
+        peers: set[int] = set()
+        while aside and aside[0][0] <= now:
+            _, peer, ids = aside.popleft()
+            if self._note_gaps(ids, peer):
+                peers.add(peer)
+        effects: list[Effect] = []
+        for peer in sorted(peers & up):
+            self._linked.add(peer)
+            effects += self.request(peer, up, now)
+        return effects
 
     def _release(self, s: Session, up: frozenset[int], now: float) -> list[Effect]:
         """Ask for the held ids whose time has come and that are still missing."""
