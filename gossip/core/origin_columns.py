@@ -173,7 +173,7 @@ class OriginColumn(MutableMapping[int, V]):
             self._values.append(value)
             self._uses.append(0)
             if code > BYTE_CODES and isinstance(self._codes, bytearray):
-                self._codes = array("I", self._codes)
+                self._codes = array("I", iter(self._codes))  # a bytearray would be raw bytes
         self._key[value] = code
         return code
 
