@@ -33,10 +33,12 @@ D = TypeVar("D")
 
 # The widest code a bytearray holds; more distinct values widen the column to 32 bits.
 BYTE_CODES = 255
+_NO_DEFAULT = object()
 
 
 class OriginColumn(MutableMapping[int, V]):
-    """origin -> value, for the origins of one graph (setting any other is a KeyError)."""
+    """origin -> value (never None), for the origins of one graph (setting any other
+    is a KeyError)."""
 
     __slots__ = ("_codes", "_ids", "_index", "_key", "_len", "_spare", "_uses", "_values")
 
@@ -88,12 +90,14 @@ class OriginColumn(MutableMapping[int, V]):
         code = codes[i]
         return self._values[code] if code else default
 
-    _MISSING = object()
-
-    def pop(self, origin: int, default: object = _MISSING) -> object:  # type: ignore[override]
+    @overload
+    def pop(self, origin: int, /) -> V: ...
+    @overload
+    def pop(self, origin: int, default: V | D, /) -> V | D: ...
+    def pop(self, origin: int, default: object = _NO_DEFAULT) -> object:
         value = self.get(origin)
         if value is None:
-            if default is self._MISSING:
+            if default is _NO_DEFAULT:
                 raise KeyError(origin)
             return default
         self.pop_code(origin)
@@ -200,8 +204,15 @@ class PeerSets(OriginColumn[frozenset[int]]):
             self.pop_code(origin)
 
     def has(self, origin: int, peer: int) -> bool:
-        peers = self.get(origin)
-        return peers is not None and peer in peers
+        # ``get`` inlined: the repair rules ask this millions of times after a crash.
+        codes = self._codes
+        if codes is None:
+            return False
+        i = self._index.get(origin)
+        if i is None:
+            return False
+        code = codes[i]
+        return code != 0 and peer in self._values[code]  # type: ignore[operator]
 
     def add(self, origin: int, peer: int) -> None:
         peers = self.get(origin)

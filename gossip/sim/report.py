@@ -9,6 +9,9 @@ crashed before the first submit. Periodic re-sync is off unless
 ``--sync-interval`` is given, so the figures are the dissemination
 strategy's alone.
 
+``--run`` picks runs (``plumtree-crashed`` alone, say); each run's figures do
+not depend on which others ran.
+
 A run stops when the network has been quiet (no frame sent or in flight) for
 a whole ``QUIET_SECONDS``, or at ``--time-limit`` simulated seconds after the
 first submit, or with an error after ``--max-events`` events.
