@@ -1110,7 +1110,7 @@ class Plumtree:
         store = self._store
         now: list[bytes] = []
         if store is not None and store.holds_all(ids):
-            return now  # the usual IHave: it names what came down the tree before it
+            return now  # nothing new announced: the usual IHave (see below)
         # Each id with its origin (None past the origins given), held ones left out:
         # an IHave mostly names messages that came down the tree before it.
         origins_or_none = chain(origins, repeat(None))

@@ -315,9 +315,8 @@ class GossipCore:
         for path in groups:
             problems[path] = path_problem(path, peer, self.node_id, self.members)
         # Dedup before validation: nothing of a copy is kept, so its body is neither
-        # hashed nor checked.
-        # A frame holding no copy (nearly every one while gossip flows) costs one set
-        # operation; one that does, a lookup per id.
+        # hashed nor checked. A frame with no copy (nearly every one while gossip
+        # flows) costs one set operation; one with copies, a lookup per id.
         any_copy = self.store.holds_any(ids)
         copies = list(map(self.store.__contains__, ids)) if any_copy else [False] * len(ids)
         new: GossipFrame | None = frame  # the usual frame: all new, all paths good
