@@ -5,9 +5,10 @@ Used by ``LogStore`` for the "batch" policy (and, through ``sync_now``, for
 whether a client waits for it (``wait``: a submit) or not (a relayed message:
 a node reports a message as delivered only once it is durable). When an fsync
 starts follows ``FsyncPacer`` (``fsync_pacing.py``) on the injected reactor's
-clock: at the end of the reactor turn on a quiet node, else after a gap four
-times as long as the last fsync took (at most ``max_delay``), so that under
-load one fsync covers what arrived meanwhile; either way only after the
+clock: at the end of the reactor turn on a quiet node (the last fsync covered
+one append, ``add``), else after a gap four times as long as the last fsync
+took (at most ``max_delay``), so that under load one fsync covers what arrived
+meanwhile; either way only after the
 reactor's next I/O pass, so the frames a read made the node forward are sent
 before an fsync holds the reactor thread (``_after_io``). One fsync at a time: in the
 reactor thread while the disk is fast, else in a thread
@@ -74,6 +75,7 @@ class GroupCommit:
         self._appended = appended
         self._waiters: deque[tuple[int, Deferred[None]]] = deque()
         self._flush_call: Any = None
+        self._appends = 0  # appends (``add``) since the last fsync started
         self._in_flight = False
         self._stopped = False
 
@@ -83,6 +85,11 @@ class GroupCommit:
         self._waiters.append((target, d))
         self.schedule()
         return d
+
+    def add(self) -> None:
+        """The store appended records (one write's worth): an fsync must cover them."""
+        self._appends += 1
+        self.schedule()
 
     def schedule(self) -> None:
         """Make sure an fsync starts when the pacer says (or right after the one in flight)."""
@@ -148,6 +155,7 @@ class GroupCommit:
         if started is None:
             return
         fd, target = started
+        appends, self._appends = self._appends, 0
         self._in_flight = True
         d: Deferred[tuple[float, float]]
         if self._pacer.inline():
@@ -158,15 +166,15 @@ class GroupCommit:
         else:
             pool = self._reactor.getThreadPool()
             d = deferToThreadPool(self._reactor, pool, timed_sync, self._fsync_function, fd)
-        d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(target,))
+        d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(target, appends))
 
-    def _synced(self, timing: tuple[float, float], target: int) -> None:
+    def _synced(self, timing: tuple[float, float], target: int, appends: int) -> None:
         seconds, disk_seconds = timing
         self._in_flight = False
         self.fsyncs += 1
         self.last_fsync = disk_seconds
         self.latency.observe(seconds)
-        self._pacer.done(self._reactor.seconds(), seconds, disk_seconds)
+        self._pacer.done(self._reactor.seconds(), seconds, disk_seconds, appends)
         self.durable = max(self.durable, target)
         self.fire(None)
         if not self._stopped and self.durable < self._appended():

@@ -496,7 +496,7 @@ class LogStore(IdIndex):
         if self.policy == "always":
             self._commit.sync_now(self._fd, self._end)
         elif self.policy == "batch":
-            self._commit.schedule()
+            self._commit.add()
 
     def _decode(self, buf: bytes, i: int, offset: int) -> Message:
         message = decode_record(buf, i)
