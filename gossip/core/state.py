@@ -289,7 +289,7 @@ class GossipCore:
         if isinstance(frame, SyncReplyFrame):
             return self.sync.on_reply(peer, frame, self.up, now)
         if isinstance(frame, SyncHintFrame):
-            return self.sync.hinted(peer, self.up, now)
+            return self.sync.hinted(peer, frame.ids, self.up, now)
         if isinstance(frame, NodeRecordsFrame):
             # Only a dynamic node sends records; a static one has no use for them.
             if self.overlay is None:
@@ -459,7 +459,7 @@ class GossipCore:
             reason = f"SyncData for session {frame.session}, which this node did not start with it"
             return [DropPeer(peer, reason, UNSOLICITED_SYNC)]
         effects: list[Effect] = []
-        learned = 0
+        learned: list[bytes] = []
         fresh: set[bytes] = set()
         for sent in frame.messages:
             # Re-sync leaves ids out: the receiver hashes the body anyway.
@@ -474,7 +474,7 @@ class GossipCore:
             fresh.add(env.id)
             self.arrivals.stored_new(env.id, "sync")
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
-            learned += 1
+            learned.append(env.id)
         return effects + self.sync.on_data(peer, frame, learned, self.up, now)
 
     def _persist(self, message: Message) -> Persist:

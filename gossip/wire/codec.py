@@ -118,6 +118,7 @@ def encode(frame: AnyFrame) -> bytes:
         f.sync_want.ranges.extend(frame.ranges)
         f.sync_want.SetInParent()
     elif isinstance(frame, SyncHintFrame):
+        f.sync_hint.ids = b"".join(frame.ids)
         f.sync_hint.SetInParent()
     elif isinstance(frame, IHaveFrame):
         f.ihave.ids.extend(frame.ids)
@@ -465,7 +466,7 @@ def decode(data: bytes) -> AnyFrame:
         w = f.sync_want
         return SyncWantFrame(w.session, _split_ids(w.ids), tuple(w.ranges))
     if kind == "sync_hint":
-        return SyncHintFrame()
+        return SyncHintFrame(_split_ids(f.sync_hint.ids))
     if kind == "ihave":
         return IHaveFrame(tuple(f.ihave.ids), tuple(f.ihave.origins))
     if kind == "graft":
