@@ -1102,6 +1102,8 @@ class Plumtree:
         """Note what ``peer`` announced; return the ids to graft from it at once."""
         store = self._store
         now: list[bytes] = []
+        if store is not None and store.holds_all(ids):
+            return now  # nothing new announced: the usual IHave (see below)
         # Each id with its origin (None past the origins given), held ones left out:
         # an IHave mostly names messages that came down the tree before it.
         origins_or_none = chain(origins, repeat(None))
