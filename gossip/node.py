@@ -7,13 +7,19 @@ closes a link. Listening and the clock's ticks are services beside this one,
 composed in ``gossip.tap.node_services``.
 
 Persist before send, as raft does: payloads wait in a per-peer outbox and go
-out in ``flush`` (once per read and at the end of each reactor turn) right
-after the store has written what it buffered, so a message reaches a
-neighbour only once it is in this node's file (and, with fsync "always",
-durable). A store failure takes one path (``_store_failed``): the outbox is
-dropped, every pending and later submit is refused with the store's one-line
-reason, and the node's owner is told through ``on_fatal`` (``gossip.tap``
-stops the process with exit status 1).
+out in ``flush`` right after the store has written what it buffered, so a
+message reaches a neighbour only once it is in this node's file (and, with
+fsync "always", durable). ``flush`` runs once per reactor turn, after all the
+reads of its I/O pass (a ``callLater(0)``): under load one poll hands the node
+reads from several neighbours and clients, and their payloads leave as one
+frame per neighbour after one write to the store, not one of each per read.
+Sending them per read would not reach the wire sooner: a transport writes in
+the reactor's next I/O pass either way.
+
+A store failure takes one path (``_store_failed``): the outbox is dropped,
+every pending and later submit is refused with the store's one-line reason,
+and the node's owner is told through ``on_fatal`` (``gossip.tap`` stops the
+process with exit status 1).
 """
 
 from __future__ import annotations
@@ -165,9 +171,7 @@ class GossipNode(service.Service):
             neighbours={n: config.nodes[n].peer_address for n in self.spec.neighbours},
             reactor=reactor,
             clock=reactor,
-            events=LinkEvents(
-                self._peer_up, self._peer_down, self._frame, self.flush, self._congestion
-            ),
+            events=LinkEvents(self._peer_up, self._peer_down, self._frame, self._congestion),
             max_frame=frame_limit(config.max_message_bytes),
             reconnect_max_delay=config.reconnect_max_delay,
             ping_interval=config.ping_interval,
@@ -540,6 +544,10 @@ class GossipNode(service.Service):
                 except StoreError as e:
                     self._store_failed(e)
                     return  # nothing after a failed Persist: its sends least of all
+                if self.watchers and self._flush_call is None:
+                    # Watchers hear of these at the end of the turn (or once durable),
+                    # also when nothing is sent on (a leaf of the tree).
+                    self._flush_call = self.clock.callLater(0, self.flush)
             elif isinstance(effect, Send) and isinstance(effect.frame, GossipFrame):
                 # Batched: every payload for a peer within one reactor turn goes out
                 # as one frame, so per-frame costs are paid once under load.
@@ -583,9 +591,9 @@ class GossipNode(service.Service):
             self.on_fatal(self.failed)
 
     def flush(self) -> None:
-        """Write what the store buffered, then send the batched payloads (also scheduled
-        for the end of each reactor turn), then tell watchers what became durable
-        (after: forwarding comes first)."""
+        """Write what the store buffered, then send the batched payloads (scheduled for
+        the end of the reactor turn that queued them), then tell watchers what became
+        durable (after: forwarding comes first)."""
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()

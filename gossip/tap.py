@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from gossip import logs, pidfile, settings
 from gossip.config import FSYNC_POLICIES, ConfigError, address_description, load_config
+from gossip.gc_thresholds import pace_collector
 from gossip.locations import default_config, default_data_dir
 
 if TYPE_CHECKING:
@@ -197,6 +198,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         reactor = global_reactor
     from gossip.node import StartupError
 
+    pace_collector()
     try:
         fatal = _exit_after_twistd(reactor)
         node = build_node(options, reactor, on_fatal=fatal)
@@ -470,6 +472,7 @@ def run_node(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --version, --help
         return e.code if isinstance(e.code, int) else 0
     exit_code = [0]
+    pace_collector()
 
     def fatal(line: str) -> None:
         print(f"gossip-node: {line}", file=sys.stderr)

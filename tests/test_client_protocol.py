@@ -8,7 +8,7 @@ listened on and no neighbour is dialed. The client side is ``ClientAMP``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -486,6 +486,15 @@ class BrokenStore(MemoryStore):
     """A store whose disk has failed, as LogStore is after a failed write or fsync."""
 
     def add(self, message: Message) -> bool:
+        raise StoreError("cannot append to /data/messages.log: No space left on device")
+
+    def add_many(
+        self,
+        ids: Sequence[bytes],
+        bodies: Sequence[bytes],
+        paths: Sequence[tuple[int, ...]],
+        received_at: float,
+    ) -> int:
         raise StoreError("cannot append to /data/messages.log: No space left on device")
 
     def when_durable(self) -> Deferred[None]:

@@ -26,6 +26,7 @@ from gossip.core.frames import (
     PeerFrame,
     PruneFrame,
     SyncDataFrame,
+    SyncHintFrame,
     SyncQueryFrame,
 )
 from gossip.core.message import ID_BYTES, message_id
@@ -37,7 +38,7 @@ from gossip.core.state import (
     GossipCore,
     OriginRateLimited,
 )
-from gossip.core.sync import RECENT_SESSIONS
+from gossip.core.sync import MAX_HINT_IDS, RECENT_SESSIONS
 from gossip.store.memory import MemoryStore
 
 MEMBERS = range(1, 17)
@@ -135,14 +136,26 @@ def test_an_honest_full_gossip_frame_passes_the_bound() -> None:
         (GraftFrame((b"\x01" * (ID_BYTES + 1),)), BAD_IDS),
         (IHaveFrame((b"\x01" * ID_BYTES,), (2, 3)), BAD_IDS),
         (PruneFrame(tuple(range(1, 18))), OVERSIZED_BATCH),
+        (SyncHintFrame((b"\x01" * ID_BYTES,) * (MAX_HINT_IDS + 1)), OVERSIZED_BATCH),
+        (SyncHintFrame((b"short",)), BAD_IDS),
     ],
-    ids=["ihave-count", "graft-count", "ihave-id", "graft-id", "ihave-origins", "prune"],
+    ids=[
+        "ihave-count",
+        "graft-count",
+        "ihave-id",
+        "graft-id",
+        "ihave-origins",
+        "prune",
+        "hint-count",
+        "hint-id",
+    ],
 )
 def test_control_frames_out_of_bounds_disconnect_the_sender(frame: PeerFrame, kind: str) -> None:
     """IHave and Graft with more than IDS_PER_FRAME ids or an id not 16 bytes long, an
-    IHave with more origins than ids, a Prune naming more origins than the cluster has:
-    one DropPeer of that kind, and the strategy never sees the frame (no Graft, no
-    reply)."""
+    IHave with more origins than ids, a Prune naming more origins than the cluster has,
+    a SyncHint naming more than MAX_HINT_IDS ids or an id not 16 bytes long: one
+    DropPeer of that kind, and neither the strategy nor re-sync sees the frame (no
+    Graft, no session, no reply)."""
     core, _ = make_core("plumtree")
     effects = core.receive(2, frame, 1.0)
     assert [(d.peer, d.kind) for d in drops(effects)] == [(2, kind)]

@@ -46,6 +46,48 @@ def test_ids_are_numbered_in_arrival_order_and_found_again() -> None:
     assert list(index.ids()) == ids
 
 
+def test_add_ids_numbers_a_batch_as_add_id_would_one_at_a_time() -> None:
+    """``add_ids`` gives every id of a batch the position ``add_id`` would, in order:
+    an all-new batch at once (None), one with held or repeated ids by rows (the new
+    ones), and batches that reach a fold keep ``position`` and ``ids_between`` right;
+    ``holds_any`` and ``holds_all`` answer for a batch as ``in`` does for each."""
+    ids = random_ids(9000)
+    index, one_by_one = IdIndex(), IdIndex()
+    rows_seen = []
+    for start in range(0, len(ids), 45):
+        batch = tuple(ids[start : start + 45])
+        if start % 450 == 90:  # a copy of a held id, and a repeat, within the batch
+            batch = (ids[3], *batch[:10], batch[5], *batch[10:])
+        rows = index.add_ids(batch)
+        expected = [one_by_one.add_id(mid) for mid in batch]
+        if rows is None:
+            assert None not in expected
+        else:
+            assert rows == [row for row, pos in enumerate(expected) if pos is not None]
+            rows_seen.append(rows)
+    assert rows_seen  # the batches with copies took the row-by-row way
+    assert index.ids_from(0, len(ids)) == one_by_one.ids_from(0, len(ids)) == ids
+    assert [index.position(mid) for mid in ids] == list(range(len(ids)))
+    assert index.ids_between(bytes(16), TOP, len(ids)) == sorted(ids)
+    others = random_ids(50, seed=3)[:-2]
+    assert index.holds_all(ids[100:200]) and index.holds_any([*others, ids[7]])
+    assert not index.holds_any(others) and not index.holds_all([ids[1], others[0]])
+
+
+def test_add_ids_refuses_a_short_id_and_the_caller_can_take_the_batch_back() -> None:
+    """A batch with an id of the wrong length raises as ``add_id`` does; the ids
+    numbered before it are taken back with ``truncate_ids`` (the stores' all or
+    nothing), leaving the index as it was."""
+    ids = random_ids(100)
+    index = IdIndex()
+    assert index.add_ids(ids[:50]) is None
+    with pytest.raises(ValueError, match="16 bytes"):
+        index.add_ids((ids[60], ids[61], b"short"))
+    index.truncate_ids(50)
+    assert len(index) == 50 and ids[60] not in index and not index.holds_any(ids[50:])
+    assert index.add_ids(ids[50:]) is None and index.ids_from(0, 200) == ids
+
+
 def test_only_whole_ids_match_never_a_part_or_a_straddle() -> None:
     """Only whole ids are held: a part of one, or 16 bytes made of the end of one id
     and the start of the next (as a packed table would hold them), is not (and a

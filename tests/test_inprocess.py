@@ -7,8 +7,10 @@ from pathlib import Path
 
 from inprocess import Cluster
 
+from gossip.core.frames import GossipFrame
 from gossip.core.message import message_id
 from gossip.core.plumtree import Plumtree, ShortestPathTrees
+from gossip.wire import codec
 
 
 def test_sixteen_nodes_deliver_a_message_to_all_with_15_payload_sends() -> None:
@@ -198,3 +200,29 @@ def test_a_late_tick_does_not_graft_a_tree_copy_waiting_unread() -> None:
     cluster.run(1.0)
     assert cluster.sent("graft")[0] == grafts_before
     assert cluster.sent("gossip")[1] - before == 15 * len(mids)
+
+
+def test_payloads_that_several_reads_of_one_turn_bring_leave_as_one_frame() -> None:
+    """Messages that reach a node from two neighbours in one reactor turn (two reads)
+    go on to its third neighbour in one Gossip frame: the node sends what its reads
+    produced once per turn, after all of them, not once per read."""
+    cluster = Cluster(16)
+    cluster.run_until_links_up()
+    cluster.run(1.0)
+    node = cluster.nodes[1]
+    a, b, c = node.spec.neighbours
+    sent: list[tuple[int, int]] = []  # (peer, messages) of each Gossip frame node 1 sends
+    real_send = node.links.send
+
+    def send(peer: int, data: bytes) -> bool:
+        frame = codec.decode(data)
+        if isinstance(frame, GossipFrame):
+            sent.append((peer, len(frame.ids)))
+        return real_send(peer, data)
+
+    node.links.send = send  # type: ignore[method-assign]
+    # Both submitted before the network moves: their frames reach node 1 in one turn.
+    for origin, body in ((a, b"from a"), (b, b"from b")):
+        cluster.nodes[origin].submit(body)
+    cluster.run_until_everywhere([message_id(b"from a"), message_id(b"from b")])
+    assert [n for peer, n in sent if peer == c] == [2]

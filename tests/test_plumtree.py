@@ -962,13 +962,24 @@ def test_report_command_prints_the_table_and_writes_json(
 
     again = tmp_path / "again.json"
     assert report_main([*argv[:-1], str(again)]) == 0
-    strip = ("wall_seconds",)
-    first = [{k: v for k, v in r.items() if k not in strip} for r in runs]
-    second = [
-        {k: v for k, v in r.items() if k not in strip}
-        for r in json.loads(again.read_text())["runs"]
-    ]
+    first = [_timeless(r) for r in runs]
+    second = [_timeless(r) for r in json.loads(again.read_text())["runs"]]
     assert first == second
+
+    # One run alone (--run) gives that run's figures, and prints only its row.
+    alone = tmp_path / "alone.json"
+    capsys.readouterr()
+    assert report_main([*argv[:-1], str(alone), "--run", "plumtree-crashed"]) == 0
+    text = capsys.readouterr().out
+    assert [line.split()[:2] for line in text.splitlines() if line.startswith("plumtree")] == [
+        ["plumtree", "crashed"]
+    ]
+    assert [_timeless(r) for r in json.loads(alone.read_text())["runs"]] == first[3:]
+
+
+def _timeless(run: dict[str, object]) -> dict[str, object]:
+    """A run's figures less the wall and CPU time it took."""
+    return {k: v for k, v in run.items() if k not in ("wall_seconds", "cpu_seconds")}
 
 
 def test_report_command_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -977,6 +988,7 @@ def test_report_command_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]
     assert report_main(["--nodes", "0"]) == 2
     assert report_main(["--crash", "1.5"]) == 2
     assert report_main(["--nodes", "41"]) == 2
+    assert report_main(["--run", "plumtree"]) == 2
     assert "n * degree must be even" in capsys.readouterr().err
 
 

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gossip.core import sync
 from gossip.core.dissemination import Flood
 from gossip.core.effects import DropPeer, Effect, Persist, Send, StreamMessages
 from gossip.core.frames import (
@@ -1162,6 +1163,8 @@ def test_learning_by_resync_hints_the_other_neighbours_only() -> None:
         (4, SyncHintFrame),
         (3, SyncQueryFrame),
     ]
+    # The hints name what A pulled: gaps gossip will not fill (see sync.hinted).
+    assert [f.ids for _, f in elsewhere[:2]] == [(message_id(b"news"),)] * 2  # type: ignore[union-attr]
     # B pulled nothing from A and so hinted nobody.
     assert b.sync.counters.messages_pulled == 0
     assert not any(isinstance(f, SyncHintFrame) for _, _, f in wire.log)
@@ -1200,3 +1203,30 @@ def test_one_session_each_way_gives_both_the_union(placement: dict[int, str], bu
     assert sim.sync_received == {0: len(only_b), 1: len(only_a)}
     assert sim.persist_conflicts == 0
     assert sim.drops == []
+
+
+def test_a_hint_names_at_most_max_hint_ids_of_what_the_session_pulled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A session that pulls more than MAX_HINT_IDS messages (a restarted node) hints
+    naming only the first MAX_HINT_IDS of them, and then once more naming none: a hint
+    stays one bounded frame, and its receivers find the rest by walking the tree."""
+    monkeypatch.setattr(sync, "MAX_HINT_IDS", 5)
+    news = [f"news {i}".encode() for i in range(12)]
+    a, a_store = make_core(1, (2, 3), [b"old"])
+    b, b_store = make_core(2, (1,), [b"old", *news])
+    wire = Wire((a, a_store), (b, b_store))
+    wire.apply(1, a.peer_up(2, 0.0))
+    assert a.peer_up(3, 0.0) == []  # queued behind the session with 2
+    wire.apply(2, b.peer_up(1, 0.0))
+    to_3: list[PeerFrame] = []
+    while wire.queue:
+        if wire.queue[0][1] == 3:  # not wired: just record what A sends there
+            to_3.append(wire.queue.popleft()[2])
+        else:
+            wire.step(0.0)
+    assert a.sync.counters.messages_pulled == 12
+    hints = [f for f in to_3 if isinstance(f, SyncHintFrame)]
+    # Five named as they came, then a last one for the rest (named: none).
+    assert [len(h.ids) for h in hints] == [5, 0]
+    assert set(hints[0].ids) <= {message_id(body) for body in news}

@@ -58,6 +58,7 @@ from gossip.argtypes import OneLineParser, real, whole
 from gossip.bench.relay import start_relays
 from gossip.cluster import free_port_base
 from gossip.core.message import message_id
+from gossip.gc_thresholds import pace_collector
 from gossip.node import STRATEGIES, GossipNode
 from gossip.store.interface import MessageStore
 from gossip.store.log import POLICIES, LogStore
@@ -509,6 +510,7 @@ async def run(reactor: Any, args: argparse.Namespace, base: Path) -> list[dict[s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    pace_collector()  # as a node process does (gossip.tap), for nodes and relay alike
     if args.relay:
         try:
             with tempfile.TemporaryDirectory(prefix="gossip-bench-relay-", dir=args.dir) as d:

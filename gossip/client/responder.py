@@ -181,7 +181,6 @@ class ClientProtocol(amp.AMP, TimeoutMixin):
             self._in_read = False
         if self._read_submits:
             self._submit_read()
-        self.node.flush()  # what the submits in this read produced goes out now
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)

@@ -6,7 +6,7 @@ returns ``Send`` effects. It never stores anything; ``GossipCore`` does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import compress, pairwise
 from operator import ne
 from typing import Protocol
@@ -18,6 +18,10 @@ from gossip.core.message import Message
 
 class MessageReader(Protocol):
     def __contains__(self, mid: bytes) -> bool: ...
+
+    def holds_all(self, mids: Iterable[bytes]) -> bool:
+        """Whether every one of ``mids`` is held (one C-level set operation)."""
+        ...
 
     def get(self, mid: bytes) -> Message | None: ...
 

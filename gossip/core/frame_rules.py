@@ -17,9 +17,11 @@ from gossip.core.frames import (
     PeerFrame,
     PruneFrame,
     SyncDataFrame,
+    SyncHintFrame,
 )
 from gossip.core.message import ID_BYTES
 from gossip.core.plumtree import IDS_PER_FRAME
+from gossip.core.sync import MAX_HINT_IDS
 
 # Messages in one Gossip or SyncData frame. Honest senders split a batch at
 # 256 KiB of encoded envelopes (gossip.node.GOSSIP_FRAME_BYTES), and an envelope
@@ -45,6 +47,12 @@ def frame_problem(frame: PeerFrame, members: int) -> tuple[str, str] | None:
             return BAD_IDS, f"an id in a {name} is not {ID_BYTES} bytes"
         if isinstance(frame, IHaveFrame) and len(frame.origins) > len(frame.ids):
             return BAD_IDS, f"{len(frame.origins)} origins for {len(frame.ids)} ids in an IHave"
+        return None
+    if isinstance(frame, SyncHintFrame):
+        if len(frame.ids) > MAX_HINT_IDS:
+            return OVERSIZED_BATCH, f"{len(frame.ids)} ids in one SyncHint (at most {MAX_HINT_IDS})"
+        if not set(map(len, frame.ids)) <= {ID_BYTES}:
+            return BAD_IDS, f"an id in a SyncHint is not {ID_BYTES} bytes"
         return None
     if isinstance(frame, PruneFrame) and len(frame.origins) > members:
         return OVERSIZED_BATCH, f"{len(frame.origins)} origins in one Prune ({members} nodes)"

@@ -168,7 +168,10 @@ class SyncDataFrame:
 
 @attrs.frozen(slots=True)
 class SyncHintFrame:
-    pass
+    """The sender learned messages by re-sync; ``ids`` names them (up to
+    ``sync.MAX_HINT_IDS``; none from a node of an older version)."""
+
+    ids: tuple[bytes, ...] = ()
 
 
 # ---- dynamic overlay (see gossip/core/overlay.py) ----

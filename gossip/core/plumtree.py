@@ -70,6 +70,7 @@ from gossip.core.frames import (
     PeerFrame,
     PruneFrame,
 )
+from gossip.core.origin_columns import OriginColumn, OriginSet, PeerSets
 from gossip.core.paths import relay_path
 
 # Ids per IHave or Graft frame; a full batch is sent without waiting for the tick.
@@ -540,23 +541,28 @@ class Plumtree:
         self.graft_retry = graft_retry
         self.max_missing = max_missing
         self.up: set[int] = set()
+        # The per-origin state below is kept for origins of the graph only, as columns
+        # over them (see ``gossip.core.origin_columns``): after a crash a node holds
+        # some of it for most origins.
+        ids, index = trees.ids, trees.index
         # origin -> neighbours we push that origin's messages to besides the tree (they
-        # grafted one). Origins of the graph only, and an origin whose last adopted
-        # neighbour pruned it or went down is removed: at most one entry per node.
-        self.adopted: dict[int, set[int]] = {}
+        # grafted one); an origin whose last adopted neighbour pruned it or went down
+        # is removed.
+        self.adopted = PeerSets(ids, index)
         self.now = 0.0
         # peer -> ids to announce to it at the next tick, and their origins (columns).
         self._ihave: dict[int, tuple[list[bytes], list[int]]] = {}
         # Ids announced to us but not received, oldest first (bounded).
         self.missing: dict[bytes, _Missing] = {}
-        self._pruned: set[tuple[int, int]] = set()
-        # (peer, origin) we asked to push us that origin's messages (a graft), so an
+        # origin -> neighbours we pruned for it (their copies are duplicates).
+        self._pruned = PeerSets(ids, index)
+        # origin -> peers we asked to push us that origin's messages (a graft), so an
         # adoption made for us on old trees can be ended on new ones (``on_trees``).
-        # Origins of the graph and peers up only: bounded by the graph.
-        self._asked: dict[int, set[int]] = {}
+        # Peers up only.
+        self._asked = PeerSets(ids, index)
         # origin -> the last neighbour other than the tree parent that sent us one of
-        # its messages first (origins of the graph only: at most one entry each).
-        self._feeders: dict[int, int] = {}
+        # its messages first.
+        self._feeders: OriginColumn[int] = OriginColumn(ids, index)
         # Ids we grafted whose tree copy has not come: id -> when first announced.
         self._grafted: dict[bytes, float] = {}
         self._store: MessageReader | None = None
@@ -564,13 +570,13 @@ class Plumtree:
         self._plans: dict[tuple[int, int | None], _Plan] = {}
         # Origins whose tree parent is down, and for some of them the neighbour we asked
         # to feed us their messages meanwhile (a stand-in parent, always up; see
-        # ``_find_standins``). Origins of the graph only: at most one entry per node.
-        self.orphaned: set[int] = set()
-        self.standins: dict[int, int] = {}
+        # ``_refeed``).
+        self.orphaned = OriginSet(ids, index)
+        self.standins: OriginColumn[int] = OriginColumn(ids, index)
         # origin -> neighbours that told us they are cut off from it; and the origins we
         # told our dependants we are cut off from (see ``_refeed``).
-        self.cut_off: dict[int, set[int]] = {}
-        self.cut: set[int] = set()
+        self.cut_off = PeerSets(ids, index)
+        self.cut = OriginSet(ids, index)
         # Origins to look at again once the current input is handled (see ``_adopt``).
         self._refeeds: list[int] = []
         # Neighbours seen up, or given up on (see ``on_tick``), and when we started.
@@ -602,8 +608,7 @@ class Plumtree:
         self.up.add(peer)
         self._known.add(peer)
         self._plans.clear()
-        for marks in self.cut_off.values():
-            marks.discard(peer)  # a new link: what it said on the old one is stale
+        self.cut_off.discard_everywhere(peer)  # a new link: what it said on the old one is stale
         if not self.orphaned:
             return []
         # Our tree parent may be back, and orphans that found no stand-in may find one.
@@ -617,14 +622,24 @@ class Plumtree:
         self.up.discard(peer)
         self._plans.clear()
         self._ihave.pop(peer, None)
-        for origin in [o for o, peers in self.adopted.items() if peer in peers]:
+        for origin in self.adopted.holding(peer):
             self._unadopt(origin, peer)
-        self._pruned = {(p, o) for p, o in self._pruned if p != peer}
-        for origin in [o for o, peers in self._asked.items() if peer in peers]:
-            self._asked[origin].discard(peer)
-            if not self._asked[origin]:
-                del self._asked[origin]
+        self._pruned.discard_everywhere(peer)
+        self._asked.discard_everywhere(peer)
         return self._orphan(peer)
+
+    def _columns(self) -> tuple[OriginColumn[int] | PeerSets | OriginSet, ...]:
+        """The per-origin state, as columns over the graph's origins."""
+        return (
+            self.adopted,
+            self._pruned,
+            self._asked,
+            self._feeders,
+            self.orphaned,
+            self.standins,
+            self.cut_off,
+            self.cut,
+        )
 
     def _orphan(self, peer: int) -> list[Effect]:
         """``peer`` is down: find stand-ins for the origins it fed us, and new ones for
@@ -639,8 +654,8 @@ class Plumtree:
         our adoptees: taking it would make a cycle that nothing feeds)."""
         return (
             peer in self.up
-            and peer not in self.cut_off.get(origin, ())
-            and peer not in self.adopted.get(origin, ())
+            and not self.cut_off.has(origin, peer)
+            and not self.adopted.has(origin, peer)
         )
 
     def _refeed(self, origins: Iterable[int]) -> list[Effect]:
@@ -674,7 +689,7 @@ class Plumtree:
                 old = standins.pop(origin, None)
                 if old is not None and old in up and origin not in prunes.get(old, ()):
                     prunes.setdefault(old, []).append(origin)
-                    self._pruned.add((old, origin))
+                    self._pruned.add(origin, old)
                 continue
             orphaned.add(origin)
             old = standins.get(origin)
@@ -730,19 +745,16 @@ class Plumtree:
         for p in sorted(peers):
             if p != feed and p in self.up and origin not in prunes.get(p, ()):
                 prunes.setdefault(p, []).append(origin)
-                self._pruned.add((p, origin))
-        if feed in peers:
-            self._asked[origin] = {feed}
-        else:
-            del self._asked[origin]
+                self._pruned.add(origin, p)
+        self._asked[origin] = peers & {feed}  # none: the origin goes
 
     def _asking(self, peer: int, origin: int) -> None:
         """We graft from ``peer`` for ``origin``: it adopts us (if not its tree child)."""
         # Its copies must be able to prune it again: a mark from an earlier prune would
         # stop that for good.
-        self._pruned.discard((peer, origin))
+        self._pruned.discard(origin, peer)
         if origin in self.trees.members:
-            self._asked.setdefault(origin, set()).add(peer)
+            self._asked.add(origin, peer)
 
     def _fed_by(self, origin: int, peer: int) -> bool:
         """Whether ``peer`` is, or was to be, our feed for ``origin``."""
@@ -751,7 +763,7 @@ class Plumtree:
     def _dependants(self, origin: int) -> list[int]:
         """The neighbours we feed ``origin``'s messages to: tree children and adoptees."""
         kids = [c for c in self.trees.children(origin) if c in self.up]
-        return kids + sorted(self.adopted.get(origin, set()).difference(kids))
+        return kids + sorted(self.adopted.get(origin, _NO_NODES).difference(kids))
 
     def _upstream_of(self, origin: int) -> int | None:
         """Who is to feed us ``origin``'s messages: the tree parent while it is up and
@@ -766,13 +778,10 @@ class Plumtree:
         """``peer`` sent us one of ``origin``'s messages: it is not cut off any more, and
         if it is our tree parent, it does not depend on us for them (an adoption of it
         made on other trees, which would keep us from taking it back as our feed)."""
-        marks = self.cut_off.get(origin)
-        heard = marks is not None and peer in marks
-        if marks is not None and heard:
-            marks.discard(peer)
-            if not marks:
-                del self.cut_off[origin]
-        if peer in self.adopted.get(origin, ()) and peer == self.trees.parent(origin):
+        heard = self.cut_off.has(origin, peer)
+        if heard:
+            self.cut_off.discard(origin, peer)
+        if self.adopted.has(origin, peer) and peer == self.trees.parent(origin):
             self._unadopt(origin, peer)
             heard = True
         return self._refeed((origin,)) if heard else []
@@ -798,29 +807,23 @@ class Plumtree:
         """``on_graph`` with the graph's trees already made (``successor`` of ours):
         a simulation gives all its nodes one shared set."""
         moved = self.trees.retree(trees)
-        members = trees.members
         self._plans.clear()
         # Origins that left the graph are forgotten; what is kept stays bounded by it.
-        self.orphaned &= members
-        self.standins = {o: s for o, s in self.standins.items() if o in members}
+        for column in self._columns():
+            column.rekey(trees.ids, trees.index)
         # Cut-off news is about the old trees: a neighbour cut off from an origin was
         # cut off along the old paths, and no news comes when that ends. Forget it both
         # ways; a node still cut off on the new trees says so again below (``_refeed``).
-        was_cut = self.cut & members
+        was_cut = set(self.cut)
         self.cut_off.clear()
         self.cut.clear()
-        self._feeders = {o: s for o, s in self._feeders.items() if o in members}
-        self._pruned = {(p, o) for p, o in self._pruned if o in members}
         for origin in list(self.adopted):
-            peers = self.adopted[origin]
-            if origin in members:
-                # A tree child is fed by the tree: its adoption would double its copies.
-                # The tree parent is to feed us: its adoption, made on the old trees,
-                # would make it unusable to us (a cycle) until it pruned us.
-                peers.difference_update(self.trees.children(origin))
-                peers.discard(self.trees.parent(origin))
-            if origin not in members or not peers:
-                del self.adopted[origin]
+            # A tree child is fed by the tree: its adoption would double its copies.
+            # The tree parent is to feed us: its adoption, made on the old trees,
+            # would make it unusable to us (a cycle) until it pruned us.
+            self.adopted[origin] = self.adopted[origin].difference(
+                self.trees.children(origin), (self.trees.parent(origin),)
+            )
         # New neighbours not up are handled here (stand-ins), not at the next tick.
         self._known.update(trees.graph.get(self.node_id, ()))
         reparented = sorted(o for o, (old, new) in moved.items() if new not in (old, None))
@@ -844,14 +847,11 @@ class Plumtree:
                 self._asking(new, origin)
             if old is not None and old in self.up and old != upstream:
                 prunes.setdefault(old, []).append(origin)
-                self._pruned.add((old, origin))
+                self._pruned.add(origin, old)
         # Feeds asked for on the old trees that the new ones do not need: end them.
-        for origin in sorted(self._asked):
-            if origin in members:
-                self._end_asked(origin, self._upstream_of(origin), prunes)
-            else:
-                del self._asked[origin]
-        for origin in sorted(was_cut - self.cut):
+        for origin in list(self._asked):
+            self._end_asked(origin, self._upstream_of(origin), prunes)
+        for origin in sorted(was_cut.difference(self.cut)):
             # Fed again: the neighbours we told we were cut off must hear that it ended
             # (a Prune naming the origin), or they would keep looking elsewhere.
             upstream = self._upstream_of(origin)
@@ -1021,11 +1021,11 @@ class Plumtree:
             if feeder is not None and feeder != sender and feeder in self.up:
                 return [Send(feeder, PruneFrame((origin,)))]
             return []
-        if (sender, origin) in self._pruned or origin not in self.trees.members:
-            return []  # pruned already, or an origin nobody adopts (see _graft_reply)
+        if origin not in self.trees.members or self._pruned.has(origin, sender):
+            return []  # an origin nobody adopts (see _graft_reply), or pruned already
         if parent is None:
             return []  # our tree parent is away and no stand-in: the adoptive one is needed
-        self._pruned.add((sender, origin))
+        self._pruned.add(origin, sender)
         return [Send(sender, PruneFrame((origin,)))]
 
     def on_control(self, peer: int, frame: PeerFrame) -> list[Effect]:
@@ -1062,22 +1062,19 @@ class Plumtree:
         unadopted = []
         by_parent = []
         for origin in frame.origins:
-            if peer in self.adopted.get(origin, ()):
+            if self.adopted.has(origin, peer):
                 self._unadopt(origin, peer)
                 unadopted.append(origin)
             # A node that prunes a feed has another one: it is not cut off from that
             # origin (any more; see ``on_trees``).
-            marks = self.cut_off.get(origin)
-            if marks is not None and peer in marks:
-                marks.discard(peer)
-                if not marks:
-                    del self.cut_off[origin]
+            if self.cut_off.has(origin, peer):
+                self.cut_off.discard(origin, peer)
                 unadopted.append(origin)
             if peer == self.trees.parent(origin):
                 by_parent.append(origin)
         cut = [o for o in frame.cut if o in self.trees.members]
         for origin in cut:
-            self.cut_off.setdefault(origin, set()).add(peer)
+            self.cut_off.add(origin, peer)
         # It may feed us again (no longer our adoptee or cut off), or may not.
         effects = self._refeed(o for o in [*unadopted, *cut] if self._fed_by(o, peer))
         # Our tree parent pruned us: it had the message we passed up, or got its own
@@ -1092,7 +1089,7 @@ class Plumtree:
             feeder = self._feeders.pop(origin, None)
             if feeder in self.up and feeder != peer and origin not in prunes.get(feeder, ()):
                 prunes.setdefault(feeder, []).append(origin)
-                self._pruned.add((feeder, origin))
+                self._pruned.add(origin, feeder)
         effects += [Send(p, PruneFrame(tuple(os))) for p, os in sorted(prunes.items())]
         return effects
 
@@ -1105,20 +1102,16 @@ class Plumtree:
                 and origin != peer
                 and peer not in self.trees.children(origin)  # the tree feeds it already
             ):
-                adopted = self.adopted.setdefault(origin, set())
-                if peer not in adopted:
-                    adopted.add(peer)
+                if not self.adopted.has(origin, peer):
+                    self.adopted.add(origin, peer)
                     self._plans.clear()
                     if self._fed_by(origin, peer):
                         self._refeeds.append(origin)  # it depends on us now
-                self._pruned.discard((peer, origin))
+                self._pruned.discard(origin, peer)
 
     def _unadopt(self, origin: int, peer: int) -> None:
         """Stop pushing ``origin``'s messages to ``peer`` (it pruned us or went down)."""
-        peers = self.adopted[origin]
-        peers.discard(peer)
-        if not peers:
-            del self.adopted[origin]
+        self.adopted.discard(origin, peer)
         self._plans.clear()
 
     def _ihave_frame(self, peer: int, ids: list[bytes], origins: list[int]) -> Send:
@@ -1130,6 +1123,8 @@ class Plumtree:
         """Note what ``peer`` announced; return the ids to graft from it at once."""
         store = self._store
         now: list[bytes] = []
+        if store is not None and store.holds_all(ids):
+            return now  # nothing new announced: the usual IHave (see below)
         # Each id with its origin (None past the origins given), held ones left out:
         # an IHave mostly names messages that came down the tree before it.
         origins_or_none = chain(origins, repeat(None))

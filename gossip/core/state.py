@@ -61,6 +61,10 @@ class HeldIds(Protocol):
 
     def __contains__(self, mid: bytes) -> bool: ...
 
+    def holds_any(self, mids: Iterable[bytes]) -> bool: ...
+
+    def holds_all(self, mids: Iterable[bytes]) -> bool: ...
+
     def ids(self) -> Iterator[bytes]: ...
 
     def ids_between(self, lo: bytes, hi: bytes, limit: int) -> list[bytes]: ...
@@ -176,10 +180,9 @@ class GossipCore:
             return SubmitResult(mid, False, [])
         if not self.origin_quota.take(now):
             raise self._origin_rate_limited()
-        self.arrivals.stored_new(mid, "submit")
-        effects: list[Effect] = [self._persist(Message(mid, body, now, ()))]
-        effects += self.strategy.on_new(Envelope(mid, body, ()), None, self.up)
-        return SubmitResult(mid, True, effects)
+        # Stored and handed on as a frame of one, as ``submit_many`` does a batch.
+        new = GossipFrame.of_columns((mid,), (body,), ((),))
+        return SubmitResult(mid, True, self._stored(new, None, now, via="submit"))
 
     def submit_many(self, bodies: Iterable[bytes], now: float) -> SubmitBatch:
         """``submit`` of each body in order, a refusal given as its result rather than
@@ -286,7 +289,7 @@ class GossipCore:
         if isinstance(frame, SyncReplyFrame):
             return self.sync.on_reply(peer, frame, self.up, now)
         if isinstance(frame, SyncHintFrame):
-            return self.sync.hinted(peer, self.up, now)
+            return self.sync.hinted(peer, frame.ids, self.up, now)
         if isinstance(frame, NodeRecordsFrame):
             # Only a dynamic node sends records; a static one has no use for them.
             if self.overlay is None:
@@ -312,9 +315,10 @@ class GossipCore:
         for path in groups:
             problems[path] = path_problem(path, peer, self.node_id, self.members)
         # Dedup before validation: nothing of a copy is kept, so its body is neither
-        # hashed nor checked.
-        copies = list(map(self.store.__contains__, ids))
-        any_copy = True in copies
+        # hashed nor checked. A frame with no copy (nearly every one while gossip
+        # flows) costs one set operation; one with copies, a lookup per id.
+        any_copy = self.store.holds_any(ids)
+        copies = list(map(self.store.__contains__, ids)) if any_copy else [False] * len(ids)
         new: GossipFrame | None = frame  # the usual frame: all new, all paths good
         if any_copy or any(problems.values()):
             taken = [not c and problems[p] is None for c, p in zip(copies, paths, strict=True)]
@@ -455,7 +459,7 @@ class GossipCore:
             reason = f"SyncData for session {frame.session}, which this node did not start with it"
             return [DropPeer(peer, reason, UNSOLICITED_SYNC)]
         effects: list[Effect] = []
-        learned = 0
+        learned: list[bytes] = []
         fresh: set[bytes] = set()
         for sent in frame.messages:
             # Re-sync leaves ids out: the receiver hashes the body anyway.
@@ -470,7 +474,7 @@ class GossipCore:
             fresh.add(env.id)
             self.arrivals.stored_new(env.id, "sync")
             effects.append(self._persist(Message(env.id, env.body, now, env.path)))
-            learned += 1
+            learned.append(env.id)
         return effects + self.sync.on_data(peer, frame, learned, self.up, now)
 
     def _persist(self, message: Message) -> Persist:

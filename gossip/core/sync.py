@@ -17,7 +17,8 @@ pulled from one neighbour, not from all three. Sessions start when a link
 comes up, every ``interval`` seconds with the next neighbour in turn, and when
 a neighbour hints that it just learned messages by re-sync. Messages learned
 by re-sync are stored but not forwarded: the node hints its other neighbours,
-which reconcile with it and pull only what they lack.
+naming the ids it learned, and they reconcile with it and pull only what they
+lack.
 
 Under sustained gossip (``busy``), sessions are spaced out. While messages
 are in flight two nodes' fingerprints always differ, by the messages on their
@@ -35,7 +36,22 @@ first session after a link comes up, or after a neighbour's hint, is never held
 back: a restarted node pulls what it missed at once, and what a healed link
 brings spreads hop by hop without waiting for the load to end. And a session
 run while busy asks for the ids it found missing only if they are still
-missing ``HOLD_SECONDS`` later, rather than race gossip for them.
+missing ``HOLD_SECONDS`` later, rather than race gossip for them, with two
+exceptions, ids known to be gaps that gossip will not fill:
+
+- everything a session finds in the first session with a peer whose link just
+  came up: what differs is mostly what each side gained while the link was
+  down (copies in flight at that moment are few, and a link-up is rare);
+- the ids neighbours named in their hints: they pulled those by re-sync, so
+  gossip does not carry them (pulled copies are not forwarded).
+
+So what a healed link brings crosses it at once and spreads about one round
+trip per hop, with no hold at any hop: a session hints as soon as its wants are
+answered (not after the rest of its walk and hold), the hinted session asks for
+the named ids as it starts, beside its first query, and a session that only
+waits for held ids gives way to it (those still missing when due are asked for
+in a session of their own). Copies in flight are still left to gossip:
+a hint names only what its sender pulled, never what it found in flight.
 
 Flow control: a node that lost much of its log learns of tens of thousands of
 missing ids at once, and every reply of the walk adds wants. The initiator
@@ -52,8 +68,10 @@ what it got: the next one walks the tree again and asks only for the rest.
 from __future__ import annotations
 
 import math
+import struct
 from collections import deque
-from collections.abc import Iterable, Iterator, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
+from operator import itemgetter
 from typing import Protocol
 
 import attrs
@@ -105,6 +123,14 @@ BUSY_SPACING = 3
 # but not forwarded (its gossip copy, come later, is a duplicate), leaving the
 # node's tree children to repair it, and would make the node hint its neighbours.
 HOLD_SECONDS = 2.0
+# Ids a SyncHint names: those its sender learned in the session, the first so many
+# (a restarted node may pull far more; the rest is found by the walk, and held).
+MAX_HINT_IDS = 4096
+# Ids named in hints that a node keeps as known gaps (the oldest forgotten first).
+MAX_GAPS = 4 * MAX_HINT_IDS
+# Batches of held ids set aside by sessions that gave way, kept until due (the
+# oldest dropped first: a later session finds those again).
+MAX_SET_ASIDE = 64
 
 
 def make_key(level: int, index: int) -> int:
@@ -142,6 +168,8 @@ COUNT_SHIFT = 128
 COUNT_ONE = 1 << COUNT_SHIFT
 # The one inner level kept up to date per id (besides the leaves); see FingerprintTree.
 KEPT_LEVEL = 2
+# An id's first 8 bytes as a big-endian int: what the tree sums and indexes by.
+_PREFIX = struct.Struct(f">Q{ID_BYTES - 8}x")
 
 
 class FingerprintTree:
@@ -195,8 +223,13 @@ class FingerprintTree:
                     break
             else:
                 return
-        for mid in it:
-            x = int.from_bytes(mid[:8], "big")
+        rest = tuple(it)
+        if all(map(ID_BYTES.__eq__, map(len, rest))):
+            # The usual batch (ids of ID_BYTES): their prefixes read in one C-level pass.
+            prefixes: Iterable[int] = map(itemgetter(0), _PREFIX.iter_unpack(b"".join(rest)))
+        else:
+            prefixes = (int.from_bytes(mid[:8], "big") for mid in rest)
+        for x in prefixes:
             i = x >> 48
             x += COUNT_ONE
             leaves[i] += x
@@ -333,9 +366,14 @@ class Session:
     id: int
     started: float
     last_progress: float
+    # The first session since the peer's link came up: nothing found is held back.
+    link_up: bool = False
     queries: int = 0
     wants: int = 0  # in flight: at most WANT_WINDOW
     learned: int = 0
+    # Learned but not yet named in a hint; a session names MAX_HINT_IDS in all.
+    unhinted: list[bytes] = attrs.field(factory=list)
+    named: int = 0
     wanted: set[bytes] = attrs.field(factory=set)
     # Found missing while busy, with when to ask for those still missing (HOLD_SECONDS).
     held: deque[tuple[float, list[bytes]]] = attrs.field(factory=deque)
@@ -353,6 +391,11 @@ class SyncCounters:
     sessions_completed: int = 0
     sessions_aborted: int = 0
     messages_pulled: int = 0
+
+
+def _only_holding(s: Session) -> bool:
+    """Whether ``s`` waits for nothing but its held ids to come due."""
+    return bool(s.held) and not (s.queries or s.wants or s.backlog_ids or s.backlog_ranges)
 
 
 class SyncEngine:
@@ -381,9 +424,18 @@ class SyncEngine:
         self._flow_first = -math.inf
         self._flow_last = -math.inf
         self._last_start = -math.inf
-        # Peers whose link came up since this node last started a session: the next
-        # session is with one of them, busy or not (see ``_maybe_start``).
+        # Peers whose link came up since this node last started a session, or that
+        # hinted it since: the next session is with one of them, busy or not (see
+        # ``_maybe_start``).
         self._linked: set[int] = set()
+        # Peers whose link came up and with which no session has started since.
+        self._came_up: set[int] = set()
+        # Ids neighbours named in hints (oldest first), each with the neighbour that
+        # named it last: gaps gossip will not fill.
+        self._gaps: dict[bytes, int] = {}
+        # Held ids of sessions that gave way (see ``_maybe_start``): when to look at
+        # them again, the peer that has them, the ids.
+        self._set_aside: deque[tuple[float, int, list[bytes]]] = deque(maxlen=MAX_SET_ASIDE)
 
     # -- load --------------------------------------------------------------
 
@@ -419,21 +471,43 @@ class SyncEngine:
 
     def link_up(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
         """The link to ``peer`` came up: queue a session with it, to be the next one,
-        busy or not (what a node missed while down is pulled at once)."""
+        busy or not, and asks at once for all it finds (what either side missed while
+        the link was down, not copies in flight)."""
+        self._linked.add(peer)
+        self._came_up.add(peer)
+        return self.request(peer, up, now)
+
+    def hinted(
+        self, peer: int, ids: Iterable[bytes], up: frozenset[int], now: float
+    ) -> list[Effect]:
+        """``peer`` hints that it just pulled messages by re-sync (``ids``, or some of
+        them): gaps, not copies in flight (a busy session holds those back,
+        ``HOLD_SECONDS``), which this node may have too. Its session is the next one,
+        busy or not, as a link's that comes up: spaced, a split healed under load
+        would reach each hop behind the first only after ``BUSY_SPACING`` intervals;
+        and the ids it names that this node lacks are asked for at once, not held:
+        gossip will not bring them. That session asks ``peer`` for them as it starts,
+        beside its first query: a hop costs a round trip, not a walk of the tree."""
+        self._note_gaps(ids, peer)
         self._linked.add(peer)
         return self.request(peer, up, now)
 
-    def hinted(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
-        """``peer`` hints that it just pulled messages by re-sync: holes, not copies in
-        flight (a busy session holds those back, ``HOLD_SECONDS``), which this node may
-        have too. Its session is the next one, busy or not, as a link's that comes up:
-        spaced, a split healed under load would reach each hop behind the first only
-        after ``BUSY_SPACING`` intervals."""
-        self._linked.add(peer)
-        return self.request(peer, up, now)
+    def _note_gaps(self, ids: Iterable[bytes], peer: int) -> bool:
+        """Keep the ids this node lacks as gaps ``peer`` can fill; whether there were any."""
+        gaps, store = self._gaps, self.store
+        found = False
+        for mid in ids:
+            if mid not in store:
+                gaps.pop(mid, None)  # to the end: the newest
+                gaps[mid] = peer
+                found = True
+        while len(gaps) > MAX_GAPS:
+            del gaps[next(iter(gaps))]
+        return found
 
     def peer_down(self, peer: int, up: frozenset[int], now: float) -> list[Effect]:
         self._linked.discard(peer)
+        self._came_up.discard(peer)
         if peer in self.queue:
             self.queue.remove(peer)
         if self.active is not None and self.active.peer == peer:
@@ -449,6 +523,8 @@ class SyncEngine:
             self.counters.sessions_aborted += 1
         elif active is not None and active.held and active.held[0][0] <= now:
             effects += self._release(active, up, now)
+        if self._set_aside and self._set_aside[0][0] <= now:
+            effects += self._release_set_aside(up, now)
         if self._next_periodic is None:
             self._next_periodic = now + self.interval
         elif now >= self._next_periodic:
@@ -462,12 +538,22 @@ class SyncEngine:
 
     def _maybe_start(self, up: frozenset[int], now: float) -> list[Effect]:
         """Start the next queued session if one is due (peers no longer up leave the
-        queue): the first with a newly linked peer, else the oldest request."""
-        if self.active is not None or not self.queue:
-            return []
+        queue): the first with a newly linked or hinting peer, else the oldest request.
+
+        A session that only waits for its held ids gives way to such a peer's: the
+        hold would be paid again at every hop behind a healed link. Its held ids are
+        set aside, to be looked at when due (``_release_set_aside``)."""
         for peer in [p for p in self.queue if p not in up]:
             self.queue.remove(peer)
-        linked = [p for p in self.queue if p in self._linked]
+        first = self._linked | self._came_up
+        linked = [p for p in self.queue if p in first]
+        active = self.active
+        if active is not None:
+            if _only_holding(active) and (linked or (active.again and active.peer in first)):
+                self._set_aside.extend((due, active.peer, ids) for due, ids in active.held)
+                active.held.clear()
+                return self._maybe_finish(active, up, now)
+            return []
         if linked:
             self.queue.remove(linked[0])
             return self._start(linked[0], now)
@@ -476,19 +562,26 @@ class SyncEngine:
         return self._start(self.queue.popleft(), now)
 
     def _start(self, peer: int, now: float) -> list[Effect]:
-        s = Session(peer, self._next_session, now, now)
+        s = Session(peer, self._next_session, now, now, link_up=peer in self._came_up)
         self._next_session += 1
         self.active = s
         self._recent.append((peer, s.id))
         self._last_start = now
         self._linked.clear()
+        self._came_up.discard(peer)
         self.counters.sessions_started += 1
         root = self.tree.node(ROOT)
         if root.count == 0:
             s.wants = 1
             return [Send(peer, SyncWantFrame(s.id, (), (ROOT,)))]
         s.queries = 1
-        return [Send(peer, SyncQueryFrame(s.id, (root,), ()))]
+        gaps = self._gaps
+        for mid in [mid for mid in gaps if mid in self.store]:  # filled since
+            del gaps[mid]
+        named = [mid for mid, by in gaps.items() if by == peer]
+        s.wanted.update(named)  # the walk will not ask for them again
+        s.backlog_ids.extend(named)
+        return [Send(peer, SyncQueryFrame(s.id, (root,), ())), *self._send_wants(s)]
 
     def solicited(self, peer: int, session: int) -> bool:
         """Whether SyncData for ``session`` from ``peer`` answers a session this node
@@ -546,9 +639,10 @@ class SyncEngine:
         ask_ids: list[tuple[FpNode, int]] = []
         ranges: list[int] = []
         tree = self.tree
-        # While busy, a small range held here by nothing is listed too (not pulled
-        # whole), so that its ids are held like the others (HOLD_SECONDS).
-        whole = IDS_THRESHOLD if self.busy(now) else 0
+        hold = self.busy(now) and not s.link_up
+        # While ids are held, a small range held here by nothing is listed too (not
+        # pulled whole), so that its ids are held like the others (HOLD_SECONDS).
+        whole = IDS_THRESHOLD if hold else 0
         for theirs in r.nodes:
             parts = split_key(theirs.key)
             if parts is None or theirs.count == 0:
@@ -586,12 +680,32 @@ class SyncEngine:
         if batch:
             effects.append(Send(peer, SyncQueryFrame(s.id, (), tuple(batch))))
         s.queries += len(effects)
-        if missing and whole:
-            s.held.append((now + HOLD_SECONDS, missing))  # see HOLD_SECONDS
+        if missing and hold:
+            gaps = self._gaps  # named in hints: gossip will not bring them
+            s.backlog_ids.extend(mid for mid in missing if mid in gaps)
+            later = [mid for mid in missing if mid not in gaps]
+            if later:
+                s.held.append((now + HOLD_SECONDS, later))  # see HOLD_SECONDS
         else:
             s.backlog_ids.extend(missing)
         s.backlog_ranges.extend(ranges)
         return effects + self._send_wants(s) + self._maybe_finish(s, up, now)
+
+    def _release_set_aside(self, up: frozenset[int], now: float) -> list[Effect]:
+        """The held ids of sessions that gave way, once due: those still missing are
+        gaps (gossip did not bring them in the hold), asked for in a session with the
+        peer that has them, next in line, as a hint's are."""
+        aside = self._set_aside
+        peers: set[int] = set()
+        while aside and aside[0][0] <= now:
+            _, peer, ids = aside.popleft()
+            if self._note_gaps(ids, peer):
+                peers.add(peer)
+        effects: list[Effect] = []
+        for peer in sorted(peers & up):
+            self._linked.add(peer)
+            effects += self.request(peer, up, now)
+        return effects
 
     def _release(self, s: Session, up: frozenset[int], now: float) -> list[Effect]:
         """Ask for the held ids whose time has come and that are still missing."""
@@ -602,20 +716,34 @@ class SyncEngine:
         return self._send_wants(s) + self._maybe_finish(s, up, now)
 
     def on_data(
-        self, peer: int, d: SyncDataFrame, learned: int, up: frozenset[int], now: float
+        self,
+        peer: int,
+        d: SyncDataFrame,
+        learned: Sequence[bytes],
+        up: frozenset[int],
+        now: float,
     ) -> list[Effect]:
-        """Account for one SyncData frame whose messages the core has already stored."""
-        self.counters.messages_pulled += learned
+        """Account for one SyncData frame whose messages the core has already stored
+        (``learned``: the ids of those that were new)."""
+        self.counters.messages_pulled += len(learned)
         s = self.active
         if s is None or s.peer != peer or s.id != d.session:
             # Late data of a session given up on: still new to us, so tell the others.
-            return [Send(p, SyncHintFrame()) for p in sorted(up) if p != peer] if learned else []
-        s.learned += learned
+            return self._hints(learned[:MAX_HINT_IDS], up, peer) if learned else []
+        s.learned += len(learned)
+        room = MAX_HINT_IDS - s.named - len(s.unhinted)
+        if room > 0:
+            s.unhinted += learned[:room]
         s.last_progress = now
         if not d.done:
             return []
         s.wants = max(s.wants - 1, 0)  # a peer's extra done frame cannot open the window
-        return self._send_wants(s) + self._maybe_finish(s, up, now)
+        effects = self._send_wants(s)
+        if not s.wants and s.unhinted:
+            # Every want answered: name what came to the others now, not after the
+            # rest of the walk and its hold (the next hop would wait for those).
+            effects += self._hint_unhinted(s, up)
+        return effects + self._maybe_finish(s, up, now)
 
     def _send_wants(self, s: Session) -> list[Effect]:
         """Fill the window from the backlog: ids first (up to MAX_IDS_PER_WANT per want),
@@ -640,7 +768,18 @@ class SyncEngine:
         self.counters.sessions_completed += 1
         if s.again and s.peer not in self.queue:
             self.queue.append(s.peer)
-        effects: list[Effect] = []
-        if s.learned:
-            effects += [Send(p, SyncHintFrame()) for p in sorted(up) if p != s.peer]
-        return effects + self._maybe_start(up, now)
+        # A last hint for what is left to name, or for more than could be named.
+        last = self._hint_unhinted(s, up) if s.unhinted or s.learned > s.named else []
+        return last + self._maybe_start(up, now)
+
+    def _hint_unhinted(self, s: Session, up: frozenset[int]) -> list[Effect]:
+        effects = self._hints(s.unhinted, up, s.peer)
+        s.named += len(s.unhinted)
+        s.unhinted = []
+        return effects
+
+    @staticmethod
+    def _hints(learned: Sequence[bytes], up: frozenset[int], source: int) -> list[Effect]:
+        """Hint every up neighbour but ``source``, naming the ids ``learned`` from it."""
+        hint = SyncHintFrame(tuple(learned))
+        return [Send(p, hint) for p in sorted(up) if p != source]

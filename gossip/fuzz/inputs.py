@@ -103,7 +103,7 @@ def peer_frames(sender: int | None = None) -> st.SearchStrategy[Any]:
         ),
         st.builds(SyncWantFrame, SESSIONS, tuples(IDS), tuples(FP_KEYS)),
         st.builds(SyncDataFrame, SESSIONS, envs, st.booleans()),
-        st.just(SyncHintFrame()),
+        st.builds(SyncHintFrame, tuples(IDS)),
         st.builds(
             NodeRecordsFrame,
             tuples(

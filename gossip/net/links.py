@@ -104,9 +104,6 @@ class LinkEvents:
     up: Callable[[int], None]
     down: Callable[[int], None]
     frame: Callable[[int, PeerFrame, int], None]  # peer, frame, its size in bytes
-    # After all frames of one read were handled: send what they produced now,
-    # as one batch, instead of on the next reactor turn.
-    read_done: Callable[[], None] = lambda: None
     # The link's transport filled up (True) or drained (False): backpressure.
     congested: Callable[[int, bool], None] = lambda peer, full: None
 

@@ -141,10 +141,6 @@ class PeerProtocol(Int32StringReceiver, TimeoutMixin):
         # TimeoutMixin's default schedules on the global reactor; use the table's clock.
         return self.table.clock.callLater(period, func)
 
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        self.table.events.read_done()
-
     def stringReceived(self, data: bytes) -> None:
         if self._failed:
             return  # the rest of a read that ended with a fatal frame

@@ -9,6 +9,9 @@ crashed before the first submit. Periodic re-sync is off unless
 ``--sync-interval`` is given, so the figures are the dissemination
 strategy's alone.
 
+``--run`` picks runs (``plumtree-crashed`` alone, say); each run's figures do
+not depend on which others ran.
+
 A run stops when the network has been quiet (no frame sent or in flight) for
 a whole ``QUIET_SECONDS``, or at ``--time-limit`` simulated seconds after the
 first submit, or with an error after ``--max-events`` events.
@@ -45,6 +48,8 @@ Edge = tuple[int, int]
 
 STRATEGIES = ("flood", "plumtree")
 SCENARIOS = ("stable", "crashed")
+# Every run, as --run names it: "flood-stable", ... (all by default, in this order).
+RUNS = tuple(f"{strategy}-{scenario}" for strategy in STRATEGIES for scenario in SCENARIOS)
 OVERLAYS = ("static", "dynamic")
 CONTROL_FRAMES = ("IHaveFrame", "GraftFrame", "PruneFrame")
 SYNC_FRAMES = (
@@ -414,22 +419,32 @@ def measure(setup: Setup, sim: Simulation, strategy: str, scenario: str) -> dict
     }
 
 
-def run_all(setup: Setup, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def run_all(
+    setup: Setup,
+    progress: Callable[[str], None] | None = None,
+    only: Iterable[str] = RUNS,
+) -> list[dict[str, Any]]:
+    """The runs named in ``only`` (``RUNS``), in ``RUNS`` order."""
+    chosen = set(only)
     runs = []
-    for strategy in STRATEGIES:
-        for scenario in SCENARIOS:
-            t0 = time.perf_counter()
-            sim = simulate(setup, strategy, scenario)
-            figures = measure(setup, sim, strategy, scenario)
-            del sim  # before the next run is built: one simulation in memory at a time
-            figures["wall_seconds"] = time.perf_counter() - t0
-            runs.append(figures)
-            if progress is not None:
-                progress(
-                    f"{strategy} {scenario}: {figures['events']:,} events, "
-                    f"{figures['wall_seconds']:.1f} s, reliability "
-                    f"{figures['reliability_mean']:.4f}/{figures['reliability_min']:.4f}"
-                )
+    for name in RUNS:
+        if name not in chosen:
+            continue
+        strategy, scenario = name.split("-")
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        sim = simulate(setup, strategy, scenario)
+        figures = measure(setup, sim, strategy, scenario)
+        del sim  # before the next run is built: one simulation in memory at a time
+        figures["wall_seconds"] = time.perf_counter() - t0
+        figures["cpu_seconds"] = time.process_time() - cpu0
+        runs.append(figures)
+        if progress is not None:
+            progress(
+                f"{strategy} {scenario}: {figures['events']:,} events, "
+                f"{figures['simulated_seconds']:.2f} s simulated, "
+                f"{figures['wall_seconds']:.1f} s wall, {figures['cpu_seconds']:.1f} s CPU, "
+                f"reliability {figures['reliability_mean']:.4f}/{figures['reliability_min']:.4f}"
+            )
     return runs
 
 
@@ -569,6 +584,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="dynamic overlay: time from the crash to the repaired graph (default 1000)",
     )
+    p.add_argument(
+        "--run",
+        choices=RUNS,
+        action="append",
+        metavar="RUN",
+        help=f"run only this one (repeatable; default all: {', '.join(RUNS)})",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures here as JSON")
     return p
 
@@ -598,7 +620,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(describe(setup))
     try:
-        runs = run_all(setup, lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+        runs = run_all(
+            setup,
+            lambda line: print(f"  {line}", file=sys.stderr, flush=True),
+            args.run or RUNS,
+        )
     except RuntimeError as e:  # SimulationLimit
         print(f"{p.prog}: {e}", file=sys.stderr)
         return 1
@@ -618,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "max_events": args.max_events,
                 "overlay": args.overlay,
                 "detect_ms": args.detect_ms,
+                "runs": [r for r in RUNS if r in (args.run or RUNS)],
                 "degree": DEGREE,
                 "latency_ms": [LATENCY_MIN * 1000, LATENCY_MAX * 1000],
             },

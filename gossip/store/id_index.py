@@ -4,7 +4,9 @@ Both stores (``log.py``, ``memory.py``) keep this one index; what they keep
 beside it per position (a file offset, a ``Message``) is theirs. ``x in store``
 runs for every copy and every announcement a node receives (about 2.6 times per
 stored message on the throughput benchmark), and ``add_id`` for every message
-stored, so both are one C-level ``set`` operation plus what a Python call costs.
+stored, so both are one C-level ``set`` operation plus what a Python call costs;
+a frame's ids go in with ``add_ids`` and are checked with ``holds_any`` and
+``holds_all``: a few set and list operations for the whole frame.
 The index keeps the caller's id objects, shared by its parts:
 
 * ``_held``: a ``set`` of the ids: membership, and the duplicate check of
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import compress
 
 from gossip.core.message import ID_BYTES
@@ -106,6 +108,15 @@ class IdIndex:
 
     def __contains__(self, mid: bytes) -> bool:
         return mid in self._held
+
+    def holds_any(self, mids: Iterable[bytes]) -> bool:
+        """Whether any of ``mids`` is held: one C-level set operation for a frame's ids
+        (nearly always none of a received frame's, and a copy costs a lookup each)."""
+        return not self._held.isdisjoint(mids)
+
+    def holds_all(self, mids: Iterable[bytes]) -> bool:
+        """Whether every one of ``mids`` is held (what an IHave names, nearly always)."""
+        return self._held.issuperset(mids)
 
     def position(self, mid: bytes) -> int | None:
         """The arrival position of ``mid``, or None when it is not held."""
@@ -202,6 +213,28 @@ class IdIndex:
         held.add(mid)
         ids.append(mid)
         return pos
+
+    def add_ids(self, mids: Sequence[bytes]) -> list[int] | None:
+        """``add_id`` of each of ``mids`` in order (the new messages of a frame). None
+        when all were new and numbered at once: the usual frame, with a few C-level set
+        and list operations and no Python call per id. Else (some held or repeated, or
+        the batch reaches the next fold) one ``add_id`` each, and the rows of ``mids``
+        that were new. Raises as ``add_id`` does; the ids numbered before that stay
+        (the caller takes them back with ``truncate_ids``)."""
+        fresh = set(mids)
+        n = len(mids)
+        ids = self._ids
+        if (
+            len(fresh) == n
+            and len(ids) + n <= self._fold_at
+            and self._held.isdisjoint(fresh)
+            and all(map(ID_BYTES.__eq__, map(len, mids)))
+        ):
+            self._held |= fresh
+            ids += mids
+            return None
+        positions = list(map(self.add_id, mids))
+        return [row for row, pos in enumerate(positions) if pos is not None]
 
     def _grow(self, pos: int) -> None:
         """Before position ``pos`` is taken: refuse it past ``MAX_POSITIONS``, and fold

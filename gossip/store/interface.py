@@ -8,7 +8,7 @@ with a plain integer cursor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -22,6 +22,14 @@ class StoreError(Exception):
 
 class MessageStore(Protocol):
     def __contains__(self, mid: bytes) -> bool: ...
+
+    def holds_any(self, mids: Iterable[bytes]) -> bool:
+        """Whether any of ``mids`` is held (a frame's ids at once: see ``IdIndex``)."""
+        ...
+
+    def holds_all(self, mids: Iterable[bytes]) -> bool:
+        """Whether every one of ``mids`` is held."""
+        ...
 
     def __len__(self) -> int: ...
 

@@ -319,13 +319,12 @@ class LogStore(IdIndex):
         """
         first = len(self)
         try:
-            positions = list(map(self.add_id, ids))
+            rows = self.add_ids(ids)
             taken = len(self) - first
             if not taken:
                 return 0
             self._check_open()
-            if taken < len(ids):  # some held already, or repeated
-                rows = [row for row, pos in enumerate(positions) if pos is not None]
+            if rows is not None and taken < len(ids):  # some held already, or repeated
                 ids = [ids[row] for row in rows]
                 bodies = [bodies[row] for row in rows]
                 paths = [paths[row] for row in rows]

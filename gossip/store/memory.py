@@ -43,13 +43,12 @@ class MemoryStore(IdIndex):
         were new. All or nothing: an id of the wrong length (``ValueError``) adds none."""
         first = len(self)
         try:
-            positions = list(map(self.add_id, ids))
+            rows = self.add_ids(ids)
         except BaseException:
             self.truncate_ids(first)
             raise
         taken = len(self) - first
-        if taken < len(ids):  # some held already, or repeated
-            rows = [row for row, pos in enumerate(positions) if pos is not None]
+        if rows is not None and taken < len(ids):  # some held already, or repeated
             bodies = [bodies[row] for row in rows]
             paths = [paths[row] for row in rows]
         self._bodies += bodies

@@ -118,6 +118,7 @@ def encode(frame: AnyFrame) -> bytes:
         f.sync_want.ranges.extend(frame.ranges)
         f.sync_want.SetInParent()
     elif isinstance(frame, SyncHintFrame):
+        f.sync_hint.ids = b"".join(frame.ids)
         f.sync_hint.SetInParent()
     elif isinstance(frame, IHaveFrame):
         f.ihave.ids.extend(frame.ids)
@@ -184,7 +185,11 @@ def envelope_piece(env: Envelope) -> bytes:
     assembled by protobuf's wire rules: byte for byte what protobuf gives (fields in
     number order, empty ones left out) without building a protobuf object. Every
     relayed message is encoded once per hop; this only copies the id and body."""
-    mid, body, path = env.id, env.body, env.path
+    return _piece(env.id, env.body, env.path)
+
+
+def _piece(mid: bytes, body: bytes, path: tuple[int, ...]) -> bytes:
+    """``envelope_piece`` of a message given by its fields (a frame's columns)."""
     parts = [b"\x0a", _varint(len(mid)), mid] if mid else []
     if body:
         parts += (b"\x12", _varint(len(body)), body)
@@ -211,8 +216,8 @@ def gossip_pieces(frame: GossipFrame) -> list[bytes]:
     all messages sharing it. A frame sent on holds one path (the received one with
     this node appended): then the tag and length come from a table."""
     heads, paths = frame.heads, frame.paths
-    if heads is None:
-        return [envelope_piece(env) for env in frame.messages]
+    if heads is None:  # built here (a submit): no Envelope objects needed
+        return list(map(_piece, frame.ids, frame.bodies, paths))
     if paths and paths.count(paths[0]) == len(paths):
         tail = _path_field(paths[0])
         extra = len(tail)
@@ -461,7 +466,7 @@ def decode(data: bytes) -> AnyFrame:
         w = f.sync_want
         return SyncWantFrame(w.session, _split_ids(w.ids), tuple(w.ranges))
     if kind == "sync_hint":
-        return SyncHintFrame()
+        return SyncHintFrame(_split_ids(f.sync_hint.ids))
     if kind == "ihave":
         return IHaveFrame(tuple(f.ihave.ids), tuple(f.ihave.origins))
     if kind == "graft":

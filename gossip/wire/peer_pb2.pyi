@@ -408,16 +408,24 @@ Global___SyncData: _TypeAlias = SyncData  # noqa: Y015
 
 @_typing.final
 class SyncHint(_message.Message):
-    """"I learned messages by re-sync; reconcile with me" (sent to the other neighbours)."""
+    """"I learned messages by re-sync; reconcile with me" (sent to the other neighbours).
+    ids: those it learned (up to a bound): gaps gossip will not fill, so the receiver
+    asks for them at once even while gossip is busy (gossip/core/sync.py).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    IDS_FIELD_NUMBER: _builtins.int
+    ids: _builtins.bytes
+    """concatenated 16-byte ids"""
     def __init__(
         self,
+        *,
+        ids: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
