@@ -259,6 +259,25 @@ def give(core: GossipCore, store: MemoryStore, bodies: list[bytes]) -> list[byte
     return mids
 
 
+Held = tuple[GossipCore, MemoryStore]
+
+
+def a_between_b_and_c(rng: random.Random, sync_interval: float) -> tuple[Wire, Held, Held, Held]:
+    """A line B - A - C, all links up and 500 messages held in common: A is node 1,
+    with the given sync interval; B and C are nodes 2 and 3."""
+    common = [random_body(rng) for _ in range(500)]
+    a = make_core(1, (2, 3), common, sync_interval=sync_interval)
+    b = make_core(2, (1,), common)
+    c = make_core(3, (1,), common)
+    wire = Wire(a, b, c)
+    wire.apply(2, b[0].peer_up(1, 0.0))
+    wire.apply(3, c[0].peer_up(1, 0.0))
+    wire.apply(1, a[0].peer_up(2, 0.0))
+    wire.apply(1, a[0].peer_up(3, 0.0))
+    wire.run(0.0)
+    return wire, a, b, c
+
+
 def sent_by(wire: Wire, node: int, kind: type[F]) -> list[F]:
     """The frames of ``kind`` that ``node`` sent, in order."""
     return [f for src, _, f in wire.log if src == node and isinstance(f, kind)]
@@ -370,16 +389,7 @@ def test_a_hinted_session_hints_on_what_it_pulled_before_its_hold_ends() -> None
     it still holds the 40: the next hop does not wait HOLD_SECONDS either. Before, the
     hint went out only when the session ended, after the hold."""
     rng = random.Random(14)
-    common = [random_body(rng) for _ in range(500)]
-    a, a_store = make_core(1, (2, 3), common, sync_interval=60.0)
-    b, b_store = make_core(2, (1,), common)
-    c, c_store = make_core(3, (1,), common)
-    wire = Wire((a, a_store), (b, b_store), (c, c_store))
-    for node, core in ((2, b), (3, c)):
-        wire.apply(node, core.peer_up(1, 0.0))
-    wire.apply(1, a.peer_up(2, 0.0))
-    wire.apply(1, a.peer_up(3, 0.0))
-    wire.run(0.0)
+    wire, (a, _), (b, b_store), (_, c_store) = a_between_b_and_c(rng, sync_interval=60.0)
     for k in range(30):  # gossip has flowed for 3 s
         a.sync.heard(k * 0.1)
     gaps = give(b, b_store, [random_body(rng) for _ in range(30)])
@@ -400,16 +410,7 @@ def test_a_session_that_only_holds_ids_gives_way_to_a_hinted_one() -> None:
     now) in a session of their own, and holds all 40. Before, the hinted session
     waited behind the hold: a hold again at every hop behind a healed link."""
     rng = random.Random(13)
-    common = [random_body(rng) for _ in range(500)]
-    a, a_store = make_core(1, (2, 3), common, sync_interval=1.0)
-    b, b_store = make_core(2, (1,), common)
-    c, c_store = make_core(3, (1,), common)
-    wire = Wire((a, a_store), (b, b_store), (c, c_store))
-    wire.apply(2, b.peer_up(1, 0.0))
-    wire.apply(3, c.peer_up(1, 0.0))
-    wire.apply(1, a.peer_up(2, 0.0))
-    wire.apply(1, a.peer_up(3, 0.0))
-    wire.run(0.0)
+    wire, (a, a_store), (b, b_store), (c, c_store) = a_between_b_and_c(rng, sync_interval=1.0)
     wire.apply(1, a.tick(0.0))
     for k in range(30):  # gossip has flowed for 3 s
         a.sync.heard(k * 0.1)
