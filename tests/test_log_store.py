@@ -81,6 +81,22 @@ def open_store(directory: Path, **kw: Any) -> tuple[LogStore, Captured]:
     return LogStore.open(directory, log=cap.log, **kw), cap
 
 
+def inline_batch_store(
+    directory: Path, clock: Clock, fsync_seconds: float, batch_interval: float
+) -> LogStore:
+    """A batch-fsync store on ``clock`` whose fsyncs run inline and take
+    ``fsync_seconds`` of wall time (a sleep), as on a slow or busy disk."""
+    store, _ = open_store(
+        directory,
+        reactor=clock,
+        fsync="batch",
+        fsync_function=lambda fd: time.sleep(fsync_seconds),
+        inline_fsync_below=1.0,
+        batch_interval=batch_interval,
+    )
+    return store
+
+
 def count_writes(store: LogStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The sizes of the ``os.write`` calls on ``store``'s log file from now on."""
     writes: list[int] = []
@@ -1404,14 +1420,7 @@ def test_batch_fsync_of_a_quiet_store_runs_at_the_end_of_the_turn_and_paces_unde
     covered several appends and took d seconds, the next waits GAP_FACTOR * d (here at
     most batch_interval, 20 ms)."""
     clock = Clock()
-    store, _ = open_store(
-        tmp_path,
-        reactor=clock,
-        fsync="batch",
-        fsync_function=lambda fd: time.sleep(0.003),
-        inline_fsync_below=1.0,
-        batch_interval=0.02,
-    )
+    store = inline_batch_store(tmp_path, clock, fsync_seconds=0.003, batch_interval=0.02)
     try:
         store.add(msg(1))
         d1 = store.when_durable()
@@ -1445,14 +1454,7 @@ def test_batch_fsync_right_after_a_slow_fsync_of_one_record_starts_at_the_end_of
     not after a gap of up to batch_interval: nothing else came, so waiting batches
     nothing. A watcher waits, as the node's Watch does."""
     clock = Clock()
-    store, _ = open_store(
-        tmp_path,
-        reactor=clock,
-        fsync="batch",
-        fsync_function=lambda fd: time.sleep(0.01),
-        inline_fsync_below=1.0,
-        batch_interval=0.004,
-    )
+    store = inline_batch_store(tmp_path, clock, fsync_seconds=0.01, batch_interval=0.004)
     try:
         store.add(msg(1))
         clock.advance(0)
